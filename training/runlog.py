@@ -1,0 +1,57 @@
+"""What a person sees and what a run records: printed lines, metrics JSON lines, the progress bar.
+
+Only the main process (global rank 0) prints or writes; on other ranks a RunLogger
+is present but silent, so the engine calls it without asking who it is.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from training.distributed import ProcessContext
+from training.utils import append_jsonl, atomic_write_json
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+class RunLogger:
+    def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool):
+        self.enabled = ctx.is_main
+        self.run_dir = Path(run_dir) if run_dir else None
+        # A bar only for a person at a terminal: logs and CI stay clean.
+        self.show_progress = self.enabled and show_progress and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def print(self, message: str = "") -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def record(self, event: str, **fields) -> None:
+        """Append one JSON line to the run's metrics file."""
+        if self.enabled and self.run_dir is not None:
+            append_jsonl(self.run_dir / METRICS_FILE, {"event": event, **fields,
+                                                       "elapsed_s": round(time.perf_counter() - self.start, 3)})
+
+    def write_json(self, name: str, obj) -> None:
+        if self.enabled and self.run_dir is not None:
+            atomic_write_json(self.run_dir / name, obj)
+
+    def progress(self, total: int, desc: str):
+        if not self.show_progress:
+            return _NoBar()
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
