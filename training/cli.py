@@ -92,7 +92,8 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
 
     train_loader, eval_loader = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
-        seed=cfg.seed, num_workers=cfg.num_workers)
+        seed=cfg.seed, num_workers=cfg.num_workers,
+        group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps)
     log.write_json("config.json", {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
         "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32",

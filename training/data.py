@@ -367,15 +367,80 @@ def _build_cache(source, tokenizer, path: Path, **kw) -> None:
 
 # ---------------------------------------------------------------- samplers and loaders
 
+class TrainBatchSampler(Sampler):
+    """Shuffled training micro-batches for one rank out of ``world_size``, optionally grouped by length.
+
+    Each epoch (``set_epoch``) draws one seeded permutation, the same on every rank,
+    padded by wrapping around to a multiple of the world size (as DistributedSampler
+    does), and cuts it into step batches of ``batch_size x world_size x accum_steps``
+    (one optimizer step's worth); rank r takes elements r, r+W, ... of each and yields
+    them as ``accum_steps`` micro-batches of ``batch_size``. So W processes at batch B
+    with k accumulation steps see exactly the examples of one process at batch W x k x B,
+    step for step. With ``group_by_length``, examples are sorted by length inside windows
+    of 50 step batches before cutting, so a batch holds texts of similar length and
+    dynamic padding wastes little; the order of step batches is shuffled again so lengths
+    stay mixed over the epoch. Every rank gets the same number of micro-batches, and only
+    the last step of an epoch can be partial.
+    """
+
+    WINDOW = 50  # step batches per length-sorting window
+
+    def __init__(self, lengths, batch_size: int, rank: int, world_size: int, seed: int, group_by_length: bool,
+                 accum_steps: int = 1):
+        self.lengths = list(lengths)
+        self.batch_size, self.rank, self.world_size, self.accum_steps = batch_size, rank, world_size, accum_steps
+        self.seed, self.group_by_length, self.epoch = seed, group_by_length, 0
+        self.total = math.ceil(len(self.lengths) / world_size) * world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _step_batches(self) -> list:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        order += order[: self.total - len(order)]  # wrap around so every rank gets the same count
+        step = self.batch_size * self.world_size * self.accum_steps
+        if self.group_by_length:
+            window = step * self.WINDOW
+            order = [i for w in range(0, len(order), window)
+                     for i in sorted(order[w:w + window], key=lambda i: -self.lengths[i])]
+        batches = [order[b:b + step] for b in range(0, len(order), step)]
+        full, last = (batches[:-1], batches[-1:]) if len(batches[-1]) < step else (batches, [])
+        if self.group_by_length:
+            shuffled = torch.randperm(len(full), generator=gen).tolist()
+            full = [full[k] for k in shuffled]
+        return full + last
+
+    def __iter__(self):
+        for step_batch in self._step_batches():
+            mine = step_batch[self.rank::self.world_size]
+            for m in range(0, len(mine), self.batch_size):
+                yield mine[m:m + self.batch_size]
+
+    def batch_sizes(self) -> list:
+        """This rank's micro-batch sizes, in order (the same every epoch)."""
+        per_rank, per_step = self.total // self.world_size, self.batch_size * self.accum_steps
+        sizes = []
+        for start in range(0, per_rank, per_step):
+            chunk = min(per_step, per_rank - start)
+            sizes += [min(self.batch_size, chunk - m) for m in range(0, chunk, self.batch_size)]
+        return sizes
+
+    def __len__(self) -> int:
+        return len(self.batch_sizes())
+
+
 class ShardSampler(Sampler):
-    """Every index exactly once over all ranks (rank r takes r, r+W, ...), with no padding.
+    """Every index exactly once over all ranks, with no padding, ordered by length.
 
     DistributedSampler pads the last round by repeating examples, which would count
     some validation examples twice; evaluation uses this instead and sums counts.
+    Sorting by length (order does not change sums) keeps padding low.
     """
 
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = range(rank, n, world_size)
+    def __init__(self, lengths, rank: int, world_size: int):
+        by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        self.indices = by_length[rank::world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -384,23 +449,21 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+def _lengths(ds: datasets.Dataset) -> list:
+    return [len(x) for x in ds.with_format(None)["input_ids"]]
+
+
 def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
-                 seed: int, num_workers: Optional[int]):
+                 seed: int, num_workers: Optional[int], group_by_length: bool = True, accum_steps: int = 1):
     """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader."""
     on_gpu = ctx.device.type == "cuda"
     workers = num_workers if num_workers is not None else (2 if on_gpu else 0)
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": on_gpu,
               "persistent_workers": workers > 0}
-    # One sampler for every world size: with one replica it is a seeded shuffle of everything.
-    train_sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank,
-                                       shuffle=True, seed=seed, drop_last=False)
-    train_loader = DataLoader(data.train, batch_size=batch_size, sampler=train_sampler, **common)
+    sampler = TrainBatchSampler(_lengths(data.train), batch_size, ctx.rank, ctx.world_size, seed, group_by_length,
+                                accum_steps)
+    train_loader = DataLoader(data.train, batch_sampler=sampler, **common)
     eval_loader = DataLoader(data.validation, batch_size=eval_batch_size,
-                             sampler=ShardSampler(len(data.validation), ctx.rank, ctx.world_size), **common)
+                             sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size), **common)
     return train_loader, eval_loader
-
-
-def steps_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
-    """Optimizer steps in an epoch; a last, partial accumulation group still steps."""
-    return math.ceil(num_batches / grad_accum_steps)

@@ -65,11 +65,6 @@ def accumulation_groups(batch_sizes: list, k: int) -> list:
     return out
 
 
-def loader_batch_sizes(loader) -> list:
-    n, b = len(loader.sampler), loader.batch_size
-    return [min(b, n - i * b) for i in range(math.ceil(n / b))]
-
-
 @dataclass
 class StepInfo:
     """What ``train_epoch`` reports at each log interval (already reduced over ranks)."""
@@ -87,7 +82,7 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     epoch_metrics = ClassificationMetrics(device)
     interval = ClassificationMetrics(device)
-    group_sizes = accumulation_groups(loader_batch_sizes(loader), grad_accum_steps)
+    group_sizes = accumulation_groups(loader.batch_sampler.batch_sizes(), grad_accum_steps)
     num_batches = len(group_sizes)
     model.train()
     for i, batch in enumerate(loader):
@@ -190,7 +185,7 @@ def fit(model, train_loader, eval_loader, *, ctx: ProcessContext, log: RunLogger
 
     results, global_step = [], 0
     for epoch in range(1, epochs + 1):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        train_loader.batch_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         bar = log.progress(steps_per_epoch, f"epoch {epoch}/{epochs}")
         _sync(ctx.device)
         t0 = time.perf_counter()

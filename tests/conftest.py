@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random-init BERT built from a config, synthetic data files, a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "delightful"]
+NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "tedious"]
+FILLER = ["the", "movie", "film", "plot", "actors", "story", "was", "quite", "really", "and", "scenes", "music"]
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    # No network in tests: hub lookups fail at once instead of retrying.
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "training" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env or cli_env())
+
+
+def synthetic_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list:
+    """Sentences whose label is given by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        y = i % len(labels)
+        word = rng.choice(POSITIVE if y == 1 else NEGATIVE) if len(labels) == 2 else f"topic{y}"
+        words = rng.choices(FILLER, k=rng.randint(3, 10))
+        words.insert(rng.randint(0, len(words)), word)
+        rows.append({"text": " ".join(words), "label": labels[y]})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_rows(path: Path, rows: list, text_key="text", label_key="label") -> Path:
+    path = Path(path)
+    renamed = [{text_key: r["text"], label_key: r["label"]} for r in rows]
+    suffix = path.suffix
+    if suffix in (".csv", ".tsv"):
+        import csv
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=[text_key, label_key], delimiter="\t" if suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(renamed)
+    elif suffix in (".jsonl", ".json"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    elif suffix == ".parquet":
+        import pandas as pd
+        pd.DataFrame(renamed).to_parquet(path)
+    else:
+        raise ValueError(suffix)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide BERT with random weights and the default model's tokenizer (no dropout)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from training.model import default_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    src = default_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path) -> Path:
+    return write_rows(tmp_path / "train.csv", synthetic_rows(300))

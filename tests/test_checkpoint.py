@@ -1,0 +1,53 @@
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from training import checkpoint
+from training.engine import build_optimizer, build_scheduler
+from training.model import load_model
+
+
+def _save(tmp_path, tiny_model_dir, name="ck"):
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), ["neg", "pos", "mixed"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
+    sched = build_scheduler(opt, total_steps=10, warmup_ratio=0.1)
+    state = checkpoint.training_state(opt, sched, epoch=1, global_step=3, config={"lr": 1e-3})
+    return model, tok, checkpoint.save_checkpoint(tmp_path / name, model, tok, state)
+
+
+def test_round_trip_gives_identical_logits_and_label_names(tmp_path, tiny_model_dir):
+    model, tok, path = _save(tmp_path, tiny_model_dir)
+    batch = tok(["a great film", "dull and long, very long"], padding=True, return_tensors="pt")
+    model.eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert reloaded.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
+    assert (path / "model.safetensors").is_file()
+    state = checkpoint.load_training_state(path)
+    assert state["global_step"] == 3 and state["config"] == {"lr": 1e-3}
+    assert "state" in state["optimizer"] and state["scheduler"]["last_epoch"] == 0
+
+
+def test_pipeline_loads_the_checkpoint(tmp_path, tiny_model_dir):
+    _, _, path = _save(tmp_path, tiny_model_dir)
+    out = pipeline("text-classification", model=str(path), device="cpu")(["what a film"])
+    assert out[0]["label"] in {"neg", "pos", "mixed"} and 0 < out[0]["score"] <= 1
+
+
+def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, tiny_model_dir):
+    _save(tmp_path, tiny_model_dir)
+    _save(tmp_path, tiny_model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_unwrap_strips_wrappers(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), ["a", "b"])
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    assert checkpoint.unwrap(Wrapper(Wrapper(model))) is model

@@ -1,0 +1,194 @@
+"""Data sources, columns, labels, splits, subsets and the tokenize-once cache."""
+import json
+
+import pytest
+
+from conftest import synthetic_rows, write_rows
+from training import data
+from training.distributed import ProcessContext
+from training.utils import UserError
+
+import torch
+
+
+def load(tmp_path=None, **kw):
+    source = data.DataSource.from_args(kw.pop("dataset", None), None, kw.pop("train_file", None),
+                                       kw.pop("validation_file", None), kw.pop("text_column", None),
+                                       kw.pop("label_column", None))
+    args = {"validation_fraction": 0.1, "split_seed": 42, "num_samples": None, **kw}
+    return data.load_labelled_splits(source, **args)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_each_file_format_loads_with_string_labels(tmp_path, suffix):
+    rows = synthetic_rows(60)
+    path = write_rows(tmp_path / f"train{suffix}", rows)
+    splits = load(train_file=str(path))
+    assert splits.label_names == ["negative", "positive"]
+    assert len(splits.train) + len(splits.validation) == 60
+    # ids follow the sorted label names, row by row
+    by_text = {r["text"]: r["label"] for r in rows}
+    for row in splits.train:
+        assert splits.label_names[row["labels"]] == by_text[row["text"]]
+
+
+def test_integer_labels_are_mapped_to_contiguous_ids(tmp_path):
+    rows = [{"text": r["text"], "label": 5 if r["label"] == "positive" else 2} for r in synthetic_rows(40)]
+    splits = load(train_file=str(write_rows(tmp_path / "t.jsonl", rows)))
+    assert splits.label_names == ["2", "5"]
+    assert set(splits.train["labels"]) == {0, 1}
+
+
+def test_columns_autodetected_and_named(tmp_path):
+    rows = synthetic_rows(40)
+    path = write_rows(tmp_path / "t.csv", rows, text_key="sentence", label_key="sentiment")
+    assert len(load(train_file=str(path)).train) > 0
+    path2 = write_rows(tmp_path / "u.csv", rows, text_key="body", label_key="verdict")
+    with pytest.raises(UserError, match="no text column found.*--text_column"):
+        load(train_file=str(path2))
+    splits = load(train_file=str(path2), text_column="body", label_column="verdict")
+    assert splits.label_names == ["negative", "positive"]
+
+
+def test_split_is_deterministic_stratified_and_seeded():
+    a = load(split_seed=7)
+    b = load(split_seed=7)
+    c = load(split_seed=8)
+    assert a.validation["text"] == b.validation["text"]
+    assert a.info["validation_sha256"] == b.info["validation_sha256"] != c.info["validation_sha256"]
+    # stratified: the class ratio of the held-out part matches the whole within one example
+    total = [x + y for x, y in zip(a.info["train_label_counts"], a.info["validation_label_counts"])]
+    n_val = len(a.validation)
+    for k, count in enumerate(a.info["validation_label_counts"]):
+        assert abs(count - total[k] * n_val / sum(total)) <= 1
+
+
+def test_default_dataset_is_fresh_vs_rotten_deduplicated():
+    splits = load()
+    assert splits.label_names == ["fresh", "rotten"]
+    n = len(splits.train) + len(splits.validation)
+    assert n == 12752
+    texts = splits.train["text"] + splits.validation["text"]
+    assert len(set(texts)) == n  # duplicates dropped, no overlap between splits
+    fresh = splits.info["train_label_counts"][0] + splits.info["validation_label_counts"][0]
+    assert 0.57 < fresh / n < 0.59
+    assert len(splits.validation) == round(0.1 * n) or abs(len(splits.validation) - 0.1 * n) < 2
+
+
+def test_num_samples_takes_a_seeded_subset_of_both_splits(tmp_path):
+    path = write_rows(tmp_path / "t.csv", synthetic_rows(200))
+    a = load(train_file=str(path), num_samples=50)
+    b = load(train_file=str(path), num_samples=50)
+    assert len(a.train) == 50 and len(a.validation) == 20  # validation had only 20
+    assert a.train["text"] == b.train["text"]
+
+
+def test_validation_file_labels_must_exist_in_training(tmp_path):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(40))
+    val_rows = synthetic_rows(10)
+    val_rows[0]["label"] = "neutral"
+    val = write_rows(tmp_path / "val.csv", val_rows)
+    with pytest.raises(UserError, match="neutral"):
+        load(train_file=str(train), validation_file=str(val))
+
+
+def test_empty_texts_are_dropped_and_counted(tmp_path):
+    rows = synthetic_rows(40)
+    rows[3]["text"] = "   "
+    splits = load(train_file=str(write_rows(tmp_path / "t.jsonl", rows)))
+    assert len(splits.train) + len(splits.validation) == 39
+    assert any("dropped 1 row" in n for n in splits.info["notes"])
+
+
+def test_mixed_label_types_are_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t {i}", "label": i if i % 2 else "x"}) + "\n" for i in range(10)))
+    with pytest.raises(UserError, match="all integers or all strings"):
+        load(train_file=str(path))
+
+
+def test_hub_dataset_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load dataset 'someone/no-such-set' from the Hugging Face Hub"):
+        load(dataset="someone/no-such-set")
+
+
+def test_prepare_data_tokenizes_once_and_reuses_the_cache(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_rows(tmp_path / "t.csv", synthetic_rows(80))
+    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    ctx = ProcessContext(0, 0, 1, torch.device("cpu"))
+    kw = dict(cache_dir=tmp_path / "cache", max_length=16, validation_fraction=0.25, split_seed=1, num_samples=None)
+    first = data.prepare_data(source, tok, ctx, **kw)
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1
+    stamp = (entries[0] / "meta.json").stat().st_mtime_ns
+    second = data.prepare_data(source, tok, ctx, **kw)
+    assert (entries[0] / "meta.json").stat().st_mtime_ns == stamp  # not rebuilt
+    assert first.train["input_ids"][0].tolist() == second.train["input_ids"][0].tolist()
+    assert max(len(x) for x in first.train["input_ids"]) <= 16  # truncated, not padded
+    kw["max_length"] = 32
+    data.prepare_data(source, tok, ctx, **kw)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # a different setting, a different cache
+
+
+def test_shard_sampler_covers_every_index_once():
+    lengths = [5, 3, 9, 1, 7, 7, 2, 8, 4, 6, 10]
+    for world in (1, 2, 3):
+        seen = [i for r in range(world) for i in data.ShardSampler(lengths, r, world)]
+        assert sorted(seen) == list(range(11))
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_train_batches_across_ranks_equal_one_process_with_the_global_batch(group):
+    import random
+    lengths = [random.Random(i).randint(1, 60) for i in range(1000)]
+    single = data.TrainBatchSampler(lengths, 8, 0, 1, seed=3, group_by_length=group)
+    ranks = [data.TrainBatchSampler(lengths, 4, r, 2, seed=3, group_by_length=group) for r in range(2)]
+    for epoch in (1, 2):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        one = list(single)
+        per_rank = [list(s) for s in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(one) == len(single)
+        for t, batch in enumerate(one):
+            assert sorted(per_rank[0][t] + per_rank[1][t]) == sorted(batch)
+        assert sorted(i for b in one for i in b) == list(range(1000))  # every example once an epoch
+        assert [len(b) for b in per_rank[0]] == ranks[0].batch_sizes()
+    single.set_epoch(1)
+    first = list(single)
+    single.set_epoch(2)
+    assert first != list(single)  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_accumulated_micro_batches_equal_one_large_batch(group):
+    lengths = [(i * 37) % 50 + 1 for i in range(204)]
+    big = data.TrainBatchSampler(lengths, 8, 0, 1, seed=5, group_by_length=group)
+    ranks = [data.TrainBatchSampler(lengths, 2, r, 2, seed=5, group_by_length=group, accum_steps=2)
+             for r in range(2)]
+    micro = [list(s) for s in ranks]
+    big_batches = list(big)
+    # 204 examples: 102 per rank = 25 steps of 2x2 micro-batches and a last, partial step of one
+    assert ranks[0].batch_sizes() == [2] * 51
+    for t, batch in enumerate(big_batches):
+        together = sum((micro[r][2 * t:2 * t + 2] for r in range(2)), [])
+        assert sorted(i for b in together for i in b) == sorted(batch)
+
+
+def test_length_grouping_cuts_padding_and_pads_ranks_evenly():
+    import random
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(2001)]
+
+    def padded(group):
+        s = data.TrainBatchSampler(lengths, 32, 0, 1, seed=0, group_by_length=group)
+        return sum(len(b) * max(lengths[i] for i in b) for b in s)
+
+    assert padded(True) < 0.7 * padded(False)
+    ranks = [list(data.TrainBatchSampler(lengths, 32, r, 3, seed=0, group_by_length=True)) for r in range(3)]
+    assert len({sum(map(len, b)) for b in ranks}) == 1  # 2001 -> 667 each; same batch count on every rank
+    assert len({i for b in ranks for batch in b for i in batch}) == 2001

@@ -1,0 +1,167 @@
+"""DDP under torchrun on CPU (gloo): the same results as one process, exact eval, rank-0 writes, failures."""
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+
+
+def torchrun(nproc: int, *args, extra=(), timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *extra]
+    if not extra:
+        cmd += ["--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", str(ROOT / "training" / "train_ddp.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
+
+
+def step_losses(run_dir: Path) -> list:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "step"]
+
+
+def epoch_record(run_dir: Path) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "epoch"][-1]
+
+
+def assert_same_run(a: Path, b: Path, rtol=1e-5):
+    la, lb = step_losses(a), step_losses(b)
+    assert len(la) == len(lb) > 0
+    assert torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=rtol, atol=1e-7), (la, lb)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=rtol, atol=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tiny_model_dir):
+    """Training data whose size divides by every batch and world size used below (no wrap-around padding)."""
+    d = tmp_path_factory.mktemp("ddp")
+    train = write_rows(d / "train.csv", synthetic_rows(96, seed=3))
+    val = write_rows(d / "val.csv", synthetic_rows(41, seed=4))  # odd: exact eval must count each once
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
+              "--device", "cpu", "--no_progress", "--cache_dir", d / "cache"]
+    return d, common
+
+
+@pytest.fixture(scope="module")
+def reference(task):
+    """One process, batch 8: what the distributed runs must reproduce."""
+    d, common = task
+    proc = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", d / "single",
+                      "--run_name", "ref")
+    assert proc.returncode == 0, proc.stderr
+    return d / "single" / "ref"
+
+
+def test_two_processes_at_half_batch_match_one_process(task, reference):
+    d, common = task
+    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", d / "ddp2", "--run_name", "r")
+    assert proc.returncode == 0, proc.stderr
+    assert "global batch 8 (4 per process x 2 x 1 accumulation)" in proc.stdout
+    assert_same_run(reference, d / "ddp2" / "r")
+    # only rank 0 prints its epoch lines; one run directory, written once, with no temporaries
+    assert proc.stdout.count("epoch 2/2 |") == 1
+    assert sorted(p.name for p in (d / "ddp2").iterdir()) == ["r"]
+    assert sorted(p.name for p in (d / "ddp2" / "r").iterdir()) == [
+        "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
+    assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2
+
+
+def test_gradient_accumulation_matches_one_large_batch(task, reference):
+    d, common = task
+    proc = run_script("train_single.py", *common, "--batch_size", 2, "--grad_accum_steps", 4,
+                      "--checkpoint_dir", d / "accum", "--run_name", "r")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, d / "accum" / "r")
+    proc = torchrun(2, *common, "--batch_size", 2, "--grad_accum_steps", 2, "--checkpoint_dir", d / "accum2",
+                    "--run_name", "r")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, d / "accum2" / "r")
+
+
+@pytest.mark.parametrize("nproc", [3])
+def test_evaluation_counts_every_example_once(task, reference, nproc):
+    """41 validation examples over 3 ranks (14, 14, 13): the same accuracy as one process, exactly."""
+    d, common = task
+    # 96 = 3 x 32: the training batches line up too, so the weights match and so must the eval numbers
+    proc = torchrun(nproc, *common, "--batch_size", 8, "--checkpoint_dir", d / f"eval{nproc}", "--run_name", "r",
+                    "--learning_rate", 1e-9)
+    assert proc.returncode == 0, proc.stderr
+    single = run_script("train_single.py", *common, "--batch_size", 24, "--checkpoint_dir", d / "eval1",
+                        "--run_name", "r", "--learning_rate", 1e-9)
+    assert single.returncode == 0, single.stderr
+    a, b = epoch_record(d / f"eval{nproc}" / "r"), epoch_record(d / "eval1" / "r")
+    assert a["val_examples"] == b["val_examples"] == 41
+    assert a["val_accuracy"] == b["val_accuracy"]
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+
+
+def test_ddp_checkpoint_loads_on_one_device(reference, task):
+    from transformers import AutoModelForSequenceClassification
+    d, _ = task
+    model = AutoModelForSequenceClassification.from_pretrained(d / "ddp2" / "r" / "final")
+    assert not any(k.startswith("module.") for k in model.state_dict())
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_agree(task, reference):
+    d, common = task
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=twonodes", str(ROOT / "training" / "train_ddp.py"),
+               *map(str, common), "--batch_size", "4", "--checkpoint_dir", str(d / "nodes"), "--run_name", "r"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=cli_env()))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert_same_run(reference, d / "nodes" / "r")
+
+
+def test_one_rank_failing_ends_the_job_with_its_message(task, tmp_path):
+    """Rank 1 raises mid-epoch while rank 0 waits in a collective: the job ends, it does not hang."""
+    d, common = task
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch\n"
+        "    _step = torch.optim.AdamW.step\n"
+        "    calls = [0]\n"
+        "    def step(self, *a, **k):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == 3:\n"
+        "            raise RuntimeError('injected failure on rank 1 at step 3')\n"
+        "        return _step(self, *a, **k)\n"
+        "    torch.optim.AdamW.step = step\n")
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    t0 = time.monotonic()
+    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", env=env, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 3" in proc.stderr
+    assert elapsed < 120
+    assert not list((tmp_path / "ck").glob("*/final"))  # no checkpoint claims to be complete
+
+
+def test_train_ddp_outside_torchrun_says_how_to_launch():
+    proc = run_script("train_ddp.py", "--epochs", 1)
+    assert proc.returncode == 2
+    assert "torchrun --standalone --nproc_per_node=2" in proc.stderr

@@ -1,0 +1,41 @@
+import math
+
+import torch
+
+from training.engine import accumulation_groups
+from training.metrics import ClassificationMetrics
+
+
+def test_metrics_are_sums_and_counts():
+    m = ClassificationMetrics(torch.device("cpu"))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    labels = torch.tensor([0, 0, 0])
+    m.update(torch.tensor(1.5), logits, labels)
+    m.update(torch.tensor(0.5), torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
+    out = m.compute()
+    assert out["count"] == 4
+    assert math.isclose(out["loss"], 2.0 / 4)
+    assert math.isclose(out["accuracy"], 3 / 4)
+
+
+def test_two_halves_add_up_to_the_whole():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    whole, a, b = (ClassificationMetrics(torch.device("cpu")) for _ in range(3))
+    whole.update(loss.sum(), logits, labels)
+    a.update(loss[:4].sum(), logits[:4], labels[:4])
+    b.update(loss[4:].sum(), logits[4:], labels[4:])
+    a.totals += b.totals  # what all_reduce does across ranks
+    assert a.compute() == whole.compute()
+
+
+def test_empty_metrics_are_nan_not_an_error():
+    out = ClassificationMetrics(torch.device("cpu")).compute()
+    assert out["count"] == 0 and math.isnan(out["accuracy"])
+
+
+def test_accumulation_groups_cover_the_last_partial_group():
+    assert accumulation_groups([4, 4, 4, 4, 2], 2) == [8, 8, 8, 8, 2]
+    assert accumulation_groups([4, 4, 3], 2) == [8, 8, 3]
+    assert accumulation_groups([4, 4, 3], 1) == [4, 4, 3]
