@@ -54,7 +54,7 @@ def test_split_is_deterministic_stratified_and_seeded():
     a = load(split_seed=7)
     b = load(split_seed=7)
     c = load(split_seed=8)
-    assert a.validation["text"] == b.validation["text"]
+    assert list(a.validation["text"]) == list(b.validation["text"])
     assert a.info["validation_sha256"] == b.info["validation_sha256"] != c.info["validation_sha256"]
     # stratified: the class ratio of the held-out part matches the whole within one example
     total = [x + y for x, y in zip(a.info["train_label_counts"], a.info["validation_label_counts"])]
@@ -68,7 +68,7 @@ def test_default_dataset_is_fresh_vs_rotten_deduplicated():
     assert splits.label_names == ["fresh", "rotten"]
     n = len(splits.train) + len(splits.validation)
     assert n == 12752
-    texts = splits.train["text"] + splits.validation["text"]
+    texts = list(splits.train["text"]) + list(splits.validation["text"])
     assert len(set(texts)) == n  # duplicates dropped, no overlap between splits
     fresh = splits.info["train_label_counts"][0] + splits.info["validation_label_counts"][0]
     assert 0.57 < fresh / n < 0.59
@@ -80,7 +80,7 @@ def test_num_samples_takes_a_seeded_subset_of_both_splits(tmp_path):
     a = load(train_file=str(path), num_samples=50)
     b = load(train_file=str(path), num_samples=50)
     assert len(a.train) == 50 and len(a.validation) == 20  # validation had only 20
-    assert a.train["text"] == b.train["text"]
+    assert list(a.train["text"]) == list(b.train["text"])
 
 
 def test_validation_file_labels_must_exist_in_training(tmp_path):

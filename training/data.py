@@ -57,7 +57,7 @@ class DataSource:
         """Plain values that change whenever the source's contents may have changed."""
         out = dict(vars(self))
         for key in ("train_file", "validation_file"):
-            if out[key]:
+            if out[key] and os.path.isfile(out[key]):  # a missing file is reported when it is loaded
                 st = os.stat(out[key])
                 out[key] = [os.path.abspath(out[key]), st.st_size, st.st_mtime_ns]
         if self.kind == "default":
@@ -111,7 +111,10 @@ def _load_file(path: str) -> datasets.Dataset:
         # keep_in_memory: small classification files; avoids writing a second Arrow copy per file
         return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **kwargs)
     except Exception as exc:  # the datasets library wraps parser errors in several types
-        raise UserError(f"cannot read {path} as {builder.upper()}: {_root_message(exc)}") from None
+        message = _root_message(exc)
+        if "corresponds to no data" in message:  # a header and no rows
+            raise UserError(f"no examples in {path}") from None
+        raise UserError(f"cannot read {path} as {builder.upper()}: {message}") from None
 
 
 def _load_hub(name: str, config: Optional[str]) -> tuple:
@@ -158,6 +161,14 @@ def _standardize(ds: datasets.Dataset, text_col: str, label_col: str) -> dataset
     return ds
 
 
+def _unique_labels(ds: datasets.Dataset, where: str) -> list:
+    """Distinct raw labels, read as Python values (JSON files may mix types that Arrow cannot compare)."""
+    try:
+        return list(dict.fromkeys(ds["label_raw"]))
+    except TypeError:  # lists or objects as labels
+        raise UserError(f"labels in {where} must be integers or strings") from None
+
+
 def _label_kind(values, where: str) -> str:
     kinds = {("int" if isinstance(v, int) and not isinstance(v, bool) else
               "str" if isinstance(v, str) else type(v).__name__) for v in values}
@@ -171,7 +182,7 @@ def _label_kind(values, where: str) -> str:
 def _label_names(train: datasets.Dataset, label_feature) -> list:
     if isinstance(label_feature, datasets.ClassLabel):
         return list(label_feature.names)
-    values = train.unique("label_raw")
+    values = _unique_labels(train, "the training data")
     kind = _label_kind(values, "the training data")
     if kind == "int":
         return [str(v) for v in sorted(int(v) for v in values)]
@@ -183,7 +194,7 @@ def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str)
     if isinstance(label_feature, datasets.ClassLabel):
         return ds.rename_column("label_raw", "labels")
     index = {name: i for i, name in enumerate(names)}
-    values = ds.unique("label_raw")
+    values = _unique_labels(ds, where)
     kind = _label_kind(values, where)
     keyed = [str(int(v)) if kind == "int" else v for v in values]
     unknown = sorted({k for k in keyed if k not in index})
@@ -197,9 +208,10 @@ def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str)
 
 def _drop_unusable(ds: datasets.Dataset, where: str, notes: list) -> datasets.Dataset:
     """Rows without a label are an error; rows with empty text are dropped and counted."""
-    missing = sum(1 for v in ds["label_raw"] if v is None)
+    labels = list(ds["label_raw"])
+    missing = sum(1 for v in labels if v is None)
     if missing:
-        first = next(i for i, v in enumerate(ds["label_raw"]) if v is None)
+        first = next(i for i, v in enumerate(labels) if v is None)
         raise UserError(f"{missing} row(s) in {where} have no label (first: row {first + 1})")
     keep = [i for i, t in enumerate(ds["text"]) if isinstance(t, str) and t.strip()]
     dropped = len(ds) - len(keep)
@@ -243,7 +255,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
                 raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")
         validation = _drop_unusable(_standardize(validation, text_col, label_col), vwhere, notes)
         if len(validation) and isinstance(label_feature, datasets.ClassLabel) \
-                and -1 in validation.unique("label_raw"):
+                and -1 in _unique_labels(validation, vwhere):
             raise UserError(f"{vwhere} has no labels (-1): pass a labelled --validation_file")
         validation = _encode_labels(validation, names, label_feature, vwhere)
         split_info = {"validation": vwhere}
@@ -251,7 +263,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         if len(names) < 2:
             raise UserError(f"only one label class in {where} ({names[0]!r}): a classifier needs at least two")
         train = train.cast_column("labels", datasets.ClassLabel(names=names))
-        counts = torch.bincount(torch.tensor(train["labels"]), minlength=len(names))
+        counts = torch.bincount(torch.tensor(list(train["labels"])), minlength=len(names))
         if int(counts.min()) < 2:
             raise UserError(f"label {names[int(counts.argmin())]!r} has fewer than 2 examples in {where}: "
                             f"too few to hold some out for validation")
@@ -285,7 +297,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
 
 
 def _counts(ds: datasets.Dataset, k: int) -> list:
-    return torch.bincount(torch.tensor(ds["labels"], dtype=torch.long), minlength=k).tolist()
+    return torch.bincount(torch.tensor(list(ds["labels"]), dtype=torch.long), minlength=k).tolist()
 
 
 # ---------------------------------------------------------------- tokenization and cache
@@ -322,13 +334,14 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
     Other ranks wait at a barrier, then read the cache. A user error found while
     building is sent to every rank, so all of them stop with the same message.
     """
-    key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint() if ctx.is_main else None,
-                  "tokenizer": tokenizer_identity(tokenizer), "max_length": max_length,
-                  "validation_fraction": validation_fraction, "split_seed": split_seed, "num_samples": num_samples}
     error = None
     path = None
     if ctx.is_main:
         try:
+            key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint(),
+                          "tokenizer": tokenizer_identity(tokenizer), "max_length": max_length,
+                          "validation_fraction": validation_fraction, "split_seed": split_seed,
+                          "num_samples": num_samples}
             key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
             path = Path(cache_dir) / f"data-{key}"
             if not (path / "meta.json").is_file():

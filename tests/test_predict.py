@@ -1,0 +1,186 @@
+"""predict.py and the shared inference code: probabilities against a direct forward pass, input formats, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import run_script, synthetic_rows, write_rows
+
+from training import inference, predict
+from training.utils import UserError
+
+LABELS = ("alpha", "beta", "gamma")
+TEXTS = ["topic2 was quite good", "the movie topic0", "topic1",
+         "story scenes actors music and plot were really quite something topic1 film film film",
+         "a", "plot topic2 plot", "the film was a film about a film and topic0 was in it, really",
+         "music", "actors topic1 scenes", "quite really quite"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run of the tiny model on a 3-class task with string labels (trained once per test session)."""
+    base = tmp_path_factory.getbasetemp() / "trained-three-class"
+    run_dir = base / "ck" / "r"
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        base.mkdir(exist_ok=True)
+        train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=LABELS))
+        proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
+                          "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
+                          "--checkpoint_dir", base / "ck", "--run_name", "r")
+        assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def direct_probabilities(ckpt: Path, texts: list, max_length: int = 128):
+    """Softmax of the logits of one unpadded forward pass per text, with plain transformers."""
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        rows = [model(**tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")).logits[0]
+                for t in texts]
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return torch.stack(rows).softmax(dim=-1), names
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_probabilities_equal_a_direct_forward_pass(tmp_path, trained):
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(TEXTS[:5]) + "\n\n  \n" + "\n".join(TEXTS[5:]) + "\n")  # blank lines are skipped
+    out = tmp_path / "sub" / "pred.jsonl"
+    # batch 3: several batches, and sorting by length reorders texts across them
+    proc = run_script("predict.py", "--checkpoint", trained / "final", "--input", src, "--output", out,
+                      "--batch_size", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {len(TEXTS)} prediction(s) to {out}" in proc.stdout
+    assert "skipped 2 blank line(s)" in proc.stderr
+    records = read_jsonl(out)
+    expected, names = direct_probabilities(trained / "final", TEXTS)
+    assert names == list(LABELS)
+    assert [r["text"] for r in records] == TEXTS  # input order, not length order
+    for rec, probs in zip(records, expected):
+        assert set(rec) == {"text", "label", "score", "probabilities"}
+        assert list(rec["probabilities"]) == list(LABELS)
+        got = torch.tensor([rec["probabilities"][n] for n in LABELS])
+        torch.testing.assert_close(got, probs, atol=1e-5, rtol=1e-4)
+        assert rec["label"] == LABELS[int(probs.argmax())]
+        assert rec["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert sum(rec["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the model learned the task: the topic word decides the label
+    assert [r["label"] for r in records[:3]] == ["gamma", "alpha", "beta"]
+
+
+def test_table_lists_probability_label_and_cut_text_in_input_order(trained, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "70")
+    long_text = "topic0 " + "film " * 40
+    texts = ["topic1 music", long_text, "topic2"]
+    assert predict.main(["--checkpoint", str(trained / "final"), *texts]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["prob", "label", "text"]
+    assert len(lines) == 1 + len(texts)
+    expected, _ = direct_probabilities(trained / "final", texts)
+    for line, text, probs in zip(lines[1:], texts, expected):
+        prob, label, shown = line.split(maxsplit=2)
+        assert float(prob) == pytest.approx(float(probs.max()), abs=1e-4)
+        assert label == LABELS[int(probs.argmax())]
+        assert len(line) <= 70
+        assert shown == text if len(text) < 40 else (shown.endswith("...") and text.startswith(shown[:-3]))
+    assert "labels alpha, beta, gamma" in captured.err
+
+
+def test_batched_length_sorted_logits_equal_one_text_at_a_time(trained):
+    clf = inference.load_classifier(trained / "final", torch.device("cpu"))
+    expected, _ = direct_probabilities(trained / "final", TEXTS)
+    for batch_size in (1, 4, 64):
+        logits = inference.predict_logits(clf, TEXTS, batch_size=batch_size, max_length=128)
+        assert logits.dtype == torch.float32 and logits.shape == (len(TEXTS), 3)
+        torch.testing.assert_close(logits.softmax(-1), expected, atol=1e-5, rtol=1e-4)
+    # truncation: max_length 4 keeps [CLS] + 2 tokens + [SEP], the same as truncating directly
+    short, _ = direct_probabilities(trained / "final", TEXTS, max_length=4)
+    torch.testing.assert_close(inference.predict_logits(clf, TEXTS, batch_size=4, max_length=4).softmax(-1),
+                               short, atol=1e-5, rtol=1e-4)
+    assert clf.max_positions == 128  # the tiny model's position table, below the tokenizer's 512
+
+
+@pytest.mark.parametrize("suffix,key,flag", [(".csv", "review", []), (".tsv", "sentence", []),
+                                             (".jsonl", "body", ["--text_column", "body"]),
+                                             (".parquet", "text", [])])
+def test_table_files_with_found_or_named_text_column(tmp_path, trained, capsys, suffix, key, flag):
+    rows = synthetic_rows(12, seed=5, labels=LABELS)
+    rows[4]["text"] = ""  # an empty text: skipped, and said so
+    src = write_rows(tmp_path / f"in{suffix}", rows, text_key=key)
+    out = tmp_path / "out.jsonl"
+    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out),
+                         *flag]) == 0
+    assert "skipped 1 row(s) with an empty text" in capsys.readouterr().err
+    assert [r["text"] for r in read_jsonl(out)] == [r["text"] for i, r in enumerate(rows) if i != 4]
+
+
+def test_output_dash_writes_json_lines_to_stdout(trained, capsys):
+    assert predict.main(["--checkpoint", str(trained), "--output", "-", "topic1 film"]) == 0  # run dir: its final/
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["text"] == "topic1 film" and record["label"] in LABELS
+
+
+def _bad_inputs(tmp: Path, trained: Path) -> dict:
+    from training.model import default_model_dir
+
+    ck = ["--checkpoint", str(trained / "final")]
+    (tmp / "empty_dir").mkdir()
+    (tmp / "blank.txt").write_text("\n  \n\n")
+    (tmp / "header_only.csv").write_text("text,label\n")
+    (tmp / "nocols.csv").write_text("a,b\n1,2\n")
+    (tmp / "data.xml").write_text("<a/>")
+    (tmp / "ok.txt").write_text("topic1\n")
+    return {
+        "missing checkpoint": (["--checkpoint", str(tmp / "nope"), "x"], "checkpoint not found"),
+        "not a checkpoint": (["--checkpoint", str(tmp / "empty_dir"), "x"], "is not a model checkpoint"),
+        "base model, no classifier": (["--checkpoint", str(default_model_dir()), "x"],
+                                      "is not a text-classification checkpoint (architecture: BertModel)"),
+        "missing input file": ([*ck, "--input", str(tmp / "nope.txt")], "input file not found"),
+        "no text column": ([*ck, "--input", str(tmp / "nocols.csv")], "no text column found"),
+        "named column missing": ([*ck, "--input", str(tmp / "header_only.csv"), "--text_column", "body"],
+                                 "text column 'body' not found"),
+        "blank input": ([*ck, "--input", str(tmp / "blank.txt")], "no texts to classify"),
+        "header only": ([*ck, "--input", str(tmp / "header_only.csv")], "no texts to classify"),
+        "empty texts": ([*ck, "", " "], "no texts to classify"),
+        "nothing given": (ck, "nothing to classify"),
+        "texts and file": ([*ck, "x", "--input", str(tmp / "ok.txt")], "not both"),
+        "unknown format": ([*ck, "--input", str(tmp / "data.xml")], "unknown input format '.xml'"),
+        "max_length over the limit": ([*ck, "--max_length", "1000", "x"], "more than this model takes (128"),
+        "zero batch size": ([*ck, "--batch_size", "0", "x"], "--batch_size must be positive"),
+        "bad device": ([*ck, "--device", "gpu", "x"], "--device must be"),
+        "no checkpoint flag": (["x"], "the following arguments are required: --checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "base model, no classifier",
+                                  "missing input file", "no text column", "named column missing", "blank input",
+                                  "header only", "empty texts", "nothing given", "texts and file",
+                                  "unknown format", "max_length over the limit", "zero batch size", "bad device",
+                                  "no checkpoint flag"])
+def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, trained, capsys, case):
+    args, expected = _bad_inputs(tmp_path, trained)[case]
+    assert predict.main(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected in lines[0]
+    assert captured.out == ""
+
+
+def test_bad_input_through_the_script_has_no_traceback(tmp_path):
+    proc = run_script("predict.py", "--checkpoint", tmp_path / "missing", "some text")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'missing'}"
+
+
+def test_read_texts_rejects_nothing_usable(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": None}) + "\n" + json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(UserError, match="no texts to classify"):
+        inference.read_texts(str(tmp_path / "a.jsonl"))

@@ -1,0 +1,198 @@
+"""Evaluate a fine-tuned checkpoint on the validation split that training holds out.
+
+    python training/evaluate.py --checkpoint checkpoints/RUN/final
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --num_samples 300 --output eval.json --plot cm.png
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --label_column stars
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --validation_file test.csv
+
+The data flags are training's, with the same defaults, and the validation split is made
+the same way: the default dataset (or a --train_file without --validation_file) gives the
+same held-out examples for the same --validation_fraction, --split_seed and --num_samples.
+With --validation_file, every row of that file is evaluated. Label names of the data are
+mapped to the checkpoint's labels. Prints accuracy, macro-F1, a per-class table
+(precision, recall, F1, support) and the confusion matrix; --output writes them as JSON,
+--plot draws the confusion matrix as a PNG.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training import inference  # noqa: E402
+from training.utils import UserError, atomic_write_json  # noqa: E402
+
+# Training's data flags, with training's defaults and help (the fallbacks are only used if a name moves).
+DATA_FLAGS = {"dataset": (str, None), "dataset_config": (str, None), "train_file": (str, None),
+              "validation_file": (str, None), "text_column": (str, None), "label_column": (str, None),
+              "validation_fraction": (float, 0.1), "split_seed": (int, 42), "num_samples": (int, None)}
+
+
+def _training_fields() -> dict:
+    try:
+        from training.config import TrainConfig
+
+        return {f.name: f for f in dataclasses.fields(TrainConfig)}
+    except Exception:  # the config module is optional here: flags then use the fallbacks above
+        return {}
+
+
+def build_parser() -> inference.ToolParser:
+    parser = inference.ToolParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=inference.argparse.ArgumentDefaultsHelpFormatter)
+    fields = _training_fields()
+    for name, (typ, fallback) in DATA_FLAGS.items():
+        f = fields.get(name)
+        default = f.default if f is not None and not isinstance(f.default, dataclasses._MISSING_TYPE) else fallback
+        help_text = f.metadata.get("help", "") if f is not None else ""
+        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text or f"As in training: --{name}.")
+    inference.add_inference_flags(
+        parser, max_length_help="Truncate texts to this many tokens (default: the --max_length the checkpoint "
+                                "was trained with if its run recorded it, else 512 or the model's limit).")
+    parser.add_argument("--output", metavar="FILE.json", help="Write the metrics as JSON here.")
+    parser.add_argument("--plot", metavar="FILE.png", help="Draw the confusion matrix as a PNG here.")
+    return parser
+
+
+def _check(args) -> None:
+    inference.check_positive(args, "batch_size", "max_length", "num_samples")
+    if not 0 < args.validation_fraction < 1:
+        raise UserError(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    if args.dataset and args.train_file:
+        raise UserError("give either --dataset or --train_file, not both")
+    if args.validation_file and not args.train_file:
+        raise UserError("--validation_file needs --train_file")
+    for flag in ("output", "plot"):
+        value = getattr(args, flag)
+        if value and Path(value).is_dir():
+            raise UserError(f"--{flag} is a directory: {value}")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
+
+
+def load_validation(args) -> tuple:
+    """(texts, label names per example, split info) of the validation split, made as training makes it."""
+    import datasets
+
+    from training.data import DataSource, load_labelled_splits
+
+    datasets.disable_progress_bars()
+    source = DataSource.from_args(args.dataset, args.dataset_config, args.train_file, args.validation_file,
+                                  args.text_column, args.label_column)
+    splits = load_labelled_splits(source, validation_fraction=args.validation_fraction,
+                                  split_seed=args.split_seed, num_samples=args.num_samples)
+    texts = list(splits.validation["text"])
+    names = [str(n) for n in splits.label_names]
+    labels = [names[i] for i in splits.validation["labels"]]
+    return texts, labels, splits.info
+
+
+def map_labels(labels: list, label2id: dict, where: str) -> np.ndarray:
+    """The checkpoint's class ids of the data's label names (UserError for names it does not know)."""
+    unknown = sorted(set(labels) - set(label2id))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(f"the data has labels the checkpoint does not know: {shown} "
+                        f"(it knows: {', '.join(label2id)}) in {where}")
+    return np.array([label2id[name] for name in labels], dtype=np.int64)
+
+
+def validation_sha256(texts: list) -> str:
+    """The fingerprint training records for its held-out texts (data.json's validation_sha256)."""
+    return hashlib.sha256("\0".join(sorted(texts)).encode()).hexdigest()
+
+
+def _training_split_sha(ckpt: Path):
+    try:
+        return json.loads((ckpt.parent / "data.json").read_text()).get("validation_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run(args) -> int:
+    _check(args)
+    device, amp_dtype = inference.setup_device(args)
+    ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
+    texts, labels, info = load_validation(args)
+    clf = inference.load_classifier(ckpt, device)
+    y_true = map_labels(labels, clf.label2id, info.get("source", "the data"))
+    max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
+
+    sha = validation_sha256(texts)
+    trained_sha = _training_split_sha(clf.path)
+    same_split = None if trained_sha is None else sha == trained_sha
+    for note in info.get("notes", []):
+        print(f"note: {note}")
+    print(f"checkpoint {clf.path} | labels {', '.join(clf.label_names)} | device {device} | "
+          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}")
+    split_line = f"data: {info.get('validation', info.get('source'))} | {len(texts)} examples"
+    if same_split is True:
+        split_line += " | the same examples the checkpoint's training run validated on"
+    elif same_split is False:
+        split_line += (" | note: not the examples the checkpoint's training run validated on"
+                       " (other data flags than training's?)")
+    print(split_line, flush=True)
+
+    bar = inference.progress_bar(len(texts), "evaluating")
+    t0 = time.perf_counter()
+    logits = inference.predict_logits(clf, texts, batch_size=args.batch_size, max_length=max_length,
+                                      amp_dtype=amp_dtype, on_batch=bar.update if bar else None)
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    y_pred = logits.argmax(dim=1).numpy()
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item()
+    cm = inference.confusion_matrix(y_true, y_pred, len(clf.label_names))
+    metrics = inference.classification_metrics(cm, clf.label_names)
+
+    print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
+          f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")
+    print()
+    print(inference.format_report(metrics))
+    print()
+    print("confusion matrix (rows: true label, columns: predicted label)")
+    print(inference.format_confusion(metrics))
+
+    if args.output:
+        record = {"checkpoint": str(clf.path), "max_length": max_length, "loss": loss, **metrics,
+                  "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
+                                                          "validation_fraction", "num_samples")}
+                  | {"examples": len(texts), "validation_sha256": sha, "same_split_as_training": same_split}}
+        _write(args.output, lambda p: atomic_write_json(p, record))
+        print(f"\nwrote {args.output}")
+    if args.plot:
+        from training.plot import plot_confusion_matrix
+
+        title = (f"{_checkpoint_name(clf.path)}: accuracy {metrics['accuracy']:.3f}, "
+                 f"macro-F1 {metrics['macro_f1']:.3f} (n={metrics['examples']})")
+        _write(args.plot, lambda p: plot_confusion_matrix(cm, clf.label_names, p, title=title))
+        print(f"{'' if args.output else chr(10)}wrote {args.plot}")
+    return 0
+
+
+def _checkpoint_name(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}" if path.name == "final" else path.name
+
+
+def _write(target: str, write) -> None:
+    path = Path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def main(argv=None) -> int:
+    return inference.run_tool(lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

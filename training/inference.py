@@ -1,0 +1,438 @@
+"""Inference with a fine-tuned checkpoint: shared by predict.py and evaluate.py.
+
+- ``load_classifier``: a checkpoint directory -> model, tokenizer and label names, with
+  every way it can be wrong reported as a ``UserError`` (one line, exit code 2);
+- ``predict_logits``: batched, length-sorted inference that returns float32 logits in
+  input order (``softmax`` of them are the probabilities);
+- ``read_texts``: texts from a .txt file (one per line), a table file or standard input;
+- ``confusion_matrix`` / ``classification_metrics``: accuracy, macro-F1 and per-class
+  precision/recall/F1/support, computed with numpy;
+- the command-line pieces the tools share (flags, their checks, the error handling).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from training.utils import UserError, autocast_dtype, detect_device
+
+DEFAULT_MAX_LENGTH = 512
+# Models whose position table has (padding_idx + 1) extra rows in front of the usable positions.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "bart", "mbart", "data2vec-text",
+                     "xlm-roberta-xl", "roberta-prelayernorm", "ibert", "luke", "mpnet"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TABLE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    tokenizer: object
+    label_names: list  # index = class id
+    path: Path
+    device: torch.device
+    max_positions: int  # the longest input the model takes, in tokens
+
+    @property
+    def label2id(self) -> dict:
+        return {name: i for i, name in enumerate(self.label_names)}
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint directory (a run directory is taken to mean its ``final/``)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if not p.is_dir():
+        raise UserError(f"checkpoint is not a directory: {path}")
+    if _is_model_config(p / "config.json"):
+        return p
+    if _is_model_config(p / "final" / "config.json"):  # a run directory: its config.json is the run's record
+        return p / "final"
+    raise UserError(f"{path} is not a model checkpoint (no model config.json): pass a run's final/ directory")
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_classifier_config(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def model_max_positions(config, tokenizer) -> int:
+    """The longest input, in tokens, that both the model and the tokenizer allow."""
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+            pad = getattr(config, "pad_token_id", None)
+            positions -= (1 if pad is None else pad) + 1
+        limits.append(positions)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:  # unset is a huge sentinel
+        limits.append(tok_limit)
+    return min(limits) if limits else DEFAULT_MAX_LENGTH
+
+
+def load_classifier(path, device: torch.device) -> Classifier:
+    """A fine-tuned sequence classifier and its tokenizer, in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    ckpt = resolve_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(ckpt)
+    except Exception as exc:  # ValueError (unknown model type), OSError, JSON errors
+        raise UserError(f"cannot read the model config in {ckpt}: {_one_line(exc)}") from None
+    if not _is_classifier_config(config):
+        arch = ", ".join(config.architectures or []) or "unknown"
+        raise UserError(f"{ckpt} is not a text-classification checkpoint (architecture: {arch}): "
+                        f"fine-tune it first with train_single.py")
+    if not any((ckpt / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{ckpt} has no model weights ({' or '.join(WEIGHT_FILES[::2])})")
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
+    except Exception as exc:
+        raise UserError(f"cannot load the model in {ckpt}: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # e.g. a base model's weights under a classifier config: the head would be random
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(f"{ckpt} is not a trained classifier: weights missing for {shown}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer in {ckpt}: {_one_line(exc)}") from None
+
+    id2label = model.config.id2label or {}
+    num_labels = model.config.num_labels
+    names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
+    if len(set(names)) != len(names):
+        raise UserError(f"{ckpt} has duplicate label names in its config: {', '.join(names)}")
+    model.to(device).eval()
+    return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer))
+
+
+def trained_max_length(ckpt: Path) -> Optional[int]:
+    """The --max_length the checkpoint was trained with, if its run recorded it (else None)."""
+    run_config = ckpt.parent / "config.json"  # the run directory's record, written by training
+    with contextlib.suppress(Exception):
+        value = json.loads(run_config.read_text())["config"]["max_length"]
+        if isinstance(value, int) and value > 0:
+            return value
+    state = ckpt / "training_state.pt"
+    if state.is_file():
+        with contextlib.suppress(Exception):
+            from torch.torch_version import TorchVersion
+
+            # mmap: only the small config is read, not the optimizer's tensors
+            with torch.serialization.safe_globals([TorchVersion]):
+                loaded = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
+            value = loaded["config"]["max_length"]
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+# ---------------------------------------------------------------- batched inference
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 512,
+                   amp_dtype: Optional[torch.dtype] = None,
+                   on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Float32 logits ``[len(texts), num_labels]`` on the CPU, row i for ``texts[i]``.
+
+    Texts are tokenized a chunk at a time (truncated to ``max_length``), sorted by length
+    inside the chunk, and padded per batch to the batch's longest text, so little compute
+    goes to padding; the rows are put back in input order. ``on_batch(n)`` is called after
+    each batch of ``n`` texts (for a progress bar).
+    """
+    from transformers import DataCollatorWithPadding
+
+    device, model, tokenizer = clf.device, clf.model, clf.tokenizer
+    n = len(texts)
+    out = torch.empty(n, len(clf.label_names), dtype=torch.float32)
+    if n == 0:
+        return out
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    inputs_wanted = set(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
+    model.eval()
+    chunk = batch_size * 32
+    for c0 in range(0, n, chunk):
+        part = [str(t) for t in texts[c0:c0 + chunk]]
+        enc = tokenizer(part, truncation=True, max_length=max_length)
+        keys = [k for k in enc.keys() if k in inputs_wanted]
+        order = sorted(range(len(part)), key=lambda i: -len(enc["input_ids"][i]))
+        for b0 in range(0, len(order), batch_size):
+            idx = order[b0:b0 + batch_size]
+            batch = collate([{k: enc[k][i] for k in keys} for i in idx])
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(device, amp_dtype):
+                logits = model(**inputs).logits
+            out[torch.tensor(idx) + c0] = logits.float().cpu()
+            if on_batch is not None:
+                on_batch(len(idx))
+    return out
+
+
+def progress_bar(total: int, desc: str):
+    """A progress bar on stderr for a person at a terminal; None otherwise."""
+    if not sys.stderr.isatty() or total < 1000:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", dynamic_ncols=True, leave=False)
+
+
+# ---------------------------------------------------------------- reading texts
+
+def read_texts(path: str, text_column: Optional[str] = None) -> tuple:
+    """Texts from ``path`` and a note about skipped rows (or None).
+
+    ``.txt`` (or ``-`` for standard input): one text per line, blank lines skipped.
+    ``.csv``/``.tsv``/``.jsonl``/``.json``/``.parquet``: the text column, named or found
+    by the same names training looks for; rows with an empty text are skipped.
+    """
+    from training.data import TEXT_CANDIDATES
+
+    if path == "-":
+        return _text_lines(sys.stdin.read().splitlines(), "standard input", text_column)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input file not found: {path}")
+    if p.is_dir():
+        raise UserError(f"input file is a directory: {path}")
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {path}: {_one_line(exc)}") from None
+        return _text_lines(lines, path, text_column)
+    if suffix not in TABLE_FORMATS:
+        raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
+                        f".csv, .tsv, .jsonl/.json or .parquet")
+    frame = _read_table(p, suffix)
+    columns = [str(c) for c in frame.columns]
+    if text_column:
+        if text_column not in columns:
+            raise UserError(f"text column {text_column!r} not found in {path} (columns: {', '.join(columns)})")
+        col = text_column
+    else:
+        lowered = {c.lower(): c for c in columns}
+        col = next((lowered[c] for c in TEXT_CANDIDATES if c in lowered), None)
+        if col is None:
+            raise UserError(f"no text column found in {path} (columns: {', '.join(columns) or 'none'}): "
+                            f"name it with --text_column")
+    texts, skipped = [], 0
+    for value in frame[col].tolist():
+        text = value if isinstance(value, str) else (None if _is_missing(value) else str(value))
+        if text is None or not text.strip():
+            skipped += 1
+        else:
+            texts.append(text)
+    return _checked(texts, skipped, path, "row(s) with an empty text")
+
+
+def _text_lines(lines: list, where: str, text_column: Optional[str]) -> tuple:
+    if text_column:
+        raise UserError(f"--text_column applies to table files (.csv, .tsv, .jsonl, .parquet), not to {where}")
+    texts = [ln.rstrip("\r") for ln in lines]
+    kept = [t for t in texts if t.strip()]
+    return _checked(kept, len(texts) - len(kept), where, "blank line(s)")
+
+
+def _checked(texts: list, skipped: int, where: str, what: str) -> tuple:
+    if not texts:
+        raise UserError(f"no texts to classify in {where}")
+    return texts, (f"skipped {skipped} {what} in {where}" if skipped else None)
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _read_table(p: Path, suffix: str):
+    import pandas as pd  # a dependency of datasets
+
+    try:
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(p)
+        try:
+            return pd.read_json(p, lines=True, dtype=False)
+        except ValueError:
+            if suffix == ".json":  # a JSON array of objects
+                return pd.read_json(p, dtype=False)
+            raise
+    except pd.errors.EmptyDataError:
+        raise UserError(f"no texts to classify in {p} (the file is empty)") from None
+    except Exception as exc:
+        raise UserError(f"cannot read {p} as {suffix[1:].upper()}: {_one_line(exc)}") from None
+
+
+# ---------------------------------------------------------------- metrics
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """``cm[i, j]`` = number of examples of true class i predicted as class j."""
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
+    for name, y in (("true", y_true), ("predicted", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} class ids must be in [0, {num_classes})")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes) \
+        .reshape(num_classes, num_classes)
+
+
+def classification_metrics(cm: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support from a confusion matrix.
+
+    A class that is never predicted has precision 0, one without examples recall 0
+    (as scikit-learn's ``zero_division=0``). Macro averages are taken over the classes
+    that occur in the data or the predictions, as scikit-learn does by default.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = (support > 0) | (predicted > 0)
+    total = int(cm.sum())
+
+    def macro(values):
+        return float(values[present].mean()) if present.any() else float("nan")
+
+    return {
+        "examples": total,
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
+        "per_class": {str(name): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                  "f1": float(f1[i]), "support": int(support[i]), "predicted": int(predicted[i])}
+                      for i, name in enumerate(label_names)},
+        "labels": [str(n) for n in label_names],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def format_report(metrics: dict) -> str:
+    """The per-class table, with a macro-average row."""
+    names = metrics["labels"]
+    width = max(9, *(len(n) for n in names))
+    lines = [f"{'label':<{width}}  precision  recall      f1  support"]
+    for name in names:
+        m = metrics["per_class"][name]
+        lines.append(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}"
+                     f"  {m['support']:>7d}")
+    lines.append(f"{'macro avg':<{width}}  {metrics['macro_precision']:>9.4f}  {metrics['macro_recall']:>6.4f}"
+                 f"  {metrics['macro_f1']:>6.4f}  {metrics['examples']:>7d}")
+    return "\n".join(lines)
+
+
+def format_confusion(metrics: dict, max_name: int = 12) -> str:
+    """The confusion matrix as a text table: rows true labels, columns predicted labels."""
+    names = metrics["labels"]
+    cm = metrics["confusion_matrix"]
+    short = [n if len(n) <= max_name else n[:max_name - 1] + "~" for n in names]
+    corner = "true \\ predicted"
+    first = max(len(corner), *(len(n) for n in names))
+    cols = [max(len(s), *(len(str(row[j])) for row in cm)) for j, s in enumerate(short)]
+    lines = [f"{corner:<{first}}  " + "  ".join(f"{s:>{w}}" for s, w in zip(short, cols))]
+    for name, row in zip(names, cm):
+        lines.append(f"{name:<{first}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(row, cols)))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command-line pieces
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line (a UserError), like every other bad input."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="A fine-tuned checkpoint: a run's final/ directory (or the run directory).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass.")
+    parser.add_argument("--max_length", type=int, default=None, help=max_length_help)
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                        help="auto: CUDA, then Apple MPS, then CPU.")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: bf16 autocast on GPUs that support it, else fp32.")
+
+
+def check_positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+
+
+def setup_device(args) -> tuple:
+    """(device, autocast dtype or None) from --device and --precision."""
+    dev = args.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    device = detect_device(dev)
+    return device, autocast_dtype(device, args.precision)
+
+
+def resolve_max_length(requested: Optional[int], clf: Classifier, fallback: Optional[int] = None) -> int:
+    """--max_length if given (checked against the model's limit), else ``fallback``, else min(512, limit)."""
+    if requested is not None:
+        if requested > clf.max_positions:
+            raise UserError(f"--max_length {requested} is more than this model takes ({clf.max_positions} tokens)")
+        return requested
+    return min(fallback or DEFAULT_MAX_LENGTH, clf.max_positions)
+
+
+def run_tool(body: Callable[[], int]) -> int:
+    """Run a tool's body: a UserError is one line on stderr and exit code 2, never a traceback."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
