@@ -121,6 +121,13 @@ def test_table_files_with_found_or_named_text_column(tmp_path, trained, capsys, 
     assert [r["text"] for r in read_jsonl(out)] == [r["text"] for i, r in enumerate(rows) if i != 4]
 
 
+def test_json_array_file(tmp_path, trained, capsys):
+    (tmp_path / "in.json").write_text(json.dumps([{"id": 1, "content": "topic2 film"}, {"id": 2, "content": "topic0"}]))
+    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(tmp_path / "in.json")]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split(maxsplit=2)[2] for r in rows] == ["topic2 film", "topic0"]
+
+
 def test_output_dash_writes_json_lines_to_stdout(trained, capsys):
     assert predict.main(["--checkpoint", str(trained), "--output", "-", "topic1 film"]) == 0  # run dir: its final/
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -154,6 +161,7 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
         "unknown format": ([*ck, "--input", str(tmp / "data.xml")], "unknown input format '.xml'"),
         "max_length over the limit": ([*ck, "--max_length", "1000", "x"], "more than this model takes (128"),
         "zero batch size": ([*ck, "--batch_size", "0", "x"], "--batch_size must be positive"),
+        "output is a directory": ([*ck, "--output", str(tmp), "x"], "--output is a directory"),
         "bad device": ([*ck, "--device", "gpu", "x"], "--device must be"),
         "no checkpoint flag": (["x"], "the following arguments are required: --checkpoint"),
     }
@@ -162,7 +170,8 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "base model, no classifier",
                                   "missing input file", "no text column", "named column missing", "blank input",
                                   "header only", "empty texts", "nothing given", "texts and file",
-                                  "unknown format", "max_length over the limit", "zero batch size", "bad device",
+                                  "unknown format", "max_length over the limit", "zero batch size", "output is a directory",
+                                  "bad device",
                                   "no checkpoint flag"])
 def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, trained, capsys, case):
     args, expected = _bad_inputs(tmp_path, trained)[case]

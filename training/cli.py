@@ -104,7 +104,8 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     optimizer, scheduler, results, global_step = engine.fit(
         model, train_loader, eval_loader, ctx=ctx, log=log, epochs=cfg.epochs, lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-        grad_accum_steps=cfg.grad_accum_steps, amp_dtype=amp_dtype, log_every=cfg.log_every)
+        grad_accum_steps=cfg.grad_accum_steps, amp_dtype=amp_dtype, log_every=cfg.log_every,
+        compile_model=cfg.compile == "on" or (cfg.compile == "auto" and ctx.device.type == "cuda"))
 
     state = checkpoint.training_state(optimizer, scheduler, epoch=cfg.epochs, global_step=global_step,
                                       config=cfg.to_dict())

@@ -37,6 +37,22 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
+def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool) -> torch.nn.Module:
+    """Move to the device, compile if asked, wrap in DDP under torchrun. Returns the module to train with.
+
+    ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper.
+    """
+    model.to(ctx.device)
+    train_model = model
+    if compile_model:
+        # dynamic=True: one graph for every sequence length, instead of a recompile per padded shape.
+        train_model = torch.compile(model, dynamic=True)
+    if ctx.distributed:
+        ddp_args = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
+        train_model = DDP(train_model, **ddp_args)
+    return train_model
+
+
 def build_scheduler(optimizer, *, total_steps: int, warmup_ratio: float):
     return get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
@@ -168,14 +184,9 @@ def _sync(device: torch.device) -> None:
 
 def fit(model, train_loader, eval_loader, *, ctx: ProcessContext, log: RunLogger, epochs: int, lr: float,
         weight_decay: float, warmup_ratio: float, max_grad_norm: float, grad_accum_steps: int, amp_dtype,
-        log_every: int):
+        log_every: int, compile_model: bool = False):
     """Train for ``epochs``, evaluating after each. Returns (optimizer, scheduler, epoch results, global step)."""
-    model.to(ctx.device)
-    if ctx.distributed:
-        ddp_args = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
-        train_model = DDP(model, **ddp_args)
-    else:
-        train_model = model
+    train_model = prepare_for_training(model, ctx, compile_model=compile_model)
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, device=ctx.device)
     steps_per_epoch = math.ceil(len(train_loader) / grad_accum_steps)
     scheduler = build_scheduler(optimizer, total_steps=epochs * steps_per_epoch, warmup_ratio=warmup_ratio)

@@ -46,11 +46,11 @@ def _training_fields() -> dict:
 
 def build_parser() -> inference.ToolParser:
     parser = inference.ToolParser(description=__doc__.split("\n\n")[0],
-                                  formatter_class=inference.argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=inference.HelpFormatter)
     fields = _training_fields()
     for name, (typ, fallback) in DATA_FLAGS.items():
         f = fields.get(name)
-        default = f.default if f is not None and not isinstance(f.default, dataclasses._MISSING_TYPE) else fallback
+        default = f.default if f is not None and f.default is not dataclasses.MISSING else fallback
         help_text = f.metadata.get("help", "") if f is not None else ""
         parser.add_argument(f"--{name}", type=typ, default=default, help=help_text or f"As in training: --{name}.")
     inference.add_inference_flags(
@@ -160,20 +160,23 @@ def run(args) -> int:
     print("confusion matrix (rows: true label, columns: predicted label)")
     print(inference.format_confusion(metrics))
 
+    written = []
     if args.output:
         record = {"checkpoint": str(clf.path), "max_length": max_length, "loss": loss, **metrics,
                   "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
                                                           "validation_fraction", "num_samples")}
                   | {"examples": len(texts), "validation_sha256": sha, "same_split_as_training": same_split}}
-        _write(args.output, lambda p: atomic_write_json(p, record))
-        print(f"\nwrote {args.output}")
+        written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
     if args.plot:
         from training.plot import plot_confusion_matrix
 
         title = (f"{_checkpoint_name(clf.path)}: accuracy {metrics['accuracy']:.3f}, "
                  f"macro-F1 {metrics['macro_f1']:.3f} (n={metrics['examples']})")
-        _write(args.plot, lambda p: plot_confusion_matrix(cm, clf.label_names, p, title=title))
-        print(f"{'' if args.output else chr(10)}wrote {args.plot}")
+        written.append(_write(args.plot, lambda p: plot_confusion_matrix(cm, clf.label_names, p, title=title)))
+    if written:
+        print()
+        for path in written:
+            print(f"wrote {path}")
     return 0
 
 
@@ -181,13 +184,14 @@ def _checkpoint_name(path: Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.name == "final" else path.name
 
 
-def _write(target: str, write) -> None:
+def _write(target: str, write) -> Path:
     path = Path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
     except OSError as exc:
         raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return path
 
 
 def main(argv=None) -> int:

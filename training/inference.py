@@ -107,8 +107,8 @@ def load_classifier(path, device: torch.device) -> Classifier:
     if not any((ckpt / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"{ckpt} has no model weights ({' or '.join(WEIGHT_FILES[::2])})")
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no load report or weight-loading bar: problems are checked below
     hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
@@ -116,6 +116,8 @@ def load_classifier(path, device: torch.device) -> Classifier:
         raise UserError(f"cannot load the model in {ckpt}: {_one_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # e.g. a base model's weights under a classifier config: the head would be random
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -224,8 +226,6 @@ def read_texts(path: str, text_column: Optional[str] = None) -> tuple:
     ``.csv``/``.tsv``/``.jsonl``/``.json``/``.parquet``: the text column, named or found
     by the same names training looks for; rows with an empty text are skipped.
     """
-    from training.data import TEXT_CANDIDATES
-
     if path == "-":
         return _text_lines(sys.stdin.read().splitlines(), "standard input", text_column)
     p = Path(path)
@@ -243,6 +243,8 @@ def read_texts(path: str, text_column: Optional[str] = None) -> tuple:
     if suffix not in TABLE_FORMATS:
         raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
                         f".csv, .tsv, .jsonl/.json or .parquet")
+    from training.data import TEXT_CANDIDATES  # the names training looks for (imported here: it loads datasets)
+
     frame = _read_table(p, suffix)
     columns = [str(c) for c in frame.columns]
     if text_column:
@@ -291,12 +293,12 @@ def _read_table(p: Path, suffix: str):
             return pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if suffix == ".parquet":
             return pd.read_parquet(p)
-        try:
-            return pd.read_json(p, lines=True, dtype=False)
-        except ValueError:
-            if suffix == ".json":  # a JSON array of objects
-                return pd.read_json(p, dtype=False)
-            raise
+        with open(p, encoding="utf-8") as fh:
+            head = fh.read(4096).lstrip()
+        if not head:
+            raise pd.errors.EmptyDataError
+        # .json may hold one array of objects; otherwise (and always for .jsonl) one object a line
+        return pd.read_json(p, lines=not (suffix == ".json" and head.startswith("[")), dtype=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"no texts to classify in {p} (the file is empty)") from None
     except Exception as exc:
@@ -388,6 +390,15 @@ class ToolParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -52,7 +54,9 @@ def load_model(name: str, label_names: list):
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(label_names), id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True)
+            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
+            # fp32 master weights whatever the checkpoint's dtype: autocast runs the bf16 math
+            dtype=torch.float32)
     except Exception as exc:
         raise _load_error(name, exc) from None
     finally:

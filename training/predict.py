@@ -28,7 +28,7 @@ from training.utils import UserError, atomic_write_bytes  # noqa: E402
 
 def build_parser() -> inference.ToolParser:
     parser = inference.ToolParser(description=__doc__.split("\n\n")[0],
-                                  formatter_class=inference.argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=inference.HelpFormatter)
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="Texts to classify (or use --input).")
     parser.add_argument("--input", metavar="FILE",
                         help="Texts from a file: .txt (one per line), .csv, .tsv, .jsonl/.json or .parquet; "
@@ -83,6 +83,8 @@ def prediction_records(texts, label_names, probs) -> list:
 
 def run(args) -> int:
     inference.check_positive(args, "batch_size", "max_length")
+    if args.output not in (None, "-") and Path(args.output).is_dir():
+        raise UserError(f"--output is a directory: {args.output}")
     texts, note = _gather_texts(args)
     device, amp_dtype = inference.setup_device(args)
     clf = inference.load_classifier(args.checkpoint, device)
@@ -111,8 +113,6 @@ def run(args) -> int:
         sys.stdout.write(payload)
         return 0
     out = Path(args.output)
-    if out.is_dir():
-        raise UserError(f"--output is a directory: {args.output}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, payload.encode("utf-8"))

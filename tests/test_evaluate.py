@@ -1,0 +1,246 @@
+"""evaluate.py and the metrics: numbers against a direct computation, the training split, the plot, bad input."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import run_script, synthetic_rows, write_rows
+
+from training import evaluate, inference
+
+LABELS = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run of the tiny model on a 3-class task with string labels (trained once per test session)."""
+    base = tmp_path_factory.getbasetemp() / "trained-three-class"
+    run_dir = base / "ck" / "r"
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        base.mkdir(exist_ok=True)
+        train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=LABELS))
+        proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
+                          "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
+                          "--checkpoint_dir", base / "ck", "--run_name", "r")
+        assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def direct_predictions(ckpt: Path, texts: list, max_length: int) -> list:
+    """Predicted label names, one unpadded forward pass per text, with plain transformers."""
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        ids = [int(model(**tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")).logits.argmax())
+               for t in texts]
+    return [model.config.id2label[i] for i in ids]
+
+
+def direct_metrics(true: list, pred: list, labels: list) -> dict:
+    """Accuracy, confusion matrix, per-class P/R/F1 and macro-F1 by counting, the textbook way."""
+    cm = [[sum(1 for t, p in zip(true, pred) if t == a and p == b) for b in labels] for a in labels]
+    per_class, f1s = {}, []
+    for i, name in enumerate(labels):
+        tp = cm[i][i]
+        predicted = sum(cm[r][i] for r in range(len(labels)))
+        support = sum(cm[i])
+        p = tp / predicted if predicted else 0.0
+        r = tp / support if support else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        per_class[name] = {"precision": p, "recall": r, "f1": f1, "support": support}
+        if support or predicted:
+            f1s.append(f1)
+    return {"accuracy": sum(t == p for t, p in zip(true, pred)) / len(true), "confusion_matrix": cm,
+            "per_class": per_class, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def assert_metrics_match(got: dict, want: dict) -> None:
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+    assert got["macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-12)
+    for name, m in want["per_class"].items():
+        for key in ("precision", "recall", "f1", "support"):
+            assert got["per_class"][name][key] == pytest.approx(m[key], abs=1e-12), (name, key)
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert 300 <= im.width <= 4000 and 300 <= im.height <= 4000, im.size
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None and len(colors) > 20  # drawn on, not a blank canvas
+
+
+def noisy_validation(path: Path, n: int = 60) -> tuple:
+    """A labelled file where a third of the labels are changed: the model gets those wrong."""
+    rows = synthetic_rows(n, seed=11, labels=LABELS)
+    rng = random.Random(0)
+    for row in rows[::3]:
+        row["label"] = rng.choice([x for x in LABELS if x != row["label"]])
+    write_rows(path, rows)
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def test_cli_metrics_equal_a_direct_computation(tmp_path, trained):
+    texts, labels = noisy_validation(tmp_path / "val.jsonl")
+    out, png = tmp_path / "eval.json", tmp_path / "plots" / "cm.png"
+    train = trained.parent.parent / "train.csv"
+    proc = run_script("evaluate.py", "--checkpoint", trained / "final", "--train_file", train,
+                      "--validation_file", tmp_path / "val.jsonl", "--output", out, "--plot", png, "--batch_size", 7)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["labels"] == list(LABELS) and result["examples"] == len(texts)
+    assert result["max_length"] == 32  # what the checkpoint was trained with
+    pred = direct_predictions(trained / "final", texts, max_length=32)
+    want = direct_metrics(labels, pred, list(LABELS))
+    assert 0.3 < want["accuracy"] < 0.95  # the noise makes every part of the matrix count
+    assert_metrics_match(result, want)
+    # the printed report carries the same numbers
+    assert f"accuracy {want['accuracy']:.4f} | macro-F1 {want['macro_f1']:.4f}" in proc.stdout
+    for name in LABELS:
+        m = want["per_class"][name]
+        assert f"{name:<9}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}" \
+            in proc.stdout
+    row = "  ".join(f"{v:>{max(len(n), 2)}}" for v, n in zip(want["confusion_matrix"][0], LABELS))
+    assert f"alpha             {row}" in proc.stdout
+    assert_real_png(png)
+
+
+def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    train = trained.parent.parent / "train.csv"
+    assert evaluate.main(["--checkpoint", str(trained), "--train_file", str(train), "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    data_info = json.loads((trained / "data.json").read_text())
+    summary = json.loads((trained / "summary.json").read_text())
+    assert result["data"]["validation_sha256"] == data_info["validation_sha256"]
+    assert result["data"]["same_split_as_training"] is True
+    assert "the same examples the checkpoint's training run validated on" in stdout
+    assert result["examples"] == data_info["validation_examples"] == 30
+    # training's own last evaluation, reproduced
+    assert abs(result["accuracy"] - summary["final_val_accuracy"]) <= 1 / 30 + 1e-9
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-4)
+
+    # another split seed holds out other examples, and says so
+    assert evaluate.main(["--checkpoint", str(trained), "--train_file", str(train), "--split_seed", "7",
+                          "--output", str(out)]) == 0
+    assert "not the examples the checkpoint's training run validated on" in capsys.readouterr().out
+    assert json.loads(out.read_text())["data"]["same_split_as_training"] is False
+
+
+def test_two_classes_with_an_untrained_head(tiny_model_dir, tmp_path, capsys):
+    """The tiny random model (labels LABEL_0, LABEL_1): predictions are poor, the numbers must still agree."""
+    rows = [dict(r, label=f"LABEL_{int(r['label'] == 'positive')}") for r in synthetic_rows(80, seed=4)]
+    write_rows(tmp_path / "train.csv", rows)
+    out, png = tmp_path / "eval.json", tmp_path / "cm.png"
+    assert evaluate.main(["--checkpoint", str(tiny_model_dir), "--train_file", str(tmp_path / "train.csv"),
+                          "--validation_fraction", "0.5", "--max_length", "24", "--output", str(out),
+                          "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["same_split_as_training"] is None  # no training run recorded beside this model
+    splits = evaluate.load_validation(evaluate.build_parser().parse_args(
+        ["--checkpoint", "x", "--train_file", str(tmp_path / "train.csv"), "--validation_fraction", "0.5"]))
+    texts, labels, _ = splits
+    assert len(texts) == 40
+    want = direct_metrics(labels, direct_predictions(tiny_model_dir, texts, 24), ["LABEL_0", "LABEL_1"])
+    assert_metrics_match(result, want)
+    assert_real_png(png)
+    capsys.readouterr()
+
+
+def test_metrics_of_many_classes_against_counting():
+    rng = np.random.default_rng(0)
+    k = 7
+    y_true = rng.integers(0, k - 2, 500)  # classes 5 and 6 never occur in the data ...
+    y_pred = np.where(rng.random(500) < 0.6, y_true, rng.integers(0, k, 500))
+    y_pred[y_pred == 4] = 3  # ... class 4 is never predicted, class 5 is (wrongly) ...
+    y_pred[y_pred == 6] = 0  # ... and class 6 neither occurs nor is predicted: not in the macro average
+    names = [f"c{i}" for i in range(k)]
+    cm = inference.confusion_matrix(y_true, y_pred, k)
+    got = inference.classification_metrics(cm, names)
+    want = direct_metrics([names[i] for i in y_true], [names[i] for i in y_pred], names)
+    assert_metrics_match(got, want)
+    assert got["per_class"]["c4"]["precision"] == 0.0 and got["per_class"]["c5"]["recall"] == 0.0
+    assert got["per_class"]["c5"]["predicted"] > 0 and got["per_class"]["c6"]["predicted"] == 0
+    assert got["macro_f1"] == pytest.approx(np.mean([got["per_class"][f"c{i}"]["f1"] for i in range(6)]))
+    assert cm.sum() == 500 and got["examples"] == 500
+    # a hand-worked case: 2 classes
+    cm2 = inference.confusion_matrix([0, 0, 0, 1, 1], [0, 1, 0, 1, 0], 2)
+    assert cm2.tolist() == [[2, 1], [1, 1]]
+    m = inference.classification_metrics(cm2, ["a", "b"])
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["per_class"]["a"]["f1"] == pytest.approx(2 / 3) and m["per_class"]["b"]["f1"] == pytest.approx(0.5)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
+
+
+def test_confusion_matrix_plot_of_many_long_labels(tmp_path):
+    from training.plot import plot_confusion_matrix
+
+    k = 12
+    cm = np.random.default_rng(1).integers(0, 30, (k, k)) + np.eye(k, dtype=int) * 100
+    names = [f"a rather long category name {i}" for i in range(k)]
+    assert_real_png(plot_confusion_matrix(cm, names, tmp_path / "cm.png", title="twelve classes"))
+
+
+def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
+    from training.model import default_model_dir
+
+    train = trained.parent.parent / "train.csv"
+    ck = ["--checkpoint", str(trained / "final")]
+    rows = synthetic_rows(30, seed=2, labels=LABELS)
+    rows[3]["label"] = "delta"
+    write_rows(tmp / "unknown.csv", rows)
+    (tmp / "nocols.csv").write_text("a,b\n1,2\n3,4\n")
+    (tmp / "empty.csv").write_text("text,label\n")
+    (tmp / "empty_dir").mkdir()
+    return {
+        "missing checkpoint": (["--checkpoint", str(tmp / "nope"), "--train_file", str(train)],
+                               "checkpoint not found"),
+        "not a checkpoint": (["--checkpoint", str(tmp / "empty_dir"), "--train_file", str(train)],
+                             "is not a model checkpoint"),
+        "base model, no classifier": (["--checkpoint", str(default_model_dir()), "--train_file", str(train)],
+                                      "is not a text-classification checkpoint"),
+        "unknown label in validation file": ([*ck, "--train_file", str(train), "--validation_file",
+                                              str(tmp / "unknown.csv")], "delta"),
+        "labels the checkpoint does not know": (["--checkpoint", str(tiny), "--train_file", str(train)],
+                                                "the data has labels the checkpoint does not know: alpha, beta"),
+        "missing data file": ([*ck, "--train_file", str(tmp / "nope.csv")], "data file not found"),
+        "no text column": ([*ck, "--train_file", str(tmp / "nocols.csv")], "no text column found"),
+        "empty data": ([*ck, "--train_file", str(tmp / "empty.csv")], "no examples"),
+        "plot not a png": ([*ck, "--train_file", str(train), "--plot", str(tmp / "cm.pdf")], "writes a PNG"),
+        "bad fraction": ([*ck, "--validation_fraction", "1.5"], "--validation_fraction must be in (0, 1)"),
+        "validation file alone": ([*ck, "--validation_file", str(train)], "--validation_file needs --train_file"),
+        "zero num_samples": ([*ck, "--num_samples", "0"], "--num_samples must be positive"),
+        "no checkpoint flag": (["--train_file", str(train)], "required: --checkpoint"),
+    }
+
+
+CASES = ["missing checkpoint", "not a checkpoint", "base model, no classifier", "unknown label in validation file",
+         "labels the checkpoint does not know", "missing data file", "no text column", "empty data",
+         "plot not a png", "bad fraction", "validation file alone", "zero num_samples", "no checkpoint flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, trained, tiny_model_dir, capsys, case):
+    args, expected = _bad_inputs(tmp_path, trained, tiny_model_dir)[case]
+    assert evaluate.main(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected in lines[0]
+
+
+def test_bad_input_through_the_script_has_no_traceback(tmp_path, tiny_model_dir):
+    write_rows(tmp_path / "train.csv", synthetic_rows(40, labels=LABELS))
+    proc = run_script("evaluate.py", "--checkpoint", tiny_model_dir, "--train_file", tmp_path / "train.csv")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: the data has labels the checkpoint does not know")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,185 @@
+"""plot.py: PNGs from runs' metrics.jsonl, the plotted numbers, overlaid runs, bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script, synthetic_rows, write_rows
+
+from training import plot
+
+LABELS = ("alpha", "beta", "gamma")
+FIGURES = ("loss.png", "accuracy.png", "throughput.png")
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first and second run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A run of the tiny model on a 3-class task with string labels (trained once per test session)."""
+    base = tmp_path_factory.getbasetemp() / "trained-three-class"
+    run_dir = base / "ck" / "r"
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        base.mkdir(exist_ok=True)
+        train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=LABELS))
+        proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
+                          "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
+                          "--checkpoint_dir", base / "ck", "--run_name", "r")
+        assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def write_run(run_dir: Path, epochs: int = 4, steps_per_epoch: int = 10, log_every: int = 2) -> Path:
+    """A hand-made run: loss falling, accuracy rising, throughput around 100 samples/s."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    for e in range(1, epochs + 1):
+        for s in range((e - 1) * steps_per_epoch + 1, e * steps_per_epoch + 1):
+            if s % log_every == 0:
+                lines.append({"event": "step", "step": s, "epoch": e, "loss": 1.0 / s ** 0.5,
+                              "accuracy": 1 - 0.5 / s ** 0.5, "lr": 1e-3, "elapsed_s": s * 0.1})
+        lines.append({"event": "epoch", "epoch": e, "train_loss": 0.9 / e, "train_accuracy": 0.5 + 0.1 * e,
+                      "val_loss": 0.8 / e + 0.05, "val_accuracy": 0.55 + 0.08 * e, "epoch_time_s": 3.0 + e,
+                      "samples_per_s": 100.0 + 5 * e, "step": e * steps_per_epoch, "elapsed_s": e * 4.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run_dir
+
+
+def color_pixels(path: Path, rgb: tuple, tol: int = 12) -> int:
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert 800 <= im.width <= 3000 and 400 <= im.height <= 2000, im.size
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None and len(colors) > 20  # drawn on, not a blank canvas
+
+
+@pytest.fixture
+def captured_figures(monkeypatch) -> dict:
+    """The figures plot.py saves, by file name, to read the plotted data back."""
+    figures = {}
+    original = plot.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(plot.Figure, "savefig", savefig)
+    return figures
+
+
+def test_cli_overlays_several_runs(tmp_path, trained):
+    other = write_run(tmp_path / "other")
+    out = tmp_path / "figs"
+    proc = run_script("plot.py", trained, other, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"wrote {out / name}" for name in FIGURES]
+    for name in FIGURES:
+        assert_real_png(out / name)
+        # one colour per run: both runs are drawn in every figure
+        assert color_pixels(out / name, BLUE) > 200 and color_pixels(out / name, ORANGE) > 200, name
+
+
+def test_plotted_numbers_are_the_records(trained, tmp_path, captured_figures):
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(steps) >= 5 and len(epochs) == 3
+
+    assert plot.main([str(trained), "--output", str(tmp_path / "p")]) == 0
+    for name, metric in (("loss.png", "loss"), ("accuracy.png", "accuracy")):
+        fig = captured_figures[name]
+        per_step, per_epoch = fig.axes[:2]
+        curves = {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in per_step.lines}
+        assert (tuple(r["step"] for r in steps), tuple(r[metric] for r in steps)) in curves
+        assert (tuple(r["step"] for r in epochs), tuple(r[f"val_{metric}"] for r in epochs)) in curves
+        curves = {(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in per_epoch.lines}
+        for key in (f"train_{metric}", f"val_{metric}"):
+            assert ((1, 2, 3), tuple(r[key] for r in epochs)) in curves
+        assert per_step.get_xlabel() == "optimizer step" and per_epoch.get_xlabel() == "epoch"
+        assert per_step.get_title() and per_step.get_legend() is not None
+    speed = captured_figures["throughput.png"].axes[0]
+    assert list(speed.lines[0].get_ydata()) == [r["samples_per_s"] for r in epochs]
+    assert speed.get_ylabel() == "training samples / s"
+
+
+def test_one_run_goes_to_its_plots_directory_in_one_colour(tmp_path):
+    run = write_run(tmp_path / "solo")
+    assert plot.main([str(run / "metrics.jsonl")]) == 0  # the metrics file itself is accepted too
+    for name in FIGURES:
+        assert_real_png(run / "plots" / name)
+        assert color_pixels(run / "plots" / name, BLUE) > 200
+        assert color_pixels(run / "plots" / name, ORANGE) == 0
+
+
+def test_runs_with_the_same_name_get_told_apart(tmp_path, captured_figures):
+    a, b = write_run(tmp_path / "a" / "run"), write_run(tmp_path / "b" / "run", epochs=2)
+    assert plot.main([str(a), str(b), "--output", str(tmp_path / "p")]) == 0
+    legend = captured_figures["loss.png"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["a/run", "b/run"]
+
+
+def test_a_last_line_still_being_written_is_skipped(tmp_path):
+    run = write_run(tmp_path / "live", epochs=2)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"event": "step", "step": 2')
+    loaded = plot.load_run(str(run))
+    assert len(loaded.epochs) == 2 and len(loaded.steps) == 10
+
+
+def test_a_run_without_step_records_still_plots(tmp_path):
+    run = write_run(tmp_path / "short", epochs=1, log_every=1000)
+    assert plot.main([str(run), "--output", str(tmp_path / "p")]) == 0
+    for name in FIGURES:
+        assert_real_png(tmp_path / "p" / name)
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    good = write_run(tmp / "good")
+    (tmp / "nothing").mkdir()
+    (tmp / "empty_run").mkdir()
+    (tmp / "empty_run" / "metrics.jsonl").write_text("")
+    (tmp / "parent" / "run-1").mkdir(parents=True)
+    shutil.copy(good / "metrics.jsonl", tmp / "parent" / "run-1" / "metrics.jsonl")
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "metrics.jsonl").write_text('{"event": "epoch", "epoch": 1, "val_loss": 1}\nnot json\n{}\n')
+    (tmp / "a_file").write_text("")
+    return {
+        "missing run dir": ([str(tmp / "nope"), "--output", str(tmp / "o")], "run directory not found"),
+        "no metrics file": ([str(tmp / "nothing"), "--output", str(tmp / "o")],
+                            f"no metrics.jsonl in {tmp / 'nothing'}"),
+        "checkpoint dir of runs": ([str(tmp / "parent"), "--output", str(tmp / "o")],
+                                   "its subdirectories run-1 have one"),
+        "no records": ([str(tmp / "empty_run"), "--output", str(tmp / "o")], "no step or epoch records"),
+        "invalid line": ([str(tmp / "broken"), "--output", str(tmp / "o")], "line 2: not a JSON object"),
+        "several runs, no output": ([str(good), str(good)], "--output DIR is needed"),
+        "output is a file": ([str(good), "--output", str(tmp / "a_file")], "is a file, not a directory"),
+        "no run given": ([], "the following arguments are required: RUN_DIR"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing run dir", "no metrics file", "checkpoint dir of runs", "no records",
+                                  "invalid line", "several runs, no output", "output is a file", "no run given"])
+def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, capsys, case):
+    args, expected = _bad_inputs(tmp_path)[case]
+    assert plot.main(args) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_through_the_script_has_no_traceback(tmp_path):
+    proc = run_script("plot.py", tmp_path / "missing")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: run directory not found: {tmp_path / 'missing'}"
