@@ -85,6 +85,8 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
         "zero batch size": (["--batch_size", 0], "--batch_size must be positive"),
         "negative learning rate": (["--learning_rate=-1e-5"], "--learning_rate must be positive"),
         "zero num_samples": (["--num_samples", 0], "--num_samples must be positive"),
+        "cudagraphs without CUDA": (["--compile", "cudagraphs", *m, "--train_file", good, "--device", "cpu"],
+                                    "--compile cudagraphs needs a CUDA device"),
         "unknown model dir": (["--model", tmp_path / "no-model"], "cannot load model"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
         "unwritable checkpoint dir": ([*m, "--train_file", good, "--checkpoint_dir", tmp_path / "a_file" / "x"],
@@ -95,7 +97,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
 CASES = ["missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
          "zero batch size", "negative learning rate", "zero num_samples", "unknown model dir",
-         "unknown hub model", "unwritable checkpoint dir"]
+         "unknown hub model", "unwritable checkpoint dir", "cudagraphs without CUDA"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -5,6 +5,7 @@ The two entry points differ only in whether the process context comes from torch
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,13 @@ from training.config import TrainConfig, parse_config
 from training.distributed import ProcessContext, process_context
 from training.runlog import RunLogger
 from training.utils import UserError, autocast_dtype, set_seed
+
+
+# Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to capture.
+CUDAGRAPH_PAD_MULTIPLE = 32
+# Measured on an H100 (BENCHMARKS.md): capture costs ~80 s and saves ~13 ms a step at batch 32,
+# so graphs pay back after ~6000 steps; shorter runs stay eager under --compile auto.
+CUDAGRAPH_MIN_STEPS = 6000
 
 
 def _git_commit() -> str | None:
@@ -90,13 +98,22 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | new head for {len(prepared.label_names)} labels")
 
+    compile_mode = cfg.compile
+    if compile_mode == "auto":
+        planned_steps = cfg.epochs * math.ceil(len(prepared.train) / global_batch)
+        long_enough = planned_steps >= CUDAGRAPH_MIN_STEPS
+        compile_mode = "cudagraphs" if ctx.device.type == "cuda" and not ctx.distributed and long_enough else "off"
+    if compile_mode == "cudagraphs" and ctx.device.type != "cuda":
+        raise UserError("--compile cudagraphs needs a CUDA device")
+    log.print(f"compile: {compile_mode}")
     train_loader, eval_loader = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers,
-        group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps)
+        group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps,
+        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if compile_mode == "cudagraphs" else None)
     log.write_json("config.json", {
         "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
-        "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32",
+        "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_mode,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]}, "git_commit": _git_commit()})
     log.write_json("data.json", prepared.info)
@@ -105,7 +122,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
         model, train_loader, eval_loader, ctx=ctx, log=log, epochs=cfg.epochs, lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
         grad_accum_steps=cfg.grad_accum_steps, amp_dtype=amp_dtype, log_every=cfg.log_every,
-        compile_model=cfg.compile == "on" or (cfg.compile == "auto" and ctx.device.type == "cuda"))
+        compile_model=None if compile_mode == "off" else compile_mode)
 
     state = checkpoint.training_state(optimizer, scheduler, epoch=cfg.epochs, global_step=global_step,
                                       config=cfg.to_dict())

@@ -467,11 +467,14 @@ def _lengths(ds: datasets.Dataset) -> list:
 
 
 def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
-                 seed: int, num_workers: Optional[int], group_by_length: bool = True, accum_steps: int = 1):
+                 seed: int, num_workers: Optional[int], group_by_length: bool = True, accum_steps: int = 1,
+                 pad_multiple: Optional[int] = None):
     """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader."""
     on_gpu = ctx.device.type == "cuda"
     workers = num_workers if num_workers is not None else (2 if on_gpu else 0)
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
+    # Lengths padded to a multiple of 8 suit tensor cores; a coarser multiple bounds the number of
+    # distinct shapes (what CUDA graphs need: one graph per shape).
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple or (8 if on_gpu else None))
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": on_gpu,
               "persistent_workers": workers > 0}
     sampler = TrainBatchSampler(_lengths(data.train), batch_size, ctx.rank, ctx.world_size, seed, group_by_length,

@@ -37,14 +37,18 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
-def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool) -> torch.nn.Module:
+def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model) -> torch.nn.Module:
     """Move to the device, compile if asked, wrap in DDP under torchrun. Returns the module to train with.
 
     ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper.
     """
     model.to(ctx.device)
     train_model = model
-    if compile_model:
+    if compile_model == "cudagraphs":
+        # Static shapes (the loader pads lengths to a coarse multiple), each compiled once and
+        # replayed as a CUDA graph: the host launches one graph instead of hundreds of kernels.
+        train_model = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    elif compile_model:
         # dynamic=True: one graph for every sequence length, instead of a recompile per padded shape.
         train_model = torch.compile(model, dynamic=True)
     if ctx.distributed:

@@ -1,0 +1,283 @@
+"""Training throughput of this project's step path against Hugging Face Trainer, side by side.
+
+    python bench/bench.py                                  # full matrix on one GPU
+    python bench/bench.py --models bert-base --lengths long --batch_sizes 32
+    python bench/bench.py --tiny                           # seconds on a CPU: a smoke test, not a measurement
+
+For each workload (model config x length profile x batch size) it builds one random-init
+model from a config and one synthetic dataset of token lengths, then trains, in one process,
+back to back: this project's engine (``ours``, and any lever variants asked for), Trainer with
+its defaults (bf16, fused AdamW, dynamic padding) and Trainer with its own speed flags
+(``group_by_length`` sampling, ``torch_compile``). Every system first runs a warm-up window long
+enough to see every batch shape (and compile); then ``--repeats`` timed windows of the same
+number of examples. It prints JSON lines and a table: samples/s, real (non-pad) tokens/s,
+achieved TFLOP/s, MFU against a bf16 matmul rate measured in the same run, and the ratio to the
+faster Trainer configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training import engine  # noqa: E402
+from training.cli import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
+from training.data import TokenizedData, make_loaders  # noqa: E402
+from training.distributed import ProcessContext  # noqa: E402
+
+MODELS = {
+    # name: (config class name, kwargs) -- random init from config; weights never leave the process
+    "distilbert": ("DistilBertConfig", {}),
+    "bert-base": ("BertConfig", {}),
+    "minilm": ("BertConfig", {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                              "intermediate_size": 1536}),
+    "tiny": ("BertConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                            "intermediate_size": 64, "vocab_size": 1000, "max_position_embeddings": 128}),
+}
+# token-length profiles: lognormal around a median, clipped to [min, max] (IMDB-like reviews pile up at 512)
+LENGTHS = {"short": (20, 0.55, 4, 128), "long": (260, 0.6, 32, 512), "tiny": (12, 0.5, 3, 32)}
+SYSTEMS = ("ours", "trainer", "trainer-fast")
+
+
+def make_config(name: str):
+    import transformers
+    cls_name, kwargs = MODELS[name]
+    return getattr(transformers, cls_name)(num_labels=2, **kwargs)
+
+
+def make_lengths(profile: str, n: int, seed: int) -> np.ndarray:
+    median, sigma, lo, hi = LENGTHS[profile]
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), lo, hi).astype(int)
+
+
+def make_dataset(lengths: np.ndarray, vocab: int, seed: int):
+    import datasets
+    rng = np.random.default_rng(seed + 1)
+    ids = [[101] + rng.integers(1000 if vocab > 2000 else 5, vocab, n - 2).tolist() + [102] for n in lengths]
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                                       "labels": rng.integers(0, 2, len(ids)).tolist()})
+
+
+def make_tokenizer(vocab: int, tmp: Path):
+    """A WordPiece tokenizer with the right special tokens, only used for padding."""
+    from transformers import BertTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
+    (tmp / "vocab.txt").write_text("\n".join(words) + "\n")
+    return BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"))
+
+
+def model_flops(config, lengths: np.ndarray, n_params_nonembed: int) -> float:
+    """Training FLOPs for these examples: 6 N per real token plus attention (12 L d T per token)."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
+    d = getattr(config, "hidden_size", None) or config.dim
+    tokens = lengths.astype(np.float64)
+    return float(6 * n_params_nonembed * tokens.sum() + 12 * layers * d * (tokens ** 2).sum())
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def measure_matmul_tflops(device: torch.device) -> float:
+    """Dense bf16 matmul rate on this card (median of timed repeats), the MFU denominator."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: dict) -> list:
+    """This project's engine: the same functions ``fit`` calls, one epoch per window."""
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    ctx = ProcessContext(0, 0, 1, device)
+    data = TokenizedData(dataset.with_format("torch"), dataset.select(range(8)).with_format("torch"), ["0", "1"], {})
+    loader, _ = make_loaders(data, tokenizer, ctx, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
+                             num_workers=variant.get("num_workers"), group_by_length=variant.get("group", True),
+                             pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
+    compile_mode = "cudagraphs" if variant.get("graphs") else variant.get("compile", False)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=compile_mode)
+    optimizer = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
+    scheduler = engine.build_scheduler(optimizer, total_steps=len(loader) * (repeats + 1), warmup_ratio=0.06)
+    amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
+    times = []
+    for epoch in range(repeats + 1):  # epoch 0 is the warm-up: every shape seen, compiled
+        loader.batch_sampler.set_epoch(epoch)
+        _sync(device)
+        t0 = time.perf_counter()
+        metrics, _ = engine.train_epoch(train_model, loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp,
+                                        grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, global_step=0)
+        metrics.compute()  # reads the totals: waits for the device
+        if epoch:
+            times.append(time.perf_counter() - t0)
+    del model, train_model, optimizer
+    return times
+
+
+def run_trainer(config, dataset, tokenizer, device, batch_size, repeats, fast: bool) -> list:
+    """Hugging Face Trainer on the same model config and data; windows of one epoch's steps."""
+    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+    steps = math.ceil(len(dataset) / batch_size)
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % steps == 0:
+                _sync(device)
+                marks.append(time.perf_counter())
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps * (repeats + 1),
+            learning_rate=2e-5, weight_decay=0.01, warmup_steps=0.06, bf16=device.type == "cuda",
+            optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", save_strategy="no",
+            report_to=[], disable_tqdm=True, use_cpu=device.type == "cpu", seed=0,
+            **({"train_sampling_strategy": "group_by_length", "torch_compile": True} if fast else {}))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          data_collator=DataCollatorWithPadding(tokenizer), callbacks=[Clock()])
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+    del trainer, model
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def parse_variants(specs: list) -> dict:
+    """'ours' plus lever variants, e.g. 'ours+compile', 'ours+graphs', 'ours-group', 'ours-bf16'."""
+    out = {}
+    for spec in specs:
+        variant = {}
+        for token in spec.replace("-", " -").replace("+", " +").split()[1:]:
+            key, value = token[1:], token[0] == "+"
+            variant[{"workers0": "num_workers"}.get(key, key)] = 0 if key == "workers0" else value
+        out[spec] = variant
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="distilbert,bert-base,minilm")
+    p.add_argument("--lengths", default="short,long")
+    p.add_argument("--batch_sizes", default="32,256")
+    p.add_argument("--systems", default="ours,trainer,trainer-fast",
+                   help="comma list of: ours (and variants such as ours+compile, ours-group, ours-bf16, "
+                        "ours+workers0), trainer, trainer-fast")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per timed window (= one epoch of data)")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows per system, after one warm-up window")
+    p.add_argument("--tiny", action="store_true", help="tiny model and data on the CPU: a smoke test")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default=None, help="append JSON lines here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models, args.lengths, args.batch_sizes, args.device = "tiny", "tiny", "8", "cpu"
+        args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 2)
+    device = torch.device(args.device)
+    peak = measure_matmul_tflops(device)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+           "date": time.strftime("%Y-%m-%d"), "bf16_matmul_tflops": round(peak, 1)}
+    print(json.dumps({"event": "env", **env}), flush=True)
+    systems = args.systems.split(",")
+    ours_variants = parse_variants([s for s in systems if s.startswith("ours")])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models.split(","):
+            config = make_config(model_name)
+            tokenizer = make_tokenizer(config.vocab_size, Path(tmp))
+            for profile in args.lengths.split(","):
+                for batch_size in map(int, args.batch_sizes.split(",")):
+                    n = batch_size * args.steps
+                    lengths = make_lengths(profile, n, seed=0)
+                    dataset = make_dataset(lengths, config.vocab_size, seed=0)
+                    from transformers import AutoModelForSequenceClassification
+                    n_params = non_embedding_params(AutoModelForSequenceClassification.from_config(config))
+                    flops = model_flops(config, lengths, n_params)
+                    results = {}
+                    for system in systems:
+                        gc.collect()
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        torch._dynamo.reset()
+                        try:
+                            if system.startswith("ours"):
+                                times = run_ours(config, dataset, tokenizer, device, batch_size, args.repeats,
+                                                 ours_variants[system])
+                            else:
+                                times = run_trainer(config, dataset, tokenizer, device, batch_size, args.repeats,
+                                                    fast=system == "trainer-fast")
+                        except torch.OutOfMemoryError:
+                            print(json.dumps({"event": "oom", "system": system, "model": model_name}), flush=True)
+                            continue
+                        med = statistics.median(times)
+                        row = {"event": "result", "model": model_name, "lengths": profile, "batch_size": batch_size,
+                               "system": system, "examples": n, "real_tokens": int(lengths.sum()),
+                               "window_s": [round(t, 4) for t in times],
+                               "samples_per_s": n / med, "tokens_per_s": lengths.sum() / med,
+                               "spread_pct": 100 * (max(times) - min(times)) / med,
+                               "tflops": flops / med / 1e12, "mfu": flops / med / 1e12 / peak if peak == peak else None,
+                               **env}
+                        results[system] = row
+                        print(json.dumps(row), flush=True)
+                    baseline = max((results[s]["samples_per_s"] for s in ("trainer", "trainer-fast") if s in results),
+                                   default=None)
+                    for row in results.values():
+                        row["vs_trainer"] = row["samples_per_s"] / baseline if baseline else None
+                        rows.append(row)
+    if args.output:
+        with open(args.output, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    print_table(rows, env)
+    return 0
+
+
+def print_table(rows: list, env: dict) -> None:
+    print(f"\n{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['date']} | "
+          f"bf16 matmul {env['bf16_matmul_tflops']} TFLOP/s")
+    head = f"{'model':<11}{'lengths':<8}{'batch':>6}  {'system':<18}{'samples/s':>10}{'tokens/s':>11}" \
+           f"{'spread':>8}{'TFLOP/s':>9}{'MFU':>7}{'vs Trainer':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        ratio = f"{r['vs_trainer']:.2f}x" if r.get("vs_trainer") else "-"
+        print(f"{r['model']:<11}{r['lengths']:<8}{r['batch_size']:>6}  {r['system']:<18}{r['samples_per_s']:>10.0f}"
+              f"{r['tokens_per_s']:>11.0f}{r['spread_pct']:>7.1f}%{r['tflops']:>9.1f}{mfu:>7}{ratio:>11}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Where a training step's time goes on one GPU: the data pipeline, the model step, and their sum.
+
+    python bench/profile_step.py --model distilbert --lengths short --batch_size 32
+
+Times (median ms per step over windows after warm-up): the loader alone (batches moved to
+the GPU), the step alone on batches already on the GPU, and the engine's full epoch loop;
+then a PyTorch profiler table of the step's busiest CPU-side operations.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench as B  # noqa: E402
+from training import engine  # noqa: E402
+from training.data import TokenizedData, make_loaders  # noqa: E402
+from training.distributed import ProcessContext  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="distilbert")
+    p.add_argument("--lengths", default="short")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--num_workers", type=int, default=None)
+    args = p.parse_args()
+    from transformers import AutoModelForSequenceClassification
+
+    device = torch.device("cuda")
+    cfg = B.make_config(args.model)
+    tok = B.make_tokenizer(cfg.vocab_size, Path(tempfile.mkdtemp()))
+    lengths = B.make_lengths(args.lengths, args.batch_size * args.steps, 0)
+    ds = B.make_dataset(lengths, cfg.vocab_size, 0)
+    ctx = ProcessContext(0, 0, 1, device)
+    data = TokenizedData(ds.with_format("torch"), ds.select(range(8)).with_format("torch"), ["0", "1"], {})
+    loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
+                             num_workers=args.num_workers)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile)
+    opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
+    sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
+
+    def timed(fn, reps=3):
+        out = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) / args.steps * 1e3)
+        return statistics.median(out)
+
+    def loader_only():
+        for b in loader:
+            {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+
+    class Fixed:  # the engine's loop over batches already on the GPU
+        batch_sampler = loader.batch_sampler
+
+        def __iter__(self):
+            return iter(batches)
+
+    def steps_only():
+        engine.train_epoch(train_model, Fixed(), opt, sch, ctx=ctx, amp_dtype=torch.bfloat16, grad_accum_steps=1,
+                           max_grad_norm=1.0, log_every=10 ** 9, global_step=0)[0].compute()
+
+    def full():
+        engine.train_epoch(train_model, loader, opt, sch, ctx=ctx, amp_dtype=torch.bfloat16, grad_accum_steps=1,
+                           max_grad_norm=1.0, log_every=10 ** 9, global_step=0)[0].compute()
+
+    steps_only()  # warm-up (and compile)
+    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} workers={args.num_workers}: "
+          f"loader {timed(loader_only):.2f} ms/step | steps on GPU batches {timed(steps_only):.2f} ms/step | "
+          f"engine epoch {timed(full):.2f} ms/step", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        steps_only()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()

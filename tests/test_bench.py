@@ -1,0 +1,25 @@
+"""The benchmark's tiny CPU mode: a smoke test of both systems and of the numbers it reports (no timing asserted)."""
+import json
+import math
+import subprocess
+import sys
+
+from conftest import ROOT, cli_env
+
+
+def test_bench_tiny_runs_ours_and_trainer_and_reports_consistent_numbers(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--systems", "ours,trainer",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"ours", "trainer"}
+    for r in rows.values():
+        assert len(r["window_s"]) == 2 and all(t > 0 for t in r["window_s"])
+        # the median of two windows is their mean (window_s is rounded to 0.1 ms, hence the tolerance)
+        assert math.isclose(r["samples_per_s"], r["examples"] / (sum(r["window_s"]) / 2), rel_tol=1e-2)
+        assert math.isclose(r["tokens_per_s"] / r["samples_per_s"], r["real_tokens"] / r["examples"], rel_tol=1e-9)
+    assert math.isclose(rows["ours"]["vs_trainer"], rows["ours"]["samples_per_s"] / rows["trainer"]["samples_per_s"])
+    assert rows["trainer"]["vs_trainer"] == 1.0
+    assert "samples/s" in proc.stdout and "vs Trainer" in proc.stdout
