@@ -41,3 +41,30 @@ def test_accumulation_groups_cover_the_last_partial_group():
     assert accumulation_groups([4, 4, 4, 4, 2], 2) == [8, 8, 8, 8, 2]
     assert accumulation_groups([4, 4, 3], 2) == [8, 8, 3]
     assert accumulation_groups([4, 4, 3], 1) == [4, 4, 3]
+
+
+def test_confusion_matrix_and_macro_f1_match_a_direct_count():
+    torch.manual_seed(1)
+    logits, labels = torch.randn(50, 3), torch.randint(0, 3, (50,))
+    m = ClassificationMetrics(torch.device("cpu"), num_labels=3)
+    m.update(torch.tensor(0.0), logits[:20], labels[:20])
+    m.update(torch.tensor(0.0), logits[20:], labels[20:])
+    preds = logits.argmax(-1)
+    expected = torch.zeros(3, 3)
+    for t, p in zip(labels.tolist(), preds.tolist()):
+        expected[t, p] += 1
+    assert torch.equal(m.confusion().float(), expected)
+    f1s = []
+    for k in range(3):
+        tp = ((preds == k) & (labels == k)).sum().item()
+        fp = ((preds == k) & (labels != k)).sum().item()
+        fn = ((preds != k) & (labels == k)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    assert math.isclose(m.compute()["macro_f1"], sum(f1s) / 3, rel_tol=1e-12)
+
+
+def test_macro_f1_skips_classes_neither_present_nor_predicted():
+    from training.metrics import macro_f1
+    confusion = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    # class 0: f1 = 6/7, class 1: 4/5; class 2 never occurs nor is predicted
+    assert math.isclose(macro_f1(confusion), (6 / 7 + 4 / 5) / 2)

@@ -72,7 +72,46 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     t_start = time.perf_counter()
     _quiet_libraries()
     run_dir = _make_run_dir(cfg, ctx)
-    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress)
+    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
+    try:
+        return _train(cfg, ctx, run_dir, log, t_start)
+    finally:
+        log.close()
+
+
+class BestTracker:
+    """Saves RUN/best when the chosen validation metric improves; says when to stop early.
+
+    Called on every rank with the same reduced metrics, so all ranks agree; the
+    CheckpointWriter decides who writes.
+    """
+
+    KEYS = {"accuracy": ("accuracy", 1), "f1": ("macro_f1", 1), "loss": ("loss", -1)}
+
+    def __init__(self, metric: str, patience: int, writer, model, tokenizer, config: dict, log: RunLogger):
+        self.key, self.sign = self.KEYS[metric]
+        self.metric, self.patience = metric, patience
+        self.writer, self.model, self.tokenizer, self.config, self.log = writer, model, tokenizer, config, log
+        self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
+
+    def __call__(self, result, optimizer, scheduler, global_step) -> bool:
+        value = result.validation[self.key]
+        if self.best is None or self.sign * value > self.sign * self.best:
+            self.best, self.best_epoch, self.stale = value, result.epoch, 0
+            state = checkpoint.training_state(optimizer, scheduler, epoch=result.epoch, global_step=global_step,
+                                              config=self.config)
+            self.writer.save("best", self.model, self.tokenizer, state)
+            return False
+        self.stale += 1
+        if self.patience and self.stale >= self.patience:
+            self.stopped_early = True
+            self.log.print(f"early stopping: no better val {self.metric} than {self.best:.4f} (epoch "
+                           f"{self.best_epoch}) for {self.stale} epoch(s)")
+            return True
+        return False
+
+
+def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger, t_start: float) -> int:
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
     log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
@@ -118,25 +157,46 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
                      "python": sys.version.split()[0]}, "git_commit": _git_commit()})
     log.write_json("data.json", prepared.info)
 
+    writer = checkpoint.CheckpointWriter(run_dir, ctx)
+    tracker = BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, writer, model, tokenizer,
+                          cfg.to_dict(), log)
     optimizer, scheduler, results, global_step = engine.fit(
         model, train_loader, eval_loader, ctx=ctx, log=log, epochs=cfg.epochs, lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
         grad_accum_steps=cfg.grad_accum_steps, amp_dtype=amp_dtype, log_every=cfg.log_every,
-        compile_model=None if compile_mode == "off" else compile_mode)
+        compile_model=None if compile_mode == "off" else compile_mode, on_epoch_end=tracker)
 
-    state = checkpoint.training_state(optimizer, scheduler, epoch=cfg.epochs, global_step=global_step,
-                                      config=cfg.to_dict())
-    final = checkpoint.CheckpointWriter(run_dir, ctx).save("final", model, tokenizer, state)
-    total = time.perf_counter() - t_start
     last = results[-1]
-    best = max(results, key=lambda r: r.validation["accuracy"])
+    state = checkpoint.training_state(optimizer, scheduler, epoch=last.epoch, global_step=global_step,
+                                      config=cfg.to_dict())
+    final = writer.save("final", model, tokenizer, state)
+    total = time.perf_counter() - t_start
+    best = next(r for r in results if r.epoch == tracker.best_epoch)
+    train_time = sum(r.train_time_s for r in results)
     summary = {"final_val_accuracy": last.validation["accuracy"], "final_val_loss": last.validation["loss"],
-               "best_val_accuracy": best.validation["accuracy"], "best_epoch": best.epoch,
-               "total_time_s": round(total, 2), "checkpoint": str(final)}
+               "final_val_f1": last.validation["macro_f1"], "metric_for_best": cfg.metric_for_best,
+               "best_epoch": best.epoch, "best_val_accuracy": best.validation["accuracy"],
+               "best_val_loss": best.validation["loss"], "best_val_f1": best.validation["macro_f1"],
+               "epochs_run": len(results), "stopped_early": tracker.stopped_early, "total_time_s": round(total, 2),
+               "train_samples_per_s": round(sum(r.train["count"] for r in results) / train_time, 2),
+               "checkpoint": str(final), "best_checkpoint": str(run_dir / "best")}
     log.write_json("summary.json", summary)
-    log.print(f"done in {total:.1f}s | final val acc {last.validation['accuracy']:.4f} "
-              f"(best {best.validation['accuracy']:.4f} at epoch {best.epoch}) | checkpoint: {final}")
+    log.print(_summary_table(summary))
     return 0
+
+
+def _summary_table(s: dict) -> str:
+    rows = [("", "accuracy", "macro-F1", "loss", "checkpoint"),
+            (f"best (epoch {s['best_epoch']}, by {s['metric_for_best']})", f"{s['best_val_accuracy']:.4f}",
+             f"{s['best_val_f1']:.4f}", f"{s['best_val_loss']:.4f}", s["best_checkpoint"]),
+            (f"last (epoch {s['epochs_run']})", f"{s['final_val_accuracy']:.4f}", f"{s['final_val_f1']:.4f}",
+             f"{s['final_val_loss']:.4f}", s["checkpoint"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    early = " (stopped early)" if s["stopped_early"] else ""
+    return ("\nvalidation summary\n" + "\n".join(lines) +
+            f"\n{s['epochs_run']} epoch(s){early} in {s['total_time_s']:.1f}s | "
+            f"training throughput {s['train_samples_per_s']:.1f} samples/s")
 
 
 def main(argv=None, *, use_torchrun: bool, description: str = "") -> int:

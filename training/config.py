@@ -68,6 +68,11 @@ class TrainConfig:
     # --- output ---
     checkpoint_dir: str = _f("checkpoints/", "Directory under which each run gets its own directory.")
     run_name: Optional[str] = _f(None, "Name of this run's directory (default: a timestamp).")
+    metric_for_best: str = _f("accuracy", "Validation metric that picks the best checkpoint (saved as RUN/best).",
+                              choices=("accuracy", "f1", "loss"))
+    early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
+                                      "(0: never stop early).")
+    tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
     log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
     no_progress: bool = _f(False, "Turn off the progress bar (it is also off when output is not a terminal).")
 
@@ -88,6 +93,8 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
+    if cfg.early_stopping_patience < 0:
+        raise UserError(f"--early_stopping_patience must not be negative, got {cfg.early_stopping_patience}")
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
         raise UserError("--weight_decay and --max_grad_norm must not be negative")
     if not 0 <= cfg.warmup_ratio < 1:

@@ -92,6 +92,7 @@ class StepInfo:
     loss: float
     accuracy: float
     lr: float
+    samples_per_s: float
 
 
 def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp_dtype, grad_accum_steps: int,
@@ -100,11 +101,12 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
     """One pass over ``loader``. Returns (epoch metrics on device, global step after the epoch)."""
     device = ctx.device
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    epoch_metrics = ClassificationMetrics(device)
+    epoch_metrics = ClassificationMetrics(device, unwrap(model).config.num_labels)
     interval = ClassificationMetrics(device)
     group_sizes = accumulation_groups(loader.batch_sampler.batch_sizes(), grad_accum_steps)
     num_batches = len(group_sizes)
     model.train()
+    interval_start = time.perf_counter()
     for i, batch in enumerate(loader):
         inputs, labels = _to_device(batch, device)
         boundary = (i + 1) % grad_accum_steps == 0 or i + 1 == num_batches
@@ -131,10 +133,12 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
             # A collective every rank reaches at the same step, then one host sync.
             ctx.all_reduce_sum(interval.totals)
             stats = interval.compute()
-            interval = ClassificationMetrics(device)
-            info = StepInfo(global_step, stats["loss"], stats["accuracy"], scheduler.get_last_lr()[0])
+            now = time.perf_counter()
+            info = StepInfo(global_step, stats["loss"], stats["accuracy"], scheduler.get_last_lr()[0],
+                            stats["count"] / max(now - interval_start, 1e-9))
+            interval, interval_start = ClassificationMetrics(device), now
             if progress is not None:
-                progress.set_postfix_str(f"loss {info.loss:.4f}")
+                progress.set_postfix_str(f"loss {info.loss:.4f}, {info.samples_per_s:.0f} samples/s")
             if on_log is not None:
                 on_log(info)
     return epoch_metrics, global_step
@@ -146,7 +150,7 @@ def evaluate(model, loader, *, ctx: ProcessContext, amp_dtype) -> Classification
     model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    metrics = ClassificationMetrics(ctx.device)
+    metrics = ClassificationMetrics(ctx.device, model.config.num_labels)
     for batch in loader:
         inputs, labels = _to_device(batch, ctx.device)
         with _autocast(ctx.device, amp_dtype):
@@ -170,13 +174,15 @@ class EpochResult:
     def line(self, epochs: int) -> str:
         return (f"epoch {self.epoch}/{epochs} | train loss {self.train['loss']:.4f} acc {self.train['accuracy']:.4f}"
                 f" | val loss {self.validation['loss']:.4f} acc {self.validation['accuracy']:.4f}"
+                f" f1 {self.validation['macro_f1']:.4f}"
                 f" | time {self.train_time_s:.1f}s (+{self.eval_time_s:.1f}s eval)"
                 f" | {self.samples_per_s:.1f} samples/s")
 
     def record(self) -> dict:
         return {"epoch": self.epoch, "train_loss": self.train["loss"], "train_accuracy": self.train["accuracy"],
                 "train_examples": self.train["count"], "val_loss": self.validation["loss"],
-                "val_accuracy": self.validation["accuracy"], "val_examples": self.validation["count"],
+                "val_accuracy": self.validation["accuracy"], "val_f1": self.validation["macro_f1"],
+                "val_examples": self.validation["count"],
                 "epoch_time_s": round(self.train_time_s, 3), "eval_time_s": round(self.eval_time_s, 3),
                 "samples_per_s": round(self.samples_per_s, 2)}
 
@@ -188,15 +194,23 @@ def _sync(device: torch.device) -> None:
 
 def fit(model, train_loader, eval_loader, *, ctx: ProcessContext, log: RunLogger, epochs: int, lr: float,
         weight_decay: float, warmup_ratio: float, max_grad_norm: float, grad_accum_steps: int, amp_dtype,
-        log_every: int, compile_model: bool = False):
-    """Train for ``epochs``, evaluating after each. Returns (optimizer, scheduler, epoch results, global step)."""
+        log_every: int, compile_model=None, on_epoch_end: Optional[Callable] = None):
+    """Train for ``epochs``, evaluating after each. Returns (optimizer, scheduler, epoch results, global step).
+
+    ``on_epoch_end(result, optimizer, scheduler, global_step)`` runs on every rank after each
+    evaluation (it may save a checkpoint) and returns True to stop early; it sees the same
+    reduced metrics on every rank, so every rank takes the same decision.
+    """
     train_model = prepare_for_training(model, ctx, compile_model=compile_model)
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, device=ctx.device)
     steps_per_epoch = math.ceil(len(train_loader) / grad_accum_steps)
     scheduler = build_scheduler(optimizer, total_steps=epochs * steps_per_epoch, warmup_ratio=warmup_ratio)
 
     def on_log(info: StepInfo) -> None:
-        log.record("step", step=info.step, epoch=epoch, loss=info.loss, accuracy=info.accuracy, lr=info.lr)
+        log.record("step", step=info.step, epoch=epoch, loss=info.loss, accuracy=info.accuracy, lr=info.lr,
+                   samples_per_s=info.samples_per_s)
+        log.scalars("step", {"loss": info.loss, "accuracy": info.accuracy, "lr": info.lr,
+                             "samples_per_s": info.samples_per_s}, step=info.step)
 
     results, global_step = [], 0
     for epoch in range(1, epochs + 1):
@@ -220,4 +234,7 @@ def fit(model, train_loader, eval_loader, *, ctx: ProcessContext, log: RunLogger
         results.append(result)
         log.print(result.line(epochs))
         log.record("epoch", **result.record(), step=global_step)
+        log.scalars("epoch", result.record(), step=global_step)
+        if on_epoch_end is not None and on_epoch_end(result, optimizer, scheduler, global_step):
+            break
     return optimizer, scheduler, results, global_step

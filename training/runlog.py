@@ -30,12 +30,28 @@ class _NoBar:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool):
+    def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool, tensorboard: bool = False):
         self.enabled = ctx.is_main
         self.run_dir = Path(run_dir) if run_dir else None
         # A bar only for a person at a terminal: logs and CI stay clean.
         self.show_progress = self.enabled and show_progress and sys.stderr.isatty()
         self.start = time.perf_counter()
+        self.tb = None
+        if tensorboard and self.enabled and self.run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def scalars(self, group: str, values: dict, step: int) -> None:
+        """TensorBoard scalars (``group/name``), when --tensorboard is on."""
+        if self.tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and name not in ("epoch",):
+                    self.tb.add_scalar(f"{group}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def print(self, message: str = "") -> None:
         if self.enabled:

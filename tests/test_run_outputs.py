@@ -1,0 +1,103 @@
+"""What a person sees and keeps from a run: the progress bar, TensorBoard, best checkpoint, early stopping."""
+import fcntl
+import json
+import os
+import pty
+import struct
+import termios
+import subprocess
+import sys
+
+from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+
+
+def _args(tmp_path, tiny_model_dir, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=5))
+    return ["--model", tiny_model_dir, "--train_file", train, "--max_length", 32, "--batch_size", 16,
+            "--checkpoint_dir", tmp_path / "ck", "--log_every", 1, *extra]
+
+
+def _run_with_tty_stderr(args) -> str:
+    """Run train_single.py with stderr on a pseudo-terminal, as a person at a terminal would."""
+    master, slave = pty.openpty()
+    # a real terminal has a size; a fresh pseudo-terminal has 0 columns, where tqdm draws nothing
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "train_single.py"), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=slave, env=cli_env())
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_no_progress(tmp_path, tiny_model_dir):
+    piped = run_script("train_single.py", *_args(tmp_path / "a", tiny_model_dir, "--epochs", 1))
+    assert piped.returncode == 0, piped.stderr
+    assert "epoch 1/1:" not in piped.stderr and "step/s" not in piped.stderr and "\r" not in piped.stderr
+    shown = _run_with_tty_stderr(_args(tmp_path / "b", tiny_model_dir, "--epochs", 1))
+    assert "epoch 1/1:" in shown and "samples/s" in shown and "4/4" in shown  # 64 / 16 = 4 steps
+    hidden = _run_with_tty_stderr(_args(tmp_path / "c", tiny_model_dir, "--epochs", 1, "--no_progress"))
+    assert "epoch 1/1:" not in hidden
+
+
+def test_tensorboard_events_hold_step_and_epoch_scalars(tmp_path, tiny_model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 2, "--tensorboard",
+                                                "--run_name", "tb"))
+    assert proc.returncode == 0, proc.stderr
+    acc = EventAccumulator(str(tmp_path / "ck" / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"step/loss", "step/lr", "step/samples_per_s", "epoch/val_accuracy", "epoch/train_loss"} <= tags
+    rows = [json.loads(x) for x in (tmp_path / "ck" / "tb" / "metrics.jsonl").read_text().splitlines()]
+    step_losses = [r["loss"] for r in rows if r["event"] == "step"]
+    assert [round(e.value, 5) for e in acc.Scalars("step/loss")] == [round(v, 5) for v in step_losses]
+    assert len(acc.Scalars("epoch/val_accuracy")) == 2
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_model_dir):
+    # a learning rate this small leaves predictions unchanged: accuracy never improves after epoch 1
+    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
+                                                "--early_stopping_patience", 2, "--run_name", "es"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "ck" / "es" / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["stopped_early"] is True and summary["best_epoch"] == 1
+    assert "early stopping" in proc.stdout and "(stopped early)" in proc.stdout
+    epochs = [json.loads(x) for x in (tmp_path / "ck" / "es" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert (tmp_path / "ck" / "es" / "best" / "model.safetensors").is_file()
+
+
+def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+    import torch
+    from safetensors.torch import load_file
+
+    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 4, "--learning_rate", 3e-3,
+                                                "--metric_for_best", "loss", "--run_name", "best"))
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "ck" / "best"
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "epoch"]
+    best = min(epochs, key=lambda e: e["val_loss"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == best["epoch"] and summary["best_val_loss"] == best["val_loss"]
+    state = torch.load(run / "best" / "training_state.pt", weights_only=False)
+    assert state["epoch"] == best["epoch"]
+    AutoModelForSequenceClassification.from_pretrained(run / "best")
+    same = all(torch.equal(a, b) for a, b in zip(load_file(run / "best" / "model.safetensors").values(),
+                                                 load_file(run / "final" / "model.safetensors").values()))
+    assert same == (best["epoch"] == 4)
