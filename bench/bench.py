@@ -37,6 +37,7 @@ from training import engine  # noqa: E402
 from training.cli import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
+from training.metrics import ClassificationMetrics  # noqa: E402
 
 MODELS = {
     # name: (config class name, kwargs) -- random init from config; weights never leave the process
@@ -133,13 +134,16 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
     scheduler = engine.build_scheduler(optimizer, total_steps=len(loader) * (repeats + 1), warmup_ratio=0.06)
     amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
     times = []
+    guard = engine.NonFiniteGuard(device)
     for epoch in range(repeats + 1):  # epoch 0 is the warm-up: every shape seen, compiled
         loader.batch_sampler.set_epoch(epoch)
+        state = engine.LoopState(epoch=epoch, epoch_metrics=ClassificationMetrics(device, 2),
+                                 interval=ClassificationMetrics(device))
         _sync(device)
         t0 = time.perf_counter()
-        metrics, _ = engine.train_epoch(train_model, loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp,
-                                        grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, global_step=0)
-        metrics.compute()  # reads the totals: waits for the device
+        engine.train_epoch(train_model, loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp, grad_accum_steps=1,
+                           max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard)
+        state.epoch_metrics.compute()  # reads the totals: waits for the device
         if epoch:
             times.append(time.perf_counter() - t0)
     del model, train_model, optimizer

@@ -24,6 +24,7 @@ import bench as B  # noqa: E402
 from training import engine  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
+from training.metrics import ClassificationMetrics  # noqa: E402
 
 
 def main() -> None:
@@ -73,13 +74,19 @@ def main() -> None:
         def __iter__(self):
             return iter(batches)
 
+    guard = engine.NonFiniteGuard(device)
+
+    def epoch_over(batches_source):
+        state = engine.LoopState(epoch_metrics=ClassificationMetrics(device, 2), interval=ClassificationMetrics(device))
+        engine.train_epoch(train_model, batches_source, opt, sch, ctx=ctx, amp_dtype=torch.bfloat16,
+                           grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard)
+        state.epoch_metrics.compute()
+
     def steps_only():
-        engine.train_epoch(train_model, Fixed(), opt, sch, ctx=ctx, amp_dtype=torch.bfloat16, grad_accum_steps=1,
-                           max_grad_norm=1.0, log_every=10 ** 9, global_step=0)[0].compute()
+        epoch_over(Fixed())
 
     def full():
-        engine.train_epoch(train_model, loader, opt, sch, ctx=ctx, amp_dtype=torch.bfloat16, grad_accum_steps=1,
-                           max_grad_norm=1.0, log_every=10 ** 9, global_step=0)[0].compute()
+        epoch_over(loader)
 
     steps_only()  # warm-up (and compile)
     print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} workers={args.num_workers}: "

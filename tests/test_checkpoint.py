@@ -12,7 +12,9 @@ def _save(tmp_path, tiny_model_dir, name="ck"):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
     sched = build_scheduler(opt, total_steps=10, warmup_ratio=0.1)
-    state = checkpoint.training_state(opt, sched, epoch=1, global_step=3, config={"lr": 1e-3})
+    loop = {"epoch": 1, "global_step": 3, "next_batch": 3}
+    state = checkpoint.training_state(opt, sched, loop=loop, rng=[checkpoint.rng_state()], config={"lr": 1e-3},
+                                      world_size=1, label_names=["neg", "pos", "mixed"], tokenizer_id={})
     return model, tok, checkpoint.save_checkpoint(tmp_path / name, model, tok, state)
 
 
@@ -25,8 +27,8 @@ def test_round_trip_gives_identical_logits_and_label_names(tmp_path, tiny_model_
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
     assert reloaded.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
     assert (path / "model.safetensors").is_file()
-    state = checkpoint.load_training_state(path)
-    assert state["global_step"] == 3 and state["config"] == {"lr": 1e-3}
+    state = checkpoint.verify_checkpoint(path)
+    assert state["global_step"] == 3 and state["config"] == {"lr": 1e-3} and state["loop"]["next_batch"] == 3
     assert "state" in state["optimizer"] and state["scheduler"]["last_epoch"] == 0
 
 
@@ -51,3 +53,21 @@ def test_unwrap_strips_wrappers(tiny_model_dir):
             self.module = m
 
     assert checkpoint.unwrap(Wrapper(Wrapper(model))) is model
+
+
+def test_rng_state_round_trip_replays_the_same_numbers():
+    import random
+    checkpoint.set_rng_state(checkpoint.rng_state())
+    saved = checkpoint.rng_state()
+    first = (random.random(), torch.rand(3).tolist())
+    checkpoint.set_rng_state(saved)
+    assert (random.random(), torch.rand(3).tolist()) == first
+
+
+def test_only_the_newest_step_checkpoints_are_kept(tmp_path, tiny_model_dir):
+    from training.distributed import ProcessContext
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = checkpoint.CheckpointWriter(tmp_path / "run", ProcessContext(0, 0, 1, torch.device("cpu")), keep=2)
+    for step in (2, 4, 6):
+        writer.save_step(model, tok, {"global_step": step})
+    assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-00000006", "step-00000004"]

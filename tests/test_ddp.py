@@ -73,7 +73,7 @@ def test_two_processes_at_half_batch_match_one_process(task, reference):
     assert proc.stdout.count("epoch 2/2 |") == 1
     assert sorted(p.name for p in (d / "ddp2").iterdir()) == ["r"]
     assert sorted(p.name for p in (d / "ddp2" / "r").iterdir()) == [
-        "best", "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
+        "best", "checkpoints", "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
     assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2
 
 

@@ -96,7 +96,7 @@ def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_loss"] == best["val_loss"]
     state = torch.load(run / "best" / "training_state.pt", weights_only=False)
-    assert state["epoch"] == best["epoch"]
+    assert state["epochs_completed"] == best["epoch"]
     AutoModelForSequenceClassification.from_pretrained(run / "best")
     same = all(torch.equal(a, b) for a, b in zip(load_file(run / "best" / "model.safetensors").values(),
                                                  load_file(run / "final" / "model.safetensors").values()))

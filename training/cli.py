@@ -17,7 +17,8 @@ import transformers
 
 from training import checkpoint, data, engine, model as model_lib
 from training.config import TrainConfig, parse_config
-from training.distributed import ProcessContext, process_context
+from training import resume as resume_lib
+from training.distributed import ProcessContext, StopSignal, process_context
 from training.runlog import RunLogger
 from training.utils import UserError, autocast_dtype, set_seed
 
@@ -38,14 +39,15 @@ def _git_commit() -> str | None:
         return None
 
 
-def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext) -> Path:
-    """Rank 0 names and creates the run directory; every rank learns its path."""
+def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None = None) -> Path:
+    """Rank 0 names and creates the run directory (or reuses the resumed one); every rank learns its path."""
     error, run_dir = None, None
     if ctx.is_main:
         name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.checkpoint_dir) / name
+        run_dir = existing or Path(cfg.checkpoint_dir) / name
         try:
-            run_dir.mkdir(parents=True, exist_ok=cfg.run_name is not None)
+            # a named run may already exist only when resuming it
+            run_dir.mkdir(parents=True, exist_ok=existing is not None or (cfg.run_name is not None and bool(cfg.resume)))
             probe = run_dir / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -71,16 +73,20 @@ def _quiet_libraries() -> None:
 def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     t_start = time.perf_counter()
     _quiet_libraries()
-    run_dir = _make_run_dir(cfg, ctx)
+    point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
+    run_dir = _make_run_dir(cfg, ctx, existing=point.run_dir if point and point.run_dir else None)
     log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
+    for note in point.notes if point else []:
+        log.print(f"resume: {note}")
     try:
-        return _train(cfg, ctx, run_dir, log, t_start)
+        with StopSignal() as stop:
+            return _train(cfg, ctx, run_dir, log, t_start, point.checkpoint if point else None, stop)
     finally:
         log.close()
 
 
 class BestTracker:
-    """Saves RUN/best when the chosen validation metric improves; says when to stop early.
+    """Keeps RUN/best for the chosen validation metric and says when to stop early.
 
     Called on every rank with the same reduced metrics, so all ranks agree; the
     CheckpointWriter decides who writes.
@@ -88,30 +94,34 @@ class BestTracker:
 
     KEYS = {"accuracy": ("accuracy", 1), "f1": ("macro_f1", 1), "loss": ("loss", -1)}
 
-    def __init__(self, metric: str, patience: int, writer, model, tokenizer, config: dict, log: RunLogger):
+    def __init__(self, metric: str, patience: int, log: RunLogger, saved: dict | None = None):
         self.key, self.sign = self.KEYS[metric]
-        self.metric, self.patience = metric, patience
-        self.writer, self.model, self.tokenizer, self.config, self.log = writer, model, tokenizer, config, log
+        self.metric, self.patience, self.log = metric, patience, log
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
+        if saved:
+            self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
 
-    def __call__(self, result, optimizer, scheduler, global_step) -> bool:
-        value = result.validation[self.key]
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale}
+
+    def improved(self, validation: dict, epoch: int) -> bool:
+        value = validation[self.key]
         if self.best is None or self.sign * value > self.sign * self.best:
-            self.best, self.best_epoch, self.stale = value, result.epoch, 0
-            state = checkpoint.training_state(optimizer, scheduler, epoch=result.epoch, global_step=global_step,
-                                              config=self.config)
-            self.writer.save("best", self.model, self.tokenizer, state)
-            return False
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
         self.stale += 1
+        return False
+
+    def should_stop(self) -> bool:
         if self.patience and self.stale >= self.patience:
             self.stopped_early = True
             self.log.print(f"early stopping: no better val {self.metric} than {self.best:.4f} (epoch "
                            f"{self.best_epoch}) for {self.stale} epoch(s)")
-            return True
-        return False
+        return self.stopped_early
 
 
-def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger, t_start: float) -> int:
+def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger, t_start: float,
+           resume_from: Path | None, stop: StopSignal) -> int:
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
     log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
@@ -130,12 +140,22 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
         log.print(f"note: {note}")
     log.print(f"data: {prepared.info['source']} | {len(prepared.train)} train, {len(prepared.validation)} validation"
               f" | labels {', '.join(map(str, prepared.label_names))}")
+    if len(prepared.train) < ctx.world_size:
+        raise UserError(f"{len(prepared.train)} training example(s) for {ctx.world_size} processes: "
+                        f"each process needs at least one")
+    tokenizer_id = data.tokenizer_identity(tokenizer)
+    saved = None
+    if resume_from is not None:
+        saved = checkpoint.load_training_state(resume_from)
+        resume_lib.check_compatible(saved, cfg.to_dict(), world_size=ctx.world_size,
+                                    label_names=prepared.label_names, tokenizer_id=tokenizer_id, where=resume_from)
 
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
-    model = model_lib.load_model(cfg.model, prepared.label_names)
+    model = model_lib.load_model(str(resume_from) if saved else cfg.model, prepared.label_names)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
-              f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | new head for {len(prepared.label_names)} labels")
+              f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
+              + (f"resumed from {resume_from}" if saved else f"new head for {len(prepared.label_names)} labels"))
 
     compile_mode = cfg.compile
     if compile_mode == "auto":
@@ -150,37 +170,86 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
         seed=cfg.seed, num_workers=cfg.num_workers,
         group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps,
         pad_multiple=CUDAGRAPH_PAD_MULTIPLE if compile_mode == "cudagraphs" else None)
-    log.write_json("config.json", {
-        "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
-        "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_mode,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": sys.version.split()[0]}, "git_commit": _git_commit()})
-    log.write_json("data.json", prepared.info)
+    if not saved:
+        log.write_json("config.json", {
+            "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
+            "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_mode,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": sys.version.split()[0]}, "git_commit": _git_commit()})
+        log.write_json("data.json", prepared.info)
 
-    writer = checkpoint.CheckpointWriter(run_dir, ctx)
-    tracker = BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, writer, model, tokenizer,
-                          cfg.to_dict(), log)
-    optimizer, scheduler, results, global_step = engine.fit(
-        model, train_loader, eval_loader, ctx=ctx, log=log, epochs=cfg.epochs, lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
-        grad_accum_steps=cfg.grad_accum_steps, amp_dtype=amp_dtype, log_every=cfg.log_every,
-        compile_model=None if compile_mode == "off" else compile_mode, on_epoch_end=tracker)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=None if compile_mode == "off" else compile_mode)
+    optimizer = engine.build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=ctx.device)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
+                                       warmup_ratio=cfg.warmup_ratio)
+    writer = checkpoint.CheckpointWriter(run_dir, ctx, keep=cfg.keep_checkpoints)
+    tracker = BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, log, saved["tracker"] if saved else None)
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = engine.LoopState.restore(saved["loop"], ctx, len(prepared.label_names))
+        log.truncate_records(after_step=state.global_step)  # what ran after the checkpoint runs again
+        checkpoint.set_rng_state(saved["rng"][ctx.rank])  # last: nothing below draws from the RNG before training
+        log.print(f"resuming at epoch {state.epoch}, step {state.global_step} (batch {state.next_batch} of the epoch)")
+    else:
+        state = engine.LoopState()
 
+    def save_state(name: str | None = None) -> Path:
+        loop = state.consolidate(ctx)  # a collective: every rank is here
+        rng = ctx.all_gather_object(checkpoint.rng_state())
+        payload = checkpoint.training_state(optimizer, scheduler, loop=loop, rng=rng, config=cfg.to_dict(),
+                                            world_size=ctx.world_size, label_names=prepared.label_names,
+                                            tokenizer_id=tokenizer_id, tracker=tracker.state())
+        return writer.save(name, model, tokenizer, payload) if name else writer.save_step(model, tokenizer, payload)
+
+    def after_step(end_of_epoch: bool, check) -> bool:
+        stopping = stop.requested(ctx, state.global_step, cfg.log_every)
+        periodic = cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0 and not end_of_epoch
+        if stopping or periodic:
+            check()  # never write a checkpoint after a non-finite step
+            path = save_state()
+            if stopping:
+                log.print(f"stopped by {stop.name} after step {state.global_step} (epoch {state.epoch}); "
+                          f"checkpoint {path}\nresume with the same command plus: --resume auto --run_name {run_dir.name}")
+        return stopping
+
+    def on_epoch_end(result) -> bool:
+        if tracker.improved(result.validation, result.epoch):
+            save_state("best")
+        save_state()  # the start of the next epoch: resumable
+        return tracker.should_stop()
+
+    try:
+        finished = engine.fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, ctx=ctx, log=log,
+                              epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
+                              max_grad_norm=cfg.max_grad_norm, amp_dtype=amp_dtype, log_every=cfg.log_every,
+                              state=state, after_step=after_step, on_epoch_end=on_epoch_end,
+                              skip_nonfinite=cfg.skip_nonfinite)
+    except engine.NonFiniteLoss as exc:
+        kept = checkpoint.step_checkpoints(run_dir)
+        raise UserError(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
+                        f"checkpoint: {kept[0] if kept else 'none'}") from None
+    if not finished:
+        return 128 + (stop.signum or 15)
+
+    final = save_state("final")
+    results = state.results
     last = results[-1]
-    state = checkpoint.training_state(optimizer, scheduler, epoch=last.epoch, global_step=global_step,
-                                      config=cfg.to_dict())
-    final = writer.save("final", model, tokenizer, state)
-    total = time.perf_counter() - t_start
-    best = next(r for r in results if r.epoch == tracker.best_epoch)
-    train_time = sum(r.train_time_s for r in results)
-    summary = {"final_val_accuracy": last.validation["accuracy"], "final_val_loss": last.validation["loss"],
-               "final_val_f1": last.validation["macro_f1"], "metric_for_best": cfg.metric_for_best,
-               "best_epoch": best.epoch, "best_val_accuracy": best.validation["accuracy"],
-               "best_val_loss": best.validation["loss"], "best_val_f1": best.validation["macro_f1"],
-               "epochs_run": len(results), "stopped_early": tracker.stopped_early, "total_time_s": round(total, 2),
-               "train_samples_per_s": round(sum(r.train["count"] for r in results) / train_time, 2),
+    best = next(r for r in results if r["epoch"] == tracker.best_epoch)
+    train_time = sum(r["epoch_time_s"] for r in results)
+    summary = {"final_val_accuracy": last["val_accuracy"], "final_val_loss": last["val_loss"],
+               "final_val_f1": last["val_f1"], "metric_for_best": cfg.metric_for_best,
+               "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+               "best_val_loss": best["val_loss"], "best_val_f1": best["val_f1"],
+               "epochs_run": len(results), "stopped_early": tracker.stopped_early,
+               "skipped_nonfinite_steps": state.skipped_nonfinite,
+               "total_time_s": round(time.perf_counter() - t_start, 2),
+               "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
                "checkpoint": str(final), "best_checkpoint": str(run_dir / "best")}
     log.write_json("summary.json", summary)
+    if state.skipped_nonfinite:
+        log.print(f"note: skipped {state.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
     return 0
 

@@ -68,6 +68,14 @@ class TrainConfig:
     # --- output ---
     checkpoint_dir: str = _f("checkpoints/", "Directory under which each run gets its own directory.")
     run_name: Optional[str] = _f(None, "Name of this run's directory (default: a timestamp).")
+    save_every_steps: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch "
+                               "ends). Checkpoints go to RUN/checkpoints/step-N.")
+    keep_checkpoints: int = _f(2, "Keep the newest N step checkpoints (older ones are deleted).")
+    resume: Optional[str] = _f(None, "'auto' (the newest usable checkpoint of --run_name, or of the newest run; "
+                               "a fresh start if there is none) or a checkpoint or run directory. Continues at "
+                               "the exact next batch.")
+    skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss is NaN or infinite (counted and reported) "
+                              "instead of stopping. Costs a host sync per step.")
     metric_for_best: str = _f("accuracy", "Validation metric that picks the best checkpoint (saved as RUN/best).",
                               choices=("accuracy", "f1", "loss"))
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
@@ -93,6 +101,8 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
+    if cfg.save_every_steps < 0 or cfg.keep_checkpoints < 1:
+        raise UserError("--save_every_steps must not be negative and --keep_checkpoints must be at least 1")
     if cfg.early_stopping_patience < 0:
         raise UserError(f"--early_stopping_patience must not be negative, got {cfg.early_stopping_patience}")
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:

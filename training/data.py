@@ -114,7 +114,28 @@ def _load_file(path: str) -> datasets.Dataset:
         message = _root_message(exc)
         if "corresponds to no data" in message:  # a header and no rows
             raise UserError(f"no examples in {path}") from None
-        raise UserError(f"cannot read {path} as {builder.upper()}: {message}") from None
+        where = _locate_bad_line(p, builder) if builder in ("csv", "json") else None
+        raise UserError(f"cannot read {path} as {builder.upper()}: {where or message}") from None
+
+
+def _locate_bad_line(path: Path, builder: str) -> Optional[str]:
+    """On a parse failure, name the first line that is not UTF-8 or (JSON Lines) not a JSON object."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return f"line {line} is not valid UTF-8 (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
+    if builder == "json":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"line {number} is not a JSON object"
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg})"
+    return None
 
 
 def _load_hub(name: str, config: Optional[str]) -> tuple:
@@ -371,8 +392,13 @@ def _build_cache(source, tokenizer, path: Path, **kw) -> None:
     tmp.mkdir(parents=True)
     tokenized.save_to_disk(str(tmp / "splits"))
     lengths = [len(x) for x in tokenized["train"]["input_ids"]]
+    truncated = {name: sum(1 for x in tokenized[name]["input_ids"] if len(x) >= max_length)
+                 for name in ("train", "validation")}
     splits.info["train_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths),
-                                   "truncated": sum(1 for n in lengths if n >= max_length)}
+                                   "truncated": truncated["train"]}
+    if truncated["train"] or truncated["validation"]:
+        splits.info["notes"].append(f"truncated {truncated['train']} training and {truncated['validation']} "
+                                    f"validation text(s) to --max_length {max_length} tokens")
     (tmp / "meta.json").write_text(json.dumps({"label_names": splits.label_names, "info": splits.info}, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # complete or absent: meta.json marks a finished cache
@@ -402,11 +428,15 @@ class TrainBatchSampler(Sampler):
                  accum_steps: int = 1):
         self.lengths = list(lengths)
         self.batch_size, self.rank, self.world_size, self.accum_steps = batch_size, rank, world_size, accum_steps
-        self.seed, self.group_by_length, self.epoch = seed, group_by_length, 0
+        self.seed, self.group_by_length, self.epoch, self.start = seed, group_by_length, 0, 0
         self.total = math.ceil(len(self.lengths) / world_size) * world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; ``start`` skips that many micro-batches (a mid-epoch resume).
+
+        Skipping happens on indices, before any example is read: nothing is loaded twice.
+        """
+        self.epoch, self.start = epoch, start
 
     def _step_batches(self) -> list:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -425,10 +455,13 @@ class TrainBatchSampler(Sampler):
         return full + last
 
     def __iter__(self):
-        for step_batch in self._step_batches():
-            mine = step_batch[self.rank::self.world_size]
-            for m in range(0, len(mine), self.batch_size):
-                yield mine[m:m + self.batch_size]
+        batches = (mine[m:m + self.batch_size]
+                   for step_batch in self._step_batches()
+                   for mine in [step_batch[self.rank::self.world_size]]
+                   for m in range(0, len(mine), self.batch_size))
+        for index, batch in enumerate(batches):
+            if index >= self.start:
+                yield batch
 
     def batch_sizes(self) -> list:
         """This rank's micro-batch sizes, in order (the same every epoch)."""
@@ -479,7 +512,10 @@ def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_s
               "persistent_workers": workers > 0}
     sampler = TrainBatchSampler(_lengths(data.train), batch_size, ctx.rank, ctx.world_size, seed, group_by_length,
                                 accum_steps)
-    train_loader = DataLoader(data.train, batch_sampler=sampler, **common)
+    # Its own generator: creating an epoch's iterator must not draw from the global RNG (dropout's),
+    # or a mid-epoch resume would see different random numbers than the uninterrupted run.
+    train_loader = DataLoader(data.train, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                              **common)
     eval_loader = DataLoader(data.validation, batch_size=eval_batch_size,
                              sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size), **common)
     return train_loader, eval_loader

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -61,6 +63,22 @@ class ProcessContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over all ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def all_agree(self, ok: bool) -> bool:
         """True only if ``ok`` holds on every rank (so all ranks take the same branch)."""
         if not self.distributed:
@@ -97,7 +115,12 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
         raise UserError("DDP on Apple MPS is not supported: use --device cpu (gloo) or one process")
     else:
         backend = "gloo"
-    init_kwargs = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT}
+    # Keys of each torchrun restart under their own prefix: after --max-restarts brings the group back,
+    # gloo would otherwise find the previous attempt's (dead) peer addresses in the store.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT))
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    init_kwargs = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT, "store": store, "rank": rank,
+                   "world_size": world_size}
     if backend == "nccl":
         init_kwargs["device_id"] = device  # eager NCCL init, bound to this GPU
     dist.init_process_group(**init_kwargs)
@@ -106,3 +129,46 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
     finally:
         # On every exit path, errors included, so no rank leaves the group dangling.
         dist.destroy_process_group()
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to stop at the next step boundary.
+
+    The handler only sets a flag: the step in flight finishes, a checkpoint is written,
+    and the run exits saying how to resume. A second Ctrl-C interrupts at once. Under
+    DDP the ranks agree (one small all-reduce) every ``every`` steps, so they all stop
+    after the same step.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, ctx: ProcessContext, step: int, every: int) -> bool:
+        if not ctx.distributed:
+            return self.signum is not None
+        if step % every:
+            return False
+        agreed = ctx.max_int(self.signum or 0)  # the signal any rank got, so every rank stops here
+        if agreed:
+            self.signum = agreed
+        return bool(agreed)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -95,19 +95,100 @@ class StepInfo:
     samples_per_s: float
 
 
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, epoch: int, batch: int):
+        super().__init__(f"non-finite loss at optimizer step {step} (epoch {epoch}, batch {batch} of the epoch)")
+        self.step, self.epoch, self.batch = step, epoch, batch
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first micro-batch whose loss was not finite; read only when checked.
+
+    Checking is a host sync, so it happens at log intervals, before every save and at
+    epoch end; a bad step is therefore never written into a checkpoint.
+    """
+
+    _SCALE = 2 ** 24  # encodes (step, batch) in one float64
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1.0, dtype=torch.float64 if device.type != "mps" else torch.float32,
+                                device=device)
+
+    def update(self, loss_sum: torch.Tensor, step: int, batch: int) -> None:
+        bad = ~torch.isfinite(loss_sum.detach()) & (self.first < 0)
+        self.first = torch.where(bad, torch.full_like(self.first, step * self._SCALE + batch), self.first)
+
+    def check(self, ctx: ProcessContext, epoch: int) -> None:
+        first = self.first.clone()
+        if ctx.distributed:  # the same answer on every rank: the largest code (any bad step)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
+        code = int(first.item())
+        if code >= 0:
+            raise NonFiniteLoss(code // self._SCALE, epoch, code % self._SCALE + 1)
+
+
+@dataclass
+class LoopState:
+    """Where training stands: with the model, optimizer, scheduler and RNG, enough to go on exactly."""
+    epoch: int = 1                      # the epoch in progress (1-based)
+    next_batch: int = 0                 # the micro-batch of that epoch to run next
+    global_step: int = 0
+    epoch_time_s: float = 0.0           # training time spent in this epoch before a resume
+    results: list = field(default_factory=list)   # EpochResult.record() of finished epochs
+    skipped_nonfinite: int = 0
+    # running sums of the epoch in progress and of the current log interval (device tensors)
+    epoch_metrics: Optional[ClassificationMetrics] = None
+    interval: Optional[ClassificationMetrics] = None
+
+    def consolidate(self, ctx: ProcessContext) -> dict:
+        """Reduce the running sums over ranks, keep them on rank 0 only (so later sums stay right),
+        and return what a checkpoint needs."""
+        out = {}
+        for name in ("epoch_metrics", "interval"):
+            metrics = getattr(self, name)
+            if metrics is None:  # between epochs: nothing summed yet
+                out[name] = None
+                continue
+            ctx.all_reduce_sum(metrics.totals)
+            if not ctx.is_main:
+                metrics.totals.zero_()
+            out[name] = metrics.totals.cpu()
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "global_step": self.global_step,
+                "epoch_time_s": self.epoch_time_s, "results": list(self.results),
+                "skipped_nonfinite": self.skipped_nonfinite, "totals": out}
+
+    @classmethod
+    def restore(cls, saved: dict, ctx: ProcessContext, num_labels: int) -> "LoopState":
+        state = cls(saved["epoch"], saved["next_batch"], saved["global_step"], saved["epoch_time_s"],
+                    list(saved["results"]), saved["skipped_nonfinite"])
+        if saved["totals"]["epoch_metrics"] is None:
+            return state
+        state.epoch_metrics = ClassificationMetrics(ctx.device, num_labels)
+        state.interval = ClassificationMetrics(ctx.device)
+        if ctx.is_main:  # the sums were reduced when saved: one rank holds them
+            state.epoch_metrics.totals.copy_(saved["totals"]["epoch_metrics"])
+            state.interval.totals.copy_(saved["totals"]["interval"])
+        return state
+
+
 def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp_dtype, grad_accum_steps: int,
-                max_grad_norm: float, log_every: int, global_step: int,
-                on_log: Optional[Callable[[StepInfo], None]] = None, progress=None):
-    """One pass over ``loader``. Returns (epoch metrics on device, global step after the epoch)."""
+                max_grad_norm: float, log_every: int, state: LoopState, guard: NonFiniteGuard,
+                on_log: Optional[Callable[[StepInfo], None]] = None,
+                after_step: Optional[Callable[[bool], bool]] = None, progress=None,
+                skip_nonfinite: bool = False) -> bool:
+    """Run the rest of the current epoch from ``state.next_batch``. Returns False if ``after_step`` asked to stop.
+
+    ``state`` is updated as it goes (step counter, next batch, running sums), so a
+    checkpoint taken inside ``after_step`` records exactly where training is.
+    """
     device = ctx.device
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    epoch_metrics = ClassificationMetrics(device, unwrap(model).config.num_labels)
-    interval = ClassificationMetrics(device)
     group_sizes = accumulation_groups(loader.batch_sampler.batch_sizes(), grad_accum_steps)
     num_batches = len(group_sizes)
+    group_ok = True
     model.train()
     interval_start = time.perf_counter()
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(loader, start=state.next_batch):
         inputs, labels = _to_device(batch, device)
         boundary = (i + 1) % grad_accum_steps == 0 or i + 1 == num_batches
         # Skip DDP's gradient all-reduce on micro-steps that do not end an accumulation group.
@@ -116,32 +197,49 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
             with _autocast(device, amp_dtype):
                 logits = model(**inputs).logits                       # 1. forward
             loss_sum = criterion(logits.float(), labels)              # 2. loss
-            (loss_sum / group_sizes[i]).backward()                    # 3. backward
-        epoch_metrics.update(loss_sum, logits, labels)
-        interval.update(loss_sum, logits, labels)
+            finite = True
+            if skip_nonfinite:  # asked for: a host sync per micro-step, agreed by every rank
+                finite = ctx.all_agree(bool(torch.isfinite(loss_sum).item()))
+            if finite:
+                (loss_sum / group_sizes[i]).backward()                # 3. backward
+        if finite:
+            state.epoch_metrics.update(loss_sum, logits, labels)
+            state.interval.update(loss_sum, logits, labels)
+            if not skip_nonfinite:
+                guard.update(loss_sum, state.global_step + 1, i)
+        else:
+            group_ok = False
         if not boundary:
             continue
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()                                              # 4. optimizer step
+        if group_ok:
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()                                          # 4. optimizer step
+        else:
+            state.skipped_nonfinite += 1  # the whole step's gradients are dropped
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)                         # 5. zero gradients
-        global_step += 1
+        group_ok = True
+        state.global_step += 1
+        state.next_batch = i + 1
         if progress is not None:
             progress.update(1)
-        if global_step % log_every == 0:
+        if state.global_step % log_every == 0:
+            guard.check(ctx, state.epoch)
             # A collective every rank reaches at the same step, then one host sync.
-            ctx.all_reduce_sum(interval.totals)
-            stats = interval.compute()
+            ctx.all_reduce_sum(state.interval.totals)
+            stats = state.interval.compute()
             now = time.perf_counter()
-            info = StepInfo(global_step, stats["loss"], stats["accuracy"], scheduler.get_last_lr()[0],
+            info = StepInfo(state.global_step, stats["loss"], stats["accuracy"], scheduler.get_last_lr()[0],
                             stats["count"] / max(now - interval_start, 1e-9))
-            interval, interval_start = ClassificationMetrics(device), now
+            state.interval, interval_start = ClassificationMetrics(device), now
             if progress is not None:
                 progress.set_postfix_str(f"loss {info.loss:.4f}, {info.samples_per_s:.0f} samples/s")
             if on_log is not None:
                 on_log(info)
-    return epoch_metrics, global_step
+        if after_step is not None and after_step(i + 1 == num_batches):
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -192,49 +290,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(model, train_loader, eval_loader, *, ctx: ProcessContext, log: RunLogger, epochs: int, lr: float,
-        weight_decay: float, warmup_ratio: float, max_grad_norm: float, grad_accum_steps: int, amp_dtype,
-        log_every: int, compile_model=None, on_epoch_end: Optional[Callable] = None):
-    """Train for ``epochs``, evaluating after each. Returns (optimizer, scheduler, epoch results, global step).
+def fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, *, ctx: ProcessContext,
+        log: RunLogger, epochs: int, grad_accum_steps: int, max_grad_norm: float, amp_dtype, log_every: int,
+        state: LoopState, after_step: Optional[Callable] = None,
+        on_epoch_end: Optional[Callable] = None, skip_nonfinite: bool = False) -> bool:
+    """Train from ``state`` to the last epoch, evaluating after each. False if stopped early by ``after_step``.
 
-    ``on_epoch_end(result, optimizer, scheduler, global_step)`` runs on every rank after each
-    evaluation (it may save a checkpoint) and returns True to stop early; it sees the same
-    reduced metrics on every rank, so every rank takes the same decision.
+    ``after_step(end_of_epoch, check)`` runs on every rank after each optimizer step (it may save a
+    checkpoint, after ``check()`` raised nothing, or ask to stop); ``on_epoch_end(result)`` after each evaluation (best checkpoint,
+    early stopping: True stops). Both see the same reduced values on every rank, so all ranks
+    take the same decisions.
     """
-    train_model = prepare_for_training(model, ctx, compile_model=compile_model)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, device=ctx.device)
+    num_labels = unwrap(model).config.num_labels
     steps_per_epoch = math.ceil(len(train_loader) / grad_accum_steps)
-    scheduler = build_scheduler(optimizer, total_steps=epochs * steps_per_epoch, warmup_ratio=warmup_ratio)
+    guard = NonFiniteGuard(ctx.device)
 
     def on_log(info: StepInfo) -> None:
-        log.record("step", step=info.step, epoch=epoch, loss=info.loss, accuracy=info.accuracy, lr=info.lr,
-                   samples_per_s=info.samples_per_s)
-        log.scalars("step", {"loss": info.loss, "accuracy": info.accuracy, "lr": info.lr,
-                             "samples_per_s": info.samples_per_s}, step=info.step)
+        record = {"step": info.step, "epoch": state.epoch, "loss": info.loss, "accuracy": info.accuracy,
+                  "lr": info.lr, "samples_per_s": info.samples_per_s}
+        log.record("step", **record)
+        log.scalars("step", {k: v for k, v in record.items() if k not in ("step", "epoch")}, step=info.step)
 
-    results, global_step = [], 0
-    for epoch in range(1, epochs + 1):
-        train_loader.batch_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        bar = log.progress(steps_per_epoch, f"epoch {epoch}/{epochs}")
+    while state.epoch <= epochs:
+        epoch = state.epoch
+        # A new shuffle each epoch, the same on every rank; a resume skips what was already done.
+        train_loader.batch_sampler.set_epoch(epoch, start=state.next_batch)
+        if state.epoch_metrics is None:
+            state.epoch_metrics = ClassificationMetrics(ctx.device, num_labels)
+            state.interval = ClassificationMetrics(ctx.device)
+        bar = log.progress(steps_per_epoch, f"epoch {epoch}/{epochs}",
+                           initial=math.ceil(state.next_batch / grad_accum_steps))
         _sync(ctx.device)
-        t0 = time.perf_counter()
-        train_metrics, global_step = train_epoch(
-            train_model, train_loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp_dtype,
-            grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm, log_every=log_every,
-            global_step=global_step, on_log=on_log, progress=bar)
-        ctx.all_reduce_sum(train_metrics.totals)
-        train_stats = train_metrics.compute()
-        train_time = time.perf_counter() - t0  # compute() synchronized with the device
+        t0 = time.perf_counter() - state.epoch_time_s
+
+        def timed_after_step(end_of_epoch: bool) -> bool:
+            state.epoch_time_s = time.perf_counter() - t0
+            return after_step is not None and after_step(end_of_epoch, lambda: guard.check(ctx, epoch))
+
+        finished = train_epoch(train_model, train_loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp_dtype,
+                               grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
+                               log_every=log_every, state=state, guard=guard, on_log=on_log,
+                               after_step=timed_after_step, progress=bar, skip_nonfinite=skip_nonfinite)
         bar.close()
+        if not finished:
+            return False
+        guard.check(ctx, epoch)
+        ctx.all_reduce_sum(state.epoch_metrics.totals)
+        train_stats = state.epoch_metrics.compute()
+        train_time = time.perf_counter() - t0  # compute() synchronized with the device
         t1 = time.perf_counter()
         eval_metrics = evaluate(model, eval_loader, ctx=ctx, amp_dtype=amp_dtype)
         ctx.all_reduce_sum(eval_metrics.totals)
         val_stats = eval_metrics.compute()
         result = EpochResult(epoch, train_stats, val_stats, train_time, time.perf_counter() - t1)
-        results.append(result)
         log.print(result.line(epochs))
-        log.record("epoch", **result.record(), step=global_step)
-        log.scalars("epoch", result.record(), step=global_step)
-        if on_epoch_end is not None and on_epoch_end(result, optimizer, scheduler, global_step):
+        log.record("epoch", **result.record(), step=state.global_step)
+        log.scalars("epoch", result.record(), step=state.global_step)
+        state.results.append(result.record())
+        state.epoch, state.next_batch, state.epoch_time_s = epoch + 1, 0, 0.0
+        state.epoch_metrics = state.interval = None
+        if on_epoch_end is not None and on_epoch_end(result):
             break
-    return optimizer, scheduler, results, global_step
+    return True

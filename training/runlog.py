@@ -5,6 +5,7 @@ is present but silent, so the engine calls it without asking who it is.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from training.distributed import ProcessContext
-from training.utils import append_jsonl, atomic_write_json
+from training.utils import append_jsonl, atomic_write_bytes, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,11 +64,20 @@ class RunLogger:
             append_jsonl(self.run_dir / METRICS_FILE, {"event": event, **fields,
                                                        "elapsed_s": round(time.perf_counter() - self.start, 3)})
 
+    def truncate_records(self, after_step: int) -> None:
+        """Drop metric lines past ``after_step``: a resumed run writes them again."""
+        path = self.run_dir / METRICS_FILE if self.run_dir else None
+        if not self.enabled or path is None or not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
+
     def write_json(self, name: str, obj) -> None:
         if self.enabled and self.run_dir is not None:
             atomic_write_json(self.run_dir / name, obj)
 
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str, initial: int = 0):
         if not self.show_progress:
             return _NoBar()
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)

@@ -1,0 +1,234 @@
+"""Never lose a run: exact resume after a signal, a killed worker, damaged or mismatched checkpoints,
+non-finite losses, and bad data."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+
+# Installed into the training processes through PYTHONPATH: after optimizer step STOP_AT_STEP, the chosen
+# rank sends itself STOP_SIGNAL (first launch only), or NAN_AT_CALL turns one loss into NaN.
+SITECUSTOMIZE = '''
+import os, signal
+if os.environ.get("STOP_AT_STEP") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" \\
+        and os.environ.get("RANK", "0") == os.environ.get("STOP_RANK", "0"):
+    import torch
+    _step = torch.optim.AdamW.step
+    calls = [0]
+    def step(self, *a, **k):
+        out = _step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == int(os.environ["STOP_AT_STEP"]):
+            os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM")))
+        return out
+    torch.optim.AdamW.step = step
+if os.environ.get("NAN_AT_CALL"):
+    import torch
+    _forward = torch.nn.CrossEntropyLoss.forward
+    seen = [0]
+    def forward(self, input, target):
+        seen[0] += 1
+        out = _forward(self, input, target)
+        return out * float("nan") if seen[0] in {int(x) for x in os.environ["NAN_AT_CALL"].split(",")} else out
+    torch.nn.CrossEntropyLoss.forward = forward
+'''
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hooks")
+    (d / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return d
+
+
+def env_with(hooks: Path, **extra) -> dict:
+    return cli_env(PYTHONPATH=str(hooks), **{k: str(v) for k, v in extra.items()})
+
+
+def torchrun(nproc, *args, env, extra=("--standalone",), timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
+           str(ROOT / "training" / "train_ddp.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def records(run_dir: Path, event: str) -> list:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
+    """The real default model (with dropout) on one CPU process, fp32."""
+    common = ["--num_samples", 96, "--epochs", 2, "--log_every", 1, "--checkpoint_dir", tmp_path]
+    stopped = run_script("train_single.py", *common, "--run_name", "a", env=env_with(hooks, STOP_AT_STEP=4))
+    assert stopped.returncode == 143, stopped.stderr
+    assert "stopped by SIGTERM after step 4" in stopped.stdout and "--resume auto --run_name a" in stopped.stdout
+    # 96 examples at 32: 3 steps an epoch; the end of epoch 1 saved step 3, the signal step 4
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 2, step 4 (batch 1 of the epoch)" in resumed.stdout
+    straight = run_script("train_single.py", *common, "--run_name", "b")
+    assert straight.returncode == 0, straight.stderr
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert [r["loss"] for r in records(tmp_path / "a", "step")] == [r["loss"] for r in records(tmp_path / "b", "step")]
+    assert [r["step"] for r in records(tmp_path / "a", "step")] == list(range(1, 7))  # no step logged twice
+    assert records(tmp_path / "a", "epoch")[-1]["val_accuracy"] == records(tmp_path / "b", "epoch")[-1]["val_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def ddp_task(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("resume-ddp")
+    train = write_rows(d / "train.csv", synthetic_rows(120, seed=7))
+    val = write_rows(d / "val.csv", synthetic_rows(31, seed=8))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--batch_size", 4, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--device", "cpu",
+              "--precision", "fp32", "--checkpoint_dir", d, "--cache_dir", d / "cache", "--save_every_steps", 4]
+    return d, common
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(ddp_task, hooks):
+    d, common = ddp_task
+    proc = torchrun(2, *common, "--run_name", "straight", env=env_with(hooks))
+    assert proc.returncode == 0, proc.stderr
+    return d / "straight"
+
+
+def _close(a: Path, b: Path, tol=1e-6):
+    wa, wb = weights(a), weights(b)
+    for k in wb:
+        assert torch.allclose(wa[k], wb[k], rtol=tol, atol=tol), k
+    la = torch.tensor([r["loss"] for r in records(a, "step")])
+    lb = torch.tensor([r["loss"] for r in records(b, "step")])
+    assert la.shape == lb.shape and torch.allclose(la, lb, rtol=tol, atol=tol)
+
+
+def test_ddp_signal_on_one_rank_stops_both_and_resume_matches(ddp_task, ddp_reference, hooks):
+    d, common = ddp_task
+    # only rank 1 gets the signal: the ranks must still agree on where to stop
+    stopped = torchrun(2, *common, "--run_name", "sig", env=env_with(hooks, STOP_AT_STEP=6, STOP_RANK=1))
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM after step 6" in stopped.stdout, stopped.stdout + stopped.stderr
+    resumed = torchrun(2, *common, "--run_name", "sig", "--resume", "auto", env=env_with(hooks))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 1, step 6" in resumed.stdout
+    _close(d / "sig", ddp_reference)
+
+
+def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_task, ddp_reference, hooks):
+    d, common = ddp_task
+    proc = torchrun(2, *common, "--run_name", "killed", "--resume", "auto",
+                    env=env_with(hooks, STOP_AT_STEP=10, STOP_RANK=1, STOP_SIGNAL="SIGKILL"),
+                    extra=("--standalone", "--max-restarts=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at epoch 1, step 8" in proc.stdout  # the last checkpoint before the kill at step 10
+    final = records(d / "killed", "epoch")[-1]
+    reference = records(ddp_reference, "epoch")[-1]
+    assert final["val_accuracy"] == reference["val_accuracy"]
+    _close(d / "killed", ddp_reference)
+
+
+def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=9))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 4, "--max_length", 32,
+              "--checkpoint_dir", tmp_path, "--run_name", "t", "--save_every_steps", 4, "--keep_checkpoints", 3]
+    assert run_script("train_single.py", *common).returncode == 0
+    newest, older = sorted((tmp_path / "t" / "checkpoints").iterdir())[-1], \
+        sorted((tmp_path / "t" / "checkpoints").iterdir())[-2]
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    proc = run_script("train_single.py", *common, "--resume", newest)
+    assert proc.returncode == 2 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train_single.py", *common, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint {newest.name} is unusable" in proc.stdout
+    assert f"resumed from {older}" in proc.stdout
+
+
+def test_mismatched_checkpoints_are_refused(tmp_path, tiny_model_dir, hooks):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(40, seed=9))
+    three = write_rows(tmp_path / "three.csv", synthetic_rows(40, seed=9, labels=("a", "b", "c")))
+    common = ["--epochs", 1, "--batch_size", 4, "--max_length", 32, "--run_name", "m", "--checkpoint_dir", tmp_path]
+    assert run_script("train_single.py", *common, "--model", tiny_model_dir, "--train_file", train).returncode == 0
+    ckpt = sorted((tmp_path / "m" / "checkpoints").iterdir())[-1]
+    cases = {
+        "labels": (["--model", tiny_model_dir, "--train_file", three], "was trained on labels"),
+        "batch size": (["--model", tiny_model_dir, "--train_file", train, "--batch_size", 8],
+                       "--batch_size 4, this run has --batch_size 8"),
+        "model": (["--model", tmp_path / "m" / "final", "--train_file", train], "was trained with --model"),
+    }
+    for name, (args, expected) in cases.items():
+        proc = run_script("train_single.py", *common, *args, "--resume", ckpt)
+        assert proc.returncode == 2 and expected in proc.stderr, (name, proc.stderr)
+    proc = torchrun(2, *common, "--model", tiny_model_dir, "--train_file", train, "--resume", ckpt,
+                    env=env_with(hooks))
+    assert proc.returncode != 0 and "saved by 1 process(es) and this run has 2" in proc.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, tiny_model_dir, hooks):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=2))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 4, "--max_length", 32,
+              "--checkpoint_dir", tmp_path, "--save_every_steps", 2, "--log_every", 4]
+    proc = run_script("train_single.py", *common, "--run_name", "stop", env=env_with(hooks, NAN_AT_CALL=7))
+    assert proc.returncode == 2, proc.stderr
+    assert "non-finite loss at optimizer step 7 (epoch 1, batch 7 of the epoch)" in proc.stderr
+    kept = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir())
+    assert kept == ["step-00000004", "step-00000006"]  # nothing saved after the bad step
+    assert not (tmp_path / "stop" / "final").exists()
+    proc = run_script("train_single.py", *common, "--run_name", "skip", "--skip_nonfinite",
+                      env=env_with(hooks, NAN_AT_CALL="3,9"))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 2 optimizer step(s) with a non-finite loss" in proc.stdout
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_nonfinite_steps"] == 2 and summary["final_val_loss"] == summary["final_val_loss"]
+
+
+BAD_DATA = {
+    "non-UTF-8 bytes": (b"text,label\ngood film,pos\nbad \xff film,neg\nok,neg\n", ".csv",
+                        "line 3 is not valid UTF-8 (byte 0xff)"),
+    "malformed CSV row": (b"text,label\na,pos\nb,neg,extra\nc,neg\n", ".csv", "Expected 2 fields in line 3"),
+    "malformed JSONL row": (b'{"text": "a", "label": "pos"}\n{"text": "b" "label": "neg"}\n', ".jsonl",
+                            "line 2 is not valid JSON"),
+    "labels of mixed types": (b'{"text": "a", "label": 1}\n{"text": "b", "label": "neg"}\n', ".jsonl",
+                              "all integers or all strings"),
+    "missing label": (b"text,label\na,pos\nb,\nc,neg\n", ".csv", "have no label (first: row 2)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_a_clear_error(tmp_path, tiny_model_dir, case):
+    content, suffix, expected = BAD_DATA[case]
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path,
+                      "--checkpoint_dir", tmp_path / "ck")
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_long_texts_are_truncated_with_a_count(tmp_path, tiny_model_dir):
+    rows = synthetic_rows(40, seed=3)
+    rows[0]["text"] = " ".join(["good"] * 500)
+    path = write_rows(tmp_path / "t.csv", rows)
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
+                      "--max_length", 16, "--checkpoint_dir", tmp_path / "ck", "--validation_fraction", 0.25)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: truncated" in proc.stdout and "to --max_length 16 tokens" in proc.stdout
+
+
+def test_dataset_smaller_than_the_world_size_is_refused(tmp_path, tiny_model_dir, hooks):
+    train = write_rows(tmp_path / "train.csv", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    proc = torchrun(3, "--model", tiny_model_dir, "--train_file", train, "--validation_file", train,
+                    "--checkpoint_dir", tmp_path / "ck", env=env_with(hooks))
+    assert proc.returncode != 0
+    assert "2 training example(s) for 3 processes" in proc.stderr

@@ -1,0 +1,106 @@
+"""Finding the checkpoint to resume from, and refusing one that does not fit this run.
+
+``--resume auto`` picks the newest complete checkpoint of the run (``--run_name``, or the
+newest run under ``--checkpoint_dir``) and falls back to an older one, saying so, when the
+newest is truncated or unreadable; with nothing to resume it starts fresh, so the same
+command serves a first launch and every restart (torchrun ``--max-restarts``).
+``--resume PATH`` takes a checkpoint directory, or a run directory (its newest checkpoint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from training.checkpoint import TRAINING_STATE, CheckpointError, step_checkpoints, verify_checkpoint
+from training.distributed import ProcessContext
+from training.utils import UserError
+
+# Flags that fix the data order, the step count or the model: a resume needs them unchanged.
+MUST_MATCH = ("model", "dataset", "dataset_config", "train_file", "validation_file", "text_column", "label_column",
+              "validation_fraction", "split_seed", "num_samples", "max_length", "epochs", "batch_size",
+              "grad_accum_steps", "seed", "no_group_by_length", "learning_rate", "warmup_ratio")
+
+
+@dataclass
+class ResumePoint:
+    run_dir: Path
+    checkpoint: Optional[Path]  # None: nothing to resume, start fresh in run_dir
+    notes: list
+
+
+def _newest_valid(run_dir: Path, notes: list) -> Optional[Path]:
+    candidates = step_checkpoints(run_dir)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            notes.append(f"checkpoint {path.name} is unusable: {exc}; trying an older one")
+    if candidates:
+        raise UserError(f"no usable checkpoint in {run_dir / 'checkpoints'}: all {len(candidates)} are damaged")
+    return None
+
+
+def _locate(resume: str, checkpoint_dir: Path, run_name: Optional[str]) -> ResumePoint:
+    notes: list = []
+    if resume == "auto":
+        if run_name:
+            run_dir = checkpoint_dir / run_name
+        else:
+            runs = sorted((p for p in checkpoint_dir.glob("*/checkpoints") if p.is_dir()),
+                          key=lambda p: p.stat().st_mtime, reverse=True) if checkpoint_dir.is_dir() else []
+            run_dir = runs[0].parent if runs else None
+        if run_dir is None or not run_dir.is_dir():
+            notes.append("nothing to resume yet: starting a new run")
+            return ResumePoint(run_dir, None, notes)
+        found = _newest_valid(run_dir, notes)
+        if found is None:
+            notes.append(f"no checkpoint in {run_dir} yet: starting from the beginning")
+        return ResumePoint(run_dir, found, notes)
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"--resume {resume}: no such checkpoint or run directory")
+    if (path / TRAINING_STATE).exists():
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            raise UserError(f"--resume {resume}: {exc}") from None
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return ResumePoint(run_dir, path, notes)
+    found = _newest_valid(path, notes)
+    if found is None:
+        raise UserError(f"--resume {resume}: no checkpoint in that run directory")
+    return ResumePoint(path, found, notes)
+
+
+def locate(resume: str, checkpoint_dir: str, run_name: Optional[str], ctx: ProcessContext) -> ResumePoint:
+    """Rank 0 looks at the files; every rank gets the same answer (or the same error)."""
+    answer = None
+    if ctx.is_main:
+        try:
+            answer = _locate(resume, Path(checkpoint_dir), run_name)
+        except UserError as exc:
+            answer = str(exc)
+    answer = ctx.broadcast_object(answer)
+    if isinstance(answer, str):
+        raise UserError(answer)
+    return answer
+
+
+def check_compatible(state: dict, config: dict, *, world_size: int, label_names: list, tokenizer_id: dict,
+                     where: Path) -> None:
+    """A clear error for a checkpoint from another model, labels, tokenizer, data or process count."""
+    saved = state["config"]
+    if state["world_size"] != world_size:
+        raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has {world_size}: "
+                        f"resume with the same number of processes (the data order is sharded by it)")
+    if list(state["label_names"]) != list(label_names):
+        raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {label_names}")
+    for key in MUST_MATCH:
+        if saved.get(key) != config.get(key):
+            raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
+                            f"--{key} {config.get(key)}: resume with the same value")
+    same_vocab = ("class", "vocab", "hash")  # not the path: a model directory may have moved
+    if any(state["tokenizer"].get(k) != tokenizer_id.get(k) for k in same_vocab):
+        raise UserError(f"{where} was trained with another tokenizer ({state['tokenizer']['name']})")
