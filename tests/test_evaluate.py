@@ -9,26 +9,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import run_script, synthetic_rows, write_rows
+from conftest import THREE_LABELS, run_script, synthetic_rows, write_rows
 
 from training import evaluate, inference
 
-LABELS = ("alpha", "beta", "gamma")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir) -> Path:
-    """A run of the tiny model on a 3-class task with string labels (trained once per test session)."""
-    base = tmp_path_factory.getbasetemp() / "trained-three-class"
-    run_dir = base / "ck" / "r"
-    if not (run_dir / "final" / "model.safetensors").is_file():
-        base.mkdir(exist_ok=True)
-        train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=LABELS))
-        proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
-                          "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
-                          "--checkpoint_dir", base / "ck", "--run_name", "r")
-        assert proc.returncode == 0, proc.stderr
-    return run_dir
+LABELS = THREE_LABELS
 
 
 def direct_predictions(ckpt: Path, texts: list, max_length: int) -> list:

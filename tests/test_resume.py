@@ -1,10 +1,8 @@
 """Never lose a run: exact resume after a signal, a killed worker, damaged or mismatched checkpoints,
 non-finite losses, and bad data."""
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
 
 from training.distributed import ProcessContext

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -140,13 +139,8 @@ def run(args) -> int:
                        " (other data flags than training's?)")
     print(split_line, flush=True)
 
-    bar = inference.progress_bar(len(texts), "evaluating")
-    t0 = time.perf_counter()
-    logits = inference.predict_logits(clf, texts, batch_size=args.batch_size, max_length=max_length,
-                                      amp_dtype=amp_dtype, on_batch=bar.update if bar else None)
-    if bar:
-        bar.close()
-    elapsed = time.perf_counter() - t0
+    logits, elapsed = inference.logits_with_progress(clf, texts, desc="evaluating", batch_size=args.batch_size,
+                                                     max_length=max_length, amp_dtype=amp_dtype)
     y_pred = logits.argmax(dim=1).numpy()
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item()
     cm = inference.confusion_matrix(y_true, y_pred, len(clf.label_names))

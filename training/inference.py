@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -435,6 +436,17 @@ def resolve_max_length(requested: Optional[int], clf: Classifier, fallback: Opti
             raise UserError(f"--max_length {requested} is more than this model takes ({clf.max_positions} tokens)")
         return requested
     return min(fallback or DEFAULT_MAX_LENGTH, clf.max_positions)
+
+
+def logits_with_progress(clf, texts: list, *, desc: str, batch_size: int, max_length: int, amp_dtype):
+    """``predict_logits`` with a progress bar on a terminal; returns (logits, seconds)."""
+    bar = progress_bar(len(texts), desc)
+    t0 = time.perf_counter()
+    logits = predict_logits(clf, texts, batch_size=batch_size, max_length=max_length, amp_dtype=amp_dtype,
+                            on_batch=bar.update if bar else None)
+    if bar:
+        bar.close()
+    return logits, time.perf_counter() - t0
 
 
 def run_tool(body: Callable[[], int]) -> int:

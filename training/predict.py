@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import time  # noqa: E402
 
 from training import inference  # noqa: E402
 from training.utils import UserError, atomic_write_bytes  # noqa: E402
@@ -95,13 +94,8 @@ def run(args) -> int:
           f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | {len(texts)} text(s)",
           file=sys.stderr, flush=True)
 
-    bar = inference.progress_bar(len(texts), "classifying")
-    t0 = time.perf_counter()
-    logits = inference.predict_logits(clf, texts, batch_size=args.batch_size, max_length=max_length,
-                                      amp_dtype=amp_dtype, on_batch=bar.update if bar else None)
-    if bar:
-        bar.close()
-    elapsed = time.perf_counter() - t0
+    logits, elapsed = inference.logits_with_progress(clf, texts, desc="classifying", batch_size=args.batch_size,
+                                                     max_length=max_length, amp_dtype=amp_dtype)
     probs = logits.softmax(dim=-1)
 
     if args.output is None:
