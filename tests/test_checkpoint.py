@@ -71,3 +71,14 @@ def test_only_the_newest_step_checkpoints_are_kept(tmp_path, tiny_model_dir):
     for step in (2, 4, 6):
         writer.save_step(model, tok, {"global_step": step})
     assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-00000006", "step-00000004"]
+
+
+def test_tools_find_the_training_max_length_for_step_checkpoints_too(tmp_path):
+    import json
+    from training.inference import trained_max_length
+    run = tmp_path / "run"
+    for sub in ("final", "checkpoints/step-00000004"):
+        (run / sub).mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"max_length": 77}}))
+    assert trained_max_length(run / "final") == 77
+    assert trained_max_length(run / "checkpoints" / "step-00000004") == 77

@@ -139,11 +139,12 @@ def load_classifier(path, device: torch.device) -> Classifier:
 
 def trained_max_length(ckpt: Path) -> Optional[int]:
     """The --max_length the checkpoint was trained with, if its run recorded it (else None)."""
-    run_config = ckpt.parent / "config.json"  # the run directory's record, written by training
-    with contextlib.suppress(Exception):
-        value = json.loads(run_config.read_text())["config"]["max_length"]
-        if isinstance(value, int) and value > 0:
-            return value
+    # the run directory's record, written by training: RUN/final, RUN/best or RUN/checkpoints/step-N
+    for run_config in (ckpt.parent / "config.json", ckpt.parent.parent / "config.json"):
+        with contextlib.suppress(Exception):
+            value = json.loads(run_config.read_text())["config"]["max_length"]
+            if isinstance(value, int) and value > 0:
+                return value
     state = ckpt / "training_state.pt"
     if state.is_file():
         with contextlib.suppress(Exception):
