@@ -192,3 +192,15 @@ def test_length_grouping_cuts_padding_and_pads_ranks_evenly():
     ranks = [list(data.TrainBatchSampler(lengths, 32, r, 3, seed=0, group_by_length=True)) for r in range(3)]
     assert len({sum(map(len, b)) for b in ranks}) == 1  # 2001 -> 667 each; same batch count on every rank
     assert len({i for b in ranks for batch in b for i in batch}) == 2001
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_uneven_data_differs_from_one_process_only_in_the_padded_last_step(group):
+    lengths = [(i * 13) % 40 + 1 for i in range(101)]  # 101 examples on 2 ranks: one is repeated
+    single = list(data.TrainBatchSampler(lengths, 8, 0, 1, seed=1, group_by_length=group))
+    ranks = [list(data.TrainBatchSampler(lengths, 4, r, 2, seed=1, group_by_length=group)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == 13
+    for t in range(12):
+        assert sorted(ranks[0][t] + ranks[1][t]) == sorted(single[t])
+    last = ranks[0][12] + ranks[1][12]
+    assert len(last) == 6 and set(single[12]) <= set(last)  # the 5 real ones plus one repeat

@@ -230,3 +230,33 @@ def test_dataset_smaller_than_the_world_size_is_refused(tmp_path, tiny_model_dir
                     "--checkpoint_dir", tmp_path / "ck", env=env_with(hooks))
     assert proc.returncode != 0
     assert "2 training example(s) for 3 processes" in proc.stderr
+
+
+def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, tiny_model_dir):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=4))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", train, "--epochs", 1,
+              "--batch_size", 4, "--max_length", 32, "--checkpoint_dir", tmp_path, "--save_every_steps", 4,
+              "--keep_checkpoints", 3]
+    assert run_script("train_single.py", *common, "--run_name", "a").returncode == 0
+    steps = lambda run: sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())  # noqa: E731
+    assert steps("a") == ["step-00000008", "step-00000012", "step-00000016"]
+    first = weights(tmp_path / "a")
+    proc = run_script("train_single.py", *common, "--run_name", "a", "--keep_checkpoints", 1,
+                      "--resume", tmp_path / "a" / "checkpoints" / "step-00000008")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming at epoch 1, step 8" in proc.stdout
+    assert steps("a") == ["step-00000016"]  # the newest write survives pruning
+    again = weights(tmp_path / "a")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_fresh_start_in_an_unfinished_run_directory_drops_its_stale_metrics(tmp_path, tiny_model_dir):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(32, seed=4))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"event": "step", "step": 5, "loss": 9.9}\n{"event": "ep')
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--validation_file", train,
+                      "--epochs", 1, "--batch_size", 8, "--max_length", 32, "--checkpoint_dir", tmp_path, "--run_name", "r",
+                      "--resume", "auto", "--log_every", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "no checkpoint in" in proc.stdout
+    assert [r["step"] for r in records(tmp_path / "r", "step")] == [1, 2, 3, 4]  # 32 / 8: none kept from before

@@ -79,6 +79,13 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_m
               if json.loads(x)["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert (tmp_path / "ck" / "es" / "best" / "model.safetensors").is_file()
+    # resuming (or restarting) an early-stopped run trains nothing more
+    again = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
+                                                 "--early_stopping_patience", 2, "--run_name", "es",
+                                                 "--resume", "auto"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "ck" / "es" / "summary.json").read_text())["epochs_run"] == 3
+    assert "epoch 4/6" not in again.stdout
 
 
 def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir):

@@ -54,10 +54,11 @@ def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict) -> Pa
         tokenizer.save_pretrained(tmp)
         buf = io.BytesIO()
         torch.save(training_state, buf)
-        with open(tmp / TRAINING_STATE, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
+        (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
+        for f in tmp.rglob("*"):  # every file on disk before the rename makes the checkpoint visible
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
         if out_dir.exists():  # replace: move the old one aside first, so the swap is two renames
             old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
@@ -164,6 +165,14 @@ class CheckpointWriter:
         """A resumable checkpoint named by its step; only the newest ``keep`` stay."""
         path = self.save(f"{STEP_DIR}/step-{state['global_step']:08d}", model, tokenizer, state)
         if self.ctx.is_main:
-            for old in step_checkpoints(self.run_dir)[self.keep:]:
+            for old in [p for p in step_checkpoints(self.run_dir) if p != path][self.keep - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def discard_after(self, step: int) -> None:
+        """On resume: step checkpoints past the resume point belong to a continuation now abandoned."""
+        if self.ctx.is_main:
+            for path in step_checkpoints(self.run_dir):
+                if int(path.name[5:]) > step:
+                    shutil.rmtree(path, ignore_errors=True)
+        self.ctx.barrier()

@@ -100,9 +100,11 @@ class BestTracker:
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
         if saved:
             self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
+            self.stopped_early = saved.get("stopped_early", False)
 
     def state(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale}
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+                "stopped_early": self.stopped_early}
 
     def improved(self, validation: dict, epoch: int) -> bool:
         value = validation[self.key]
@@ -190,10 +192,12 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
         scheduler.load_state_dict(saved["scheduler"])
         state = engine.LoopState.restore(saved["loop"], ctx, len(prepared.label_names))
         log.truncate_records(after_step=state.global_step)  # what ran after the checkpoint runs again
+        writer.discard_after(state.global_step)  # checkpoints of the abandoned continuation
         checkpoint.set_rng_state(saved["rng"][ctx.rank])  # last: nothing below draws from the RNG before training
         log.print(f"resuming at epoch {state.epoch}, step {state.global_step} (batch {state.next_batch} of the epoch)")
     else:
         state = engine.LoopState()
+        log.truncate_records(after_step=0)  # a fresh start in a run directory that had no checkpoint yet
 
     def save_state(name: str | None = None) -> Path:
         loop = state.consolidate(ctx)  # a collective: every rank is here
@@ -215,13 +219,16 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
         return stopping
 
     def on_epoch_end(result) -> bool:
-        if tracker.improved(result.validation, result.epoch):
+        improved = tracker.improved(result.validation, result.epoch)
+        stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
+        if improved:
             save_state("best")
         save_state()  # the start of the next epoch: resumable
-        return tracker.should_stop()
+        return stopping
 
     try:
-        finished = engine.fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, ctx=ctx, log=log,
+        # an early-stopped run that is resumed (or restarted) has nothing left to train
+        finished = tracker.stopped_early or engine.fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, ctx=ctx, log=log,
                               epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
                               max_grad_norm=cfg.max_grad_norm, amp_dtype=amp_dtype, log_every=cfg.log_every,
                               state=state, after_step=after_step, on_epoch_end=on_epoch_end,

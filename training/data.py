@@ -441,7 +441,6 @@ class TrainBatchSampler(Sampler):
     def _step_batches(self) -> list:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        order += order[: self.total - len(order)]  # wrap around so every rank gets the same count
         step = self.batch_size * self.world_size * self.accum_steps
         if self.group_by_length:
             window = step * self.WINDOW
@@ -452,6 +451,10 @@ class TrainBatchSampler(Sampler):
         if self.group_by_length:
             shuffled = torch.randperm(len(full), generator=gen).tolist()
             full = [full[k] for k in shuffled]
+        if last:
+            # Wrap around into the last, partial step only, so every rank gets the same count and all
+            # earlier steps are exactly those of one process at the global batch size.
+            last[0] = last[0] + order[: self.total - len(order)]
         return full + last
 
     def __iter__(self):

@@ -111,19 +111,19 @@ class NonFiniteGuard:
     _SCALE = 2 ** 24  # encodes (step, batch) in one float64
 
     def __init__(self, device: torch.device):
-        self.first = torch.full((), -1.0, dtype=torch.float64 if device.type != "mps" else torch.float32,
+        self.first = torch.full((), float("inf"), dtype=torch.float64 if device.type != "mps" else torch.float32,
                                 device=device)
 
     def update(self, loss_sum: torch.Tensor, step: int, batch: int) -> None:
-        bad = ~torch.isfinite(loss_sum.detach()) & (self.first < 0)
+        bad = ~torch.isfinite(loss_sum.detach()) & torch.isinf(self.first)
         self.first = torch.where(bad, torch.full_like(self.first, step * self._SCALE + batch), self.first)
 
     def check(self, ctx: ProcessContext, epoch: int) -> None:
         first = self.first.clone()
-        if ctx.distributed:  # the same answer on every rank: the largest code (any bad step)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)
-        code = int(first.item())
-        if code >= 0:
+        if ctx.distributed:  # the same answer on every rank: the earliest bad step of any rank
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        if torch.isfinite(first).item():
+            code = int(first.item())
             raise NonFiniteLoss(code // self._SCALE, epoch, code % self._SCALE + 1)
 
 

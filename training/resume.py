@@ -19,7 +19,8 @@ from training.utils import UserError
 # Flags that fix the data order, the step count or the model: a resume needs them unchanged.
 MUST_MATCH = ("model", "dataset", "dataset_config", "train_file", "validation_file", "text_column", "label_column",
               "validation_fraction", "split_seed", "num_samples", "max_length", "epochs", "batch_size",
-              "grad_accum_steps", "seed", "no_group_by_length", "learning_rate", "warmup_ratio")
+              "grad_accum_steps", "seed", "no_group_by_length", "learning_rate", "warmup_ratio", "weight_decay",
+              "max_grad_norm", "metric_for_best")
 
 
 @dataclass

@@ -69,8 +69,13 @@ class RunLogger:
         path = self.run_dir / METRICS_FILE if self.run_dir else None
         if not self.enabled or path is None or not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    keep.append(line)
+            except ValueError:  # a line cut short when the process died
+                continue
         atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
 
     def write_json(self, name: str, obj) -> None:
