@@ -105,3 +105,15 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
                       "--checkpoint_dir", base / "ck", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
     return base / "ck" / "r"
+
+
+def assert_real_png(path: Path, width=(300, 4000), height=(300, 4000)) -> None:
+    """A valid PNG of a sensible size that has been drawn on (not a blank canvas)."""
+    from PIL import Image
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert width[0] <= im.width <= width[1] and height[0] <= im.height <= height[1], im.size
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None and len(colors) > 20

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import conftest  # noqa: E402
 from conftest import THREE_LABELS, run_script, synthetic_rows, write_rows
 
 from training import evaluate, inference
@@ -54,13 +54,7 @@ def assert_metrics_match(got: dict, want: dict) -> None:
 
 
 def assert_real_png(path: Path) -> None:
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert 300 <= im.width <= 4000 and 300 <= im.height <= 4000, im.size
-        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
-        assert colors is not None and len(colors) > 20  # drawn on, not a blank canvas
+    conftest.assert_real_png(path, width=(300, 4000), height=(300, 4000))
 
 
 def noisy_validation(path: Path, n: int = 60) -> tuple:

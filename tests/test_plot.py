@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import conftest  # noqa: E402
 from conftest import run_script
 
 from training import plot
@@ -38,13 +39,7 @@ def color_pixels(path: Path, rgb: tuple, tol: int = 12) -> int:
 
 
 def assert_real_png(path: Path) -> None:
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert 800 <= im.width <= 3000 and 400 <= im.height <= 2000, im.size
-        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
-        assert colors is not None and len(colors) > 20  # drawn on, not a blank canvas
+    conftest.assert_real_png(path, width=(800, 3000), height=(400, 2000))
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training import inference  # noqa: E402
-from training.utils import UserError, atomic_write_json  # noqa: E402
+from training.utils import UserError, atomic_write_json, run_tool  # noqa: E402
 
 # Training's data flags, with training's defaults and help (the fallbacks are only used if a name moves).
 DATA_FLAGS = {"dataset": (str, None), "dataset_config": (str, None), "train_file": (str, None),
@@ -189,7 +189,7 @@ def _write(target: str, write) -> Path:
 
 
 def main(argv=None) -> int:
-    return inference.run_tool(lambda: run(build_parser().parse_args(argv)))
+    return run_tool(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

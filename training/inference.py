@@ -450,13 +450,3 @@ def logits_with_progress(clf, texts: list, *, desc: str, batch_size: int, max_le
     return logits, time.perf_counter() - t0
 
 
-def run_tool(body: Callable[[], int]) -> int:
-    """Run a tool's body: a UserError is one line on stderr and exit code 2, never a traceback."""
-    try:
-        return body()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from training.utils import UserError  # noqa: E402
+from training.utils import UserError, run_tool  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 DPI = 120
@@ -307,14 +307,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+    return run_tool(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

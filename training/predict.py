@@ -22,7 +22,7 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 
 from training import inference  # noqa: E402
-from training.utils import UserError, atomic_write_bytes  # noqa: E402
+from training.utils import UserError, atomic_write_bytes, run_tool  # noqa: E402
 
 
 def build_parser() -> inference.ToolParser:
@@ -119,7 +119,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return inference.run_tool(lambda: run(build_parser().parse_args(argv)))
+    return run_tool(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

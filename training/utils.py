@@ -87,3 +87,16 @@ def atomic_write_json(path: Path, obj) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=float) + "\n")
+
+
+def run_tool(body) -> int:
+    """Run a command-line tool's body: a UserError is one line on stderr and exit code 2, never a traceback."""
+    import sys
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
