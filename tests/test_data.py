@@ -204,3 +204,31 @@ def test_uneven_data_differs_from_one_process_only_in_the_padded_last_step(group
         assert sorted(ranks[0][t] + ranks[1][t]) == sorted(single[t])
     last = ranks[0][12] + ranks[1][12]
     assert len(last) == 6 and set(single[12]) <= set(last)  # the 5 real ones plus one repeat
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("multiple", [None, 8, 32])
+@pytest.mark.parametrize("with_types", [True, False])
+def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, side, multiple, with_types):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.padding_side = side
+    texts = ["a", "a much longer text than the first one, with words", "middle sized text", "x y"]
+    rows = [dict(enc, labels=i % 2) for i, enc in
+            enumerate(tokenizer(t, return_token_type_ids=with_types) for t in texts)]
+    rows = [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
+    ours = data.PadCollator(tokenizer, multiple)(rows)
+    theirs = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(rows)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype == torch.long, key
+        assert torch.equal(ours[key], theirs[key]), key
+    assert ours["input_ids"].shape[1] % (multiple or 1) == 0
+
+
+def test_pad_collator_needs_a_padding_token(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    with pytest.raises(UserError, match="no padding token"):
+        data.PadCollator(tokenizer)
