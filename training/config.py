@@ -58,9 +58,10 @@ class TrainConfig:
                      choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32.",
                         choices=("auto", "bf16", "fp32"))
-    compile: str = _f("auto", "torch.compile for training: 'cudagraphs' (static shape buckets replayed as CUDA "
-                      "graphs), 'dynamic' (one graph for all shapes), 'off', or 'auto': cudagraphs on one CUDA GPU for runs "
-                      "of at least 6000 optimizer steps, where its compile time (about 80 s) pays back; else off.",
+    compile: str = _f("auto", "torch.compile for training: 'cudagraphs' (one compile; lengths padded to multiples of "
+                      "32, one CUDA graph replayed per shape), 'dynamic' (compile only), 'off', or 'auto': cudagraphs on "
+                      "one CUDA GPU for runs of at least 6000 optimizer steps, where its compile time (1.5-3 min) pays "
+                      "back; else off.",
                       choices=("auto", "cudagraphs", "dynamic", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
                                   "(grouping cuts padding; batches stay shuffled).")

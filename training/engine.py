@@ -45,9 +45,12 @@ def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile
     model.to(ctx.device)
     train_model = model
     if compile_model == "cudagraphs":
-        # Static shapes (the loader pads lengths to a coarse multiple), each compiled once and
-        # replayed as a CUDA graph: the host launches one graph instead of hundreds of kernels.
-        train_model = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        # One compile with symbolic shapes (fused kernels for every length), and one CUDA graph
+        # recorded per padded shape (the loader pads to a coarse multiple, so there are few):
+        # the host launches one graph instead of hundreds of kernels. Compiling per shape
+        # instead would cost a compile for each of up to max_length/32 buckets.
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # the buckets bound it
+        train_model = torch.compile(model, mode="reduce-overhead", dynamic=True)
     elif compile_model:
         # dynamic=True: one graph for every sequence length, instead of a recompile per padded shape.
         train_model = torch.compile(model, dynamic=True)
