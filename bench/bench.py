@@ -144,10 +144,9 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
         engine.train_epoch(train_model, loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp, grad_accum_steps=1,
                            max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard)
         state.epoch_metrics.compute()  # reads the totals: waits for the device
-        if epoch:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     del model, train_model, optimizer
-    return times
+    return times  # the first is the warm-up window
 
 
 def run_trainer(config, dataset, tokenizer, device, batch_size, repeats, fast: bool) -> list:
@@ -174,20 +173,25 @@ def run_trainer(config, dataset, tokenizer, device, batch_size, repeats, fast: b
             **({"train_sampling_strategy": "group_by_length", "torch_compile": True} if fast else {}))
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=DataCollatorWithPadding(tokenizer), callbacks=[Clock()])
+        _sync(device)
+        start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
     del trainer, model
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip([start] + marks, marks)]  # the first is the warm-up window
 
 
 def parse_variants(specs: list) -> dict:
-    """'ours' plus lever variants, e.g. 'ours+compile', 'ours+graphs', 'ours-group', 'ours-bf16'."""
+    """'ours' plus lever variants, e.g. 'ours+compile', 'ours+graphs', 'ours-group', 'ours-bf16', 'ours+workers4'."""
     out = {}
     for spec in specs:
         variant = {}
         for token in spec.replace("-", " -").replace("+", " +").split()[1:]:
             key, value = token[1:], token[0] == "+"
-            variant[{"workers0": "num_workers"}.get(key, key)] = 0 if key == "workers0" else value
+            if key.startswith("workers"):
+                variant["num_workers"] = int(key[len("workers"):])
+            else:
+                variant[key] = value
         out[spec] = variant
     return out
 
@@ -246,10 +250,11 @@ def main(argv=None) -> int:
                         except torch.OutOfMemoryError:
                             print(json.dumps({"event": "oom", "system": system, "model": model_name}), flush=True)
                             continue
+                        warmup, times = times[0], times[1:]
                         med = statistics.median(times)
                         row = {"event": "result", "model": model_name, "lengths": profile, "batch_size": batch_size,
                                "system": system, "examples": n, "real_tokens": int(lengths.sum()),
-                               "window_s": [round(t, 4) for t in times],
+                               "window_s": [round(t, 4) for t in times], "warmup_s": round(warmup, 1),
                                "samples_per_s": n / med, "tokens_per_s": lengths.sum() / med,
                                "spread_pct": 100 * (max(times) - min(times)) / med,
                                "tflops": flops / med / 1e12, "mfu": flops / med / 1e12 / peak if peak == peak else None,
@@ -273,14 +278,15 @@ def print_table(rows: list, env: dict) -> None:
     print(f"\n{env['device']} | torch {env['torch']} | transformers {env['transformers']} | {env['date']} | "
           f"bf16 matmul {env['bf16_matmul_tflops']} TFLOP/s")
     head = f"{'model':<11}{'lengths':<8}{'batch':>6}  {'system':<18}{'samples/s':>10}{'tokens/s':>11}" \
-           f"{'spread':>8}{'TFLOP/s':>9}{'MFU':>7}{'vs Trainer':>11}"
+           f"{'spread':>8}{'TFLOP/s':>9}{'MFU':>7}{'vs Trainer':>11}{'warm-up':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         ratio = f"{r['vs_trainer']:.2f}x" if r.get("vs_trainer") else "-"
         print(f"{r['model']:<11}{r['lengths']:<8}{r['batch_size']:>6}  {r['system']:<18}{r['samples_per_s']:>10.0f}"
-              f"{r['tokens_per_s']:>11.0f}{r['spread_pct']:>7.1f}%{r['tflops']:>9.1f}{mfu:>7}{ratio:>11}")
+              f"{r['tokens_per_s']:>11.0f}{r['spread_pct']:>7.1f}%{r['tflops']:>9.1f}{mfu:>7}{ratio:>11}"
+              f"{r['warmup_s']:>8.1f}s")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def main() -> None:
     p.add_argument("--lengths", default="short")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", default="off",
+                   help="off | dynamic | cudagraphs (use --pad_multiple 32 as training does)")
+    p.add_argument("--pad_multiple", type=int, default=None)
+    p.add_argument("--kernels", type=int, default=10, help="rows of the CUDA kernel table")
     p.add_argument("--num_workers", type=int, default=None)
     args = p.parse_args()
     from transformers import AutoModelForSequenceClassification
@@ -46,9 +49,11 @@ def main() -> None:
     ctx = ProcessContext(0, 0, 1, device)
     data = TokenizedData(ds.with_format("torch"), ds.select(range(8)).with_format("torch"), ["0", "1"], {})
     loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
-                             num_workers=args.num_workers)
+                             num_workers=args.num_workers, pad_multiple=args.pad_multiple)
     model = AutoModelForSequenceClassification.from_config(cfg)
-    train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=None if args.compile == "off" else args.compile)
+    peak = B.measure_matmul_tflops(device)
+    flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
     opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
 
@@ -88,16 +93,25 @@ def main() -> None:
     def full():
         epoch_over(loader)
 
+    t0 = time.perf_counter()
     steps_only()  # warm-up (and compile)
-    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} workers={args.num_workers}: "
-          f"loader {timed(loader_only):.2f} ms/step | steps on GPU batches {timed(steps_only):.2f} ms/step | "
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    step_ms = timed(steps_only)
+    tflops = flops / args.steps / (step_ms / 1e3) / 1e12
+    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} pad={args.pad_multiple} "
+          f"workers={args.num_workers}: warm-up {warm:.1f} s | loader {timed(loader_only):.2f} ms/step | "
+          f"steps on GPU batches {step_ms:.2f} ms/step = {args.batch_size / step_ms * 1e3:.0f} samples/s, "
+          f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}% (bf16 matmul {peak:.0f}) | "
           f"engine epoch {timed(full):.2f} ms/step", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         steps_only()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
+    if args.kernels:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels,
+                                        max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,18 @@ def test_bench_tiny_runs_ours_and_trainer_and_reports_consistent_numbers(tmp_pat
     assert set(rows) == {"ours", "trainer"}
     for r in rows.values():
         assert len(r["window_s"]) == 2 and all(t > 0 for t in r["window_s"])
+        assert r["warmup_s"] > 0  # the untimed first window is reported apart, not in the median
         # the median of two windows is their mean (window_s is rounded to 0.1 ms, hence the tolerance)
         assert math.isclose(r["samples_per_s"], r["examples"] / (sum(r["window_s"]) / 2), rel_tol=1e-2)
         assert math.isclose(r["tokens_per_s"] / r["samples_per_s"], r["real_tokens"] / r["examples"], rel_tol=1e-9)
     assert math.isclose(rows["ours"]["vs_trainer"], rows["ours"]["samples_per_s"] / rows["trainer"]["samples_per_s"])
     assert rows["trainer"]["vs_trainer"] == 1.0
     assert "samples/s" in proc.stdout and "vs Trainer" in proc.stdout
+
+
+def test_bench_variant_names_parse_into_levers():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench
+    assert bench.parse_variants(["ours", "ours+graphs-group+workers4", "ours-bf16+workers0"]) == {
+        "ours": {}, "ours+graphs-group+workers4": {"graphs": True, "group": False, "num_workers": 4},
+        "ours-bf16+workers0": {"bf16": False, "num_workers": 0}}
