@@ -25,8 +25,8 @@ from training.utils import UserError, autocast_dtype, set_seed
 
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to capture.
 CUDAGRAPH_PAD_MULTIPLE = 32
-# Measured on an H100 (BENCHMARKS.md): capture costs ~80 s and saves ~13 ms a step at batch 32,
-# so graphs pay back after ~6000 steps; shorter runs stay eager under --compile auto.
+# Measured on an H100 (BENCHMARKS.md): the compile costs 75-170 s and graphs save 17-26 ms a step at
+# batch 32, so they pay back after ~5000-6000 steps; shorter runs stay eager under --compile auto.
 CUDAGRAPH_MIN_STEPS = 6000
 
 
