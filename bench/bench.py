@@ -50,7 +50,9 @@ MODELS = {
 }
 # token-length profiles: lognormal around a median, clipped to [min, max] (IMDB-like reviews pile up at 512)
 LENGTHS = {"short": (20, 0.55, 4, 128), "long": (260, 0.6, 32, 512), "tiny": (12, 0.5, 3, 32)}
-SYSTEMS = ("ours", "trainer", "trainer-fast")
+TRAINERS = ("trainer", "trainer-fast")
+# levers a system name can turn on (+) or off (-): ours+graphs, ours-group, ...
+LEVERS = ("graphs", "compile", "group", "bf16")
 
 
 def make_config(name: str):
@@ -188,10 +190,13 @@ def parse_variants(specs: list) -> dict:
         variant = {}
         for token in spec.replace("-", " -").replace("+", " +").split()[1:]:
             key, value = token[1:], token[0] == "+"
-            if key.startswith("workers"):
+            if key.startswith("workers") and key[len("workers"):].isdigit() and value:
                 variant["num_workers"] = int(key[len("workers"):])
-            else:
+            elif key in LEVERS:
                 variant[key] = value
+            else:
+                raise ValueError(f"unknown lever {token!r} in {spec!r}: use +/- with one of "
+                                 f"{', '.join(LEVERS)}, or +workersN")
         out[spec] = variant
     return out
 
@@ -201,9 +206,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="distilbert,bert-base,minilm")
     p.add_argument("--lengths", default="short,long")
     p.add_argument("--batch_sizes", default="32,256")
-    p.add_argument("--systems", default="ours,trainer,trainer-fast",
+    p.add_argument("--systems", default=None,
                    help="comma list of: ours (and variants such as ours+compile, ours-group, ours-bf16, "
-                        "ours+workers0), trainer, trainer-fast")
+                        "ours+workers0), trainer, trainer-fast (default: ours,ours+graphs,trainer,trainer-fast "
+                        "on CUDA; ours,trainer with --tiny)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per timed window (= one epoch of data)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per system, after one warm-up window")
     p.add_argument("--tiny", action="store_true", help="tiny model and data on the CPU: a smoke test")
@@ -214,13 +220,21 @@ def main(argv=None) -> int:
         args.models, args.lengths, args.batch_sizes, args.device = "tiny", "tiny", "8", "cpu"
         args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 2)
     device = torch.device(args.device)
+    systems = (args.systems or ("ours,trainer" if args.tiny else "ours,ours+graphs,trainer,trainer-fast")).split(",")
+    try:
+        ours_variants = parse_variants([s for s in systems if s.startswith("ours")])
+    except ValueError as exc:
+        p.error(str(exc))
+    unknown = [s for s in systems if not s.startswith("ours") and s not in TRAINERS]
+    if unknown:
+        p.error(f"unknown system {unknown[0]!r}: choose ours[+LEVER|-LEVER...], trainer or trainer-fast")
+    if device.type != "cuda" and any(v.get("graphs") for v in ours_variants.values()):
+        p.error("the +graphs variants need a CUDA device (CUDA graphs)")
     peak = measure_matmul_tflops(device)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "date": time.strftime("%Y-%m-%d"), "bf16_matmul_tflops": round(peak, 1)}
     print(json.dumps({"event": "env", **env}), flush=True)
-    systems = args.systems.split(",")
-    ours_variants = parse_variants([s for s in systems if s.startswith("ours")])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
                                **env}
                         results[system] = row
                         print(json.dumps(row), flush=True)
-                    baseline = max((results[s]["samples_per_s"] for s in ("trainer", "trainer-fast") if s in results),
+                    baseline = max((results[s]["samples_per_s"] for s in TRAINERS if s in results),
                                    default=None)
                     for row in results.values():
                         row["vs_trainer"] = row["samples_per_s"] / baseline if baseline else None

@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, cli_env
 
 
@@ -32,3 +34,15 @@ def test_bench_variant_names_parse_into_levers():
     assert bench.parse_variants(["ours", "ours+graphs-group+workers4", "ours-bf16+workers0"]) == {
         "ours": {}, "ours+graphs-group+workers4": {"graphs": True, "group": False, "num_workers": 4},
         "ours-bf16+workers0": {"bf16": False, "num_workers": 0}}
+
+
+@pytest.mark.parametrize("systems, message", [
+    ("ours,trainr", "unknown system 'trainr'"),
+    ("ours+grphs", "unknown lever '+grphs'"),
+    ("ours+graphs", "need a CUDA device"),
+])
+def test_bench_refuses_unknown_systems_and_levers(systems, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--systems", systems],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
