@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import pipeline
 
 from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+from training.utils import UserError
 
 
 def read_metrics(run_dir: Path, event: str) -> list:
@@ -87,6 +89,8 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
         "zero num_samples": (["--num_samples", 0], "--num_samples must be positive"),
         "cudagraphs without CUDA": (["--compile", "cudagraphs", *m, "--train_file", good, "--device", "cpu"],
                                     "--compile cudagraphs needs a CUDA device"),
+        "cudagraphs with accumulation": (["--compile", "cudagraphs", *m, "--train_file", good, "--grad_accum_steps", 2],
+                                         "--compile cudagraphs cannot be combined with --grad_accum_steps above 1"),
         "unknown model dir": (["--model", tmp_path / "no-model"], "cannot load model"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
         "unwritable checkpoint dir": ([*m, "--train_file", good, "--checkpoint_dir", tmp_path / "a_file" / "x"],
@@ -97,7 +101,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
 CASES = ["missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
          "zero batch size", "negative learning rate", "zero num_samples", "unknown model dir",
-         "unknown hub model", "unwritable checkpoint dir", "cudagraphs without CUDA"]
+         "unknown hub model", "unwritable checkpoint dir", "cudagraphs without CUDA", "cudagraphs with accumulation"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -121,3 +125,29 @@ def test_help_explains_every_flag():
     import dataclasses
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in proc.stdout
+
+
+@pytest.mark.parametrize("device, world, accum, skip, steps, expected", [
+    ("cuda", 1, 1, False, 6000, "cudagraphs"),
+    ("cuda", 1, 1, False, 5999, "off"),      # too short for the compile to pay back
+    ("cuda", 1, 2, False, 10 ** 5, "off"),   # accumulation keeps .grad across graph replays
+    ("cuda", 1, 1, True, 10 ** 5, "off"),    # a skipped backward leaves the graphs waiting
+    ("cuda", 2, 1, False, 10 ** 5, "off"),   # DDP stays eager
+    ("cpu", 1, 1, False, 10 ** 5, "off"),
+])
+def test_auto_compile_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, steps, expected):
+    from training.cli import choose_compile
+    from training.config import TrainConfig
+    from training.distributed import ProcessContext
+    cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
+    ctx = ProcessContext(0, 0, world, torch.device(device))
+    assert choose_compile(cfg, ctx, planned_steps=steps) == expected
+
+
+def test_explicit_cuda_graphs_refuse_skip_nonfinite():
+    from training.cli import choose_compile
+    from training.config import TrainConfig
+    from training.distributed import ProcessContext
+    cfg = TrainConfig(compile="cudagraphs", skip_nonfinite=True)
+    with pytest.raises(UserError, match="cannot be combined with --skip_nonfinite"):
+        choose_compile(cfg, ProcessContext(0, 0, 1, torch.device("cuda")), planned_steps=10)

@@ -26,8 +26,28 @@ from training.utils import UserError, autocast_dtype, set_seed
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to capture.
 CUDAGRAPH_PAD_MULTIPLE = 32
 # Measured on an H100 (BENCHMARKS.md): the compile costs 75-170 s and graphs save 17-26 ms a step at
-# batch 32, so they pay back after ~5000-6000 steps; shorter runs stay eager under --compile auto.
+# batch 32, so they pay back after ~4000-7000 steps; shorter runs stay eager under --compile auto.
 CUDAGRAPH_MIN_STEPS = 6000
+
+
+def choose_compile(cfg: TrainConfig, ctx: ProcessContext, *, planned_steps: int) -> str:
+    """The compile mode to train with: 'auto' resolved, and combinations CUDA graphs cannot serve refused.
+
+    CUDA graphs replay into memory that the next replay overwrites: a gradient kept in ``.grad``
+    across micro-batches (accumulation) can be such memory, and a forward whose backward is skipped
+    (a non-finite step) leaves the graphs waiting for it. Those runs stay eager.
+    """
+    unfit = ("--grad_accum_steps above 1" if cfg.grad_accum_steps > 1 else
+             "--skip_nonfinite" if cfg.skip_nonfinite else None)
+    if cfg.compile == "auto":
+        fit = ctx.device.type == "cuda" and not ctx.distributed and unfit is None
+        return "cudagraphs" if fit and planned_steps >= CUDAGRAPH_MIN_STEPS else "off"
+    if cfg.compile == "cudagraphs":
+        if unfit:
+            raise UserError(f"--compile cudagraphs cannot be combined with {unfit}; use --compile dynamic or off")
+        if ctx.device.type != "cuda":
+            raise UserError("--compile cudagraphs needs a CUDA device")
+    return cfg.compile
 
 
 def _git_commit() -> str | None:
@@ -159,13 +179,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
               + (f"resumed from {resume_from}" if saved else f"new head for {len(prepared.label_names)} labels"))
 
-    compile_mode = cfg.compile
-    if compile_mode == "auto":
-        planned_steps = cfg.epochs * math.ceil(len(prepared.train) / global_batch)
-        long_enough = planned_steps >= CUDAGRAPH_MIN_STEPS
-        compile_mode = "cudagraphs" if ctx.device.type == "cuda" and not ctx.distributed and long_enough else "off"
-    if compile_mode == "cudagraphs" and ctx.device.type != "cuda":
-        raise UserError("--compile cudagraphs needs a CUDA device")
+    compile_mode = choose_compile(cfg, ctx, planned_steps=cfg.epochs * math.ceil(len(prepared.train) / global_batch))
     log.print(f"compile: {compile_mode}")
     train_loader, eval_loader = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,

@@ -60,8 +60,8 @@ class TrainConfig:
                         choices=("auto", "bf16", "fp32"))
     compile: str = _f("auto", "torch.compile for training: 'cudagraphs' (one compile; lengths padded to multiples of "
                       "32, one CUDA graph replayed per shape), 'dynamic' (compile only), 'off', or 'auto': cudagraphs on "
-                      "one CUDA GPU for runs of at least 6000 optimizer steps, where its compile time (1.5-3 min) pays "
-                      "back; else off.",
+                      "one CUDA GPU for runs of at least 6000 optimizer steps (where its compile, 75-170 s, pays "
+                      "back) without --grad_accum_steps or --skip_nonfinite; else off.",
                       choices=("auto", "cudagraphs", "dynamic", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
                                   "(grouping cuts padding; batches stay shuffled).")

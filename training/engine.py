@@ -49,7 +49,8 @@ def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile
         # recorded per padded shape (the loader pads to a coarse multiple, so there are few):
         # the host launches one graph instead of hundreds of kernels. Compiling per shape
         # instead would cost a compile for each of up to max_length/32 buckets.
-        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None  # the buckets bound it
+        # Torch warns past 8 recorded shapes; 16 length buckets x a last, smaller batch is expected here.
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = 64
         train_model = torch.compile(model, mode="reduce-overhead", dynamic=True)
     elif compile_model:
         # dynamic=True: one graph for every sequence length, instead of a recompile per padded shape.
