@@ -128,7 +128,7 @@ def test_prepare_data_tokenizes_once_and_reuses_the_cache(tmp_path, tiny_model_d
     stamp = (entries[0] / "meta.json").stat().st_mtime_ns
     second = data.prepare_data(source, tok, ctx, **kw)
     assert (entries[0] / "meta.json").stat().st_mtime_ns == stamp  # not rebuilt
-    assert first.train["input_ids"][0].tolist() == second.train["input_ids"][0].tolist()
+    assert list(first.train["input_ids"][0]) == list(second.train["input_ids"][0])
     assert max(len(x) for x in first.train["input_ids"]) <= 16  # truncated, not padded
     kw["max_length"] = 32
     data.prepare_data(source, tok, ctx, **kw)
@@ -209,10 +209,15 @@ def test_uneven_data_differs_from_one_process_only_in_the_padded_last_step(group
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("multiple", [None, 8, 32])
 @pytest.mark.parametrize("with_types", [True, False])
-def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, side, multiple, with_types):
+@pytest.mark.parametrize("variant", ["bert", "type pad id 3", "no attention mask"])
+def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, side, multiple, with_types, variant):
     from transformers import AutoTokenizer, DataCollatorWithPadding
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.padding_side = side
+    if variant == "type pad id 3":  # as XLNet's tokenizer pads token types
+        tokenizer._pad_token_type_id = 3  # what its property reads; there is no setter
+    elif variant == "no attention mask":  # as FNet's tokenizer, whose model takes no mask
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "attention_mask"]
     texts = ["a", "a much longer text than the first one, with words", "middle sized text", "x y"]
     rows = [dict(enc, labels=i % 2) for i, enc in
             enumerate(tokenizer(t, return_token_type_ids=with_types) for t in texts)]

@@ -379,7 +379,6 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
         raise UserError(error)
     meta = json.loads((Path(path) / "meta.json").read_text())
     tokenized = datasets.load_from_disk(str(Path(path) / "splits"))
-    tokenized.set_format("torch")
     return TokenizedData(tokenized["train"], tokenized["validation"], meta["label_names"], meta["info"])
 
 
@@ -501,8 +500,8 @@ class ShardSampler(Sampler):
 class PadCollator:
     """Pads a batch of tokenized rows (plain lists) to its longest row, rounded up to ``multiple``.
 
-    The same tensors as transformers' ``DataCollatorWithPadding`` (pad id, padding side, zero
-    attention mask and token type ids on the padding), built with numpy: about 10x faster on
+    The same tensors as transformers' ``DataCollatorWithPadding`` (pad id, padding side, pad token
+    type id, zero attention mask on the padding, a mask only for models that take one), built with numpy: about 10x faster on
     batches of 256 (1.5 ms instead of 15 ms on one CPU core), so the loader keeps up with the GPU.
     """
 
@@ -510,19 +509,23 @@ class PadCollator:
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no padding token; batches of different lengths need one")
         self.pad_id, self.left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
+        self.type_pad_id = tokenizer.pad_token_type_id
+        self.with_mask = "attention_mask" in tokenizer.model_input_names
         self.multiple = multiple or 1
 
     def __call__(self, rows: list) -> dict:
         lengths = [len(r["input_ids"]) for r in rows]
         width = -(-max(lengths) // self.multiple) * self.multiple
-        out = {"input_ids": np.full((len(rows), width), self.pad_id, dtype=np.int64),
-               "attention_mask": np.zeros((len(rows), width), dtype=np.int64)}
+        out = {"input_ids": np.full((len(rows), width), self.pad_id, dtype=np.int64)}
+        if self.with_mask:
+            out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
         if "token_type_ids" in rows[0]:
-            out["token_type_ids"] = np.zeros((len(rows), width), dtype=np.int64)
+            out["token_type_ids"] = np.full((len(rows), width), self.type_pad_id, dtype=np.int64)
         for i, (row, n) in enumerate(zip(rows, lengths)):
             cols = slice(width - n, width) if self.left else slice(0, n)
             out["input_ids"][i, cols] = row["input_ids"]
-            out["attention_mask"][i, cols] = row["attention_mask"] if "attention_mask" in row else 1
+            if self.with_mask:
+                out["attention_mask"][i, cols] = row["attention_mask"] if "attention_mask" in row else 1
             if "token_type_ids" in out:
                 out["token_type_ids"][i, cols] = row["token_type_ids"]
         batch = {k: torch.from_numpy(v) for k, v in out.items()}
