@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                         med = statistics.median(times)
                         row = {"event": "result", "model": model_name, "lengths": profile, "batch_size": batch_size,
                                "system": system, "examples": n, "real_tokens": int(lengths.sum()),
-                               "window_s": [round(t, 4) for t in times], "warmup_s": round(warmup, 1),
+                               "window_s": [round(t, 4) for t in times], "warmup_s": round(warmup, 4),
                                "samples_per_s": n / med, "tokens_per_s": lengths.sum() / med,
                                "spread_pct": 100 * (max(times) - min(times)) / med,
                                "tflops": flops / med / 1e12, "mfu": flops / med / 1e12 / peak if peak == peak else None,
