@@ -33,9 +33,9 @@ def main() -> None:
     p.add_argument("--lengths", default="short")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--compile", default="off",
-                   help="off | dynamic | cudagraphs (use --pad_multiple 32 as training does)")
-    p.add_argument("--pad_multiple", type=int, default=None)
+    p.add_argument("--compile", default="off", choices=("on", "off"), help="torch.compile the model (dynamic shapes)")
+    p.add_argument("--graphs", default="off", choices=("on", "off"), help="CUDA graphs of whole steps")
+    p.add_argument("--pad_multiple", type=int, default=None, help="training pads to 32 with graphs on")
     p.add_argument("--kernels", type=int, default=10, help="rows of the CUDA kernel table")
     p.add_argument("--num_workers", type=int, default=None)
     args = p.parse_args()
@@ -51,11 +51,13 @@ def main() -> None:
     loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
                              num_workers=args.num_workers, pad_multiple=args.pad_multiple)
     model = AutoModelForSequenceClassification.from_config(cfg)
-    train_model = engine.prepare_for_training(model, ctx, compile_model=None if args.compile == "off" else args.compile)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile == "on")
     peak = B.measure_matmul_tflops(device)
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
     opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
+    graphs = engine.StepGraphs(train_model, opt, amp_dtype=torch.bfloat16, max_grad_norm=1.0, num_labels=2,
+                               device=device) if args.graphs == "on" else None
 
     def timed(fn, reps=3):
         out = []
@@ -84,7 +86,8 @@ def main() -> None:
     def epoch_over(batches_source):
         state = engine.LoopState(epoch_metrics=ClassificationMetrics(device, 2), interval=ClassificationMetrics(device))
         engine.train_epoch(train_model, batches_source, opt, sch, ctx=ctx, amp_dtype=torch.bfloat16,
-                           grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard)
+                           grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard,
+                           graphs=graphs)
         state.epoch_metrics.compute()
 
     def steps_only():
@@ -94,12 +97,13 @@ def main() -> None:
         epoch_over(loader)
 
     t0 = time.perf_counter()
-    steps_only()  # warm-up (and compile)
+    steps_only()  # warm-up: compile, and the first (eager) batch of each shape
+    steps_only()  # the second batch of each shape records its graph
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
     step_ms = timed(steps_only)
     tflops = flops / args.steps / (step_ms / 1e3) / 1e12
-    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} pad={args.pad_multiple} "
+    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} graphs={args.graphs} pad={args.pad_multiple} "
           f"workers={args.num_workers}: warm-up {warm:.1f} s | loader {timed(loader_only):.2f} ms/step | "
           f"steps on GPU batches {step_ms:.2f} ms/step = {args.batch_size / step_ms * 1e3:.0f} samples/s, "
           f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}% (bf16 matmul {peak:.0f}) | "

@@ -87,10 +87,9 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
         "zero batch size": (["--batch_size", 0], "--batch_size must be positive"),
         "negative learning rate": (["--learning_rate=-1e-5"], "--learning_rate must be positive"),
         "zero num_samples": (["--num_samples", 0], "--num_samples must be positive"),
-        "cudagraphs without CUDA": (["--compile", "cudagraphs", *m, "--train_file", good, "--device", "cpu"],
-                                    "--compile cudagraphs needs a CUDA device"),
-        "cudagraphs with accumulation": (["--compile", "cudagraphs", *m, "--train_file", good, "--grad_accum_steps", 2],
-                                         "--compile cudagraphs cannot be combined with --grad_accum_steps above 1"),
+        "graphs without CUDA": (["--cuda_graphs", "on", *m, "--train_file", good, "--device", "cpu"],
+                                "--cuda_graphs on needs a CUDA device"),
+        "bad compile value": (["--compile", "cudagraphs"], "argument --compile: invalid choice: 'cudagraphs'"),
         "unknown model dir": (["--model", tmp_path / "no-model"], "cannot load model"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
         "unwritable checkpoint dir": ([*m, "--train_file", good, "--checkpoint_dir", tmp_path / "a_file" / "x"],
@@ -101,7 +100,8 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
 CASES = ["missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
          "zero batch size", "negative learning rate", "zero num_samples", "unknown model dir",
-         "unknown hub model", "unwritable checkpoint dir", "cudagraphs without CUDA", "cudagraphs with accumulation"]
+         "unknown hub model", "unwritable checkpoint dir", "graphs without CUDA",
+         "bad compile value"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -128,26 +128,42 @@ def test_help_explains_every_flag():
 
 
 @pytest.mark.parametrize("device, world, accum, skip, steps, expected", [
-    ("cuda", 1, 1, False, 6000, "cudagraphs"),
-    ("cuda", 1, 1, False, 5999, "off"),      # too short for the compile to pay back
-    ("cuda", 1, 2, False, 10 ** 5, "off"),   # accumulation keeps .grad across graph replays
-    ("cuda", 1, 1, True, 10 ** 5, "off"),    # a skipped backward leaves the graphs waiting
-    ("cuda", 2, 1, False, 10 ** 5, "off"),   # DDP stays eager
-    ("cpu", 1, 1, False, 10 ** 5, "off"),
+    ("cuda", 1, 1, False, 6000, (True, True)),
+    ("cuda", 1, 1, False, 5999, (False, True)),    # too short for the compile to pay back; graphs cost ~nothing
+    ("cuda", 1, 2, False, 10 ** 5, (False, False)),  # a step of several micro-batches is not one replay
+    ("cuda", 1, 1, True, 10 ** 5, (False, False)),   # knowing whether to skip a step is a host sync
+    ("cuda", 2, 1, False, 10 ** 5, (False, False)),  # DDP stays eager
+    ("cpu", 1, 1, False, 10 ** 5, (False, False)),
 ])
-def test_auto_compile_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, steps, expected):
-    from training.cli import choose_compile
+def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, steps, expected):
+    from training.cli import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
     ctx = ProcessContext(0, 0, world, torch.device(device))
-    assert choose_compile(cfg, ctx, planned_steps=steps) == expected
+    assert choose_speed(cfg, ctx, planned_steps=steps) == expected
 
 
-def test_explicit_cuda_graphs_refuse_skip_nonfinite():
-    from training.cli import choose_compile
+@pytest.mark.parametrize("world, accum, skip, message", [
+    (1, 1, True, "does not work with --skip_nonfinite"),
+    (1, 4, False, "does not work with --grad_accum_steps above 1"),
+    (2, 1, False, r"does not work with torchrun \(DDP\)"),
+])
+def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, message):
+    from training.cli import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
-    cfg = TrainConfig(compile="cudagraphs", skip_nonfinite=True)
-    with pytest.raises(UserError, match="cannot be combined with --skip_nonfinite"):
-        choose_compile(cfg, ProcessContext(0, 0, 1, torch.device("cuda")), planned_steps=10)
+    cfg = TrainConfig(cuda_graphs="on", grad_accum_steps=accum, skip_nonfinite=skip)
+    with pytest.raises(UserError, match=message):
+        choose_speed(cfg, ProcessContext(0, 0, world, torch.device("cuda")), planned_steps=10)
+
+
+def test_explicit_settings_win_over_auto():
+    from training.cli import choose_speed
+    from training.config import TrainConfig
+    from training.distributed import ProcessContext
+    ctx = ProcessContext(0, 0, 1, torch.device("cuda"))
+    assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_steps=10) == (True, False)
+    assert choose_speed(TrainConfig(compile="off"), ctx, planned_steps=10 ** 6) == (False, True)
+    assert choose_speed(TrainConfig(compile="on"), ProcessContext(0, 0, 1, torch.device("cpu")),
+                        planned_steps=10) == (True, False)

@@ -23,31 +23,29 @@ from training.runlog import RunLogger
 from training.utils import UserError, autocast_dtype, set_seed
 
 
-# Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to capture.
+# Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to record.
 CUDAGRAPH_PAD_MULTIPLE = 32
-# Measured on an H100 (BENCHMARKS.md): the compile costs 75-170 s and graphs save 17-26 ms a step at
-# batch 32, so they pay back after ~4000-7000 steps; shorter runs stay eager under --compile auto.
-CUDAGRAPH_MIN_STEPS = 6000
+# torch.compile's 1-3 minutes pay back only in long runs (BENCHMARKS.md): below this, --compile auto is off.
+COMPILE_MIN_STEPS = 6000
 
 
-def choose_compile(cfg: TrainConfig, ctx: ProcessContext, *, planned_steps: int) -> str:
-    """The compile mode to train with: 'auto' resolved, and combinations CUDA graphs cannot serve refused.
+def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_steps: int) -> tuple[bool, bool]:
+    """(compile, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
 
-    CUDA graphs replay into memory that the next replay overwrites: a gradient kept in ``.grad``
-    across micro-batches (accumulation) can be such memory, and a forward whose backward is skipped
-    (a non-finite step) leaves the graphs waiting for it. Those runs stay eager.
+    A graph replays one whole optimizer step: a step of several micro-batches (accumulation) or one
+    that may be skipped (a non-finite loss, which needs a host sync to know) does not fit it, and
+    under DDP the gradient all-reduce would have to be recorded too (not done here).
     """
-    unfit = ("--grad_accum_steps above 1" if cfg.grad_accum_steps > 1 else
+    unfit = ("a CUDA device" if ctx.device.type != "cuda" else
+             "torchrun (DDP)" if ctx.distributed else
+             "--grad_accum_steps above 1" if cfg.grad_accum_steps > 1 else
              "--skip_nonfinite" if cfg.skip_nonfinite else None)
-    if cfg.compile == "auto":
-        fit = ctx.device.type == "cuda" and not ctx.distributed and unfit is None
-        return "cudagraphs" if fit and planned_steps >= CUDAGRAPH_MIN_STEPS else "off"
-    if cfg.compile == "cudagraphs":
-        if unfit:
-            raise UserError(f"--compile cudagraphs cannot be combined with {unfit}; use --compile dynamic or off")
-        if ctx.device.type != "cuda":
-            raise UserError("--compile cudagraphs needs a CUDA device")
-    return cfg.compile
+    if cfg.cuda_graphs == "on" and unfit:
+        raise UserError(f"--cuda_graphs on does not work with {unfit}" if unfit != "a CUDA device"
+                        else "--cuda_graphs on needs a CUDA device")
+    graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and unfit is None)
+    compile_model = cfg.compile == "on" or (cfg.compile == "auto" and graphs and planned_steps >= COMPILE_MIN_STEPS)
+    return compile_model, graphs
 
 
 def _git_commit() -> str | None:
@@ -179,27 +177,30 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
               + (f"resumed from {resume_from}" if saved else f"new head for {len(prepared.label_names)} labels"))
 
-    compile_mode = choose_compile(cfg, ctx, planned_steps=cfg.epochs * math.ceil(len(prepared.train) / global_batch))
-    log.print(f"compile: {compile_mode}")
+    compile_model, use_graphs = choose_speed(cfg, ctx, planned_steps=cfg.epochs * math.ceil(len(prepared.train) / global_batch))
+    log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'}")
     train_loader, eval_loader = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers,
         group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps,
-        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if compile_mode == "cudagraphs" else None)
+        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None)
     if not saved:
         log.write_json("config.json", {
             "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
-            "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_mode,
+            "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model,
+            "cuda_graphs": use_graphs,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)
 
-    train_model = engine.prepare_for_training(model, ctx, compile_model=None if compile_mode == "off" else compile_mode)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=compile_model)
     optimizer = engine.build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=ctx.device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                        warmup_ratio=cfg.warmup_ratio)
     writer = checkpoint.CheckpointWriter(run_dir, ctx, keep=cfg.keep_checkpoints)
+    graphs = engine.StepGraphs(train_model, optimizer, amp_dtype=amp_dtype, max_grad_norm=cfg.max_grad_norm,
+                               num_labels=len(prepared.label_names), device=ctx.device) if use_graphs else None
     tracker = BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, log, saved["tracker"] if saved else None)
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
@@ -246,7 +247,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
                               epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
                               max_grad_norm=cfg.max_grad_norm, amp_dtype=amp_dtype, log_every=cfg.log_every,
                               state=state, after_step=after_step, on_epoch_end=on_epoch_end,
-                              skip_nonfinite=cfg.skip_nonfinite)
+                              skip_nonfinite=cfg.skip_nonfinite, graphs=graphs)
     except engine.NonFiniteLoss as exc:
         kept = checkpoint.step_checkpoints(run_dir)
         raise UserError(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "

@@ -58,11 +58,15 @@ class TrainConfig:
                      choices=("auto", "cpu", "cuda", "mps"))
     precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32.",
                         choices=("auto", "bf16", "fp32"))
-    compile: str = _f("auto", "torch.compile for training: 'cudagraphs' (one compile; lengths padded to multiples of "
-                      "32, one CUDA graph replayed per shape), 'dynamic' (compile only), 'off', or 'auto': cudagraphs on "
-                      "one CUDA GPU for runs of at least 6000 optimizer steps (where its compile, 75-170 s, pays "
-                      "back) without --grad_accum_steps or --skip_nonfinite; else off.",
-                      choices=("auto", "cudagraphs", "dynamic", "off"))
+    cuda_graphs: str = _f("auto", "Record each training step (forward, backward, clipping, AdamW) once per batch "
+                          "shape as a CUDA graph and replay it: lengths are padded to multiples of 32 so there are "
+                          "few shapes. 'auto': on with one CUDA GPU (not under torchrun) and without "
+                          "--grad_accum_steps or --skip_nonfinite; 'on' fails where it cannot serve.",
+                          choices=("auto", "on", "off"))
+    compile: str = _f("auto", "torch.compile the model (dynamic shapes: one compile for every length; it takes "
+                      "1-3 minutes on a GPU). 'auto': on together with CUDA graphs for runs of at least "
+                      "6000 optimizer steps, where the compile pays back; else off.",
+                      choices=("auto", "on", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
                                   "(grouping cuts padding; batches stay shuffled).")
     num_workers: Optional[int] = _f(None, "DataLoader worker processes (default: 0 on CPU, 2 on GPU).")

@@ -19,10 +19,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from training.checkpoint import unwrap
 from training.distributed import ProcessContext
+from training.graphs import MODEL_INPUTS, StepGraphs
 from training.metrics import ClassificationMetrics
 from training.runlog import RunLogger
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
@@ -37,23 +37,15 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
-def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model) -> torch.nn.Module:
+def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool) -> torch.nn.Module:
     """Move to the device, compile if asked, wrap in DDP under torchrun. Returns the module to train with.
 
     ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper.
     """
     model.to(ctx.device)
     train_model = model
-    if compile_model == "cudagraphs":
-        # One compile with symbolic shapes (fused kernels for every length), and one CUDA graph
-        # recorded per padded shape (the loader pads to a coarse multiple, so there are few):
-        # the host launches one graph instead of hundreds of kernels. Compiling per shape
-        # instead would cost a compile for each of up to max_length/32 buckets.
-        # Torch warns past 8 recorded shapes; 16 length buckets x a last, smaller batch is expected here.
-        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = 64
-        train_model = torch.compile(model, mode="reduce-overhead", dynamic=True)
-    elif compile_model:
-        # dynamic=True: one graph for every sequence length, instead of a recompile per padded shape.
+    if compile_model:
+        # dynamic=True: one compile for every sequence length, instead of a recompile per padded shape.
         train_model = torch.compile(model, dynamic=True)
     if ctx.distributed:
         ddp_args = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
@@ -179,8 +171,10 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
                 max_grad_norm: float, log_every: int, state: LoopState, guard: NonFiniteGuard,
                 on_log: Optional[Callable[[StepInfo], None]] = None,
                 after_step: Optional[Callable[[bool], bool]] = None, progress=None,
-                skip_nonfinite: bool = False) -> bool:
+                skip_nonfinite: bool = False, graphs: Optional[StepGraphs] = None) -> bool:
     """Run the rest of the current epoch from ``state.next_batch``. Returns False if ``after_step`` asked to stop.
+
+    With ``graphs`` (CUDA graphs of whole steps) each batch is one step that ``graphs`` runs whole.
 
     ``state`` is updated as it goes (step counter, next batch, running sums), so a
     checkpoint taken inside ``after_step`` records exactly where training is.
@@ -193,37 +187,43 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
     model.train()
     interval_start = time.perf_counter()
     for i, batch in enumerate(loader, start=state.next_batch):
-        inputs, labels = _to_device(batch, device)
-        boundary = (i + 1) % grad_accum_steps == 0 or i + 1 == num_batches
-        # Skip DDP's gradient all-reduce on micro-steps that do not end an accumulation group.
-        sync = model.no_sync() if isinstance(model, DDP) and not boundary else contextlib.nullcontext()
-        with sync:
-            with _autocast(device, amp_dtype):
-                logits = model(**inputs).logits                       # 1. forward
-            loss_sum = criterion(logits.float(), labels)              # 2. loss
-            finite = True
-            if skip_nonfinite:  # asked for: a host sync per micro-step, agreed by every rank
-                finite = ctx.all_agree(bool(torch.isfinite(loss_sum).item()))
+        if graphs is not None:  # the whole step, one graph replay (one micro-batch per step, none skipped)
+            loss_sum, totals = graphs(batch)
+            state.epoch_metrics.totals += totals
+            state.interval.totals += totals[:3]
+            guard.update(loss_sum, state.global_step + 1, i)
+        else:
+            inputs, labels = _to_device(batch, device)
+            boundary = (i + 1) % grad_accum_steps == 0 or i + 1 == num_batches
+            # Skip DDP's gradient all-reduce on micro-steps that do not end an accumulation group.
+            sync = model.no_sync() if isinstance(model, DDP) and not boundary else contextlib.nullcontext()
+            with sync:
+                with _autocast(device, amp_dtype):
+                    logits = model(**inputs).logits                       # 1. forward
+                loss_sum = criterion(logits.float(), labels)              # 2. loss
+                finite = True
+                if skip_nonfinite:  # asked for: a host sync per micro-step, agreed by every rank
+                    finite = ctx.all_agree(bool(torch.isfinite(loss_sum).item()))
+                if finite:
+                    (loss_sum / group_sizes[i]).backward()                # 3. backward
             if finite:
-                (loss_sum / group_sizes[i]).backward()                # 3. backward
-        if finite:
-            state.epoch_metrics.update(loss_sum, logits, labels)
-            state.interval.update(loss_sum, logits, labels)
-            if not skip_nonfinite:
-                guard.update(loss_sum, state.global_step + 1, i)
-        else:
-            group_ok = False
-        if not boundary:
-            continue
-        if group_ok:
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()                                          # 4. optimizer step
-        else:
-            state.skipped_nonfinite += 1  # the whole step's gradients are dropped
+                state.epoch_metrics.update(loss_sum, logits, labels)
+                state.interval.update(loss_sum, logits, labels)
+                if not skip_nonfinite:
+                    guard.update(loss_sum, state.global_step + 1, i)
+            else:
+                group_ok = False
+            if not boundary:
+                continue
+            if group_ok:
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()                                          # 4. optimizer step
+            else:
+                state.skipped_nonfinite += 1  # the whole step's gradients are dropped
+            optimizer.zero_grad(set_to_none=True)                         # 5. zero gradients
+            group_ok = True
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)                         # 5. zero gradients
-        group_ok = True
         state.global_step += 1
         state.next_batch = i + 1
         if progress is not None:
@@ -297,7 +297,8 @@ def _sync(device: torch.device) -> None:
 def fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, *, ctx: ProcessContext,
         log: RunLogger, epochs: int, grad_accum_steps: int, max_grad_norm: float, amp_dtype, log_every: int,
         state: LoopState, after_step: Optional[Callable] = None,
-        on_epoch_end: Optional[Callable] = None, skip_nonfinite: bool = False) -> bool:
+        on_epoch_end: Optional[Callable] = None, skip_nonfinite: bool = False,
+        graphs: Optional[StepGraphs] = None) -> bool:
     """Train from ``state`` to the last epoch, evaluating after each. False if stopped early by ``after_step``.
 
     ``after_step(end_of_epoch, check)`` runs on every rank after each optimizer step (it may save a
@@ -334,7 +335,8 @@ def fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, *, 
         finished = train_epoch(train_model, train_loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp_dtype,
                                grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
                                log_every=log_every, state=state, guard=guard, on_log=on_log,
-                               after_step=timed_after_step, progress=bar, skip_nonfinite=skip_nonfinite)
+                               after_step=timed_after_step, progress=bar, skip_nonfinite=skip_nonfinite,
+                               graphs=graphs)
         bar.close()
         if not finished:
             return False
