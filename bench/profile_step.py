@@ -36,9 +36,16 @@ def main() -> None:
     p.add_argument("--compile", default="off", choices=("on", "off"), help="torch.compile the model (dynamic shapes)")
     p.add_argument("--graphs", default="off", choices=("on", "off"), help="CUDA graphs of whole steps")
     p.add_argument("--pad_multiple", type=int, default=None, help="training pads to 32 with graphs on")
+    p.add_argument("--sdpa", default="default", choices=("default", "cudnn", "efficient", "math"),
+                   help="pin PyTorch's attention kernel (padding masks rule out flash attention)")
     p.add_argument("--kernels", type=int, default=10, help="rows of the CUDA kernel table")
     p.add_argument("--num_workers", type=int, default=None)
     args = p.parse_args()
+    if args.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "math": SDPBackend.MATH}[args.sdpa]
+        sdpa_kernel([backend]).__enter__()  # for the whole run
     from transformers import AutoModelForSequenceClassification
 
     device = torch.device("cuda")
@@ -103,7 +110,7 @@ def main() -> None:
     warm = time.perf_counter() - t0
     step_ms = timed(steps_only)
     tflops = flops / args.steps / (step_ms / 1e3) / 1e12
-    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} graphs={args.graphs} pad={args.pad_multiple} "
+    print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} graphs={args.graphs} sdpa={args.sdpa} pad={args.pad_multiple} "
           f"workers={args.num_workers}: warm-up {warm:.1f} s | loader {timed(loader_only):.2f} ms/step | "
           f"steps on GPU batches {step_ms:.2f} ms/step = {args.batch_size / step_ms * 1e3:.0f} samples/s, "
           f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}% (bf16 matmul {peak:.0f}) | "

@@ -28,7 +28,8 @@ def _batches(n_steps: int, vocab: int):
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(n_steps):
-        size, length = [(8, 32), (8, 64), (5, 32)][i % 3]
+        # shapes A B C A B C A B C D A B D C A: D first comes once graphs exist
+        size, length = [(8, 32), (8, 64), (5, 32), (4, 96)][int("012012012301231"[i % 15])]
         ids = torch.randint(5, vocab, (size, length), generator=g)
         mask = torch.ones(size, length, dtype=torch.long)
         for row in range(size):  # real padding inside the batch
@@ -39,13 +40,15 @@ def _batches(n_steps: int, vocab: int):
     return out
 
 
-def _train(model, batches, *, graphs: bool, amp):
+def _train(model, batches, *, graphs: bool, amp, fail_once=None):
     device = torch.device("cuda")
     ctx = ProcessContext(0, 0, 1, device)
     optimizer = engine.build_optimizer(model, lr=1e-3, weight_decay=0.01, device=device)
     scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_ratio=0.3)
     steps = engine.StepGraphs(model, optimizer, amp_dtype=amp, max_grad_norm=0.5, num_labels=3,
                               device=device) if graphs else None
+    if fail_once is not None:
+        fail_once(steps)
     state = engine.LoopState(epoch_metrics=ClassificationMetrics(device, 3), interval=ClassificationMetrics(device))
     engine.train_epoch(model, Batches(batches), optimizer, scheduler, ctx=ctx, amp_dtype=amp, grad_accum_steps=1,
                        max_grad_norm=0.5, log_every=4, state=state, guard=engine.NonFiniteGuard(device),
@@ -53,8 +56,20 @@ def _train(model, batches, *, graphs: bool, amp):
     return state, steps
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_graphed_steps_train_like_eager_steps(amp):
+def _out_of_memory_once(steps):
+    """The first eager step of a new shape after some graphs exist runs out of memory, before doing anything."""
+    step, failed = steps._step, []
+
+    def failing_step(static):
+        if steps.graphs and not failed and not torch.cuda.is_current_stream_capturing():
+            failed.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        step(static)
+    steps._step = failing_step
+
+
+@pytest.mark.parametrize("amp, fail_once", [(None, None), (torch.bfloat16, None), (None, _out_of_memory_once)])
+def test_graphed_steps_train_like_eager_steps(amp, fail_once):
     from transformers import BertConfig, BertForSequenceClassification
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -66,8 +81,11 @@ def test_graphed_steps_train_like_eager_steps(amp):
     batches = _batches(15, config.vocab_size)
     eager_model, graphed_model = copy.deepcopy(base), copy.deepcopy(base)
     eager, _ = _train(eager_model, batches, graphs=False, amp=amp)
-    graphed, steps = _train(graphed_model, batches, graphs=True, amp=amp)
-    assert steps.captured == 3  # three shapes, each recorded on its second batch
+    graphed, steps = _train(graphed_model, batches, graphs=True, amp=amp, fail_once=fail_once)
+    # four shapes, each recorded on its second batch; after running out of memory (at D's first batch),
+    # all are dropped and recorded again when next seen
+    assert steps.captured == 4
+    assert steps.releases == (1 if fail_once else 0)
     assert graphed.global_step == eager.global_step == 15
     tol = 1e-4 if amp is None else 2e-2
     torch.testing.assert_close(graphed.epoch_metrics.totals, eager.epoch_metrics.totals, rtol=tol, atol=tol)

@@ -18,6 +18,10 @@ What keeps it correct:
 - AdamW reads its learning rate from a device tensor filled from the scheduler's float before
   each replay; the scheduler, checkpoints and resume keep plain floats.
 - Dropout draws from the CUDA generator, whose offset advances on every replay.
+- Memory: the graphs' scratch pool stays reserved between replays. When an eager first step of a
+  new shape (or a recording) then runs out of memory, all graphs are dropped, their memory freed,
+  and the step runs again eagerly, so a batch that fits in eager training fits here too. Dropped
+  shapes are recorded again when they next come.
 
 One optimizer step per batch: no gradient accumulation, no skipped steps (the caller refuses
 those), one process (not under DDP).
@@ -25,6 +29,7 @@ those), one process (not under DDP).
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Optional
 
 import torch
@@ -47,6 +52,7 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}      # batch shape -> (graph, static input buffers)
         self.warmed: set = set()    # shapes that have run once eagerly
+        self.releases = 0           # times all graphs were dropped to free memory
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
         # the step's outputs, read after each replay: the summed loss and the step's metric sums
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -85,6 +91,38 @@ class StepGraphs:
             for g, (lr, capturable) in zip(groups, saved):
                 g["lr"], g["capturable"] = lr, capturable
 
+    def _eager(self, static: dict) -> None:
+        try:
+            self._step(static)
+        except torch.OutOfMemoryError:
+            if not self.graphs:
+                raise
+            self._release()  # the graphs' memory plus this step's did not fit: drop the graphs, try again
+            self._step(static)
+
+    def _release(self) -> None:
+        """Frees every graph and its memory; shapes already warmed are recorded again when next seen."""
+        self.graphs.clear()
+        self.releases += 1
+        torch.cuda.synchronize(self.device)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def _record(self, key: tuple, static: dict) -> Optional[torch.cuda.CUDAGraph]:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread records
+            with self._device_lr(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                                     capture_error_mode="thread_local"):
+                self._step(static)
+        except torch.OutOfMemoryError:  # nothing ran: recording only queues work
+            graph = None  # frees the partial recording
+            self._release()
+            self._step(static)
+            return None
+        self.graphs[key] = (graph, static)
+        return graph
+
     def __call__(self, batch: dict) -> tuple:
         """One optimizer step on ``batch`` (host tensors). Returns (summed loss, metric sums) as device
         tensors that the next call overwrites: add them up before calling again."""
@@ -100,17 +138,12 @@ class StepGraphs:
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
-                if key not in self.warmed:
-                    self._step(static)  # a real step, run eagerly
+                if key in self.warmed:
+                    graph = self._record(key, static)
+                else:
+                    self._eager(static)  # a real step, run eagerly
                     self.warmed.add(key)
                     graph = None
-                else:
-                    graph = torch.cuda.CUDAGraph()
-                    # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread records
-                    with self._device_lr(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
-                                                             capture_error_mode="thread_local"):
-                        self._step(static)
-                    self.graphs[key] = (graph, static)
             current.wait_stream(self.stream)
             if graph is None:
                 return self.loss_sum, self.step_metrics.totals
