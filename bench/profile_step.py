@@ -45,7 +45,8 @@ def main() -> None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "math": SDPBackend.MATH}[args.sdpa]
-        sdpa_kernel([backend]).__enter__()  # for the whole run
+        pinned = sdpa_kernel([backend])  # for the whole run: keep it referenced, or it exits when collected
+        pinned.__enter__()
     from transformers import AutoModelForSequenceClassification
 
     device = torch.device("cuda")

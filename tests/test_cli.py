@@ -127,21 +127,21 @@ def test_help_explains_every_flag():
         assert f"--{f.name}" in proc.stdout
 
 
-@pytest.mark.parametrize("device, world, accum, skip, steps, expected", [
-    ("cuda", 1, 1, False, 6000, (True, True)),
-    ("cuda", 1, 1, False, 5999, (False, True)),    # too short for the compile to pay back; graphs cost ~nothing
-    ("cuda", 1, 2, False, 10 ** 5, (False, False)),  # a step of several micro-batches is not one replay
-    ("cuda", 1, 1, True, 10 ** 5, (False, False)),   # knowing whether to skip a step is a host sync
-    ("cuda", 2, 1, False, 10 ** 5, (False, False)),  # DDP stays eager
-    ("cpu", 1, 1, False, 10 ** 5, (False, False)),
+@pytest.mark.parametrize("device, world, accum, skip, tokens, expected", [
+    ("cuda", 1, 1, False, 1.5e8, (True, True)),
+    ("cuda", 1, 1, False, 1.5e8 - 1, (False, True)),  # too short for the compile to pay back; graphs cost ~nothing
+    ("cuda", 1, 2, False, 1e12, (False, False)),  # a step of several micro-batches is not one replay
+    ("cuda", 1, 1, True, 1e12, (False, False)),   # knowing whether to skip a step is a host sync
+    ("cuda", 2, 1, False, 1e12, (False, False)),  # DDP stays eager
+    ("cpu", 1, 1, False, 1e12, (False, False)),
 ])
-def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, steps, expected):
+def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, tokens, expected):
     from training.cli import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
     ctx = ProcessContext(0, 0, world, torch.device(device))
-    assert choose_speed(cfg, ctx, planned_steps=steps) == expected
+    assert choose_speed(cfg, ctx, planned_tokens=tokens) == expected
 
 
 @pytest.mark.parametrize("world, accum, skip, message", [
@@ -155,7 +155,7 @@ def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, 
     from training.distributed import ProcessContext
     cfg = TrainConfig(cuda_graphs="on", grad_accum_steps=accum, skip_nonfinite=skip)
     with pytest.raises(UserError, match=message):
-        choose_speed(cfg, ProcessContext(0, 0, world, torch.device("cuda")), planned_steps=10)
+        choose_speed(cfg, ProcessContext(0, 0, world, torch.device("cuda")), planned_tokens=10)
 
 
 def test_explicit_settings_win_over_auto():
@@ -163,7 +163,7 @@ def test_explicit_settings_win_over_auto():
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     ctx = ProcessContext(0, 0, 1, torch.device("cuda"))
-    assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_steps=10) == (True, False)
-    assert choose_speed(TrainConfig(compile="off"), ctx, planned_steps=10 ** 6) == (False, True)
+    assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_tokens=10) == (True, False)
+    assert choose_speed(TrainConfig(compile="off"), ctx, planned_tokens=1e12) == (False, True)
     assert choose_speed(TrainConfig(compile="on"), ProcessContext(0, 0, 1, torch.device("cpu")),
-                        planned_steps=10) == (True, False)
+                        planned_tokens=10) == (True, False)

@@ -25,11 +25,12 @@ from training.utils import UserError, autocast_dtype, set_seed
 
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to record.
 CUDAGRAPH_PAD_MULTIPLE = 32
-# torch.compile's 1-3 minutes pay back only in long runs (BENCHMARKS.md): below this, --compile auto is off.
-COMPILE_MIN_STEPS = 6000
+# Measured on an H100 (BENCHMARKS.md): under CUDA graphs torch.compile saves 0.7-1.0 us a training token
+# and costs 88-143 s, so it pays back after ~90-200 million tokens; below this, --compile auto is off.
+COMPILE_MIN_TOKENS = 150_000_000
 
 
-def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_steps: int) -> tuple[bool, bool]:
+def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float) -> tuple[bool, bool]:
     """(compile, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
 
     A graph replays one whole optimizer step: a step of several micro-batches (accumulation) or one
@@ -44,7 +45,7 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_steps: int) -
         raise UserError(f"--cuda_graphs on does not work with {unfit}" if unfit != "a CUDA device"
                         else "--cuda_graphs on needs a CUDA device")
     graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and unfit is None)
-    compile_model = cfg.compile == "on" or (cfg.compile == "auto" and graphs and planned_steps >= COMPILE_MIN_STEPS)
+    compile_model = cfg.compile == "on" or (cfg.compile == "auto" and graphs and planned_tokens >= COMPILE_MIN_TOKENS)
     return compile_model, graphs
 
 
@@ -177,7 +178,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
               + (f"resumed from {resume_from}" if saved else f"new head for {len(prepared.label_names)} labels"))
 
-    compile_model, use_graphs = choose_speed(cfg, ctx, planned_steps=cfg.epochs * math.ceil(len(prepared.train) / global_batch))
+    compile_model, use_graphs = choose_speed(
+        cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
     log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'}")
     train_loader, eval_loader = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,

@@ -64,8 +64,9 @@ class TrainConfig:
                           "--grad_accum_steps or --skip_nonfinite; 'on' fails where it cannot serve.",
                           choices=("auto", "on", "off"))
     compile: str = _f("auto", "torch.compile the model (dynamic shapes: one compile for every length; it takes "
-                      "1-3 minutes on a GPU). 'auto': on together with CUDA graphs for runs of at least "
-                      "6000 optimizer steps, where the compile pays back; else off.",
+                      "1.5-2.5 minutes on a GPU). 'auto': on together with CUDA graphs for runs of at least "
+                      "150 million training tokens (epochs x examples x mean length), where the compile pays "
+                      "back; else off.",
                       choices=("auto", "on", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
                                   "(grouping cuts padding; batches stay shuffled).")
