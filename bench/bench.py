@@ -153,7 +153,8 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
                                max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard, graphs=graphs)
             times[0] = time.perf_counter() - t0
     if graphs is not None:
-        print(json.dumps({"event": "graphs", "recorded": graphs.captured, "released": graphs.releases}), flush=True)
+        print(json.dumps({"event": "graphs", "recorded": graphs.captured, "released": graphs.releases,
+                          "given_up": graphs.given_up}), flush=True)
     del model, train_model, optimizer, graphs
     return times  # the first is the warm-up window
 

@@ -1,5 +1,6 @@
 """CUDA graphs of whole training steps give the same training as eager steps (needs a CUDA GPU)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -68,7 +69,29 @@ def _out_of_memory_once(steps):
     steps._step = failing_step
 
 
-@pytest.mark.parametrize("amp, fail_once", [(None, None), (torch.bfloat16, None), (None, _out_of_memory_once)])
+def _out_of_memory_always(steps):
+    """Every step, eager or recorded, runs out of memory while some graph is held."""
+    step = steps._step
+
+    def failing_step(static):
+        if steps.graphs:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        step(static)
+    steps._step = failing_step
+
+
+def _host_sync_in_step(steps):
+    """A step that synchronizes with the host cannot be recorded."""
+    step = steps._step
+
+    def syncing_step(static):
+        torch.cuda.synchronize()
+        step(static)
+    steps._step = syncing_step
+
+
+@pytest.mark.parametrize("amp, fail_once", [(None, None), (torch.bfloat16, None), (None, _out_of_memory_once),
+                                            (None, _host_sync_in_step)])
 def test_graphed_steps_train_like_eager_steps(amp, fail_once):
     from transformers import BertConfig, BertForSequenceClassification
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -81,11 +104,17 @@ def test_graphed_steps_train_like_eager_steps(amp, fail_once):
     batches = _batches(15, config.vocab_size)
     eager_model, graphed_model = copy.deepcopy(base), copy.deepcopy(base)
     eager, _ = _train(eager_model, batches, graphs=False, amp=amp)
-    graphed, steps = _train(graphed_model, batches, graphs=True, amp=amp, fail_once=fail_once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphed, steps = _train(graphed_model, batches, graphs=True, amp=amp, fail_once=fail_once)
     # four shapes, each recorded on its second batch; after running out of memory (at D's first batch),
     # all are dropped and recorded again when next seen
-    assert steps.captured == 4
-    assert steps.releases == (1 if fail_once else 0)
+    if fail_once is _host_sync_in_step:  # given up at the first recording: every step eager
+        assert steps.captured == 0 and steps.releases == 1
+        assert "cannot be recorded" in steps.given_up
+    else:
+        assert steps.captured == 4
+        assert steps.releases == (1 if fail_once else 0) and steps.given_up is None
     assert graphed.global_step == eager.global_step == 15
     tol = 1e-4 if amp is None else 2e-2
     torch.testing.assert_close(graphed.epoch_metrics.totals, eager.epoch_metrics.totals, rtol=tol, atol=tol)
@@ -111,3 +140,23 @@ def test_graphed_steps_use_dropout_afresh_each_replay():
     losses = [steps(batch)[0].item() for _ in range(4)]  # eager, record + replay, replay, replay
     assert steps.captured == 1
     assert len(set(losses[1:])) == 3, losses
+
+
+def test_graphs_are_given_up_after_running_out_of_memory_three_times():
+    """Memory too tight for more than one graph: after three releases, training goes on eagerly.
+
+    A B C A B C A B C: A recorded at step 4; B's recording fails (release 1) and B runs eagerly; C
+    recorded; A fails (release 2); B recorded; C fails (release 3): given up from step 9 on."""
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).cuda()
+    batches = _batches(30, config.vocab_size)
+    with pytest.warns(UserWarning, match="CUDA graphs given up"):
+        state, steps = _train(model, batches, graphs=True, amp=None, fail_once=_out_of_memory_always)
+    assert steps.releases == 3 and steps.captured == 0
+    assert "out of memory" in steps.given_up
+    assert state.global_step == 30
+    assert "given up" in steps.summary()

@@ -255,8 +255,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
         raise UserError(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                         f"checkpoint: {kept[0] if kept else 'none'}") from None
     if graphs is not None:
-        log.print(f"CUDA graphs: {graphs.captured} batch shapes recorded"
-                  + (f"; all dropped {graphs.releases} time(s) to free memory" if graphs.releases else ""))
+        log.print(graphs.summary())
     if not finished:
         return 128 + (stop.signum or 15)
 

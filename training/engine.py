@@ -179,6 +179,8 @@ def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp
     ``state`` is updated as it goes (step counter, next batch, running sums), so a
     checkpoint taken inside ``after_step`` records exactly where training is.
     """
+    if graphs is not None and (grad_accum_steps != 1 or skip_nonfinite):
+        raise ValueError("CUDA graphs of whole steps take one micro-batch per step and skip none")
     device = ctx.device
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     group_sizes = accumulation_groups(loader.batch_sampler.batch_sizes(), grad_accum_steps)

@@ -20,8 +20,9 @@ What keeps it correct:
 - Dropout draws from the CUDA generator, whose offset advances on every replay.
 - Memory: the graphs' scratch pool stays reserved between replays. When an eager first step of a
   new shape (or a recording) then runs out of memory, all graphs are dropped, their memory freed,
-  and the step runs again eagerly, so a batch that fits in eager training fits here too. Dropped
-  shapes are recorded again when they next come.
+  and the step runs again eagerly; dropped shapes are recorded again when they next come. The
+  third time, graphs are given up for the run, as they are at once when a step cannot be
+  recorded at all: training goes on eagerly, with a warning, and the run's end says so.
 
 One optimizer step per batch: no gradient accumulation, no skipped steps (the caller refuses
 those), one process (not under DDP).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from training.metrics import ClassificationMetrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_RELEASES = 3  # memory too tight for graphs beside eager first steps: stop recording after this
 
 
 class StepGraphs:
@@ -53,6 +56,7 @@ class StepGraphs:
         self.graphs: dict = {}      # batch shape -> (graph, static input buffers)
         self.warmed: set = set()    # shapes that have run once eagerly
         self.releases = 0           # times all graphs were dropped to free memory
+        self.given_up: Optional[str] = None  # why graphs were given up for the rest of the run
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
         # the step's outputs, read after each replay: the summed loss and the step's metric sums
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -70,13 +74,14 @@ class StepGraphs:
                             cache_enabled=False):
             logits = self.model(**inputs).logits
         loss_sum = self.criterion(logits.float(), batch["labels"])
+        # the outputs first: an out-of-memory error can then only come before the optimizer step
+        self.step_metrics.totals.zero_()
+        self.step_metrics.update(loss_sum, logits, batch["labels"])
+        self.loss_sum.copy_(loss_sum.detach())
         (loss_sum / batch["labels"].shape[0]).backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        self.step_metrics.totals.zero_()
-        self.step_metrics.update(loss_sum, logits, batch["labels"])
-        self.loss_sum.copy_(loss_sum.detach())
 
     @contextlib.contextmanager
     def _device_lr(self):
@@ -94,34 +99,51 @@ class StepGraphs:
     def _eager(self, static: dict) -> None:
         try:
             self._step(static)
+            return
         except torch.OutOfMemoryError:
             if not self.graphs:
                 raise
-            self._release()  # the graphs' memory plus this step's did not fit: drop the graphs, try again
-            self._step(static)
+        # Out of the except block, so the failed attempt's tensors (held by its traceback) are freed.
+        self._release("out of memory")  # the graphs' memory plus this step's did not fit
+        self._step(static)
 
-    def _release(self) -> None:
-        """Frees every graph and its memory; shapes already warmed are recorded again when next seen."""
+    def _release(self, why: str) -> None:
+        """Frees every graph and its memory; warmed shapes are recorded again when next seen. After
+        MAX_RELEASES, or when a step cannot be recorded at all, graphs are given up for the run."""
         self.graphs.clear()
         self.releases += 1
+        if self.releases >= MAX_RELEASES or why != "out of memory":
+            self.given_up = f"{why} (after {self.releases} release(s) of all graphs)"
+            warnings.warn(f"CUDA graphs given up, training goes on eagerly: {self.given_up}", stacklevel=3)
         torch.cuda.synchronize(self.device)
         gc.collect()
         torch.cuda.empty_cache()
 
     def _record(self, key: tuple, static: dict) -> Optional[torch.cuda.CUDAGraph]:
-        graph = torch.cuda.CUDAGraph()
+        graph, failure = torch.cuda.CUDAGraph(), None
         try:
             # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread records
             with self._device_lr(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                                      capture_error_mode="thread_local"):
                 self._step(static)
-        except torch.OutOfMemoryError:  # nothing ran: recording only queues work
-            graph = None  # frees the partial recording
-            self._release()
-            self._step(static)
-            return None
-        self.graphs[key] = (graph, static)
-        return graph
+        except torch.OutOfMemoryError:
+            failure = "out of memory"
+        except Exception as exc:  # something in the step cannot be recorded (a host sync, say)
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            failure = f"the step cannot be recorded: {type(exc).__name__}: {first_line}"
+        if failure is None:
+            self.graphs[key] = (graph, static)
+            return graph
+        graph = None  # frees the partial recording
+        self._release(failure)
+        self._step(static)  # nothing ran while recording: run the step now, eagerly
+        return None
+
+    def summary(self) -> str:
+        out = f"CUDA graphs: {len(self.warmed)} batch shapes, {self.captured} recorded at the end"
+        if self.given_up:
+            return f"{out}; given up: {self.given_up}"
+        return out + (f"; all dropped {self.releases} time(s) to free memory" if self.releases else "")
 
     def __call__(self, batch: dict) -> tuple:
         """One optimizer step on ``batch`` (host tensors). Returns (summed loss, metric sums) as device
@@ -129,6 +151,10 @@ class StepGraphs:
         names = [k for k in (*MODEL_INPUTS, "labels") if k in batch]
         key = tuple((k, tuple(batch[k].shape)) for k in names)
         entry = self.graphs.get(key)
+        if self.given_up:
+            self.warmed.add(key)
+            self._step({k: batch[k].to(self.device, non_blocking=True) for k in names})
+            return self.loss_sum, self.step_metrics.totals
         if entry is not None:
             graph, static = entry
             for k in names:
