@@ -110,8 +110,9 @@ def test_graphed_steps_train_like_eager_steps(amp, fail_once):
     # four shapes, each recorded on its second batch; after running out of memory (at D's first batch),
     # all are dropped and recorded again when next seen
     if fail_once is _host_sync_in_step:  # given up at the first recording: every step eager
-        assert steps.captured == 0 and steps.releases == 1
-        assert "cannot be recorded" in steps.given_up
+        assert steps.captured == 0 and steps.releases == 0
+        # the cause, not the error that ending the spoiled recording raises on top of it
+        assert "cannot be recorded" in steps.given_up and "previous error" not in steps.given_up
     else:
         assert steps.captured == 4
         assert steps.releases == (1 if fail_once else 0) and steps.given_up is None

@@ -55,7 +55,7 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}      # batch shape -> (graph, static input buffers)
         self.warmed: set = set()    # shapes that have run once eagerly
-        self.releases = 0           # times all graphs were dropped to free memory
+        self.releases = 0           # times out of memory beside the graphs (all graphs dropped each time)
         self.given_up: Optional[str] = None  # why graphs were given up for the rest of the run
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
         # the step's outputs, read after each replay: the summed loss and the step's metric sums
@@ -108,13 +108,18 @@ class StepGraphs:
         self._step(static)
 
     def _release(self, why: str) -> None:
-        """Frees every graph and its memory; warmed shapes are recorded again when next seen. After
-        MAX_RELEASES, or when a step cannot be recorded at all, graphs are given up for the run."""
+        """Frees every graph and its memory; warmed shapes are recorded again when next seen. The
+        MAX_RELEASES-th time out of memory, or when a step cannot be recorded at all, graphs are given
+        up for the run."""
         self.graphs.clear()
-        self.releases += 1
-        if self.releases >= MAX_RELEASES or why != "out of memory":
-            self.given_up = f"{why} (after {self.releases} release(s) of all graphs)"
-            warnings.warn(f"CUDA graphs given up, training goes on eagerly: {self.given_up}", stacklevel=3)
+        if why == "out of memory":
+            self.releases += 1
+            if self.releases >= MAX_RELEASES:
+                self.given_up = f"out of memory beside the graphs {self.releases} times"
+        else:
+            self.given_up = why
+        if self.given_up:
+            warnings.warn(f"CUDA graphs given up, training goes on eagerly: {self.given_up}")
         torch.cuda.synchronize(self.device)
         gc.collect()
         torch.cuda.empty_cache()
@@ -129,6 +134,10 @@ class StepGraphs:
         except torch.OutOfMemoryError:
             failure = "out of memory"
         except Exception as exc:  # something in the step cannot be recorded (a host sync, say)
+            # The first error is the cause; ending the spoiled recording raises another on top of it.
+            # (torch 2.11 then also keeps that recording's memory reserved: lost once, as graphs stop here.)
+            while exc.__context__ is not None:
+                exc = exc.__context__
             first_line = (str(exc).strip().splitlines() or [""])[0]
             failure = f"the step cannot be recorded: {type(exc).__name__}: {first_line}"
         if failure is None:
@@ -142,7 +151,7 @@ class StepGraphs:
     def summary(self) -> str:
         out = f"CUDA graphs: {len(self.warmed)} batch shapes, {self.captured} recorded at the end"
         if self.given_up:
-            return f"{out}; given up: {self.given_up}"
+            return f"{out}; given up ({self.given_up}), the rest trained eagerly"
         return out + (f"; all dropped {self.releases} time(s) to free memory" if self.releases else "")
 
     def __call__(self, batch: dict) -> tuple:
