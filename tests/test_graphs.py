@@ -57,51 +57,57 @@ def _train(model, batches, *, graphs: bool, amp, fail_once=None):
     return state, steps
 
 
+def _before_each_step(steps, check):
+    """Runs ``check()`` at the start of each of ``steps``'s steps, eager or recorded: it may raise."""
+    step = steps._step
+
+    def checked_step(static):
+        check()
+        step(static)
+    steps._step = checked_step
+
+
+def _simulated_out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
 def _out_of_memory_once(steps):
     """The first eager step of a new shape after some graphs exist runs out of memory, before doing anything."""
-    step, failed = steps._step, []
+    failed = []
 
-    def failing_step(static):
+    def check():
         if steps.graphs and not failed and not torch.cuda.is_current_stream_capturing():
             failed.append(True)
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        step(static)
-    steps._step = failing_step
+            _simulated_out_of_memory()
+    _before_each_step(steps, check)
 
 
 def _out_of_memory_always(steps):
     """Every step, eager or recorded, runs out of memory while some graph is held."""
-    step = steps._step
-
-    def failing_step(static):
-        if steps.graphs:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        step(static)
-    steps._step = failing_step
+    _before_each_step(steps, lambda: steps.graphs and _simulated_out_of_memory())
 
 
 def _host_sync_in_step(steps):
     """A step that synchronizes with the host cannot be recorded."""
-    step = steps._step
+    _before_each_step(steps, torch.cuda.synchronize)
 
-    def syncing_step(static):
-        torch.cuda.synchronize()
-        step(static)
-    steps._step = syncing_step
+
+def _tiny_bert(dropout: float = 0.0):
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=3,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).cuda()
 
 
 @pytest.mark.parametrize("amp, fail_once", [(None, None), (torch.bfloat16, None), (None, _out_of_memory_once),
                                             (None, _host_sync_in_step)])
 def test_graphed_steps_train_like_eager_steps(amp, fail_once):
-    from transformers import BertConfig, BertForSequenceClassification
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(config).cuda()
-    batches = _batches(15, config.vocab_size)
+    base = _tiny_bert()
+    batches = _batches(15, base.config.vocab_size)
     eager_model, graphed_model = copy.deepcopy(base), copy.deepcopy(base)
     eager, _ = _train(eager_model, batches, graphs=False, amp=amp)
     with warnings.catch_warnings():
@@ -128,15 +134,11 @@ def test_graphed_steps_train_like_eager_steps(amp, fail_once):
 
 def test_graphed_steps_use_dropout_afresh_each_replay():
     """With dropout on, two replays of one graph on the same batch give different losses."""
-    from transformers import BertConfig, BertForSequenceClassification
-    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.3)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).cuda()
+    model = _tiny_bert(dropout=0.3)
     device = torch.device("cuda")
     optimizer = engine.build_optimizer(model, lr=0.0, weight_decay=0.0, device=device)  # weights stay put
     steps = engine.StepGraphs(model, optimizer, amp_dtype=None, max_grad_norm=1.0, num_labels=3, device=device)
-    batch = _batches(1, config.vocab_size)[0]
+    batch = _batches(1, model.config.vocab_size)[0]
     model.train()
     losses = [steps(batch)[0].item() for _ in range(4)]  # eager, record + replay, replay, replay
     assert steps.captured == 1
@@ -148,13 +150,8 @@ def test_graphs_are_given_up_after_running_out_of_memory_three_times():
 
     A B C A B C A B C: A recorded at step 4; B's recording fails (release 1) and B runs eagerly; C
     recorded; A fails (release 2); B recorded; C fails (release 3): given up from step 9 on."""
-    from transformers import BertConfig, BertForSequenceClassification
-    config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).cuda()
-    batches = _batches(30, config.vocab_size)
+    model = _tiny_bert()
+    batches = _batches(30, model.config.vocab_size)
     with pytest.warns(UserWarning, match="CUDA graphs given up"):
         state, steps = _train(model, batches, graphs=True, amp=None, fail_once=_out_of_memory_always)
     assert steps.releases == 3 and steps.captured == 0
