@@ -24,7 +24,6 @@ from training.metrics import ClassificationMetrics
 from training.runlog import RunLogger
 
 
-
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
     """AdamW; no weight decay on biases and normalization weights (as BERT fine-tuning does)."""
     decay, no_decay = [], []
