@@ -34,10 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import engine  # noqa: E402
-from training.cli import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
+from training.trainer import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
-from training.metrics import ClassificationMetrics  # noqa: E402
+from training.graphs import StepGraphs  # noqa: E402
+from training.runlog import RunLogger  # noqa: E402
+from training.step import EagerSteps, StepContext  # noqa: E402
+from training.tasks import SingleLabelClassification  # noqa: E402
 
 MODELS = {
     # name: (config class name, kwargs) -- random init from config; weights never leave the process
@@ -134,27 +137,28 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
     optimizer = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     scheduler = engine.build_scheduler(optimizer, total_steps=len(loader) * (repeats + 2), warmup_ratio=0.06)
     amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
-    graphs = engine.StepGraphs(train_model, optimizer, amp_dtype=amp, max_grad_norm=1.0, num_labels=2,
-                               device=device) if variant.get("graphs") else None
+    task = SingleLabelClassification(["0", "1"])
+    sc = StepContext(train_model, optimizer, scheduler, task, amp, 1.0, ctx)
+    graphs = StepGraphs(sc) if variant.get("graphs") else None
+    runner = graphs or EagerSteps(sc)
+    loop, quiet = engine.LoopConfig(epochs=repeats + 1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)
     times = []
-    guard = engine.NonFiniteGuard(device)
     for epoch in range(repeats + 1):  # epoch 0 is the warm-up: every shape seen, compiled, recorded
         loader.batch_sampler.set_epoch(epoch)
-        state = engine.LoopState(epoch=epoch, epoch_metrics=ClassificationMetrics(device, 2),
-                                 interval=ClassificationMetrics(device))
+        state = engine.LoopState(epoch=epoch)
+        state.start_sums(task, device)
         _sync(device)
         t0 = time.perf_counter()
         # with graphs the warm-up is two passes: a shape's first batch runs eagerly, its second records it
         for _ in range(2 if graphs is not None and epoch == 0 else 1):
             state.next_batch = 0
-            engine.train_epoch(train_model, loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp, grad_accum_steps=1,
-                               max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard, graphs=graphs)
-        state.epoch_metrics.compute()  # reads the totals: waits for the device
+            engine.train_epoch(runner, loader, loop, state, engine.Hooks(), quiet)
+        task.running(state.epoch_sums)  # reads the sums: waits for the device
         times.append(time.perf_counter() - t0)
     if graphs is not None:
-        print(json.dumps({"event": "graphs", "recorded": graphs.captured, "released": graphs.releases,
+        print(json.dumps({"event": "graphs", "recorded": graphs.recorded, "released": graphs.releases,
                           "given_up": graphs.given_up}), flush=True)
-    del model, train_model, optimizer, graphs
+    del model, train_model, optimizer, graphs, runner, sc
     return times  # the first is the warm-up window
 
 

@@ -24,7 +24,10 @@ import bench as B  # noqa: E402
 from training import engine  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
-from training.metrics import ClassificationMetrics  # noqa: E402
+from training.graphs import StepGraphs  # noqa: E402
+from training.runlog import RunLogger  # noqa: E402
+from training.step import EagerSteps, StepContext  # noqa: E402
+from training.tasks import SingleLabelClassification  # noqa: E402
 
 
 def main() -> None:
@@ -64,8 +67,10 @@ def main() -> None:
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
     opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
-    graphs = engine.StepGraphs(train_model, opt, amp_dtype=torch.bfloat16, max_grad_norm=1.0, num_labels=2,
-                               device=device) if args.graphs == "on" else None
+    task = SingleLabelClassification(["0", "1"])
+    sc = StepContext(train_model, opt, sch, task, torch.bfloat16, 1.0, ctx)
+    runner = StepGraphs(sc) if args.graphs == "on" else EagerSteps(sc)
+    loop, quiet = engine.LoopConfig(epochs=1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)
 
     def timed(fn, reps=3):
         out = []
@@ -79,9 +84,9 @@ def main() -> None:
 
     def loader_only():
         for b in loader:
-            {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            b.to(device)
 
-    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    batches = [b.to(device) for b in loader]
 
     class Fixed:  # the engine's loop over batches already on the GPU
         batch_sampler = loader.batch_sampler
@@ -89,14 +94,14 @@ def main() -> None:
         def __iter__(self):
             return iter(batches)
 
-    guard = engine.NonFiniteGuard(device)
+        def __len__(self):
+            return len(batches)
 
     def epoch_over(batches_source):
-        state = engine.LoopState(epoch_metrics=ClassificationMetrics(device, 2), interval=ClassificationMetrics(device))
-        engine.train_epoch(train_model, batches_source, opt, sch, ctx=ctx, amp_dtype=torch.bfloat16,
-                           grad_accum_steps=1, max_grad_norm=1.0, log_every=10 ** 9, state=state, guard=guard,
-                           graphs=graphs)
-        state.epoch_metrics.compute()
+        state = engine.LoopState()
+        state.start_sums(task, device)
+        engine.train_epoch(runner, batches_source, loop, state, engine.Hooks(), quiet)
+        task.running(state.epoch_sums)  # waits for the device
 
     def steps_only():
         epoch_over(Fixed())

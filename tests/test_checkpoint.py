@@ -4,17 +4,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 from training import checkpoint
 from training.engine import build_optimizer, build_scheduler
 from training.model import load_model
+from training.tasks import SingleLabelClassification
 
 
 def _save(tmp_path, tiny_model_dir, name="ck"):
     torch.manual_seed(0)
-    model = load_model(str(tiny_model_dir), ["neg", "pos", "mixed"])
+    model = load_model(str(tiny_model_dir), SingleLabelClassification(["neg", "pos", "mixed"]))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
     sched = build_scheduler(opt, total_steps=10, warmup_ratio=0.1)
     loop = {"epoch": 1, "global_step": 3, "next_batch": 3}
-    state = checkpoint.training_state(opt, sched, loop=loop, rng=[checkpoint.rng_state()], config={"lr": 1e-3},
-                                      world_size=1, label_names=["neg", "pos", "mixed"], tokenizer_id={})
+    run = {"config": {"lr": 1e-3}, "world_size": 1, "label_names": ["neg", "pos", "mixed"], "tokenizer": {}}
+    state = checkpoint.training_state(opt, sched, loop=loop, rng=[checkpoint.rng_state()], run=run)
     return model, tok, checkpoint.save_checkpoint(tmp_path / name, model, tok, state)
 
 
@@ -26,6 +27,7 @@ def test_round_trip_gives_identical_logits_and_label_names(tmp_path, tiny_model_
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
     assert reloaded.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
+    assert reloaded.config.problem_type == "single_label_classification"  # pipeline() decodes with softmax
     assert (path / "model.safetensors").is_file()
     state = checkpoint.verify_checkpoint(path)
     assert state["global_step"] == 3 and state["config"] == {"lr": 1e-3} and state["loop"]["next_batch"] == 3
@@ -45,7 +47,7 @@ def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, tiny_model_dir)
 
 
 def test_unwrap_strips_wrappers(tiny_model_dir):
-    model = load_model(str(tiny_model_dir), ["a", "b"])
+    model = load_model(str(tiny_model_dir), SingleLabelClassification(["a", "b"]))
 
     class Wrapper(torch.nn.Module):
         def __init__(self, m):

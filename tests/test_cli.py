@@ -136,7 +136,7 @@ def test_help_explains_every_flag():
     ("cpu", 1, 1, False, 1e12, (False, False)),
 ])
 def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, tokens, expected):
-    from training.cli import choose_speed
+    from training.trainer import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
@@ -150,7 +150,7 @@ def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum,
     (2, 1, False, r"does not work with torchrun \(DDP\)"),
 ])
 def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, message):
-    from training.cli import choose_speed
+    from training.trainer import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     cfg = TrainConfig(cuda_graphs="on", grad_accum_steps=accum, skip_nonfinite=skip)
@@ -159,7 +159,7 @@ def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, 
 
 
 def test_explicit_settings_win_over_auto():
-    from training.cli import choose_speed
+    from training.trainer import choose_speed
     from training.config import TrainConfig
     from training.distributed import ProcessContext
     ctx = ProcessContext(0, 0, 1, torch.device("cuda"))

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import synthetic_rows, write_rows
 from training import data
+from training.batches import PadCollator
 from training.distributed import ProcessContext
 from training.utils import UserError
 
@@ -121,7 +122,8 @@ def test_prepare_data_tokenizes_once_and_reuses_the_cache(tmp_path, tiny_model_d
     path = write_rows(tmp_path / "t.csv", synthetic_rows(80))
     source = data.DataSource.from_args(None, None, str(path), None, None, None)
     ctx = ProcessContext(0, 0, 1, torch.device("cpu"))
-    kw = dict(cache_dir=tmp_path / "cache", max_length=16, validation_fraction=0.25, split_seed=1, num_samples=None)
+    kw = dict(cache_dir=tmp_path / "cache", max_length=16, cache_key={"max_length": 16}, validation_fraction=0.25,
+              split_seed=1, num_samples=None)
     first = data.prepare_data(source, tok, ctx, **kw)
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1
@@ -130,7 +132,7 @@ def test_prepare_data_tokenizes_once_and_reuses_the_cache(tmp_path, tiny_model_d
     assert (entries[0] / "meta.json").stat().st_mtime_ns == stamp  # not rebuilt
     assert list(first.train["input_ids"][0]) == list(second.train["input_ids"][0])
     assert max(len(x) for x in first.train["input_ids"]) <= 16  # truncated, not padded
-    kw["max_length"] = 32
+    kw["max_length"], kw["cache_key"] = 32, {"max_length": 32}
     data.prepare_data(source, tok, ctx, **kw)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # a different setting, a different cache
 
@@ -168,7 +170,7 @@ def test_train_batches_across_ranks_equal_one_process_with_the_global_batch(grou
 def test_accumulated_micro_batches_equal_one_large_batch(group):
     lengths = [(i * 37) % 50 + 1 for i in range(204)]
     big = data.TrainBatchSampler(lengths, 8, 0, 1, seed=5, group_by_length=group)
-    ranks = [data.TrainBatchSampler(lengths, 2, r, 2, seed=5, group_by_length=group, accum_steps=2)
+    ranks = [data.TrainBatchSampler(lengths, 2, r, 2, seed=5, group_by_length=group, grad_accum_steps=2)
              for r in range(2)]
     micro = [list(s) for s in ranks]
     big_batches = list(big)
@@ -222,8 +224,11 @@ def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, s
     rows = [dict(enc, labels=i % 2) for i, enc in
             enumerate(tokenizer(t, return_token_type_ids=with_types) for t in texts)]
     rows = [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
-    ours = data.PadCollator(tokenizer, multiple)(rows)
+    batch = PadCollator(tokenizer, multiple)(rows)
+    ours = batch.tensors()
     theirs = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(rows)
+    assert batch.num_examples == len(texts)
+    assert batch.num_tokens == sum(len(r["input_ids"]) for r in rows)  # real tokens, not pads
     assert set(ours) == set(theirs)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype == torch.long, key
@@ -236,4 +241,4 @@ def test_pad_collator_needs_a_padding_token(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = None
     with pytest.raises(UserError, match="no padding token"):
-        data.PadCollator(tokenizer)
+        PadCollator(tokenizer)

@@ -12,6 +12,7 @@ import conftest  # noqa: E402
 from conftest import THREE_LABELS, run_script, synthetic_rows, write_rows
 
 from training import evaluate, inference
+from training.metrics import classification_metrics, confusion_matrix
 
 LABELS = THREE_LABELS
 
@@ -143,8 +144,8 @@ def test_metrics_of_many_classes_against_counting():
     y_pred[y_pred == 4] = 3  # ... class 4 is never predicted, class 5 is (wrongly) ...
     y_pred[y_pred == 6] = 0  # ... and class 6 neither occurs nor is predicted: not in the macro average
     names = [f"c{i}" for i in range(k)]
-    cm = inference.confusion_matrix(y_true, y_pred, k)
-    got = inference.classification_metrics(cm, names)
+    cm = confusion_matrix(y_true, y_pred, k)
+    got = classification_metrics(cm, names)
     want = direct_metrics([names[i] for i in y_true], [names[i] for i in y_pred], names)
     assert_metrics_match(got, want)
     assert got["per_class"]["c4"]["precision"] == 0.0 and got["per_class"]["c5"]["recall"] == 0.0
@@ -152,9 +153,9 @@ def test_metrics_of_many_classes_against_counting():
     assert got["macro_f1"] == pytest.approx(np.mean([got["per_class"][f"c{i}"]["f1"] for i in range(6)]))
     assert cm.sum() == 500 and got["examples"] == 500
     # a hand-worked case: 2 classes
-    cm2 = inference.confusion_matrix([0, 0, 0, 1, 1], [0, 1, 0, 1, 0], 2)
+    cm2 = confusion_matrix([0, 0, 0, 1, 1], [0, 1, 0, 1, 0], 2)
     assert cm2.tolist() == [[2, 1], [1, 1]]
-    m = inference.classification_metrics(cm2, ["a", "b"])
+    m = classification_metrics(cm2, ["a", "b"])
     assert m["accuracy"] == pytest.approx(0.6)
     assert m["per_class"]["a"]["f1"] == pytest.approx(2 / 3) and m["per_class"]["b"]["f1"] == pytest.approx(0.5)
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)

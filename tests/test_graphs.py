@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from training import engine
+from training.batches import Batch
 from training.distributed import ProcessContext
-from training.metrics import ClassificationMetrics
+from training.graphs import StepGraphs
+from training.runlog import RunLogger
+from training.step import EagerSteps, StepContext
+from training.tasks import SingleLabelClassification
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")]
 
 
 class Batches:
@@ -18,8 +23,9 @@ class Batches:
 
     def __init__(self, batches):
         self.batches = batches
-        sizes = [len(b["labels"]) for b in batches]
-        self.batch_sampler = type("S", (), {"batch_sizes": lambda self: sizes})()
+
+    def __len__(self):
+        return len(self.batches)
 
     def __iter__(self):
         return iter(torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=2, pin_memory=True))
@@ -36,8 +42,8 @@ def _batches(n_steps: int, vocab: int):
         for row in range(size):  # real padding inside the batch
             cut = int(torch.randint(length // 2, length + 1, (1,), generator=g))
             ids[row, cut:], mask[row, cut:] = 0, 0
-        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-                    "labels": torch.randint(0, 3, (size,), generator=g)})
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        out.append(Batch(inputs, torch.randint(0, 3, (size,), generator=g), size, int(mask.sum())))
     return out
 
 
@@ -46,25 +52,26 @@ def _train(model, batches, *, graphs: bool, amp, fail_once=None):
     ctx = ProcessContext(0, 0, 1, device)
     optimizer = engine.build_optimizer(model, lr=1e-3, weight_decay=0.01, device=device)
     scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_ratio=0.3)
-    steps = engine.StepGraphs(model, optimizer, amp_dtype=amp, max_grad_norm=0.5, num_labels=3,
-                              device=device) if graphs else None
+    task = SingleLabelClassification(["a", "b", "c"])
+    sc = StepContext(model, optimizer, scheduler, task, amp, 0.5, ctx)
+    steps = StepGraphs(sc) if graphs else EagerSteps(sc)
     if fail_once is not None:
         fail_once(steps)
-    state = engine.LoopState(epoch_metrics=ClassificationMetrics(device, 3), interval=ClassificationMetrics(device))
-    engine.train_epoch(model, Batches(batches), optimizer, scheduler, ctx=ctx, amp_dtype=amp, grad_accum_steps=1,
-                       max_grad_norm=0.5, log_every=4, state=state, guard=engine.NonFiniteGuard(device),
-                       graphs=steps)
+    state = engine.LoopState()
+    state.start_sums(task, device)
+    engine.train_epoch(steps, Batches(batches), engine.LoopConfig(epochs=1, log_every=4), state, engine.Hooks(),
+                       RunLogger(None, ctx, show_progress=False))
     return state, steps
 
 
 def _before_each_step(steps, check):
     """Runs ``check()`` at the start of each of ``steps``'s steps, eager or recorded: it may raise."""
-    step = steps._step
+    step = steps._run
 
-    def checked_step(static):
+    def checked_step(batch, normalizer):
         check()
-        step(static)
-    steps._step = checked_step
+        return step(batch, normalizer)
+    steps._run = checked_step
 
 
 def _simulated_out_of_memory():
@@ -82,14 +89,50 @@ def _out_of_memory_once(steps):
     _before_each_step(steps, check)
 
 
+def _out_of_memory_while_recording(steps):
+    """The second recording runs out of memory (the capture itself stays valid)."""
+    failed = []
+
+    def check():
+        if steps.graphs and not failed and torch.cuda.is_current_stream_capturing():
+            failed.append(True)
+            _simulated_out_of_memory()
+    _before_each_step(steps, check)
+
+
 def _out_of_memory_always(steps):
     """Every step, eager or recorded, runs out of memory while some graph is held."""
     _before_each_step(steps, lambda: steps.graphs and _simulated_out_of_memory())
 
 
 def _host_sync_in_step(steps):
-    """A step that synchronizes with the host cannot be recorded."""
+    """A step that synchronizes with the host cannot be recorded (the capture is invalidated)."""
     _before_each_step(steps, torch.cuda.synchronize)
+
+
+def _error_while_recording(steps):
+    """The step raises while it is being recorded (the capture ends cleanly, with an error)."""
+    def check():
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("simulated failure inside the recording")
+    _before_each_step(steps, check)
+
+
+def _chained(steps):
+    """In one process: an eager out-of-memory, then one while recording, then a step that cannot be recorded."""
+    calls = {"eager": 0, "recording": 0, "released": 0}
+
+    def check():
+        capturing = torch.cuda.is_current_stream_capturing()
+        if steps.graphs and not capturing and calls["eager"] == 0:
+            calls["eager"] += 1
+            _simulated_out_of_memory()
+        if steps.graphs and capturing and calls["eager"] and calls["recording"] == 0:
+            calls["recording"] += 1
+            _simulated_out_of_memory()
+        if steps.releases == 2 and capturing:
+            torch.cuda.synchronize()
+    _before_each_step(steps, check)
 
 
 def _tiny_bert(dropout: float = 0.0):
@@ -116,15 +159,15 @@ def test_graphed_steps_train_like_eager_steps(amp, fail_once):
     # four shapes, each recorded on its second batch; after running out of memory (at D's first batch),
     # all are dropped and recorded again when next seen
     if fail_once is _host_sync_in_step:  # given up at the first recording: every step eager
-        assert steps.captured == 0 and steps.releases == 0
+        assert steps.recorded == 0 and steps.releases == 0
         # the cause, not the error that ending the spoiled recording raises on top of it
         assert "cannot be recorded" in steps.given_up and "previous error" not in steps.given_up
     else:
-        assert steps.captured == 4
+        assert steps.recorded == 4
         assert steps.releases == (1 if fail_once else 0) and steps.given_up is None
     assert graphed.global_step == eager.global_step == 15
     tol = 1e-4 if amp is None else 2e-2
-    torch.testing.assert_close(graphed.epoch_metrics.totals, eager.epoch_metrics.totals, rtol=tol, atol=tol)
+    torch.testing.assert_close(graphed.epoch_sums, eager.epoch_sums, rtol=tol, atol=tol)
     moved = 0.0
     for (name, p), q, b in zip(graphed_model.named_parameters(), eager_model.parameters(), base.parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=name)
@@ -137,12 +180,41 @@ def test_graphed_steps_use_dropout_afresh_each_replay():
     model = _tiny_bert(dropout=0.3)
     device = torch.device("cuda")
     optimizer = engine.build_optimizer(model, lr=0.0, weight_decay=0.0, device=device)  # weights stay put
-    steps = engine.StepGraphs(model, optimizer, amp_dtype=None, max_grad_norm=1.0, num_labels=3, device=device)
+    scheduler = engine.build_scheduler(optimizer, total_steps=10, warmup_ratio=0.0)
+    task = SingleLabelClassification(["a", "b", "c"])
+    steps = StepGraphs(StepContext(model, optimizer, scheduler, task, None, 1.0, ProcessContext(0, 0, 1, device)))
     batch = _batches(1, model.config.vocab_size)[0]
     model.train()
-    losses = [steps(batch)[0].item() for _ in range(4)]  # eager, record + replay, replay, replay
-    assert steps.captured == 1
+    losses = [steps([batch], batch.num_examples).loss_sum.item() for _ in range(4)]  # eager, record+replay, 2 replays
+    assert steps.recorded == 1
     assert len(set(losses[1:])) == 3, losses
+
+
+@pytest.mark.parametrize("failure, given_up", [(_host_sync_in_step, True), (_error_while_recording, True),
+                                               (_out_of_memory_while_recording, False), (_out_of_memory_once, False),
+                                               (_chained, True)])
+def test_a_model_with_dropout_trains_on_after_a_failed_recording(failure, given_up):
+    """Each kind of failure, and all of them in turn in one process, with dropout on: training goes on
+    (the aborted capture's CUDA generator state is undone), and afterwards a new recording with dropout
+    works in the same process."""
+    model = _tiny_bert(dropout=0.1)
+    base = copy.deepcopy(model)
+    batches = _batches(30, model.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, steps = _train(model, batches, graphs=True, amp=torch.bfloat16, fail_once=failure)
+    assert state.global_step == 30
+    assert torch.isfinite(state.epoch_sums).all() and state.epoch_sums[2] == sum(b.num_examples for b in batches)
+    assert (steps.given_up is not None) == given_up, steps.given_up
+    if not given_up:
+        assert steps.releases == 1 and steps.recorded == 4
+    if failure is _chained:
+        assert steps.releases == 2 and "cannot be recorded" in steps.given_up
+    moved = max((p - b).abs().max().item() for p, b in zip(model.parameters(), base.parameters()))
+    assert moved > 1e-3
+    # the process is healthy: a fresh set of graphs records and replays a dropout model
+    fresh, again = _train(_tiny_bert(dropout=0.1), batches[:9], graphs=True, amp=None)
+    assert again.recorded == 3 and again.given_up is None and fresh.global_step == 9
 
 
 def test_graphs_are_given_up_after_running_out_of_memory_three_times():
@@ -154,7 +226,7 @@ def test_graphs_are_given_up_after_running_out_of_memory_three_times():
     batches = _batches(30, model.config.vocab_size)
     with pytest.warns(UserWarning, match="CUDA graphs given up"):
         state, steps = _train(model, batches, graphs=True, amp=None, fail_once=_out_of_memory_always)
-    assert steps.releases == 3 and steps.captured == 0
+    assert steps.releases == 3 and steps.recorded == 0
     assert "out of memory" in steps.given_up
     assert state.global_step == 30
     assert "given up" in steps.summary()

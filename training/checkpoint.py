@@ -96,16 +96,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def training_state(optimizer, scheduler, *, loop: dict, rng: list, config: dict, world_size: int,
-                   label_names: list, tokenizer_id: dict, tracker: dict | None = None) -> dict:
-    """Everything besides the weights that an exact resume needs (``rng`` holds one entry per rank)."""
+def training_state(optimizer, scheduler, *, loop: dict, rng: list, run: dict, tracker: dict | None = None) -> dict:
+    """Everything besides the weights that an exact resume needs (``rng`` holds one entry per rank).
+
+    ``run`` says what the run was: its config, world size, label names, tokenizer and task.
+    """
     return {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "loop": loop, "rng": rng, "tracker": tracker or {},
         "epochs_completed": len(loop.get("results", [])), "global_step": loop["global_step"],
-        "world_size": world_size, "config": config, "label_names": list(label_names),
-        "tokenizer": tokenizer_id,
+        **run,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]},
     }

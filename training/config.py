@@ -16,43 +16,46 @@ from training.utils import UserError
 DEFAULT_MODEL = "default"
 
 
-def _f(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def _f(default, help: str, *, data: bool = False, cache: bool = False, must_match: bool = False, **extra):
+    """A config field. ``data``: it says which examples a run sees (the tools take it too); ``cache``:
+    the tokenized cache depends on it (data flags always do); ``must_match``: a resume needs it unchanged."""
+    return field(default=default, metadata={"help": help, "data": data, "cache": cache or data,
+                                            "must_match": must_match, **extra})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
     dataset: Optional[str] = _f(None, "Hugging Face dataset name (needs network access). "
-                                "Default: the bundled Rotten Tomatoes snippets (offline).")
-    dataset_config: Optional[str] = _f(None, "Configuration name of --dataset, if it has several.")
-    train_file: Optional[str] = _f(None, "Local training file: .csv, .tsv, .jsonl/.json or .parquet.")
+                                "Default: the bundled Rotten Tomatoes snippets (offline).", data=True, must_match=True)
+    dataset_config: Optional[str] = _f(None, "Configuration name of --dataset, if it has several.", data=True, must_match=True)
+    train_file: Optional[str] = _f(None, "Local training file: .csv, .tsv, .jsonl/.json or .parquet.", data=True, must_match=True)
     validation_file: Optional[str] = _f(None, "Local validation file (same formats). Without it, a seeded "
-                                        "stratified split of the training data is held out.")
-    text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).")
+                                        "stratified split of the training data is held out.", data=True, must_match=True)
+    text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).", data=True, must_match=True)
     label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
-                                     "Integer or string labels.")
-    validation_fraction: float = _f(0.1, "Fraction held out for validation when no validation split exists.")
+                                     "Integer or string labels.", data=True, must_match=True)
+    validation_fraction: float = _f(0.1, "Fraction held out for validation when no validation split exists.", data=True, must_match=True)
     split_seed: int = _f(42, "Seed of the train/validation split (kept apart from --seed so runs with "
-                         "different seeds are validated on the same examples).")
+                         "different seeds are validated on the same examples).", data=True, must_match=True)
     num_samples: Optional[int] = _f(None, "Use only N training examples and at most N validation examples "
-                                    "(a seeded random subset), for quick tests.")
-    max_length: int = _f(128, "Truncate texts to this many tokens.")
+                                    "(a seeded random subset), for quick tests.", data=True, must_match=True)
+    max_length: int = _f(128, "Truncate texts to this many tokens.", cache=True, must_match=True)
     cache_dir: Optional[str] = _f(None, "Where tokenized datasets are cached (default: CHECKPOINT_DIR/cache).")
     # --- model ---
     model: str = _f(DEFAULT_MODEL, "Hugging Face model name or local directory. 'default' is the bundled "
-                    "all-MiniLM-L6-v2 (offline).")
+                    "all-MiniLM-L6-v2 (offline).", must_match=True)
     # --- optimisation ---
-    epochs: int = _f(3, "Number of training epochs.")
+    epochs: int = _f(3, "Number of training epochs.", must_match=True)
     batch_size: int = _f(32, "Training batch size per process (under DDP the global batch is "
-                         "batch_size x world size x grad_accum_steps).")
+                         "batch_size x world size x grad_accum_steps).", must_match=True)
     eval_batch_size: Optional[int] = _f(None, "Evaluation batch size per process (default: 2 x batch_size).")
-    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
-    warmup_ratio: float = _f(0.06, "Fraction of optimizer steps spent in linear warmup; linear decay to 0 after.")
-    max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm (0 disables clipping).")
-    grad_accum_steps: int = _f(1, "Accumulate gradients over this many micro-batches per optimizer step.")
-    seed: int = _f(42, "Random seed (model head init, data order, dropout).")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.", must_match=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).", must_match=True)
+    warmup_ratio: float = _f(0.06, "Fraction of optimizer steps spent in linear warmup; linear decay to 0 after.", must_match=True)
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global L2 norm (0 disables clipping).", must_match=True)
+    grad_accum_steps: int = _f(1, "Accumulate gradients over this many micro-batches per optimizer step.", must_match=True)
+    seed: int = _f(42, "Random seed (model head init, data order, dropout).", must_match=True)
     # --- device and speed ---
     device: str = _f("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
                      choices=("auto", "cpu", "cuda", "mps"))
@@ -69,7 +72,7 @@ class TrainConfig:
                       "back; else off.",
                       choices=("auto", "on", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
-                                  "(grouping cuts padding; batches stay shuffled).")
+                                  "(grouping cuts padding; batches stay shuffled).", must_match=True)
     num_workers: Optional[int] = _f(None, "DataLoader worker processes (default: 0 on CPU, 2 on GPU).")
     # --- output ---
     checkpoint_dir: str = _f("checkpoints/", "Directory under which each run gets its own directory.")
@@ -83,7 +86,7 @@ class TrainConfig:
     skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss is NaN or infinite (counted and reported) "
                               "instead of stopping. Costs a host sync per step.")
     metric_for_best: str = _f("accuracy", "Validation metric that picks the best checkpoint (saved as RUN/best).",
-                              choices=("accuracy", "f1", "loss"))
+                              choices=("accuracy", "macro_f1", "loss"), must_match=True)
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
                                       "(0: never stop early).")
     tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
@@ -96,6 +99,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def values_marked(self, mark: str) -> dict:
+        """The fields whose metadata has ``mark`` set ("data", "cache", "must_match"), with their values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get(mark)}
+
+
+def fields_marked(mark: str) -> tuple:
+    """Names of the fields whose metadata has ``mark`` set: the lists are generated, not kept by hand."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get(mark))
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -128,23 +140,30 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
 
 
+def flag_type(name: str) -> type:
+    """The type a field's flag parses to (``Optional[X]`` -> ``X``)."""
+    typ = get_type_hints(TrainConfig)[name]
+    if getattr(typ, "__origin__", None) is not None:
+        typ = next(a for a in typ.__args__ if a is not type(None))
+    return typ
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata["help"]
-        if hints[f.name] is bool:
+        typ = flag_type(f.name)
+        if typ is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
             continue
-        typ = hints[f.name]
-        if getattr(typ, "__origin__", None) is not None:  # Optional[X] -> X
-            typ = next(a for a in typ.__args__ if a is not type(None))
         kwargs = {"type": typ, "default": f.default, "help": help_text}
         if f.name == "device":  # cuda:N is allowed too, so validate by hand
             kwargs["metavar"] = "{auto,cpu,cuda,cuda:N,mps}"
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if f.name == "metric_for_best":  # "f1", its earlier name, still accepted
+            kwargs["type"] = lambda value: "macro_f1" if value == "f1" else value
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from training.utils import UserError, detect_device
 
 # A failure on one rank is caught by torchrun, which stops the others; this bounds
 # the wait anyway if a peer disappears while the others sit in a collective.
+T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TRAIN_COLLECTIVE_TIMEOUT_MIN", "10")))
 
 
@@ -32,6 +33,7 @@ class ProcessContext:
     local_rank: int
     world_size: int
     device: torch.device
+    torchrun: bool = False  # launched by torchrun: a process group and DDP, at world size 1 too
 
     @property
     def is_main(self) -> bool:
@@ -39,8 +41,14 @@ class ProcessContext:
         return self.rank == 0
 
     @property
+    def backend(self):
+        """The process group's backend: "nccl" on CUDA, "gloo" on CPU, None outside torchrun."""
+        return None if not self.distributed else "nccl" if self.device.type == "cuda" else "gloo"
+
+    @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Under torchrun, whatever the world size: one process runs the real NCCL/gloo code paths."""
+        return self.torchrun or self.world_size > 1
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all processes, in place (a no-op on one process)."""
@@ -70,6 +78,32 @@ class ProcessContext:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def run_on_main(self, fn: Callable[[], T], *, scope: str = "global") -> T:
+        """``fn()`` on the main process, then its value, or its UserError, on every rank.
+
+        ``scope="global"``: global rank 0 runs it (one answer for the job: the run directory, the
+        checkpoint to resume). ``scope="node"``: each node's local rank 0 runs it and its node's
+        ranks get its answer (work on node-local disks: the data cache). If any runner fails, every
+        rank raises the first failure, so no rank goes on alone.
+        """
+        runs_it = self.is_main if scope == "global" else self.local_rank == 0
+        answer = None
+        if runs_it:
+            try:
+                answer = ("value", fn())
+            except UserError as exc:
+                answer = ("error", str(exc))
+        if scope == "global":
+            answer = self.broadcast_object(answer)
+        elif self.distributed:
+            answers = self.all_gather_object(answer)
+            failed = [a for a in answers if a is not None and a[0] == "error"]
+            # torchrun numbers each node's processes contiguously: the node's local rank 0 is rank - local_rank
+            answer = failed[0] if failed else answers[self.rank - self.local_rank]
+        if answer[0] == "error":
+            raise UserError(answer[1])
+        return answer[1]
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over all ranks."""
@@ -104,9 +138,12 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
     world_size = int(os.environ["WORLD_SIZE"])
     device = detect_device(device_preference)
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node: "
-                            f"use --nproc_per_node <= {torch.cuda.device_count()}", rank_local=True)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if max(local_world, local_rank + 1) > torch.cuda.device_count():
+            # every rank says it (rank_local): each one finds it out by itself, before any collective
+            raise UserError(f"{local_world} processes on this node but {torch.cuda.device_count()} CUDA GPU(s): "
+                            f"one process per GPU, so use --nproc_per_node {torch.cuda.device_count()} "
+                            f"(or --device cpu for CPU processes)", rank_local=True)
         # One GPU per process, chosen before the process group starts so NCCL binds to it.
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -125,7 +162,7 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
         init_kwargs["device_id"] = device  # eager NCCL init, bound to this GPU
     dist.init_process_group(**init_kwargs)
     try:
-        yield ProcessContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        yield ProcessContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, torchrun=True)
     finally:
         # On every exit path, errors included, so no rank leaves the group dangling.
         dist.destroy_process_group()

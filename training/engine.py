@@ -1,26 +1,26 @@
-"""The training engine: the five-step loop, evaluation, and fit. Written once for every launcher.
+"""The training engine: the loop over optimizer steps and epochs, evaluation, and fit. Written once.
 
-Under DDP the model passed to ``train_epoch`` is the DDP wrapper; evaluation uses
-the unwrapped model on each rank's own shard and the sums are all-reduced. No step
-reads a value back from the GPU: metrics accumulate on the device and are read once
-per log interval and once per epoch.
+A step runner (``training/step.py``'s ``EagerSteps`` or ``training/graphs.py``'s ``StepGraphs``)
+runs each optimizer step; the engine feeds it the step's micro-batches and the loss normalizer,
+adds its metric sums up, logs, and calls the hooks. Under DDP the runner's model is the DDP
+wrapper; evaluation uses the unwrapped model on each rank's own shard and the sums are
+all-reduced. No step reads a value back from the GPU: metrics accumulate on the device and are
+read once per log interval and once per epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import get_linear_schedule_with_warmup
 
+from training.batches import forward_logits
 from training.checkpoint import unwrap
 from training.distributed import ProcessContext
-from training.graphs import MODEL_INPUTS, StepGraphs
-from training.metrics import ClassificationMetrics
 from training.runlog import RunLogger
 
 
@@ -56,33 +56,17 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_ratio: float):
     return get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple:
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-    return inputs, batch["labels"].to(device, non_blocking=True)
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def accumulation_groups(batch_sizes: list, k: int) -> list:
-    """For each micro-batch: the number of examples in its accumulation group.
-
-    Dividing each micro-batch's summed loss by its group's size makes k micro-steps
-    give exactly the gradient of one batch of the whole group, the last partial group too.
-    """
-    out = []
-    for start in range(0, len(batch_sizes), k):
-        group = batch_sizes[start:start + k]
-        out.extend([sum(group)] * len(group))
-    return out
+@dataclass(frozen=True)
+class LoopConfig:
+    """The loop's settings (the step's own are in the runner's StepContext)."""
+    epochs: int
+    grad_accum_steps: int = 1
+    log_every: int = 50
 
 
 @dataclass
 class StepInfo:
-    """What ``train_epoch`` reports at each log interval (already reduced over ranks)."""
+    """What the loop reports at each log interval (already reduced over ranks)."""
     step: int
     loss: float
     accuracy: float
@@ -97,29 +81,30 @@ class NonFiniteLoss(Exception):
 
 
 class NonFiniteGuard:
-    """Remembers, on the device, the first micro-batch whose loss was not finite; read only when checked.
+    """Remembers, on the device, the first optimizer step whose loss was not finite; read only when checked.
 
     Checking is a host sync, so it happens at log intervals, before every save and at
-    epoch end; a bad step is therefore never written into a checkpoint.
+    epoch end; a bad step is therefore never written into a checkpoint. The step and its
+    first micro-batch are one int64 (exact on every device, MPS too).
     """
 
-    _SCALE = 2 ** 24  # encodes (step, batch) in one float64
+    _NONE = 2 ** 63 - 1  # no bad step yet (the largest int64, so a MIN over ranks finds the earliest bad one)
+    _SHIFT = 2 ** 32
 
     def __init__(self, device: torch.device):
-        self.first = torch.full((), float("inf"), dtype=torch.float64 if device.type != "mps" else torch.float32,
-                                device=device)
+        self.code = torch.full((), self._NONE, dtype=torch.int64, device=device)
 
     def update(self, loss_sum: torch.Tensor, step: int, batch: int) -> None:
-        bad = ~torch.isfinite(loss_sum.detach()) & torch.isinf(self.first)
-        self.first = torch.where(bad, torch.full_like(self.first, step * self._SCALE + batch), self.first)
+        bad = ~torch.isfinite(loss_sum.detach()) & (self.code == self._NONE)
+        self.code = torch.where(bad, torch.full_like(self.code, step * self._SHIFT + batch), self.code)
 
     def check(self, ctx: ProcessContext, epoch: int) -> None:
-        first = self.first.clone()
+        code = self.code.clone()
         if ctx.distributed:  # the same answer on every rank: the earliest bad step of any rank
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-        if torch.isfinite(first).item():
-            code = int(first.item())
-            raise NonFiniteLoss(code // self._SCALE, epoch, code % self._SCALE + 1)
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
+        value = int(code.item())
+        if value != self._NONE:
+            raise NonFiniteLoss(value // self._SHIFT, epoch, value % self._SHIFT + 1)
 
 
 @dataclass
@@ -131,142 +116,68 @@ class LoopState:
     epoch_time_s: float = 0.0           # training time spent in this epoch before a resume
     results: list = field(default_factory=list)   # EpochResult.record() of finished epochs
     skipped_nonfinite: int = 0
-    # running sums of the epoch in progress and of the current log interval (device tensors)
-    epoch_metrics: Optional[ClassificationMetrics] = None
-    interval: Optional[ClassificationMetrics] = None
+    # the task's running metric sums of the epoch in progress and of the current log interval (device)
+    epoch_sums: Optional[torch.Tensor] = None
+    interval_sums: Optional[torch.Tensor] = None
+    guard: Optional[NonFiniteGuard] = None  # not saved: a checkpoint is only written after it passed
 
-    def consolidate(self, ctx: ProcessContext) -> dict:
-        """Reduce the running sums over ranks, keep them on rank 0 only (so later sums stay right),
-        and return what a checkpoint needs."""
-        out = {}
-        for name in ("epoch_metrics", "interval"):
-            metrics = getattr(self, name)
-            if metrics is None:  # between epochs: nothing summed yet
-                out[name] = None
-                continue
-            ctx.all_reduce_sum(metrics.totals)
-            if not ctx.is_main:
-                metrics.totals.zero_()
-            out[name] = metrics.totals.cpu()
+    def start_sums(self, task, device: torch.device) -> None:
+        """Fresh running sums for an epoch (and its first log interval), and a guard if there is none."""
+        self.epoch_sums, self.interval_sums = task.new_sums(device), task.new_sums(device)
+        if self.guard is None:
+            self.guard = NonFiniteGuard(device)
+
+    def check_finite(self, ctx: ProcessContext) -> None:
+        """Raises NonFiniteLoss if a step since the start had a non-finite loss (a host sync)."""
+        if self.guard is not None:
+            self.guard.check(ctx, self.epoch)
+
+    def reduce_for_checkpoint(self, ctx: ProcessContext) -> dict:
+        """What a checkpoint needs. A collective: the running sums are summed over ranks onto rank 0
+        and zeroed on the others, so the sums that go on accumulating stay right on every rank."""
+        sums = {}
+        for name in ("epoch_sums", "interval_sums"):
+            value = getattr(self, name)
+            if value is not None:
+                ctx.all_reduce_sum(value)
+                if not ctx.is_main:
+                    value.zero_()
+            sums[name] = None if value is None else value.cpu()
         return {"epoch": self.epoch, "next_batch": self.next_batch, "global_step": self.global_step,
                 "epoch_time_s": self.epoch_time_s, "results": list(self.results),
-                "skipped_nonfinite": self.skipped_nonfinite, "totals": out}
+                "skipped_nonfinite": self.skipped_nonfinite, "sums": sums}
 
     @classmethod
-    def restore(cls, saved: dict, ctx: ProcessContext, num_labels: int) -> "LoopState":
+    def restore(cls, saved: dict, ctx: ProcessContext, task) -> "LoopState":
         state = cls(saved["epoch"], saved["next_batch"], saved["global_step"], saved["epoch_time_s"],
                     list(saved["results"]), saved["skipped_nonfinite"])
-        if saved["totals"]["epoch_metrics"] is None:
-            return state
-        state.epoch_metrics = ClassificationMetrics(ctx.device, num_labels)
-        state.interval = ClassificationMetrics(ctx.device)
-        if ctx.is_main:  # the sums were reduced when saved: one rank holds them
-            state.epoch_metrics.totals.copy_(saved["totals"]["epoch_metrics"])
-            state.interval.totals.copy_(saved["totals"]["interval"])
+        for name, value in saved["sums"].items():
+            if value is not None:
+                sums = task.new_sums(ctx.device)
+                if ctx.is_main:  # the sums were reduced when saved: one rank holds them
+                    sums.copy_(value)
+                setattr(state, name, sums)
         return state
 
 
-def train_epoch(model, loader, optimizer, scheduler, *, ctx: ProcessContext, amp_dtype, grad_accum_steps: int,
-                max_grad_norm: float, log_every: int, state: LoopState, guard: NonFiniteGuard,
-                on_log: Optional[Callable[[StepInfo], None]] = None,
-                after_step: Optional[Callable[[bool], bool]] = None, progress=None,
-                skip_nonfinite: bool = False, graphs: Optional[StepGraphs] = None) -> bool:
-    """Run the rest of the current epoch from ``state.next_batch``. Returns False if ``after_step`` asked to stop.
+class Hooks:
+    """What the trainer does around the loop. Every rank calls them with the same reduced values,
+    so all ranks take the same decisions (checkpoint writers decide by themselves who writes)."""
 
-    With ``graphs`` (CUDA graphs of whole steps) each batch is one step that ``graphs`` runs whole.
+    def after_step(self, state: LoopState, end_of_epoch: bool) -> bool:
+        """After each optimizer step (a checkpoint, say, after ``state.check_finite``). True stops."""
+        return False
 
-    ``state`` is updated as it goes (step counter, next batch, running sums), so a
-    checkpoint taken inside ``after_step`` records exactly where training is.
-    """
-    if graphs is not None and (grad_accum_steps != 1 or skip_nonfinite):
-        raise ValueError("CUDA graphs of whole steps take one micro-batch per step and skip none")
-    device = ctx.device
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    group_sizes = accumulation_groups(loader.batch_sampler.batch_sizes(), grad_accum_steps)
-    num_batches = len(group_sizes)
-    group_ok = True
-    model.train()
-    interval_start = time.perf_counter()
-    for i, batch in enumerate(loader, start=state.next_batch):
-        if graphs is not None:  # the whole step, one graph replay (one micro-batch per step, none skipped)
-            loss_sum, totals = graphs(batch)
-            state.epoch_metrics.totals += totals
-            state.interval.totals += totals[:3]
-            guard.update(loss_sum, state.global_step + 1, i)
-        else:
-            inputs, labels = _to_device(batch, device)
-            boundary = (i + 1) % grad_accum_steps == 0 or i + 1 == num_batches
-            # Skip DDP's gradient all-reduce on micro-steps that do not end an accumulation group.
-            sync = model.no_sync() if isinstance(model, DDP) and not boundary else contextlib.nullcontext()
-            with sync:
-                with _autocast(device, amp_dtype):
-                    logits = model(**inputs).logits                       # 1. forward
-                loss_sum = criterion(logits.float(), labels)              # 2. loss
-                finite = True
-                if skip_nonfinite:  # asked for: a host sync per micro-step, agreed by every rank
-                    finite = ctx.all_agree(bool(torch.isfinite(loss_sum).item()))
-                if finite:
-                    (loss_sum / group_sizes[i]).backward()                # 3. backward
-            if finite:
-                state.epoch_metrics.update(loss_sum, logits, labels)
-                state.interval.update(loss_sum, logits, labels)
-                if not skip_nonfinite:
-                    guard.update(loss_sum, state.global_step + 1, i)
-            else:
-                group_ok = False
-            if not boundary:
-                continue
-            if group_ok:
-                if max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()                                          # 4. optimizer step
-            else:
-                state.skipped_nonfinite += 1  # the whole step's gradients are dropped
-            optimizer.zero_grad(set_to_none=True)                         # 5. zero gradients
-            group_ok = True
-        scheduler.step()
-        state.global_step += 1
-        state.next_batch = i + 1
-        if progress is not None:
-            progress.update(1)
-        if state.global_step % log_every == 0:
-            guard.check(ctx, state.epoch)
-            # A collective every rank reaches at the same step, then one host sync.
-            ctx.all_reduce_sum(state.interval.totals)
-            stats = state.interval.compute()
-            now = time.perf_counter()
-            info = StepInfo(state.global_step, stats["loss"], stats["accuracy"], scheduler.get_last_lr()[0],
-                            stats["count"] / max(now - interval_start, 1e-9))
-            state.interval, interval_start = ClassificationMetrics(device), now
-            if progress is not None:
-                progress.set_postfix_str(f"loss {info.loss:.4f}, {info.samples_per_s:.0f} samples/s")
-            if on_log is not None:
-                on_log(info)
-        if after_step is not None and after_step(i + 1 == num_batches):
-            return False
-    return True
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, ctx: ProcessContext, amp_dtype) -> ClassificationMetrics:
-    """Loss and accuracy over this rank's shard; the caller all-reduces the sums."""
-    model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
-    model.eval()
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    metrics = ClassificationMetrics(ctx.device, model.config.num_labels)
-    for batch in loader:
-        inputs, labels = _to_device(batch, ctx.device)
-        with _autocast(ctx.device, amp_dtype):
-            logits = model(**inputs).logits
-        metrics.update(criterion(logits.float(), labels), logits, labels)
-    return metrics
+    def on_epoch_end(self, result: "EpochResult") -> bool:
+        """After each epoch's evaluation (best checkpoint, early stopping). True ends training."""
+        return False
 
 
 @dataclass
 class EpochResult:
     epoch: int
-    train: dict
-    validation: dict
+    train: dict          # the task's running metrics of the epoch's training steps
+    validation: dict     # the task's metrics of the validation set
     train_time_s: float
     eval_time_s: float
 
@@ -274,20 +185,94 @@ class EpochResult:
     def samples_per_s(self) -> float:
         return self.train["count"] / self.train_time_s if self.train_time_s > 0 else float("nan")
 
-    def line(self, epochs: int) -> str:
-        return (f"epoch {self.epoch}/{epochs} | train loss {self.train['loss']:.4f} acc {self.train['accuracy']:.4f}"
-                f" | val loss {self.validation['loss']:.4f} acc {self.validation['accuracy']:.4f}"
-                f" f1 {self.validation['macro_f1']:.4f}"
+    def line(self, epochs: int, task) -> str:
+        return (f"epoch {self.epoch}/{epochs} | train {task.describe(self.train)}"
+                f" | val {task.describe(self.validation)}"
                 f" | time {self.train_time_s:.1f}s (+{self.eval_time_s:.1f}s eval)"
                 f" | {self.samples_per_s:.1f} samples/s")
 
     def record(self) -> dict:
-        return {"epoch": self.epoch, "train_loss": self.train["loss"], "train_accuracy": self.train["accuracy"],
-                "train_examples": self.train["count"], "val_loss": self.validation["loss"],
-                "val_accuracy": self.validation["accuracy"], "val_f1": self.validation["macro_f1"],
-                "val_examples": self.validation["count"],
+        def named(prefix: str, stats: dict) -> dict:
+            return {f"{prefix}_{'examples' if k == 'count' else k}": v for k, v in stats.items()}
+        return {"epoch": self.epoch, **named("train", self.train), **named("val", self.validation),
                 "epoch_time_s": round(self.train_time_s, 3), "eval_time_s": round(self.eval_time_s, 3),
                 "samples_per_s": round(self.samples_per_s, 2)}
+
+
+def _optimizer_steps(loader, per_step: int, start: int) -> Iterator[tuple]:
+    """(index of the first micro-batch, the step's micro-batches) from micro-batch ``start`` on.
+    A resume starts at a step boundary; the epoch's last step may have fewer micro-batches."""
+    group, first = [], start
+    for i, batch in enumerate(loader, start=start):
+        group.append(batch)
+        if len(group) == per_step:
+            yield first, group
+            group, first = [], i + 1
+    if group:
+        yield first, group
+
+
+def train_epoch(runner, loader, loop: LoopConfig, state: LoopState, hooks: Hooks, log: RunLogger) -> bool:
+    """Run the rest of the current epoch from ``state.next_batch``. False if a hook asked to stop.
+
+    ``state`` is updated as it goes (step counter, next batch, running sums), so a checkpoint
+    taken inside ``hooks.after_step`` records exactly where training is.
+    """
+    sc = runner.sc
+    ctx, task = sc.ctx, sc.task
+    num_batches = len(loader)
+    bar = log.progress(math.ceil(num_batches / loop.grad_accum_steps), f"epoch {state.epoch}/{loop.epochs}",
+                       initial=math.ceil(state.next_batch / loop.grad_accum_steps))
+    sc.model.train()
+    interval_start = time.perf_counter()
+    try:
+        for first, micro_batches in _optimizer_steps(loader, loop.grad_accum_steps, state.next_batch):
+            normalizer = sum(task.normalizer(b) for b in micro_batches)  # host numbers: no sync
+            out = runner(micro_batches, normalizer)
+            if out.applied:
+                state.epoch_sums += out.sums
+                state.interval_sums += out.sums
+            else:
+                state.skipped_nonfinite += 1  # the whole step's gradients were dropped
+            if not sc.skip_nonfinite:
+                state.guard.update(out.loss_sum, state.global_step + 1, first)
+            sc.scheduler.step()  # after the optimizer, as torch expects; a graph reads the new rate next replay
+            state.global_step += 1
+            state.next_batch = first + len(micro_batches)
+            bar.update(1)
+            if state.global_step % loop.log_every == 0:
+                _log_interval(sc, state, log, bar, time.perf_counter() - interval_start)
+                interval_start = time.perf_counter()
+            if hooks.after_step(state, state.next_batch == num_batches):
+                return False
+    finally:
+        bar.close()
+    return True
+
+
+def _log_interval(sc, state: LoopState, log: RunLogger, bar, seconds: float) -> None:
+    ctx, task = sc.ctx, sc.task
+    state.check_finite(ctx)
+    # A collective every rank reaches at the same step, then one host sync.
+    ctx.all_reduce_sum(state.interval_sums)
+    stats = task.running(state.interval_sums)
+    info = StepInfo(state.global_step, stats["loss"], stats["accuracy"], sc.scheduler.get_last_lr()[0],
+                    stats["count"] / max(seconds, 1e-9))
+    state.interval_sums = task.new_sums(ctx.device)
+    bar.set_postfix_str(f"loss {info.loss:.4f}, {info.samples_per_s:.0f} samples/s")
+    record = {"step": info.step, "epoch": state.epoch, "loss": info.loss, "accuracy": info.accuracy,
+              "lr": info.lr, "samples_per_s": info.samples_per_s}
+    log.record("step", **record)
+    log.scalars("step", {k: v for k, v in record.items() if k not in ("step", "epoch")}, step=info.step)
+
+
+def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> torch.Tensor:
+    """The task's metric sums over this rank's shard; the caller all-reduces them."""
+    model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
+    sums = task.new_sums(ctx.device)
+    for batch, logits in forward_logits(model, loader, device=ctx.device, amp_dtype=amp_dtype):
+        task.add_sums(sums, task.loss_sum(logits, batch.labels), logits, batch.labels)
+    return sums
 
 
 def _sync(device: torch.device) -> None:
@@ -295,67 +280,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, *, ctx: ProcessContext,
-        log: RunLogger, epochs: int, grad_accum_steps: int, max_grad_norm: float, amp_dtype, log_every: int,
-        state: LoopState, after_step: Optional[Callable] = None,
-        on_epoch_end: Optional[Callable] = None, skip_nonfinite: bool = False,
-        graphs: Optional[StepGraphs] = None) -> bool:
-    """Train from ``state`` to the last epoch, evaluating after each. False if stopped early by ``after_step``.
+def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks, log: RunLogger) -> bool:
+    """Train from ``state`` to the last epoch, evaluating after each. False if stopped by ``hooks.after_step``.
 
-    ``after_step(end_of_epoch, check)`` runs on every rank after each optimizer step (it may save a
-    checkpoint, after ``check()`` raised nothing, or ask to stop); ``on_epoch_end(result)`` after each evaluation (best checkpoint,
-    early stopping: True stops). Both see the same reduced values on every rank, so all ranks
-    take the same decisions.
+    ``loaders`` is (train, evaluation).
     """
-    num_labels = unwrap(model).config.num_labels
-    steps_per_epoch = math.ceil(len(train_loader) / grad_accum_steps)
-    guard = NonFiniteGuard(ctx.device)
-
-    def on_log(info: StepInfo) -> None:
-        record = {"step": info.step, "epoch": state.epoch, "loss": info.loss, "accuracy": info.accuracy,
-                  "lr": info.lr, "samples_per_s": info.samples_per_s}
-        log.record("step", **record)
-        log.scalars("step", {k: v for k, v in record.items() if k not in ("step", "epoch")}, step=info.step)
-
-    while state.epoch <= epochs:
+    sc = runner.sc
+    ctx, task = sc.ctx, sc.task
+    train_loader, eval_loader = loaders
+    if state.guard is None:  # a restored state has its sums but no guard (none is saved)
+        state.guard = NonFiniteGuard(ctx.device)
+    while state.epoch <= loop.epochs:
         epoch = state.epoch
         # A new shuffle each epoch, the same on every rank; a resume skips what was already done.
         train_loader.batch_sampler.set_epoch(epoch, start=state.next_batch)
-        if state.epoch_metrics is None:
-            state.epoch_metrics = ClassificationMetrics(ctx.device, num_labels)
-            state.interval = ClassificationMetrics(ctx.device)
-        bar = log.progress(steps_per_epoch, f"epoch {epoch}/{epochs}",
-                           initial=math.ceil(state.next_batch / grad_accum_steps))
+        if state.epoch_sums is None:
+            state.start_sums(task, ctx.device)
         _sync(ctx.device)
         t0 = time.perf_counter() - state.epoch_time_s
 
-        def timed_after_step(end_of_epoch: bool) -> bool:
-            state.epoch_time_s = time.perf_counter() - t0
-            return after_step is not None and after_step(end_of_epoch, lambda: guard.check(ctx, epoch))
+        class Timed(Hooks):  # the epoch's training time so far, recorded before any checkpoint
+            def after_step(self, s: LoopState, end_of_epoch: bool) -> bool:
+                s.epoch_time_s = time.perf_counter() - t0
+                return hooks.after_step(s, end_of_epoch)
 
-        finished = train_epoch(train_model, train_loader, optimizer, scheduler, ctx=ctx, amp_dtype=amp_dtype,
-                               grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
-                               log_every=log_every, state=state, guard=guard, on_log=on_log,
-                               after_step=timed_after_step, progress=bar, skip_nonfinite=skip_nonfinite,
-                               graphs=graphs)
-        bar.close()
-        if not finished:
+        if not train_epoch(runner, train_loader, loop, state, Timed(), log):
             return False
-        guard.check(ctx, epoch)
-        ctx.all_reduce_sum(state.epoch_metrics.totals)
-        train_stats = state.epoch_metrics.compute()
-        train_time = time.perf_counter() - t0  # compute() synchronized with the device
+        state.check_finite(ctx)
+        ctx.all_reduce_sum(state.epoch_sums)
+        train_stats = task.running(state.epoch_sums)
+        train_time = time.perf_counter() - t0  # running() synchronized with the device
         t1 = time.perf_counter()
-        eval_metrics = evaluate(model, eval_loader, ctx=ctx, amp_dtype=amp_dtype)
-        ctx.all_reduce_sum(eval_metrics.totals)
-        val_stats = eval_metrics.compute()
-        result = EpochResult(epoch, train_stats, val_stats, train_time, time.perf_counter() - t1)
-        log.print(result.line(epochs))
+        eval_sums = ctx.all_reduce_sum(evaluate(sc.model, eval_loader, task, ctx=ctx, amp_dtype=sc.amp_dtype))
+        result = EpochResult(epoch, train_stats, task.metrics(eval_sums), train_time, time.perf_counter() - t1)
+        log.print(result.line(loop.epochs, task))
         log.record("epoch", **result.record(), step=state.global_step)
         log.scalars("epoch", result.record(), step=state.global_step)
         state.results.append(result.record())
         state.epoch, state.next_batch, state.epoch_time_s = epoch + 1, 0, 0.0
-        state.epoch_metrics = state.interval = None
-        if on_epoch_end is not None and on_epoch_end(result):
+        state.epoch_sums = state.interval_sums = None
+        if hooks.on_epoch_end(result):
             break
     return True

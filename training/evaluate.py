@@ -26,32 +26,23 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training import inference  # noqa: E402
+from training.metrics import classification_metrics, confusion_matrix  # noqa: E402
 from training.utils import UserError, atomic_write_json, run_tool  # noqa: E402
 
-# Training's data flags, with training's defaults and help (the fallbacks are only used if a name moves).
-DATA_FLAGS = {"dataset": (str, None), "dataset_config": (str, None), "train_file": (str, None),
-              "validation_file": (str, None), "text_column": (str, None), "label_column": (str, None),
-              "validation_fraction": (float, 0.1), "split_seed": (int, 42), "num_samples": (int, None)}
+def _data_fields() -> list:
+    """Training's data flags (the config fields marked ``data``), with training's types, defaults and help."""
+    from training.config import TrainConfig, fields_marked, flag_type
 
-
-def _training_fields() -> dict:
-    try:
-        from training.config import TrainConfig
-
-        return {f.name: f for f in dataclasses.fields(TrainConfig)}
-    except Exception:  # the config module is optional here: flags then use the fallbacks above
-        return {}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return [(name, flag_type(name), fields[name].default, fields[name].metadata["help"])
+            for name in fields_marked("data")]
 
 
 def build_parser() -> inference.ToolParser:
     parser = inference.ToolParser(description=__doc__.split("\n\n")[0],
                                   formatter_class=inference.HelpFormatter)
-    fields = _training_fields()
-    for name, (typ, fallback) in DATA_FLAGS.items():
-        f = fields.get(name)
-        default = f.default if f is not None and f.default is not dataclasses.MISSING else fallback
-        help_text = f.metadata.get("help", "") if f is not None else ""
-        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text or f"As in training: --{name}.")
+    for name, typ, default, help_text in _data_fields():
+        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text)
     inference.add_inference_flags(
         parser, max_length_help="Truncate texts to this many tokens (default: the --max_length the checkpoint "
                                 "was trained with if its run recorded it, else 512 or the model's limit).")
@@ -141,10 +132,10 @@ def run(args) -> int:
 
     logits, elapsed = inference.logits_with_progress(clf, texts, desc="evaluating", batch_size=args.batch_size,
                                                      max_length=max_length, amp_dtype=amp_dtype)
-    y_pred = logits.argmax(dim=1).numpy()
-    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item()
-    cm = inference.confusion_matrix(y_true, y_pred, len(clf.label_names))
-    metrics = inference.classification_metrics(cm, clf.label_names)
+    _, y_pred = clf.task.decode(logits)
+    loss = clf.task.loss_sum(logits, torch.from_numpy(y_true)).item() / len(y_true)
+    cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
+    metrics = classification_metrics(cm, clf.label_names)
 
     print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
           f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")

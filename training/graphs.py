@@ -24,64 +24,54 @@ What keeps it correct:
   third time, graphs are given up for the run, as they are at once when a step cannot be
   recorded at all: training goes on eagerly, with a warning, and the run's end says so.
 
+The step itself is ``training/step.py``'s ``train_step``, the one the eager runner runs; here it
+is recorded with ``recording=True`` (gradients kept in place, no autocast cache) and the step's
+normalizer is a device tensor, refilled before each replay like the learning rate.
+
 One optimizer step per batch: no gradient accumulation, no skipped steps (the caller refuses
 those), one process (not under DDP).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import warnings
 from typing import Optional
 
 import torch
 
-from training.metrics import ClassificationMetrics
+from training.batches import Batch
+from training.step import StepContext, StepOutput, train_step
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_RELEASES = 3  # memory too tight for graphs beside eager first steps: stop recording after this
 
 
 class StepGraphs:
     """Runs training steps, each on one batch; replays a recorded CUDA graph from a shape's second batch on."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, amp_dtype: Optional[torch.dtype],
-                 max_grad_norm: float, num_labels: int, device: torch.device):
-        self.model, self.optimizer = model, optimizer
-        self.amp_dtype, self.max_grad_norm, self.device = amp_dtype, max_grad_norm, device
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    def __init__(self, sc: StepContext):
+        if sc.skip_nonfinite:
+            raise ValueError("a recorded step cannot be skipped: it needs a host sync to know")
+        self.sc = dataclasses.replace(sc, recording=True)
+        device = self.device = sc.ctx.device
+        self.optimizer = sc.optimizer
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict = {}      # batch shape -> (graph, static input buffers)
-        self.warmed: set = set()    # shapes that have run once eagerly
+        self.graphs: dict = {}      # batch key -> (graph, static batch, static normalizer, static outputs)
+        self.seen: set = set()      # keys that have run once eagerly
         self.releases = 0           # times out of memory beside the graphs (all graphs dropped each time)
         self.given_up: Optional[str] = None  # why graphs were given up for the rest of the run
-        self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
-        # the step's outputs, read after each replay: the summed loss and the step's metric sums
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        self.step_metrics = ClassificationMetrics(device, num_labels)
+        self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+                    for g in sc.optimizer.param_groups]
+
+    def _run(self, batch: Batch, normalizer) -> StepOutput:
+        """The step itself (eager, or inside a capture)."""
+        return train_step(self.sc, [batch], normalizer)
 
     @property
-    def captured(self) -> int:
+    def recorded(self) -> int:
         return len(self.graphs)
-
-    def _step(self, batch: dict) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        # cache_enabled=False: cached bf16 copies of the weights would outlive the capture that made them
-        with torch.autocast("cuda", dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
-                            cache_enabled=False):
-            logits = self.model(**inputs).logits
-        loss_sum = self.criterion(logits.float(), batch["labels"])
-        # the outputs first: an out-of-memory error can then only come before the optimizer step
-        self.step_metrics.totals.zero_()
-        self.step_metrics.update(loss_sum, logits, batch["labels"])
-        self.loss_sum.copy_(loss_sum.detach())
-        (loss_sum / batch["labels"].shape[0]).backward()
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
 
     @contextlib.contextmanager
     def _device_lr(self):
@@ -96,19 +86,18 @@ class StepGraphs:
             for g, (lr, capturable) in zip(groups, saved):
                 g["lr"], g["capturable"] = lr, capturable
 
-    def _eager(self, static: dict) -> None:
+    def _eager(self, batch: Batch, normalizer: torch.Tensor) -> StepOutput:
         try:
-            self._step(static)
-            return
+            return self._run(batch, normalizer)
         except torch.OutOfMemoryError:
             if not self.graphs:
                 raise
         # Out of the except block, so the failed attempt's tensors (held by its traceback) are freed.
         self._release("out of memory")  # the graphs' memory plus this step's did not fit
-        self._step(static)
+        return self._run(batch, normalizer)
 
     def _release(self, why: str) -> None:
-        """Frees every graph and its memory; warmed shapes are recorded again when next seen. The
+        """Frees every graph and its memory; seen keys are recorded again when next seen. The
         MAX_RELEASES-th time out of memory, or when a step cannot be recorded at all, graphs are given
         up for the run."""
         self.graphs.clear()
@@ -124,65 +113,95 @@ class StepGraphs:
         gc.collect()
         torch.cuda.empty_cache()
 
-    def _record(self, key: tuple, static: dict) -> Optional[torch.cuda.CUDAGraph]:
+    def _record(self, key: tuple, batch: Batch, normalizer: torch.Tensor) -> Optional[StepOutput]:
         graph, failure = torch.cuda.CUDAGraph(), None
         try:
             # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread records
             with self._device_lr(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                                      capture_error_mode="thread_local"):
-                self._step(static)
+                out = self._run(batch, normalizer)
         except torch.OutOfMemoryError:
             failure = "out of memory"
         except Exception as exc:  # something in the step cannot be recorded (a host sync, say)
             # The first error is the cause; ending the spoiled recording raises another on top of it.
-            # (torch 2.11 then also keeps that recording's memory reserved: lost once, as graphs stop here.)
             while exc.__context__ is not None:
                 exc = exc.__context__
             first_line = (str(exc).strip().splitlines() or [""])[0]
             failure = f"the step cannot be recorded: {type(exc).__name__}: {first_line}"
         if failure is None:
-            self.graphs[key] = (graph, static)
-            return graph
-        graph = None  # frees the partial recording
+            self.graphs[key] = (graph, batch, normalizer, out)
+            return out
+        graph = out = None  # frees the partial recording
+        if failure != "out of memory":  # (running out of memory leaves the capture valid: it ends cleanly)
+            self._end_failed_capture()
         self._release(failure)
-        self._step(static)  # nothing ran while recording: run the step now, eagerly
         return None
 
+    def _end_failed_capture(self) -> None:
+        """Undo what a capture that ended in an error leaves behind, so eager steps can go on.
+
+        When the capture was invalidated (a host sync inside it, say), ending it raises before torch
+        runs the generator's capture epilogue: the CUDA generator still believes it is capturing, and
+        the next eager dropout fails with "Offset increment outside graph capture encountered
+        unexpectedly" (torch 2.11). A clone of the generator's state is a non-capturing copy at the
+        same seed and offset (the eager offset did not move during the capture), so the random
+        sequence goes on as if the recording had never been tried. The caching allocator is likewise
+        told that nothing records into the graphs' pool any more. The graphs recorded before used the
+        old state: ``_release`` drops them all.
+        """
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+        generator.graphsafe_set_state(generator.clone_state())
+        end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        release_pool = getattr(torch._C, "_cuda_releasePool", None)
+        if end_pool is not None and release_pool is not None:
+            try:
+                end_pool(index, self.pool)
+            except RuntimeError:  # the capture got as far as ending its allocation: nothing to undo
+                return
+            release_pool(index, self.pool)  # the failed capture's hold on the pool, so its memory is freed
+
     def summary(self) -> str:
-        out = f"CUDA graphs: {len(self.warmed)} batch shapes, {self.captured} recorded at the end"
+        out = f"CUDA graphs: {len(self.seen)} batch shapes, {self.recorded} recorded at the end"
         if self.given_up:
             return f"{out}; given up ({self.given_up}), the rest trained eagerly"
         return out + (f"; all dropped {self.releases} time(s) to free memory" if self.releases else "")
 
-    def __call__(self, batch: dict) -> tuple:
-        """One optimizer step on ``batch`` (host tensors). Returns (summed loss, metric sums) as device
-        tensors that the next call overwrites: add them up before calling again."""
-        names = [k for k in (*MODEL_INPUTS, "labels") if k in batch]
-        key = tuple((k, tuple(batch[k].shape)) for k in names)
-        entry = self.graphs.get(key)
+    def __call__(self, micro_batches: list, normalizer: float) -> StepOutput:
+        """One optimizer step on the one batch of ``micro_batches`` (host tensors). The outputs are
+        device tensors that the next call overwrites: add them up before calling again."""
+        if len(micro_batches) != 1:
+            raise ValueError("a recorded step takes one micro-batch (no gradient accumulation)")
+        host = micro_batches[0]
+        key = host.key
         if self.given_up:
-            self.warmed.add(key)
-            self._step({k: batch[k].to(self.device, non_blocking=True) for k in names})
-            return self.loss_sum, self.step_metrics.totals
+            self.seen.add(key)
+            return self._run(host.to(self.device), float(normalizer))
+        entry = self.graphs.get(key)
         if entry is not None:
-            graph, static = entry
-            for k in names:
-                static[k].copy_(batch[k], non_blocking=True)
+            graph, static, static_norm, out = entry
+            for name, tensor in host.tensors().items():
+                static.tensors()[name].copy_(tensor, non_blocking=True)
+            static_norm.fill_(normalizer)
         else:
-            static = {k: batch[k].to(self.device, non_blocking=True) for k in names}
+            static = host.to(self.device)
+            static_norm = torch.full((), float(normalizer), dtype=torch.float32, device=self.device)
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
-                if key in self.warmed:
-                    graph = self._record(key, static)
+                if key in self.seen:
+                    out = self._record(key, static, static_norm)
+                    graph = self.graphs.get(key, (None,))[0]
+                    if out is None:  # not recorded (nothing ran while recording): run the step now, eagerly
+                        out = self._eager(static, static_norm)
                 else:
-                    self._eager(static)  # a real step, run eagerly
-                    self.warmed.add(key)
+                    out = self._eager(static, static_norm)  # a real step, run eagerly
+                    self.seen.add(key)
                     graph = None
             current.wait_stream(self.stream)
             if graph is None:
-                return self.loss_sum, self.step_metrics.totals
+                return out
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
         graph.replay()
-        return self.loss_sum, self.step_metrics.totals
+        return out

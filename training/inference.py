@@ -3,10 +3,9 @@
 - ``load_classifier``: a checkpoint directory -> model, tokenizer and label names, with
   every way it can be wrong reported as a ``UserError`` (one line, exit code 2);
 - ``predict_logits``: batched, length-sorted inference that returns float32 logits in
-  input order (``softmax`` of them are the probabilities);
+  input order, through the tokenization, collation and forward pass training uses
+  (``training/batches.py``); the checkpoint's task decodes them;
 - ``read_texts``: texts from a .txt file (one per line), a table file or standard input;
-- ``confusion_matrix`` / ``classification_metrics``: accuracy, macro-F1 and per-class
-  precision/recall/F1/support, computed with numpy;
 - the command-line pieces the tools share (flags, their checks, the error handling).
 """
 from __future__ import annotations
@@ -45,6 +44,7 @@ class Classifier:
     path: Path
     device: torch.device
     max_positions: int  # the longest input the model takes, in tokens
+    task: object        # training/tasks.py: decodes the logits, computes the loss
 
     @property
     def label2id(self) -> dict:
@@ -133,8 +133,11 @@ def load_classifier(path, device: torch.device) -> Classifier:
     names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
     if len(set(names)) != len(names):
         raise UserError(f"{ckpt} has duplicate label names in its config: {', '.join(names)}")
+    from training.tasks import task_from_model_config
+
+    task = task_from_model_config(model.config, names)
     model.to(device).eval()
-    return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer))
+    return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer), task)
 
 
 def trained_max_length(ckpt: Path) -> Optional[int]:
@@ -165,12 +168,6 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- batched inference
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 512,
                    amp_dtype: Optional[torch.dtype] = None,
@@ -182,28 +179,22 @@ def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 6
     goes to padding; the rows are put back in input order. ``on_batch(n)`` is called after
     each batch of ``n`` texts (for a progress bar).
     """
-    from transformers import DataCollatorWithPadding
+    from training.batches import PadCollator, encode, forward_logits
 
-    device, model, tokenizer = clf.device, clf.model, clf.tokenizer
+    device = clf.device
     n = len(texts)
     out = torch.empty(n, len(clf.label_names), dtype=torch.float32)
     if n == 0:
         return out
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
-    inputs_wanted = set(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
-    model.eval()
+    collate = PadCollator(clf.tokenizer, 8 if device.type == "cuda" else None)
     chunk = batch_size * 32
     for c0 in range(0, n, chunk):
-        part = [str(t) for t in texts[c0:c0 + chunk]]
-        enc = tokenizer(part, truncation=True, max_length=max_length)
-        keys = [k for k in enc.keys() if k in inputs_wanted]
-        order = sorted(range(len(part)), key=lambda i: -len(enc["input_ids"][i]))
-        for b0 in range(0, len(order), batch_size):
-            idx = order[b0:b0 + batch_size]
-            batch = collate([{k: enc[k][i] for k in keys} for i in idx])
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(device, amp_dtype):
-                logits = model(**inputs).logits
+        enc = encode(clf.tokenizer, [str(t) for t in texts[c0:c0 + chunk]], max_length)
+        rows = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+        batches = [order[b0:b0 + batch_size] for b0 in range(0, len(order), batch_size)]
+        collated = (collate([rows[i] for i in idx]) for idx in batches)
+        for idx, (_, logits) in zip(batches, forward_logits(clf.model, collated, device=device, amp_dtype=amp_dtype)):
             out[torch.tensor(idx) + c0] = logits.float().cpu()
             if on_batch is not None:
                 on_batch(len(idx))
@@ -307,55 +298,7 @@ def _read_table(p: Path, suffix: str):
         raise UserError(f"cannot read {p} as {suffix[1:].upper()}: {_one_line(exc)}") from None
 
 
-# ---------------------------------------------------------------- metrics
-
-def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
-    """``cm[i, j]`` = number of examples of true class i predicted as class j."""
-    y_true = np.asarray(y_true, dtype=np.int64).ravel()
-    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
-    for name, y in (("true", y_true), ("predicted", y_pred)):
-        if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"{name} class ids must be in [0, {num_classes})")
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes) \
-        .reshape(num_classes, num_classes)
-
-
-def classification_metrics(cm: np.ndarray, label_names: Sequence[str]) -> dict:
-    """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support from a confusion matrix.
-
-    A class that is never predicted has precision 0, one without examples recall 0
-    (as scikit-learn's ``zero_division=0``). Macro averages are taken over the classes
-    that occur in the data or the predictions, as scikit-learn does by default.
-    """
-    cm = np.asarray(cm, dtype=np.int64)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = (support > 0) | (predicted > 0)
-    total = int(cm.sum())
-
-    def macro(values):
-        return float(values[present].mean()) if present.any() else float("nan")
-
-    return {
-        "examples": total,
-        "accuracy": float(tp.sum() / total) if total else float("nan"),
-        "macro_precision": macro(precision),
-        "macro_recall": macro(recall),
-        "macro_f1": macro(f1),
-        "per_class": {str(name): {"precision": float(precision[i]), "recall": float(recall[i]),
-                                  "f1": float(f1[i]), "support": int(support[i]), "predicted": int(predicted[i])}
-                      for i, name in enumerate(label_names)},
-        "labels": [str(n) for n in label_names],
-        "confusion_matrix": cm.tolist(),
-    }
-
+# ---------------------------------------------------------------- reports
 
 def format_report(metrics: dict) -> str:
     """The per-class table, with a macro-average row."""

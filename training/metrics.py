@@ -1,59 +1,70 @@
-"""Metrics as sums and counts, so they add up across batches and all-reduce across ranks.
+"""Classification metrics from a confusion matrix, one home for training and the tools.
 
-Everything stays on the device during an epoch (no per-step host sync); ``compute``
-reads the totals once, after they have been reduced over all processes. One tensor
-holds the loss sum, the number of correct predictions, the example count and the
-confusion matrix (true x predicted counts), so one all-reduce moves all of it.
+Training keeps its running sums as device tensors (``training/tasks.py``) and reads them once per
+log interval and per epoch; these functions turn a confusion matrix (rows: true label, columns:
+predicted label) into accuracy, macro-F1 and per-class precision, recall and F1.
 """
 from __future__ import annotations
 
-import torch
+from typing import Sequence
 
-_LOSS, _CORRECT, _COUNT = range(3)
-
-
-class ClassificationMetrics:
-    """Running loss sum, correct predictions, example count and confusion matrix, in one device tensor."""
-
-    def __init__(self, device: torch.device, num_labels: int = 0):
-        # float64 so that sums over many batches stay exact (counts below 2**53; MPS has no float64)
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.num_labels = num_labels
-        self.totals = torch.zeros(3 + num_labels * num_labels, dtype=dtype, device=device)
-
-    @torch.no_grad()
-    def update(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """``loss_sum`` is the summed (not averaged) loss of the batch."""
-        preds = logits.argmax(dim=-1)
-        t = self.totals
-        t[_LOSS] += loss_sum.detach().to(t.dtype)
-        t[_CORRECT] += (preds == labels).sum().to(t.dtype)
-        t[_COUNT] += labels.numel()  # a Python number: added on the device, no copy
-        if self.num_labels:
-            # accumulate=True scatters without reading anything back (bincount would sync to size its output)
-            cells = 3 + labels * self.num_labels + preds
-            t.index_put_((cells,), torch.ones_like(cells, dtype=t.dtype), accumulate=True)
-
-    def confusion(self) -> torch.Tensor:
-        k = self.num_labels
-        return self.totals[3:].reshape(k, k).cpu()
-
-    def compute(self) -> dict:
-        values = self.totals[:3].tolist()  # the one host sync
-        loss_sum, correct, count = values
-        if count == 0:
-            return {"loss": float("nan"), "accuracy": float("nan"), "count": 0, "macro_f1": float("nan")}
-        out = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
-        if self.num_labels:
-            out["macro_f1"] = macro_f1(self.confusion())
-        return out
+import numpy as np
 
 
-def macro_f1(confusion: torch.Tensor) -> float:
+def _per_class(cm: np.ndarray) -> tuple:
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    present = (support + predicted) > 0  # classes that occur or are predicted (scikit-learn's default)
+    return tp, support, predicted, present
+
+
+def macro_f1(confusion) -> float:
     """Mean F1 over the classes that occur or are predicted (rows: true, columns: predicted)."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    present = (support + predicted) > 0
-    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    tp, support, predicted, present = _per_class(np.asarray(confusion))
+    f1 = 2 * tp / np.maximum(support + predicted, 1)
     return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """``cm[i, j]`` = number of examples of true class i predicted as class j."""
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
+    for name, y in (("true", y_true), ("predicted", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} class ids must be in [0, {num_classes})")
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes) \
+        .reshape(num_classes, num_classes)
+
+
+def classification_metrics(cm: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Accuracy, macro precision/recall/F1 and per-class precision/recall/F1/support from a confusion matrix.
+
+    A class that is never predicted has precision 0, one without examples recall 0
+    (as scikit-learn's ``zero_division=0``). Macro averages are taken over the classes
+    that occur in the data or the predictions, as scikit-learn does by default.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    tp, support, predicted, present = _per_class(cm)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = 2 * tp / np.maximum(support + predicted, 1)  # = 2PR / (P + R), and 0 where both are 0
+    total = int(cm.sum())
+
+    def macro(values):
+        return float(values[present].mean()) if present.any() else float("nan")
+
+    return {
+        "examples": total,
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro_f1(cm),
+        "per_class": {str(name): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                  "f1": float(f1[i]), "support": int(support[i]), "predicted": int(predicted[i])}
+                      for i, name in enumerate(label_names)},
+        "labels": [str(n) for n in label_names],
+        "confusion_matrix": cm.tolist(),
+    }

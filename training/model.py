@@ -45,16 +45,14 @@ def load_tokenizer(name: str):
         raise _load_error(name, exc) from None
 
 
-def load_model(name: str, label_names: list):
-    """A sequence classifier with a fresh head for ``label_names`` (names kept in the config)."""
+def load_model(name: str, task):
+    """A sequence classifier with a fresh head for ``task`` (its labels and problem type kept in the config)."""
     path = resolve_model_path(name)
-    id2label = {i: str(n) for i, n in enumerate(label_names)}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report: expected, we say it ourselves
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
+            path, **task.model_config(), ignore_mismatched_sizes=True,
             # fp32 master weights whatever the checkpoint's dtype: autocast runs the bf16 math
             dtype=torch.float32)
     except Exception as exc:

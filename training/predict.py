@@ -57,9 +57,9 @@ def _gather_texts(args) -> tuple:
     return kept, (f"skipped {skipped} empty text(s)" if skipped else None)
 
 
-def format_table(texts, label_names, probs, width: int) -> str:
+def format_table(texts, label_names, probs, predicted, width: int) -> str:
     """probability | label | text (whitespace collapsed, cut to fit ``width`` columns)."""
-    best = probs.argmax(dim=1).tolist()
+    best = predicted.tolist()
     lw = max(5, *(len(n) for n in label_names))
     room = max(20, width - (6 + 2 + lw + 2))
     lines = [f"{'prob':>6}  {'label':<{lw}}  text"]
@@ -71,10 +71,9 @@ def format_table(texts, label_names, probs, width: int) -> str:
     return "\n".join(lines)
 
 
-def prediction_records(texts, label_names, probs) -> list:
+def prediction_records(texts, label_names, probs, predicted) -> list:
     records = []
-    for text, row in zip(texts, probs.tolist()):
-        k = max(range(len(row)), key=row.__getitem__)  # the first of equal maxima, as argmax
+    for text, row, k in zip(texts, probs.tolist(), predicted.tolist()):
         records.append({"text": text, "label": label_names[k], "score": row[k],
                         "probabilities": dict(zip(label_names, row))})
     return records
@@ -96,13 +95,13 @@ def run(args) -> int:
 
     logits, elapsed = inference.logits_with_progress(clf, texts, desc="classifying", batch_size=args.batch_size,
                                                      max_length=max_length, amp_dtype=amp_dtype)
-    probs = logits.softmax(dim=-1)
+    probs, predicted = clf.task.decode(logits)
 
     if args.output is None:
-        print(format_table(texts, clf.label_names, probs, shutil.get_terminal_size((100, 24)).columns))
+        print(format_table(texts, clf.label_names, probs, predicted, shutil.get_terminal_size((100, 24)).columns))
         return 0
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                      for r in prediction_records(texts, clf.label_names, probs))
+                      for r in prediction_records(texts, clf.label_names, probs, predicted))
     if args.output == "-":
         sys.stdout.write(payload)
         return 0
@@ -112,7 +111,7 @@ def run(args) -> int:
         atomic_write_bytes(out, payload.encode("utf-8"))
     except OSError as exc:
         raise UserError(f"cannot write {args.output}: {exc.strerror or exc}") from None
-    counts = probs.argmax(dim=1).bincount(minlength=len(clf.label_names)).tolist()
+    counts = predicted.bincount(minlength=len(clf.label_names)).tolist()
     print(f"wrote {len(texts)} prediction(s) to {out} in {elapsed:.1f}s | "
           + ", ".join(f"{name} {c}" for name, c in zip(clf.label_names, counts)))
     return 0

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 from training.checkpoint import TRAINING_STATE, CheckpointError, step_checkpoints, verify_checkpoint
+from training.config import fields_marked
 from training.distributed import ProcessContext
 from training.utils import UserError
 
-# Flags that fix the data order, the step count or the model: a resume needs them unchanged.
-MUST_MATCH = ("model", "dataset", "dataset_config", "train_file", "validation_file", "text_column", "label_column",
-              "validation_fraction", "split_seed", "num_samples", "max_length", "epochs", "batch_size",
-              "grad_accum_steps", "seed", "no_group_by_length", "learning_rate", "warmup_ratio", "weight_decay",
-              "max_grad_norm", "metric_for_best")
+# Flags that fix the data order, the step count or the model (marked must_match in training/config.py).
+MUST_MATCH = fields_marked("must_match")
 
 
 @dataclass
@@ -77,31 +75,24 @@ def _locate(resume: str, checkpoint_dir: Path, run_name: Optional[str]) -> Resum
 
 def locate(resume: str, checkpoint_dir: str, run_name: Optional[str], ctx: ProcessContext) -> ResumePoint:
     """Rank 0 looks at the files; every rank gets the same answer (or the same error)."""
-    answer = None
-    if ctx.is_main:
-        try:
-            answer = _locate(resume, Path(checkpoint_dir), run_name)
-        except UserError as exc:
-            answer = str(exc)
-    answer = ctx.broadcast_object(answer)
-    if isinstance(answer, str):
-        raise UserError(answer)
-    return answer
+    return ctx.run_on_main(lambda: _locate(resume, Path(checkpoint_dir), run_name))
 
 
-def check_compatible(state: dict, config: dict, *, world_size: int, label_names: list, tokenizer_id: dict,
-                     where: Path) -> None:
-    """A clear error for a checkpoint from another model, labels, tokenizer, data or process count."""
-    saved = state["config"]
-    if state["world_size"] != world_size:
-        raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has {world_size}: "
-                        f"resume with the same number of processes (the data order is sharded by it)")
-    if list(state["label_names"]) != list(label_names):
-        raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {label_names}")
+def check_compatible(state: dict, run: dict, *, where: Path) -> None:
+    """A clear error for a checkpoint from another model, labels, tokenizer, data or process count.
+
+    ``run`` is what this run's checkpoints would record (trainer.RunState.run_record)."""
+    saved, config = state["config"], run["config"]
+    if state["world_size"] != run["world_size"]:
+        raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has "
+                        f"{run['world_size']}: resume with the same number of processes (the data order is "
+                        f"sharded by it)")
+    if list(state["label_names"]) != list(run["label_names"]):
+        raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
     for key in MUST_MATCH:
         if saved.get(key) != config.get(key):
             raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
                             f"--{key} {config.get(key)}: resume with the same value")
     same_vocab = ("class", "vocab", "hash")  # not the path: a model directory may have moved
-    if any(state["tokenizer"].get(k) != tokenizer_id.get(k) for k in same_vocab):
+    if any(state["tokenizer"].get(k) != run["tokenizer"].get(k) for k in same_vocab):
         raise UserError(f"{where} was trained with another tokenizer ({state['tokenizer']['name']})")

@@ -1,6 +1,6 @@
-"""The run, from flags to checkpoint: shared by train_single.py and train_ddp.py.
+"""The trainer: a run from flags to checkpoint, shared by train_single.py and train_ddp.py.
 
-config -> process context -> tokenizer and data -> model -> fit -> checkpoint.
+config -> process context -> tokenizer and data -> task -> model -> run state -> fit -> checkpoint.
 The two entry points differ only in whether the process context comes from torchrun.
 """
 from __future__ import annotations
@@ -10,18 +10,19 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
-from training import checkpoint, data, engine, model as model_lib
-from training.config import TrainConfig, parse_config
+from training import checkpoint, data, engine, model as model_lib, tasks
 from training import resume as resume_lib
+from training.config import TrainConfig, parse_config
 from training.distributed import ProcessContext, StopSignal, process_context
 from training.runlog import RunLogger
+from training.step import EagerSteps, StepContext
 from training.utils import UserError, autocast_dtype, set_seed
-
 
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to record.
 CUDAGRAPH_PAD_MULTIPLE = 32
@@ -60,8 +61,7 @@ def _git_commit() -> str | None:
 
 def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None = None) -> Path:
     """Rank 0 names and creates the run directory (or reuses the resumed one); every rank learns its path."""
-    error, run_dir = None, None
-    if ctx.is_main:
+    def make() -> str:
         name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         run_dir = existing or Path(cfg.checkpoint_dir) / name
         try:
@@ -71,13 +71,13 @@ def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None =
             probe.write_text("")
             probe.unlink()
         except FileExistsError:
-            error = f"run directory {run_dir} already exists"
+            raise UserError(f"run directory {run_dir} already exists") from None
         except OSError as exc:
-            error = f"cannot write to checkpoint directory {cfg.checkpoint_dir}: {exc.strerror or exc}"
-    error, run_dir = ctx.broadcast_object((error, str(run_dir) if run_dir else None))
-    if error:
-        raise UserError(error)
-    return Path(run_dir)
+            raise UserError(f"cannot write to checkpoint directory {cfg.checkpoint_dir}: {exc.strerror or exc}") \
+                from None
+        return str(run_dir)
+
+    return Path(ctx.run_on_main(make))
 
 
 def _quiet_libraries() -> None:
@@ -89,21 +89,6 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
-    t_start = time.perf_counter()
-    _quiet_libraries()
-    point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
-    run_dir = _make_run_dir(cfg, ctx, existing=point.run_dir if point and point.run_dir else None)
-    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
-    for note in point.notes if point else []:
-        log.print(f"resume: {note}")
-    try:
-        with StopSignal() as stop:
-            return _train(cfg, ctx, run_dir, log, t_start, point.checkpoint if point else None, stop)
-    finally:
-        log.close()
-
-
 class BestTracker:
     """Keeps RUN/best for the chosen validation metric and says when to stop early.
 
@@ -111,22 +96,23 @@ class BestTracker:
     CheckpointWriter decides who writes.
     """
 
-    KEYS = {"accuracy": ("accuracy", 1), "f1": ("macro_f1", 1), "loss": ("loss", -1)}
-
-    def __init__(self, metric: str, patience: int, log: RunLogger, saved: dict | None = None):
-        self.key, self.sign = self.KEYS[metric]
-        self.metric, self.patience, self.log = metric, patience, log
+    def __init__(self, metric: str, patience: int, task, log: RunLogger):
+        if metric not in task.best_metrics:
+            raise UserError(f"--metric_for_best {metric} is not a metric of this task "
+                            f"(choose from: {', '.join(task.best_metrics)})")
+        self.metric, self.sign, self.patience, self.log = metric, task.best_metrics[metric], patience, log
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
-        if saved:
-            self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
-            self.stopped_early = saved.get("stopped_early", False)
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
                 "stopped_early": self.stopped_early}
 
+    def load_state_dict(self, saved: dict) -> None:
+        self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
+        self.stopped_early = saved.get("stopped_early", False)
+
     def improved(self, validation: dict, epoch: int) -> bool:
-        value = validation[self.key]
+        value = validation[self.metric]
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best, self.best_epoch, self.stale = value, epoch, 0
             return True
@@ -141,20 +127,87 @@ class BestTracker:
         return self.stopped_early
 
 
-def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger, t_start: float,
-           resume_from: Path | None, stop: StopSignal) -> int:
-    amp_dtype = autocast_dtype(ctx.device, cfg.precision)
-    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
-    log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
-              f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
-              f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
+@dataclass
+class RunState:
+    """Everything that changes while training, each part saving and restoring itself: the optimizer,
+    the scheduler, the loop, the best-checkpoint tracker and (in ``payload``) every rank's RNG."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loop: engine.LoopState
+    tracker: BestTracker
+    run_record: dict  # what the checkpoint says about the run: config, world size, labels, tokenizer, task
 
-    set_seed(cfg.seed)
-    tokenizer = model_lib.load_tokenizer(cfg.model)
+    def payload(self, ctx: ProcessContext) -> dict:
+        """The training state of a checkpoint. A collective: every rank is here."""
+        loop = self.loop.reduce_for_checkpoint(ctx)
+        rng = ctx.all_gather_object(checkpoint.rng_state())
+        return checkpoint.training_state(self.optimizer, self.scheduler, loop=loop, rng=rng, run=self.run_record,
+                                         tracker=self.tracker.state_dict())
+
+    def restore(self, saved: dict, ctx: ProcessContext, task) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.tracker.load_state_dict(saved["tracker"])
+        self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
+
+
+class CheckpointHooks(engine.Hooks):
+    """Step checkpoints, preemption, the best checkpoint and early stopping, around the engine's loop."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ProcessContext, state: RunState, writer, stop: StopSignal, log):
+        self.cfg, self.ctx, self.state, self.writer, self.stop, self.log = cfg, ctx, state, writer, stop, log
+        self.model, self.tokenizer = None, None  # set by the trainer before fit
+
+    def save(self, name: str | None = None) -> Path:
+        payload = self.state.payload(self.ctx)
+        if name:
+            return self.writer.save(name, self.model, self.tokenizer, payload)
+        return self.writer.save_step(self.model, self.tokenizer, payload)
+
+    def after_step(self, loop: engine.LoopState, end_of_epoch: bool) -> bool:
+        every = self.cfg.save_every_steps
+        stopping = self.stop.requested(self.ctx, loop.global_step, self.cfg.log_every)
+        periodic = every and loop.global_step % every == 0 and not end_of_epoch
+        if stopping or periodic:
+            loop.check_finite(self.ctx)  # never write a checkpoint after a non-finite step
+            path = self.save()
+            if stopping:
+                self.log.print(f"stopped by {self.stop.name} after step {loop.global_step} (epoch {loop.epoch}); "
+                               f"checkpoint {path}\nresume with the same command plus: --resume auto --run_name "
+                               f"{self.writer.run_dir.name}")
+        return stopping
+
+    def on_epoch_end(self, result: engine.EpochResult) -> bool:
+        tracker = self.state.tracker
+        improved = tracker.improved(result.validation, result.epoch)
+        stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
+        if improved:
+            self.save("best")
+        self.save()  # the start of the next epoch: resumable
+        return stopping
+
+
+def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
+    t_start = time.perf_counter()
+    _quiet_libraries()
+    point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
+    run_dir = _make_run_dir(cfg, ctx, existing=point.run_dir if point and point.run_dir else None)
+    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
+    for note in point.notes if point else []:
+        log.print(f"resume: {note}")
+    try:
+        with StopSignal() as stop:
+            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, t_start)
+    finally:
+        log.close()
+
+
+def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
     source = data.DataSource.from_args(cfg.dataset, cfg.dataset_config, cfg.train_file, cfg.validation_file,
                                        cfg.text_column, cfg.label_column)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
+                                 cache_key=cfg.values_marked("cache"),
                                  validation_fraction=cfg.validation_fraction, split_seed=cfg.split_seed,
                                  num_samples=cfg.num_samples)
     for note in prepared.info.get("notes", []):
@@ -164,127 +217,121 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, run_dir: Path, log: RunLogger,
     if len(prepared.train) < ctx.world_size:
         raise UserError(f"{len(prepared.train)} training example(s) for {ctx.world_size} processes: "
                         f"each process needs at least one")
-    tokenizer_id = data.tokenizer_identity(tokenizer)
+    return prepared
+
+
+def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: Path | None, stop: StopSignal,
+           t_start: float) -> int:
+    amp_dtype = autocast_dtype(ctx.device, cfg.precision)
+    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
+    log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
+              f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
+              f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
+
+    set_seed(cfg.seed)
+    tokenizer = model_lib.load_tokenizer(cfg.model)
+    prepared = _load_data(cfg, ctx, tokenizer, log)
+    task = tasks.choose_task(prepared.label_names)
+    run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
+                  "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record()}
     saved = None
     if resume_from is not None:
         saved = checkpoint.load_training_state(resume_from)
-        resume_lib.check_compatible(saved, cfg.to_dict(), world_size=ctx.world_size,
-                                    label_names=prepared.label_names, tokenizer_id=tokenizer_id, where=resume_from)
+        resume_lib.check_compatible(saved, run_record, where=resume_from)
 
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
-    model = model_lib.load_model(str(resume_from) if saved else cfg.model, prepared.label_names)
+    model = model_lib.load_model(str(resume_from) if saved else cfg.model, task)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
-              + (f"resumed from {resume_from}" if saved else f"new head for {len(prepared.label_names)} labels"))
+              + (f"resumed from {resume_from}" if saved else f"new head for {task.num_labels} labels"))
 
     compile_model, use_graphs = choose_speed(
         cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
     log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'}")
-    train_loader, eval_loader = data.make_loaders(
+    loaders = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers,
-        group_by_length=not cfg.no_group_by_length, accum_steps=cfg.grad_accum_steps,
+        group_by_length=not cfg.no_group_by_length, grad_accum_steps=cfg.grad_accum_steps,
         pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None)
     if not saved:
         log.write_json("config.json", {
-            "config": cfg.to_dict(), "world_size": ctx.world_size, "global_batch_size": global_batch,
-            "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model,
-            "cuda_graphs": use_graphs,
+            "config": cfg.to_dict(), "task": task.record(), "world_size": ctx.world_size, "backend": ctx.backend,
+            "global_batch_size": global_batch, "device": str(ctx.device),
+            "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model, "cuda_graphs": use_graphs,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)
 
     train_model = engine.prepare_for_training(model, ctx, compile_model=compile_model)
     optimizer = engine.build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=ctx.device)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    steps_per_epoch = math.ceil(len(loaders[0]) / cfg.grad_accum_steps)
     scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                        warmup_ratio=cfg.warmup_ratio)
-    writer = checkpoint.CheckpointWriter(run_dir, ctx, keep=cfg.keep_checkpoints)
-    graphs = engine.StepGraphs(train_model, optimizer, amp_dtype=amp_dtype, max_grad_norm=cfg.max_grad_norm,
-                               num_labels=len(prepared.label_names), device=ctx.device) if use_graphs else None
-    tracker = BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, log, saved["tracker"] if saved else None)
+    state = RunState(optimizer, scheduler, engine.LoopState(),
+                     BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, task, log), run_record)
+    writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = engine.LoopState.restore(saved["loop"], ctx, len(prepared.label_names))
-        log.truncate_records(after_step=state.global_step)  # what ran after the checkpoint runs again
-        writer.discard_after(state.global_step)  # checkpoints of the abandoned continuation
+        state.restore(saved, ctx, task)
+        log.truncate_records(after_step=state.loop.global_step)  # what ran after the checkpoint runs again
+        writer.discard_after(state.loop.global_step)  # checkpoints of the abandoned continuation
         checkpoint.set_rng_state(saved["rng"][ctx.rank])  # last: nothing below draws from the RNG before training
-        log.print(f"resuming at epoch {state.epoch}, step {state.global_step} (batch {state.next_batch} of the epoch)")
+        log.print(f"resuming at epoch {state.loop.epoch}, step {state.loop.global_step} "
+                  f"(batch {state.loop.next_batch} of the epoch)")
     else:
-        state = engine.LoopState()
         log.truncate_records(after_step=0)  # a fresh start in a run directory that had no checkpoint yet
 
-    def save_state(name: str | None = None) -> Path:
-        loop = state.consolidate(ctx)  # a collective: every rank is here
-        rng = ctx.all_gather_object(checkpoint.rng_state())
-        payload = checkpoint.training_state(optimizer, scheduler, loop=loop, rng=rng, config=cfg.to_dict(),
-                                            world_size=ctx.world_size, label_names=prepared.label_names,
-                                            tokenizer_id=tokenizer_id, tracker=tracker.state())
-        return writer.save(name, model, tokenizer, payload) if name else writer.save_step(model, tokenizer, payload)
-
-    def after_step(end_of_epoch: bool, check) -> bool:
-        stopping = stop.requested(ctx, state.global_step, cfg.log_every)
-        periodic = cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0 and not end_of_epoch
-        if stopping or periodic:
-            check()  # never write a checkpoint after a non-finite step
-            path = save_state()
-            if stopping:
-                log.print(f"stopped by {stop.name} after step {state.global_step} (epoch {state.epoch}); "
-                          f"checkpoint {path}\nresume with the same command plus: --resume auto --run_name {run_dir.name}")
-        return stopping
-
-    def on_epoch_end(result) -> bool:
-        improved = tracker.improved(result.validation, result.epoch)
-        stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
-        if improved:
-            save_state("best")
-        save_state()  # the start of the next epoch: resumable
-        return stopping
-
+    sc = StepContext(train_model, optimizer, scheduler, task, amp_dtype, cfg.max_grad_norm, ctx,
+                     skip_nonfinite=cfg.skip_nonfinite)
+    if use_graphs:
+        from training.graphs import StepGraphs
+        runner = StepGraphs(sc)
+    else:
+        runner = EagerSteps(sc)
+    hooks = CheckpointHooks(cfg, ctx, state, writer, stop, log)
+    hooks.model, hooks.tokenizer = model, tokenizer
+    loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every)
     try:
         # an early-stopped run that is resumed (or restarted) has nothing left to train
-        finished = tracker.stopped_early or engine.fit(model, train_model, optimizer, scheduler, train_loader, eval_loader, ctx=ctx, log=log,
-                              epochs=cfg.epochs, grad_accum_steps=cfg.grad_accum_steps,
-                              max_grad_norm=cfg.max_grad_norm, amp_dtype=amp_dtype, log_every=cfg.log_every,
-                              state=state, after_step=after_step, on_epoch_end=on_epoch_end,
-                              skip_nonfinite=cfg.skip_nonfinite, graphs=graphs)
+        finished = state.tracker.stopped_early or engine.fit(runner, loaders, loop, state.loop, hooks, log)
     except engine.NonFiniteLoss as exc:
-        kept = checkpoint.step_checkpoints(run_dir)
+        kept = checkpoint.step_checkpoints(log.run_dir)
         raise UserError(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                         f"checkpoint: {kept[0] if kept else 'none'}") from None
-    if graphs is not None:
-        log.print(graphs.summary())
+    if runner.summary():
+        log.print(runner.summary())
     if not finished:
         return 128 + (stop.signum or 15)
+    final = hooks.save("final")
+    _finish(cfg, state, log, final, time.perf_counter() - t_start)
+    return 0
 
-    final = save_state("final")
-    results = state.results
+
+def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elapsed: float) -> None:
+    results, tracker = state.loop.results, state.tracker
     last = results[-1]
     best = next(r for r in results if r["epoch"] == tracker.best_epoch)
     train_time = sum(r["epoch_time_s"] for r in results)
     summary = {"final_val_accuracy": last["val_accuracy"], "final_val_loss": last["val_loss"],
-               "final_val_f1": last["val_f1"], "metric_for_best": cfg.metric_for_best,
+               "final_val_macro_f1": last["val_macro_f1"], "metric_for_best": cfg.metric_for_best,
                "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-               "best_val_loss": best["val_loss"], "best_val_f1": best["val_f1"],
+               "best_val_loss": best["val_loss"], "best_val_macro_f1": best["val_macro_f1"],
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
-               "skipped_nonfinite_steps": state.skipped_nonfinite,
-               "total_time_s": round(time.perf_counter() - t_start, 2),
+               "skipped_nonfinite_steps": state.loop.skipped_nonfinite,
+               "total_time_s": round(elapsed, 2),
                "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
-               "checkpoint": str(final), "best_checkpoint": str(run_dir / "best")}
+               "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
     log.write_json("summary.json", summary)
-    if state.skipped_nonfinite:
-        log.print(f"note: skipped {state.skipped_nonfinite} optimizer step(s) with a non-finite loss")
+    if state.loop.skipped_nonfinite:
+        log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
-    return 0
 
 
 def _summary_table(s: dict) -> str:
     rows = [("", "accuracy", "macro-F1", "loss", "checkpoint"),
             (f"best (epoch {s['best_epoch']}, by {s['metric_for_best']})", f"{s['best_val_accuracy']:.4f}",
-             f"{s['best_val_f1']:.4f}", f"{s['best_val_loss']:.4f}", s["best_checkpoint"]),
-            (f"last (epoch {s['epochs_run']})", f"{s['final_val_accuracy']:.4f}", f"{s['final_val_f1']:.4f}",
+             f"{s['best_val_macro_f1']:.4f}", f"{s['best_val_loss']:.4f}", s["best_checkpoint"]),
+            (f"last (epoch {s['epochs_run']})", f"{s['final_val_accuracy']:.4f}", f"{s['final_val_macro_f1']:.4f}",
              f"{s['final_val_loss']:.4f}", s["checkpoint"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
