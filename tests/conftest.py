@@ -19,17 +19,38 @@ NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "tedious"]
 FILLER = ["the", "movie", "film", "plot", "actors", "story", "was", "quite", "really", "and", "scenes", "music"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the CUDA path; runs only where there is a CUDA GPU (pytest -m gpu)")
+
+
 def cli_env(**extra) -> dict:
     env = dict(os.environ)
     # No network in tests: hub lookups fail at once instead of retrying.
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    if "PYTHONPATH" in extra and env.get("PYTHONPATH"):  # a test's hooks go first; what was there stays
+        extra = {**extra, "PYTHONPATH": os.pathsep.join([extra["PYTHONPATH"], env["PYTHONPATH"]])}
     env.update(extra)
     return env
 
 
+DEVICE_SCRIPTS = ("train_single.py", "train_ddp.py", "predict.py", "evaluate.py")
+
+
+def on_cpu(script: str, args) -> list:
+    """The command's arguments, with ``--device cpu`` unless the test names a device.
+
+    These tests are about CPU semantics (bitwise resume, fp32 tolerances, hooks that count Python
+    calls): on a GPU machine they still run on the CPU, as in CI. Tests of the CUDA path say
+    ``--device cuda`` (tests/test_gpu.py)."""
+    args = [str(a) for a in args]
+    if Path(script).name in DEVICE_SCRIPTS and "--device" not in args and "--help" not in args:
+        args += ["--device", "cpu"]
+    return args
+
+
 def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "training" / script), *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, str(ROOT / "training" / script), *on_cpu(script, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 

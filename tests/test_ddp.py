@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
 
 
 def torchrun(nproc: int, *args, extra=(), timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra]
     if not extra:
         cmd += ["--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", str(ROOT / "training" / "train_ddp.py"), *map(str, args)]
+    cmd += [f"--nproc_per_node={nproc}", str(ROOT / "training" / "train_ddp.py"), *on_cpu("train_ddp.py", args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 
@@ -63,10 +63,18 @@ def reference(task):
     return d / "single" / "ref"
 
 
-def test_two_processes_at_half_batch_match_one_process(task, reference):
+@pytest.fixture(scope="module")
+def two_processes(task):
+    """Two gloo processes at batch 4 (the reference's global batch 8)."""
     d, common = task
     proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", d / "ddp2", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_two_processes_at_half_batch_match_one_process(task, reference, two_processes):
+    d, common = task
+    proc = two_processes
     assert "global batch 8 (4 per process x 2 x 1 accumulation)" in proc.stdout
     assert_same_run(reference, d / "ddp2" / "r")
     # only rank 0 prints its epoch lines; one run directory, written once, with no temporaries
@@ -106,7 +114,7 @@ def test_evaluation_counts_every_example_once(task, reference, nproc):
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
 
 
-def test_ddp_checkpoint_loads_on_one_device(reference, task):
+def test_ddp_checkpoint_loads_on_one_device(task, two_processes):
     from transformers import AutoModelForSequenceClassification
     d, _ = task
     model = AutoModelForSequenceClassification.from_pretrained(d / "ddp2" / "r" / "final")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
 
 # Installed into the training processes through PYTHONPATH: after optimizer step STOP_AT_STEP, the chosen
 # rank sends itself STOP_SIGNAL (first launch only), or NAN_AT_CALL turns one loss into NaN.
@@ -52,7 +52,7 @@ def env_with(hooks: Path, **extra) -> dict:
 
 def torchrun(nproc, *args, env, extra=("--standalone",), timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
-           str(ROOT / "training" / "train_ddp.py"), *map(str, args)]
+           str(ROOT / "training" / "train_ddp.py"), *on_cpu("train_ddp.py", args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

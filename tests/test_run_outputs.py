@@ -8,7 +8,7 @@ import termios
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
 
 
 def _args(tmp_path, tiny_model_dir, *extra):
@@ -23,7 +23,7 @@ def _run_with_tty_stderr(args) -> str:
     master, slave = pty.openpty()
     # a real terminal has a size; a fresh pseudo-terminal has 0 columns, where tqdm draws nothing
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "train_single.py"), *map(str, args)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "train_single.py"), *on_cpu("train_single.py", args)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=slave, env=cli_env())
     os.close(slave)
     chunks = []
