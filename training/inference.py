@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from training.utils import UserError, autocast_dtype, detect_device
+from training.utils import HelpFormatter, ToolParser, UserError, autocast_dtype, detect_device  # noqa: F401
 
 DEFAULT_MAX_LENGTH = 512
 # Models whose position table has (padding_idx + 1) extra rows in front of the usable positions.
@@ -329,22 +329,6 @@ def format_confusion(metrics: dict, max_name: int = 12) -> str:
 
 
 # ---------------------------------------------------------------- command-line pieces
-
-class ToolParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``error: ...`` line (a UserError), like every other bad input."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except where there is none to show or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
 
 def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",

@@ -5,15 +5,15 @@ this module holds the primitives they build on.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
-import torch
+# torch and numpy are imported where they are used: the command lines read their flags (and answer
+# --help) before anything heavy loads.
 
 
 class UserError(Exception):
@@ -28,8 +28,10 @@ class UserError(Exception):
         self.rank_local = rank_local
 
 
-def detect_device(preference: str = "auto") -> torch.device:
+def detect_device(preference: str = "auto"):
     """CUDA, then Apple MPS, then CPU; an explicit preference is checked, not trusted."""
+    import torch
+
     if preference == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -47,8 +49,10 @@ def detect_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype for this device, or None for plain fp32."""
+def autocast_dtype(device, precision: str = "auto"):
+    """The autocast dtype for this device (torch.bfloat16), or None for plain fp32."""
+    import torch
+
     if precision == "fp32":
         return None
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -60,6 +64,9 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
 
 
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -87,6 +94,22 @@ def atomic_write_json(path: Path, obj) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=float) + "\n")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line (a UserError), like every other bad input."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_tool(body) -> int:
