@@ -64,7 +64,33 @@ def test_tiny_model_learns_a_synthetic_task(tmp_path, tiny_model_dir):
     assert clf("the movie was dreadful")[0]["label"] == "negative"
 
 
-def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
+@pytest.fixture(scope="session")
+def foreign_models(tmp_path_factory, tiny_model_dir) -> dict:
+    """Model directories this toolkit must refuse: a decoder, a seq2seq model, a BERT without tokenizer files."""
+    import shutil
+
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                              T5Config, T5ForSequenceClassification)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("foreign")
+    made = {"gpt2": GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=30522)),
+            "t5": T5ForSequenceClassification(T5Config(num_layers=1, d_model=32, num_heads=2, d_ff=64, d_kv=16,
+                                                       vocab_size=30522)),
+            "no-tokenizer": BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32,
+                                                                      num_hidden_layers=1, num_attention_heads=2,
+                                                                      intermediate_size=64))}
+    for name, model in made.items():
+        model.save_pretrained(root / name)
+        if name != "no-tokenizer":
+            for f in tiny_model_dir.glob("*"):
+                if f.name.startswith(("tokenizer", "vocab", "special")):
+                    shutil.copy(f, root / name / f.name)
+    return {name: root / name for name in made}
+
+
+def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
     good = write_rows(tmp_path / "good.csv", synthetic_rows(40))
     (tmp_path / "data.xml").write_text("<a/>")
     (tmp_path / "nocols.csv").write_text("a,b\n1,2\n3,4\n")
@@ -72,6 +98,8 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
     (tmp_path / "empty.csv").write_text("text,label\n")
     one = write_rows(tmp_path / "one.csv", [{"text": f"t {i}", "label": "pos"} for i in range(20)])
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "taken").write_text("")
     m = ["--model", tiny]
     return {
         "missing file": ([*m, "--train_file", tmp_path / "nope.csv"], "data file not found"),
@@ -84,14 +112,28 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
         "single class": ([*m, "--train_file", one], "only one label class"),
         "single class after num_samples": ([*m, "--train_file", good, "--num_samples", 1], "only one label class"),
         "zero epochs": (["--epochs", 0], "--epochs must be positive"),
+        "fractional epochs": (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5' (see --help)"),
         "zero batch size": (["--batch_size", 0], "--batch_size must be positive"),
         "negative learning rate": (["--learning_rate=-1e-5"], "--learning_rate must be positive"),
+        "nan learning rate": (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+        "negative seed": (["--seed", "-1"], "--seed and --split_seed must be integers from 0 to 4294967295"),
+        "seed too large": (["--seed", 2 ** 32], "--seed and --split_seed must be integers from 0 to 4294967295"),
         "zero num_samples": (["--num_samples", 0], "--num_samples must be positive"),
         "graphs without CUDA": (["--cuda_graphs", "on", *m, "--train_file", good, "--device", "cpu"],
                                 "--cuda_graphs on needs a CUDA device"),
         "bad compile value": (["--compile", "cudagraphs"], "argument --compile: invalid choice: 'cudagraphs'"),
+        "bad precision": (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
         "unknown model dir": (["--model", tmp_path / "no-model"], "cannot load model"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
+        "decoder model": (["--model", foreign["gpt2"], "--train_file", good], "is a decoder-only model (gpt2)"),
+        "seq2seq model": (["--model", foreign["t5"], "--train_file", good], "is an encoder-decoder (seq2seq) model (t5)"),
+        "no tokenizer files": (["--model", foreign["no-tokenizer"], "--train_file", good],
+                               "has no usable tokenizer (its vocabulary is 5 special token(s))"),
+        "max_length above the positions": ([*m, "--train_file", good, "--max_length", 200],
+                                           "--max_length 200 is more than --model"),
+        "run name outside the checkpoint dir": ([*m, "--run_name", "../x"], "--run_name must be a plain directory name"),
+        "absolute run name": ([*m, "--run_name", tmp_path / "abs"], "--run_name must be a plain directory name"),
+        "run name that is a file": ([*m, "--train_file", good, "--run_name", "taken"], "is a file, not a run directory"),
         "unwritable checkpoint dir": ([*m, "--train_file", good, "--checkpoint_dir", tmp_path / "a_file" / "x"],
                                       "cannot write to checkpoint directory"),
     }
@@ -99,23 +141,73 @@ def _bad_inputs(tmp_path: Path, tiny: Path) -> dict:
 
 CASES = ["missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
-         "zero batch size", "negative learning rate", "zero num_samples", "unknown model dir",
-         "unknown hub model", "unwritable checkpoint dir", "graphs without CUDA",
-         "bad compile value"]
+         "fractional epochs", "zero batch size", "negative learning rate", "nan learning rate", "negative seed",
+         "seed too large", "zero num_samples", "unknown model dir", "unknown hub model", "decoder model",
+         "seq2seq model", "no tokenizer files", "max_length above the positions", "run name outside the checkpoint dir",
+         "absolute run name", "run name that is a file", "unwritable checkpoint dir", "graphs without CUDA",
+         "bad compile value", "bad precision"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir, case):
-    args, expected = _bad_inputs(tmp_path, tiny_model_dir)[case]
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir, foreign_models, case):
+    """One line on stderr, naming the problem; no usage dump, no traceback, no run directory left behind."""
+    args, expected = _bad_inputs(tmp_path, tiny_model_dir, foreign_models)[case]
     if "--checkpoint_dir" not in map(str, args):
         args = [*args, "--checkpoint_dir", tmp_path / "ck"]
     proc = run_script("train_single.py", *args, timeout=300)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("error:") or "error:" in lines[-1], proc.stderr
-    assert expected in lines[-1], proc.stderr
-    assert len([ln for ln in lines if "error" in ln.lower()]) == 1, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0], proc.stderr
+    assert "device " not in proc.stdout  # the device header comes only once the inputs have been read
+    if (tmp_path / "ck").is_dir():
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name != "cache") in ([], ["taken"])
+
+
+def test_a_failed_start_leaves_nothing_so_the_corrected_rerun_runs(tmp_path, tiny_model_dir, foreign_models):
+    good = write_rows(tmp_path / "good.csv", synthetic_rows(40))
+    common = ["--train_file", good, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", "--epochs", 1,
+              "--max_length", 32]
+    assert run_script("train_single.py", "--model", foreign_models["gpt2"], *common).returncode == 2
+    proc = run_script("train_single.py", "--model", tiny_model_dir, *common)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ck" / "r" / "final" / "model.safetensors").is_file()
+
+
+def test_help_and_argument_errors_answer_before_torch_loads():
+    """The flags are read before torch, transformers or datasets are imported (so --help is instant)."""
+    import subprocess
+    import sys
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['train_single.py'] + sys.argv[1:]\n"
+             "try:\n"
+             "    runpy.run_path('training/train_single.py', run_name='__main__')\n"
+             "except SystemExit as exc:\n"
+             "    heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
+             "    print('EXIT', exc.code, 'HEAVY', heavy)\n")
+    for args, code in ((["--help"], 0), (["--epochs", "x"], 2)):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True,
+                              env=cli_env(), timeout=60)
+        assert f"EXIT {code} HEAVY []" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+def test_files_keep_the_umask_mode(tmp_path, tiny_model_dir):
+    import os
+    import stat
+    import subprocess
+    import sys
+    from conftest import on_cpu
+    good = write_rows(tmp_path / "good.csv", synthetic_rows(40))
+    args = ["--model", tiny_model_dir, "--train_file", good, "--epochs", 1, "--max_length", 32,
+            "--checkpoint_dir", tmp_path / "ck", "--run_name", "r"]
+    proc = subprocess.run([sys.executable, str(ROOT / "training" / "train_single.py"), *on_cpu("train_single.py", args)],
+                          cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=300,
+                          preexec_fn=lambda: os.umask(0o002))
+    assert proc.returncode == 0, proc.stderr
+    files = [p for p in (tmp_path / "ck" / "r").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {0o664}, modes  # model.safetensors and the JSON records too, not 0600
 
 
 def test_help_explains_every_flag():

@@ -81,7 +81,7 @@ def test_two_processes_at_half_batch_match_one_process(task, reference, two_proc
     assert proc.stdout.count("epoch 2/2 |") == 1
     assert sorted(p.name for p in (d / "ddp2").iterdir()) == ["r"]
     assert sorted(p.name for p in (d / "ddp2" / "r").iterdir()) == [
-        "best", "checkpoints", "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
+        ".lock", "best", "checkpoints", "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
     assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2
 
 
@@ -173,3 +173,16 @@ def test_train_ddp_outside_torchrun_says_how_to_launch():
     proc = run_script("train_ddp.py", "--epochs", 1)
     assert proc.returncode == 2
     assert "torchrun --standalone --nproc_per_node=2" in proc.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--learning_rate", "nan"], "error: --learning_rate must be a finite number, got nan"),
+    (["--epochs", "1.5"], "error: argument --epochs: invalid int value: '1.5' (see --help)"),
+])
+def test_bad_input_under_torchrun_stops_every_rank_with_one_line(task, tmp_path, args, expected):
+    d, common = task
+    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", *args, timeout=180)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert ours == [expected], proc.stderr[-3000:]  # said once, by rank 0: every rank stopped on the same input
+    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr

@@ -27,6 +27,25 @@ if os.environ.get("STOP_AT_STEP") and os.environ.get("TORCHELASTIC_RESTART_COUNT
             os.kill(os.getpid(), getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM")))
         return out
     torch.optim.AdamW.step = step
+if os.environ.get("SIGINT_AT_MAP"):  # Ctrl-C while the data is being prepared
+    import datasets
+    _map = datasets.Dataset.map
+    def map_then_interrupt(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return _map(self, *a, **k)
+    datasets.Dataset.map = map_then_interrupt
+if os.environ.get("PAUSE_AT_STEP"):  # a live run, held after that optimizer step
+    import time, torch
+    _pstep = torch.optim.AdamW.step
+    pcalls = [0]
+    def paused_step(self, *a, **k):
+        out = _pstep(self, *a, **k)
+        pcalls[0] += 1
+        if pcalls[0] == int(os.environ["PAUSE_AT_STEP"]):
+            open(os.environ["PAUSE_FLAG"], "w").close()
+            time.sleep(120)
+        return out
+    torch.optim.AdamW.step = paused_step
 if os.environ.get("NAN_AT_CALL"):
     import torch
     _forward = torch.nn.CrossEntropyLoss.forward
@@ -70,6 +89,7 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     stopped = run_script("train_single.py", *common, "--run_name", "a", env=env_with(hooks, STOP_AT_STEP=4))
     assert stopped.returncode == 143, stopped.stderr
     assert "stopped by SIGTERM after step 4" in stopped.stdout and "--resume auto --run_name a" in stopped.stdout
+    assert "SIGTERM: stopping after the current step and saving a checkpoint..." in stopped.stderr  # said at once
     # 96 examples at 32: 3 steps an epoch; the end of epoch 1 saved step 3, the signal step 4
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
     resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto")
@@ -172,6 +192,44 @@ def test_mismatched_checkpoints_are_refused(tmp_path, tiny_model_dir, hooks):
     proc = torchrun(2, *common, "--model", tiny_model_dir, "--train_file", train, "--resume", ckpt,
                     env=env_with(hooks))
     assert proc.returncode != 0 and "saved by 1 process(es) and this run has 2" in proc.stderr
+
+
+def test_ctrl_c_while_the_data_is_prepared_stops_at_once_and_leaves_nothing(tmp_path, tiny_model_dir, hooks):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=2))
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--checkpoint_dir",
+                      tmp_path / "ck", "--run_name", "r", env=env_with(hooks, SIGINT_AT_MAP=1))
+    assert proc.returncode == 130, proc.stderr
+    assert "SIGINT: stopping now (nothing has been trained yet)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ck" / "r").exists()  # no run directory from a start that did not happen
+
+
+def test_a_second_launch_on_a_live_run_is_refused_and_a_dead_runs_lock_is_not(tmp_path, tiny_model_dir, hooks):
+    import os
+    import signal
+    import time
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=2))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 8, "--max_length", 32,
+              "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", "--save_every_steps", 2, "--device", "cpu"]
+    flag = tmp_path / "paused"
+    live = subprocess.Popen([sys.executable, str(ROOT / "training" / "train_single.py"), *map(str, common)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with(hooks, PAUSE_AT_STEP=3, PAUSE_FLAG=flag))
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists() and live.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert flag.exists(), live.communicate()[1] if live.poll() is not None else "no pause"
+        second = run_script("train_single.py", *common, "--resume", "auto")
+        assert second.returncode == 2
+        assert f"{tmp_path / 'ck' / 'r'} is in use by pid {live.pid}" in second.stderr, second.stderr
+    finally:
+        live.send_signal(signal.SIGKILL)  # dies holding the lock: the OS releases it
+        live.communicate()
+    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 1, step 2" in resumed.stdout
+    assert len(records(tmp_path / "ck" / "r", "epoch")) == 1  # one writer: one epoch record
+    assert os.path.exists(tmp_path / "ck" / "r" / "final" / "model.safetensors")
 
 
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tmp_path, tiny_model_dir, hooks):

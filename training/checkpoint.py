@@ -20,6 +20,7 @@ import transformers
 from safetensors.torch import load_file
 
 from training.distributed import ProcessContext
+from training.utils import FILE_MODE
 
 TRAINING_STATE = "training_state.pt"
 
@@ -57,6 +58,7 @@ def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict) -> Pa
         (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
         for f in tmp.rglob("*"):  # every file on disk before the rename makes the checkpoint visible
             if f.is_file():
+                os.chmod(f, FILE_MODE)  # safetensors writes 0600: teammates on a shared disk could not read it
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

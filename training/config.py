@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional, get_type_hints
 
-from training.utils import UserError
+from training.utils import HelpFormatter, ToolParser, UserError
 
 DEFAULT_MODEL = "default"
 
@@ -43,8 +45,8 @@ class TrainConfig:
     max_length: int = _f(128, "Truncate texts to this many tokens.", cache=True, must_match=True)
     cache_dir: Optional[str] = _f(None, "Where tokenized datasets are cached (default: CHECKPOINT_DIR/cache).")
     # --- model ---
-    model: str = _f(DEFAULT_MODEL, "Hugging Face model name or local directory. 'default' is the bundled "
-                    "all-MiniLM-L6-v2 (offline).", must_match=True)
+    model: str = _f(DEFAULT_MODEL, "Hugging Face model name or local directory (default: 'default', the "
+                    "bundled all-MiniLM-L6-v2, offline).", must_match=True)
     # --- optimisation ---
     epochs: int = _f(3, "Number of training epochs.", must_match=True)
     batch_size: int = _f(32, "Training batch size per process (under DDP the global batch is "
@@ -110,7 +112,14 @@ def fields_marked(mark: str) -> tuple:
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get(mark))
 
 
+SEED_RANGE = (0, 2 ** 32 - 1)  # what NumPy's seeding takes
+
+
 def _validate(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):  # nan or inf passes every comparison below: refuse it first
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
     positive = ["epochs", "batch_size", "learning_rate", "max_length", "grad_accum_steps", "log_every"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -135,6 +144,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("give either --dataset or --train_file, not both")
     if cfg.validation_file and not cfg.train_file:
         raise UserError("--validation_file needs --train_file")
+    if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1] or not SEED_RANGE[0] <= cfg.split_seed <= SEED_RANGE[1]:
+        raise UserError(f"--seed and --split_seed must be integers from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got "
+                        f"{cfg.seed} and {cfg.split_seed}")
+    if cfg.run_name is not None:
+        name = Path(cfg.run_name)
+        if not cfg.run_name.strip() or name.is_absolute() or len(name.parts) != 1 or name.name in (".", ".."):
+            raise UserError(f"--run_name must be a plain directory name inside --checkpoint_dir, got {cfg.run_name!r}")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
@@ -149,8 +165,8 @@ def flag_type(name: str) -> type:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # argparse's own errors become one "error: ..." line (a UserError), like every other bad input
+    parser = ToolParser(description=description, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata["help"]
         typ = flag_type(f.name)

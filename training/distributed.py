@@ -171,14 +171,17 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
 class StopSignal:
     """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to stop at the next step boundary.
 
-    The handler only sets a flag: the step in flight finishes, a checkpoint is written,
-    and the run exits saying how to resume. A second Ctrl-C interrupts at once. Under
-    DDP the ranks agree (one small all-reduce) every ``every`` steps, so they all stop
-    after the same step.
+    Once training runs (``arm``), the handler sets a flag and says so at once: the step in flight
+    finishes, a checkpoint is written, and the run exits saying how to resume. A second Ctrl-C
+    interrupts at once. Before that (reading and tokenizing the data, loading the model) there is
+    nothing to save, so a signal stops the run there and then. Under DDP the ranks agree (one
+    small all-reduce) every ``every`` steps, so they all stop after the same step.
     """
 
-    def __init__(self):
+    def __init__(self, log=None):
         self.signum = None
+        self.armed = False
+        self._log = log  # says what is happening on the main process (its print is silent elsewhere)
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -191,9 +194,26 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def arm(self) -> None:
+        """From here on a signal stops the run after the current step, with a checkpoint."""
+        self.armed = True
+
+    def _say(self, text: str) -> None:
+        if self._log is None or self._log.enabled:
+            os.write(2, (text + "\n").encode())  # not print(): a signal may arrive inside a print
+
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.armed:
+            self._say(f"{name}: stopping now (nothing has been trained yet)")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.signum is None:
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            self._say(f"{name}: stopping after the current step and saving a checkpoint{again}...")
         self.signum = signum
 
     def requested(self, ctx: ProcessContext, step: int, every: int) -> bool:

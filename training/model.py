@@ -39,10 +39,66 @@ def _load_error(name: str, exc: Exception) -> UserError:
 
 def load_tokenizer(name: str):
     path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a foreign config's warnings: check_model says what matters, in one line
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # OSError, ValueError, connection errors: all mean "cannot load"
         raise _load_error(name, exc) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# Causal language models that are used as encoders anyway (XLNet's permutation LM classifies well).
+_ENCODERS_DESPITE_A_CAUSAL_HEAD = {"xlnet"}
+
+
+def check_model(name: str, tokenizer, max_length: int) -> None:
+    """Refuse, in one line, a model this toolkit cannot fine-tune as it is given.
+
+    A decoder-only or encoder-decoder model, a tokenizer that is missing (a directory with a config
+    and weights alone loads a tokenizer of special tokens only: every word would be [UNK]) or does
+    not cover the model's embeddings, no padding token, or a --max_length past the model's positions.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    from training.inference import model_max_positions
+
+    path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a foreign config's own warnings: the line below says what matters
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise _load_error(name, exc) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    kind = getattr(config, "model_type", "unknown")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"--model {name} is an encoder-decoder (seq2seq) model ({kind}): this toolkit fine-tunes "
+                        f"encoders such as BERT, RoBERTa or DistilBERT")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+            and kind not in _ENCODERS_DESPITE_A_CAUSAL_HEAD:
+        raise UserError(f"--model {name} is a decoder-only model ({kind}): this toolkit fine-tunes encoders such "
+                        f"as BERT, RoBERTa or DistilBERT")
+    specials = set(tokenizer.all_special_tokens)
+    if len(tokenizer) <= len(specials) + 1:
+        raise UserError(f"--model {name} has no usable tokenizer (its vocabulary is {len(tokenizer)} special "
+                        f"token(s)): put the tokenizer files of its base model (tokenizer.json, vocab.txt, ...) "
+                        f"beside its config")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer of --model {name} has {len(tokenizer)} tokens but the model's embeddings "
+                        f"only {vocab}: they do not belong together")
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer of --model {name} ({kind}) has no padding token; batches of different "
+                        f"lengths need one")
+    limit = model_max_positions(config, tokenizer)
+    if max_length > limit:
+        raise UserError(f"--max_length {max_length} is more than --model {name} takes ({limit} tokens): "
+                        f"pass --max_length {limit} or less")
 
 
 def load_model(name: str, task):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from training.trainer import main  # noqa: E402
+from training.cli import main  # noqa: E402
 from training.distributed import launched_by_torchrun  # noqa: E402
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from training.trainer import main  # noqa: E402
+from training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(use_torchrun=False, description=__doc__.split("\n\n")[0]))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import transformers
 
 from training import checkpoint, data, engine, model as model_lib, tasks
 from training import resume as resume_lib
-from training.config import TrainConfig, parse_config
+from training.config import TrainConfig
 from training.distributed import ProcessContext, StopSignal, process_context
 from training.runlog import RunLogger
 from training.step import EagerSteps, StepContext
@@ -59,8 +61,39 @@ def _git_commit() -> str | None:
         return None
 
 
-def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None = None) -> Path:
-    """Rank 0 names and creates the run directory (or reuses the resumed one); every rank learns its path."""
+class RunLock:
+    """One writer per run directory: an OS file lock on RUN/.lock, held by the main process while it runs.
+
+    The operating system releases it when the process ends, however it ends, so a lock left by a
+    killed run never blocks ``--resume auto``; a second launch on a live run fails at once.
+    """
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{run_dir} is in use by {holder}: one run writes to a run directory at a time "
+                            f"(wait for it to end, or stop it, then --resume auto)") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file releases the lock
+
+
+def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None = None) -> tuple:
+    """Rank 0 names and creates the run directory (or reuses the resumed one) and takes its lock; every rank
+    learns its path. Returns (path, the lock on the main process or None)."""
+    lock = []
+
     def make() -> str:
         name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
         run_dir = existing or Path(cfg.checkpoint_dir) / name
@@ -70,14 +103,18 @@ def _make_run_dir(cfg: TrainConfig, ctx: ProcessContext, existing: Path | None =
             probe = run_dir / ".write-test"
             probe.write_text("")
             probe.unlink()
+            lock.append(RunLock(run_dir))
         except FileExistsError:
-            raise UserError(f"run directory {run_dir} already exists") from None
+            if not run_dir.is_dir():
+                raise UserError(f"--run_name {name}: {run_dir} is a file, not a run directory") from None
+            raise UserError(f"run directory {run_dir} already exists (pick another --run_name, or continue it "
+                            f"with --resume auto)") from None
         except OSError as exc:
             raise UserError(f"cannot write to checkpoint directory {cfg.checkpoint_dir}: {exc.strerror or exc}") \
                 from None
         return str(run_dir)
 
-    return Path(ctx.run_on_main(make))
+    return Path(ctx.run_on_main(make)), (lock[0] if lock else None)
 
 
 def _quiet_libraries() -> None:
@@ -191,15 +228,25 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     t_start = time.perf_counter()
     _quiet_libraries()
     point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
-    run_dir = _make_run_dir(cfg, ctx, existing=point.run_dir if point and point.run_dir else None)
+    existing = point.run_dir if point and point.run_dir and point.run_dir.is_dir() else None
+    run_dir, lock = _make_run_dir(cfg, ctx, existing=existing)
     log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
     for note in point.notes if point else []:
         log.print(f"resume: {note}")
     try:
-        with StopSignal() as stop:
+        with StopSignal(log) as stop:
             return _train(cfg, ctx, log, point.checkpoint if point else None, stop, t_start)
+    except BaseException:
+        if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
+            # a failed start (bad data or model, interrupted preparation): leave no empty run directory,
+            # so the corrected command with the same --run_name runs
+            log.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         log.close()
+        if lock is not None:
+            lock.release()
 
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
@@ -224,12 +271,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
            t_start: float) -> int:
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
-    log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
-              f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
-              f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
-
     set_seed(cfg.seed)
     tokenizer = model_lib.load_tokenizer(cfg.model)
+    model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
     task = tasks.choose_task(prepared.label_names)
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
@@ -248,6 +292,10 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
 
     compile_model, use_graphs = choose_speed(
         cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
+    # printed once the data and the model have been read: a run that fails on its input says only why
+    log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
+              f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
+              f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
     log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'}")
     loaders = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
@@ -291,6 +339,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     hooks = CheckpointHooks(cfg, ctx, state, writer, stop, log)
     hooks.model, hooks.tokenizer = model, tokenizer
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every)
+    stop.arm()
     try:
         # an early-stopped run that is resumed (or restarted) has nothing left to train
         finished = state.tracker.stopped_early or engine.fit(runner, loaders, loop, state.loop, hooks, log)
@@ -341,16 +390,7 @@ def _summary_table(s: dict) -> str:
             f"training throughput {s['train_samples_per_s']:.1f} samples/s")
 
 
-def main(argv=None, *, use_torchrun: bool, description: str = "") -> int:
-    try:
-        cfg = parse_config(argv, description)
-        with process_context(cfg.device, use_torchrun) as ctx:
-            return run(cfg, ctx)
-    except UserError as exc:
-        if exc.rank_local or os.environ.get("RANK", "0") == "0":
-            prefix = "" if os.environ.get("RANK", "0") == "0" else f"[rank {os.environ['RANK']}] "
-            print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def train(cfg: TrainConfig, use_torchrun: bool) -> int:
+    """The whole run in its process context (the process group is always torn down)."""
+    with process_context(cfg.device, use_torchrun) as ctx:
+        return run(cfg, ctx)

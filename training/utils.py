@@ -72,11 +72,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+_UMASK = os.umask(0o022)  # read it (the call sets it) and put it back at once
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a new file gets under this umask (some writers make theirs 0600)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes it 0600: keep the mode any other new file gets
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

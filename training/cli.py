@@ -1,0 +1,31 @@
+"""The training command line: flags -> config, then the trainer; bad input -> one line, exit code 2.
+
+The flags are read before torch, transformers or datasets load, so ``--help`` and argument errors
+answer at once; ``training/trainer.py`` (the run itself) is imported only after that.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from training.config import parse_config
+from training.utils import UserError
+
+
+def main(argv=None, *, use_torchrun: bool, description: str = "") -> int:
+    rank = os.environ.get("RANK", "0") if use_torchrun else "0"
+    try:
+        cfg = parse_config(argv, description)
+        from training.trainer import train  # the heavy imports, once the flags are known to be good
+
+        return train(cfg, use_torchrun)
+    except UserError as exc:
+        # Every rank finds a bad flag or bad data by itself; rank 0 says it, and each rank says what only
+        # it can know (its GPU, say), so the job's message is that one line.
+        if exc.rank_local or rank == "0":
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
