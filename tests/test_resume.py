@@ -144,6 +144,49 @@ def test_ddp_signal_on_one_rank_stops_both_and_resume_matches(ddp_task, ddp_refe
     _close(d / "sig", ddp_reference)
 
 
+def _two_nodes(common: list, node_dirs: list, env: dict) -> list:
+    """One torchrun launcher per "node" on loopback, each with its own checkpoint and cache directories."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs, logs = [], []
+    for node, own in enumerate(node_dirs):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               # static rendezvous: node_rank decides the ranks, so rank 0 is on the first "node"
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               str(ROOT / "training" / "train_ddp.py"),
+               *map(str, common), "--checkpoint_dir", str(own), "--cache_dir", str(own / "cache")]
+        own.mkdir(parents=True, exist_ok=True)
+        out, err = open(own / f"stdout-{port}", "w+"), open(own / f"stderr-{port}", "w+")  # no pipe to fill up
+        logs.append((out, err))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env))
+    codes = [p.wait(timeout=300) for p in procs]
+    results = []
+    for code, (out, err) in zip(codes, logs):
+        out.seek(0), err.seek(0)
+        results.append((code, out.read(), err.read()))
+        out.close(), err.close()
+    return results
+
+
+def test_two_nodes_with_their_own_disks_train_stop_and_resume_like_one(ddp_task, ddp_reference, hooks, tmp_path):
+    """No shared filesystem: each node tokenizes into its own cache, only rank 0 writes (and, on resume,
+    reads) the checkpoint; the others get the state from it. The same run as two processes on one node."""
+    d, common = ddp_task
+    disks = [tmp_path / "node0", tmp_path / "node1"]
+    run = [*common, "--run_name", "sep"]
+    stopped = _two_nodes(run, disks, env_with(hooks, STOP_AT_STEP=6, STOP_RANK=0))
+    assert all(code != 0 for code, _, _ in stopped)
+    assert "stopped by SIGTERM after step 6" in stopped[0][1], stopped[0][2][-3000:]
+    resumed = _two_nodes([*run, "--resume", "auto"], disks, env_with(hooks))
+    assert [code for code, _, _ in resumed] == [0, 0], [err[-3000:] for _, _, err in resumed]
+    assert "resuming at epoch 1, step 6" in resumed[0][1]
+    _close(disks[0] / "sep", ddp_reference)
+    assert not (disks[1] / "sep").exists()  # the second node wrote no run files ...
+    assert list((disks[1] / "cache").glob("data-*/meta.json"))  # ... but has its own tokenized cache
+
+
 def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_task, ddp_reference, hooks):
     d, common = ddp_task
     proc = torchrun(2, *common, "--run_name", "killed", "--resume", "auto",

@@ -280,11 +280,16 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record()}
     saved = None
     if resume_from is not None:
-        saved = checkpoint.load_training_state(resume_from)
-        resume_lib.check_compatible(saved, run_record, where=resume_from)
+        def read_state() -> dict:
+            state = checkpoint.load_training_state(resume_from)
+            resume_lib.check_compatible(state, run_record, where=resume_from)
+            return state
+        # Only the main process reads the checkpoint, so the nodes need not share a filesystem: the others
+        # receive the training state from it here, and the weights from DDP's broadcast when it wraps the model.
+        saved = ctx.run_on_main(read_state)
 
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
-    model = model_lib.load_model(str(resume_from) if saved else cfg.model, task)
+    model = model_lib.load_model(str(resume_from) if saved and ctx.is_main else cfg.model, task)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
