@@ -121,7 +121,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
     """A run of the tiny model on a 3-class task with string labels, trained once per test session."""
     base = tmp_path_factory.mktemp("trained-three-class")
     train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=THREE_LABELS))
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 4,
                       "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
                       "--checkpoint_dir", base / "ck", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import synthetic_rows, write_rows
+from conftest import run_script, synthetic_rows, write_rows
 from training import data
 from training.batches import PadCollator
 from training.distributed import ProcessContext
@@ -27,6 +27,7 @@ def test_each_file_format_loads_with_string_labels(tmp_path, suffix):
     splits = load(train_file=str(path))
     assert splits.label_names == ["negative", "positive"]
     assert len(splits.train) + len(splits.validation) == 60
+    assert splits.info["rows_read"] == {str(path): 60}  # what data.json records, to compare with the file
     # ids follow the sorted label names, row by row
     by_text = {r["text"]: r["label"] for r in rows}
     for row in splits.train:
@@ -101,6 +102,94 @@ def test_empty_texts_are_dropped_and_counted(tmp_path):
     assert any("dropped 1 row" in n for n in splits.info["notes"])
 
 
+def test_invisible_only_texts_are_dropped_and_counted_like_empty_ones(tmp_path):
+    rows = synthetic_rows(40)
+    invisible = ["\u200b", "\u200b\u200d \ufeff", "\x00\x01\t", "\u00ad\u2028\u200e"]  # zero-width, controls, format
+    for i, text in enumerate(invisible):
+        rows[i]["text"] = text
+    rows[5]["text"] = ""
+    rows[6]["text"] = "\u200bgood"  # a visible character: kept
+    splits = load(train_file=str(write_rows(tmp_path / "t.jsonl", rows)))
+    assert len(splits.train) + len(splits.validation) == 35
+    assert any("dropped 5 row(s)" in n and "4 of them only control, format or zero-width" in n
+               for n in splits.info["notes"]), splits.info["notes"]
+    assert data.is_blank_text("") and not data.is_blank_text("\u200b.")
+
+
+def test_labels_that_differ_only_by_surrounding_whitespace_are_merged_with_a_note(tmp_path):
+    rows = synthetic_rows(40)
+    for i, r in enumerate(rows):
+        r["label"] = {0: r["label"], 1: r["label"] + " ", 2: " " + r["label"] + "\t"}[i % 3]
+    val = synthetic_rows(10, seed=3)
+    val[0]["label"] += "  "
+    splits = load(train_file=str(write_rows(tmp_path / "t.csv", rows)),
+                  validation_file=str(write_rows(tmp_path / "v.csv", val)))
+    assert splits.label_names == ["negative", "positive"]
+    notes = " | ".join(splits.info["notes"])
+    assert "differ only by surrounding whitespace" in notes, notes
+    assert "'positive', ' positive\\t', 'positive ' -> 'positive'" in notes, notes  # each spelling named
+    assert str(tmp_path / "t.csv") in notes
+    assert str(tmp_path / "v.csv") in notes  # the validation file's labels are matched the same way
+    assert len(splits.validation) == 10
+
+
+def test_parquet_labels_that_are_nan_are_missing_labels(tmp_path):
+    import pandas as pd
+
+    rows = synthetic_rows(20)
+    labels = [float(i % 2) for i in range(20)]
+    labels[3] = labels[7] = float("nan")  # how pandas stores a missing number: as NaN, not None
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"text": [r["text"] for r in rows], "label": labels}).to_parquet(path)
+    with pytest.raises(UserError, match=r"2 row\(s\) in .*t.parquet have no label \(first: row 4\)"):
+        load(train_file=str(path))
+    labels[3] = labels[7] = 0.5
+    pd.DataFrame({"text": [r["text"] for r in rows], "label": labels}).to_parquet(path)
+    with pytest.raises(UserError, match="not numbers with a fraction"):
+        load(train_file=str(path))
+
+
+def _bad_columns(tmp_path):
+    rows = synthetic_rows(30)
+    write_rows(tmp_path / "t.csv", rows)
+    numbers = tmp_path / "ids.csv"
+    numbers.write_text("id,text,label\n" + "".join(f"{i},{r['text']},{r['label']}\n" for i, r in enumerate(rows)))
+    return {
+        "same text and label column": (["--train_file", tmp_path / "t.csv", "--text_column", "label",
+                                        "--label_column", "label"],
+                                       "the text column and the label column are both 'label'"),
+        "text column given as the label column's": (["--train_file", tmp_path / "t.csv", "--text_column", "label"],
+                                                    "--text_column and --label_column"),
+        "a text column of numbers": (["--train_file", numbers, "--text_column", "id"],
+                                     "the text column 'id' of"),
+    }
+
+
+@pytest.mark.parametrize("case", ["same text and label column", "text column given as the label column's",
+                                  "a text column of numbers"])
+def test_wrong_columns_are_one_error_line_that_says_what_is_wrong(tmp_path, tiny_model_dir, case):
+    args, expected = _bad_columns(tmp_path)[case]
+    proc = run_script("train_single.py", "--model", tiny_model_dir, *args, "--checkpoint_dir", tmp_path / "ck")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0]
+    if case == "a text column of numbers":
+        assert "holds only numbers (first: 0)" in lines[0] and "--text_column" in lines[0]
+
+
+def test_the_truncation_count_is_exact(tmp_path, tiny_model_dir):
+    # [CLS] + 6 words + [SEP] is exactly --max_length 8: not truncated; 7 words is
+    rows = [{"text": t, "label": lab} for t, lab in [("good film", "pos"), ("bad film", "neg")] * 19]
+    rows += [{"text": "good " * 6, "label": "pos"}, {"text": "bad " * 7, "label": "neg"}]
+    path = write_rows(tmp_path / "t.csv", rows)
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--validation_file", path,
+                      "--epochs", 1, "--max_length", 8, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: truncated 1 training and 1 validation text(s) to --max_length 8 tokens" in proc.stdout
+    info = json.loads((tmp_path / "ck" / "r" / "data.json").read_text())
+    assert info["train_tokens"]["truncated"] == 1 and info["train_tokens"]["max"] == 8
+
+
 def test_mixed_label_types_are_refused(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": f"t {i}", "label": i if i % 2 else "x"}) + "\n" for i in range(10)))
@@ -164,6 +253,19 @@ def test_train_batches_across_ranks_equal_one_process_with_the_global_batch(grou
     first = list(single)
     single.set_epoch(2)
     assert first != list(single)  # reshuffled every epoch
+
+
+def test_each_seed_and_epoch_has_its_own_data_order():
+    lengths = [(i * 7) % 30 + 1 for i in range(120)]
+
+    def order(seed, epoch):
+        sampler = data.TrainBatchSampler(lengths, 8, 0, 1, seed=seed, group_by_length=False)
+        sampler.set_epoch(epoch)
+        return tuple(i for batch in sampler for i in batch)
+
+    assert order(42, 2) != order(43, 1)  # seeding with seed + epoch made these two the same order
+    assert order(42, 1) == order(42, 1)  # and still repeatable
+    assert len({order(seed, epoch) for seed in (41, 42, 43) for epoch in (0, 1, 2)}) == 9
 
 
 @pytest.mark.parametrize("group", [False, True])

@@ -93,6 +93,25 @@ def test_cli_metrics_equal_a_direct_computation(tmp_path, trained):
     assert_real_png(png)
 
 
+def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capsys):
+    texts, labels = noisy_validation(tmp_path / "test.csv")
+    out = {name: tmp_path / f"{name}.json" for name in ("alone", "data", "with_train")}
+    proc = run_script("evaluate.py", "--checkpoint", trained / "final", "--validation_file", tmp_path / "test.csv",
+                      "--output", out["alone"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"data: every row of {tmp_path / 'test.csv'} | 60 examples" in proc.stdout
+    assert evaluate.main(["--checkpoint", str(trained / "final"), "--data", str(tmp_path / "test.csv"),
+                          "--output", str(out["data"])]) == 0
+    assert evaluate.main(["--checkpoint", str(trained / "final"), "--train_file", str(trained.parent.parent / "train.csv"),
+                          "--validation_file", str(tmp_path / "test.csv"), "--output", str(out["with_train"])]) == 0
+    capsys.readouterr()
+    results = {name: json.loads(path.read_text()) for name, path in out.items()}
+    want = direct_metrics(labels, direct_predictions(trained / "final", texts, max_length=32), list(LABELS))
+    for result in results.values():
+        assert result["examples"] == 60 and result["data"]["rows_read"][str(tmp_path / "test.csv")] == 60
+        assert_metrics_match(result, want)
+
+
 def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
     train = trained.parent.parent / "train.csv"
@@ -181,6 +200,7 @@ def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
     (tmp / "nocols.csv").write_text("a,b\n1,2\n3,4\n")
     (tmp / "empty.csv").write_text("text,label\n")
     (tmp / "empty_dir").mkdir()
+    (tmp / "a_file").write_text("")
     return {
         "missing checkpoint": (["--checkpoint", str(tmp / "nope"), "--train_file", str(train)],
                                "checkpoint not found"),
@@ -197,7 +217,16 @@ def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
         "empty data": ([*ck, "--train_file", str(tmp / "empty.csv")], "no examples"),
         "plot not a png": ([*ck, "--train_file", str(train), "--plot", str(tmp / "cm.pdf")], "writes a PNG"),
         "bad fraction": ([*ck, "--validation_fraction", "1.5"], "--validation_fraction must be in (0, 1)"),
-        "validation file alone": ([*ck, "--validation_file", str(train)], "--validation_file needs --train_file"),
+        "unknown label in a file alone": ([*ck, "--validation_file", str(tmp / "unknown.csv")],
+                                          "the data has labels the checkpoint does not know: delta"),
+        "dataset and a file": ([*ck, "--dataset", "x", "--data", str(train)],
+                               "give either --dataset or --validation_file"),
+        "data and validation file differ": ([*ck, "--data", str(train), "--validation_file", str(tmp / "u.csv")],
+                                            "--data is another name for --validation_file"),
+        "output under a file": ([*ck, "--data", str(train), "--output", str(tmp / "a_file" / "eval.json")],
+                                "a_file is a file, not a directory"),
+        "plot under a file": ([*ck, "--data", str(train), "--plot", str(tmp / "a_file" / "cm.png")],
+                              "a_file is a file, not a directory"),
         "zero num_samples": ([*ck, "--num_samples", "0"], "--num_samples must be positive"),
         "no checkpoint flag": (["--train_file", str(train)], "required: --checkpoint"),
     }
@@ -205,7 +234,9 @@ def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
 
 CASES = ["missing checkpoint", "not a checkpoint", "base model, no classifier", "unknown label in validation file",
          "labels the checkpoint does not know", "missing data file", "no text column", "empty data",
-         "plot not a png", "bad fraction", "validation file alone", "zero num_samples", "no checkpoint flag"]
+         "plot not a png", "bad fraction", "unknown label in a file alone", "dataset and a file",
+         "data and validation file differ", "output under a file", "plot under a file", "zero num_samples",
+         "no checkpoint flag"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,12 +1,13 @@
 """predict.py and the shared inference code: probabilities against a direct forward pass, input formats, bad input."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import THREE_LABELS, run_script, synthetic_rows, write_rows
+from conftest import ROOT, THREE_LABELS, cli_env, run_script, synthetic_rows, write_rows
 
 from training import inference, predict
 from training.utils import UserError
@@ -68,7 +69,7 @@ def test_table_lists_probability_label_and_cut_text_in_input_order(trained, caps
     lines = captured.out.splitlines()
     assert lines[0].split() == ["prob", "label", "text"]
     assert len(lines) == 1 + len(texts)
-    expected, _ = direct_probabilities(trained / "final", texts)
+    expected, _ = direct_probabilities(trained / "final", texts, max_length=32)  # what the checkpoint trained with
     for line, text, probs in zip(lines[1:], texts, expected):
         prob, label, shown = line.split(maxsplit=2)
         assert float(prob) == pytest.approx(float(probs.max()), abs=1e-4)
@@ -76,6 +77,64 @@ def test_table_lists_probability_label_and_cut_text_in_input_order(trained, caps
         assert len(line) <= 70
         assert shown == text if len(text) < 40 else (shown.endswith("...") and text.startswith(shown[:-3]))
     assert "labels alpha, beta, gamma" in captured.err
+    assert "max_length 32 |" in captured.err  # the checkpoint's --max_length, not 512 or the model's 128
+
+
+def test_max_length_defaults_to_the_checkpoints_own(trained, capsys):
+    long_text = "topic0 " + "film " * 60
+    out = {}
+    for flag in ([], ["--max_length", "128"]):
+        assert predict.main(["--checkpoint", str(trained / "final"), "--output", "-", *flag, long_text]) == 0
+        captured = capsys.readouterr()
+        out[len(flag)] = json.loads(captured.out)["probabilities"]
+    for key, max_length in ((0, 32), (2, 128)):
+        expected, _ = direct_probabilities(trained / "final", [long_text], max_length=max_length)
+        got = torch.tensor([out[key][n] for n in LABELS])
+        torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-4)
+    assert out[0] != out[2]  # the default truncates where training did
+
+
+def test_a_labelled_table_is_scored_against_the_checkpoints_labels(tmp_path, trained, capsys):
+    rows = synthetic_rows(24, seed=6, labels=LABELS)
+    for r in rows[:4]:
+        r["label"] = r["label"] + " "  # stripped, as training strips them
+    rows[5]["label"] = ""  # no label: classified, not scored
+    src = write_rows(tmp_path / "test.csv", rows, label_key="category")
+    out = tmp_path / "pred.jsonl"
+    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    records = read_jsonl(out)
+    assert [r["true_label"] for r in records] == [r["label"].strip() or None for r in rows]
+    scored = [r for r in records if r["true_label"] is not None]
+    correct = sum(r["label"] == r["true_label"] for r in scored)
+    assert f"accuracy {correct / 23:.4f} | {correct} of 23 labelled text(s) correct (label column 'category')" \
+        in captured.out
+    assert "1 text(s) without a label are not counted" in captured.err
+    assert "surrounding whitespace" in captured.err
+
+    # labels the checkpoint does not know: asked for with --label_column, an error; found by name, a note
+    rows[0]["label"] = "delta"
+    write_rows(src, rows, label_key="category")
+    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--label_column",
+                         "category"]) == 2
+    assert "labels the checkpoint does not know: delta" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src)]) == 0
+    captured = capsys.readouterr()
+    assert "not scoring against column 'category'" in captured.err and "accuracy" not in captured.out
+
+
+@pytest.mark.parametrize("script", ["predict.py", "evaluate.py"])
+def test_the_tools_answer_help_and_bad_flags_before_loading_torch(script):
+    import subprocess
+
+    for args, code in ((["--help"], 0), (["--checkpoint", "x", "--batch_size", "many"], 2)):
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "training" / script), *args],
+                              capture_output=True, text=True, env=cli_env(), timeout=60)
+        assert proc.returncode == code, proc.stderr
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert not imported & {"torch", "transformers", "datasets", "numpy", "pandas"}, sorted(imported)
+    assert "--max_length" in run_script(script, "--help").stdout
 
 
 def test_batched_length_sorted_logits_equal_one_text_at_a_time(trained):
@@ -147,6 +206,14 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
         "max_length over the limit": ([*ck, "--max_length", "1000", "x"], "more than this model takes (128"),
         "zero batch size": ([*ck, "--batch_size", "0", "x"], "--batch_size must be positive"),
         "output is a directory": ([*ck, "--output", str(tmp), "x"], "--output is a directory"),
+        "output under a file": ([*ck, "--output", str(tmp / "ok.txt" / "x.jsonl"), "x"],
+                                "ok.txt is a file, not a directory"),
+        "label column of a text file": ([*ck, "--input", str(tmp / "ok.txt"), "--label_column", "y"],
+                                        "--label_column applies to table files"),
+        "named label column missing": ([*ck, "--input", str(tmp / "nocols.csv"), "--text_column", "a",
+                                        "--label_column", "y"], "label column 'y' not found"),
+        "same text and label column": ([*ck, "--input", str(tmp / "nocols.csv"), "--text_column", "a",
+                                        "--label_column", "a"], "the text column and the label column are both 'a'"),
         "bad device": ([*ck, "--device", "gpu", "x"], "--device must be"),
         "no checkpoint flag": (["x"], "the following arguments are required: --checkpoint"),
     }
@@ -156,7 +223,8 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
                                   "missing input file", "no text column", "named column missing", "blank input",
                                   "header only", "empty texts", "nothing given", "texts and file",
                                   "unknown format", "max_length over the limit", "zero batch size", "output is a directory",
-                                  "bad device",
+                                  "output under a file", "label column of a text file", "named label column missing",
+                                  "same text and label column", "bad device",
                                   "no checkpoint flag"])
 def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, trained, capsys, case):
     args, expected = _bad_inputs(tmp_path, trained)[case]

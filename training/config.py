@@ -37,6 +37,12 @@ class TrainConfig:
     text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).", data=True, must_match=True)
     label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
                                      "Integer or string labels.", data=True, must_match=True)
+    quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
+                      "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
+                      "'auto': standard quoting, but a file it cannot read while every line has the header's "
+                      "field count with plain quotes is read as 'none' (with a note), and a quoted field that "
+                      "would swallow such lines is an error naming the line.",
+                      data=True, must_match=True, choices=("auto", "minimal", "none"))
     validation_fraction: float = _f(0.1, "Fraction held out for validation when no validation split exists.", data=True, must_match=True)
     split_seed: int = _f(42, "Seed of the train/validation split (kept apart from --seed so runs with "
                          "different seeds are validated on the same examples).", data=True, must_match=True)

@@ -8,13 +8,17 @@ by everything they depend on; other processes (and later runs) load that copy.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
+import re
 import shutil
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,7 +36,7 @@ DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment", "utterance", "tweet")
 LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout or what goes into it changes
 
 
 @dataclass
@@ -45,14 +49,16 @@ class DataSource:
     validation_file: Optional[str] = None
     text_column: Optional[str] = None
     label_column: Optional[str] = None
+    quoting: str = "auto"  # of .csv/.tsv files: see read_delimited
 
     @classmethod
-    def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column):
+    def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column,
+                  quoting: str = "auto"):
         if train_file:
-            return cls("files", None, None, train_file, validation_file, text_column, label_column)
+            return cls("files", None, None, train_file, validation_file, text_column, label_column, quoting)
         if dataset:
-            return cls("hub", dataset, dataset_config, None, None, text_column, label_column)
-        return cls("default", None, None, None, None, text_column, label_column)
+            return cls("hub", dataset, dataset_config, None, None, text_column, label_column, quoting)
+        return cls("default", None, None, None, None, text_column, label_column, quoting)
 
     def fingerprint(self) -> dict:
         """Plain values that change whenever the source's contents may have changed."""
@@ -96,7 +102,215 @@ def _load_default() -> datasets.Dataset:
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
-def _load_file(path: str) -> datasets.Dataset:
+# ---------------------------------------------------------------- delimited files (.csv, .tsv)
+#
+# Read with Python's csv module, not with pandas' guessing parser (behind datasets' csv builder): that one
+# silently merges the rows after a text that opens a quote it never closes, and strips quotes that belong
+# to a text. Training (_load_file) and the tools (inference.read_input) share this reader.
+
+QUOTING_MODES = ("auto", "minimal", "none")
+_FIELD_LIMIT = 2 ** 31 - 1  # csv's default (128 KiB a field) would refuse long texts
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what csv splits records on (str.splitlines splits on more)
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+@dataclass
+class DelimitedTable:
+    """A .csv/.tsv file as read: the header, records of strings (each as long as the header), the line
+    each record starts on, and the quoting it was read with ("minimal" or "none")."""
+    path: str
+    columns: list
+    rows: list
+    lines: list
+    quoting: str
+    notes: list = field(default_factory=list)
+
+    def column(self, name: str) -> list:
+        return typed_column([row[self.columns.index(name)] for row in self.rows])
+
+
+def typed_column(values: list) -> list:
+    """A column as csv read it (strings) with types: '' is missing (None), and a column whose values are
+    all integers (or integral numbers like 2.0) becomes ints, so integer labels sort numerically."""
+    values = [None if v == "" else v for v in values]
+    present = [v for v in values if v is not None]
+    if present and (all(_INT.fullmatch(v) for v in present)
+                    or all(_NUMBER.fullmatch(v) and float(v).is_integer() for v in present)):
+        ints = [None if v is None else int(v) if _INT.fullmatch(v) else int(float(v)) for v in values]
+        if all(abs(v) < 2 ** 63 for v in ints if v is not None):  # what an Arrow int64 holds
+            return ints
+    return values
+
+
+@dataclass
+class _Reading:
+    records: list  # every non-empty record, the header first
+    starts: list   # the line each record starts on
+    ends: list     # the line each record ends on (later than its start: a quoted field holds line breaks)
+    error: Optional[tuple] = None  # (line the record starts on, line of the error, csv's message)
+
+
+def _parse(text: str, delimiter: str, quoted: bool) -> _Reading:
+    options = {"strict": True} if quoted else {"quoting": csv.QUOTE_NONE}
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, **options)
+    out, previous = _Reading([], [], []), 0
+    try:
+        for record in reader:
+            if record:  # [] is a blank line
+                out.records.append(record)
+                out.starts.append(previous + 1)
+                out.ends.append(reader.line_num)
+            previous = reader.line_num
+    except csv.Error as exc:
+        out.error = (previous + 1, reader.line_num, str(exc))
+    if out.records:  # lines of only spaces in a file of several columns hold nothing: blank lines too
+        width = len(out.records[0])
+        keep = [i for i, r in enumerate(out.records) if i == 0 or width == 1 or len(r) > 1 or r[0].strip()]
+        out.records, out.starts, out.ends = ([seq[i] for i in keep] for seq in (out.records, out.starts, out.ends))
+    return out
+
+
+def _first_bad_count(reading: _Reading) -> Optional[int]:
+    """Index of the first record whose field count differs from the header's."""
+    if not reading.records:
+        return None
+    width = len(reading.records[0])
+    return next((i for i, r in enumerate(reading.records) if len(r) != width), None)
+
+
+def _snippet(lines: list, number: int) -> str:
+    line = lines[number - 1] if 0 < number <= len(lines) else ""
+    quote = max(line.find('"'), 0)
+    start = max(0, quote - 10)
+    shown = line[start:start + 40]
+    return repr(("..." if start else "") + shown + ("..." if start + 40 < len(line) else ""))
+
+
+def _quoted_problem(reading: _Reading, lines: list) -> Optional[tuple]:
+    """(line, what is wrong) where standard quoting cannot read the file, or None."""
+    if reading.error is not None:
+        start, at, message = reading.error
+        where = f"line {start} ({_snippet(lines, start)})"
+        if "unexpected end of data" in message:
+            return start, f"{where} opens a quote that is never closed"
+        if "expected after" in message:  # a closing quote followed by more text
+            if at == start:
+                return start, f"{where} has a quote inside a field, which standard CSV quoting does not allow"
+            return start, f"{where} opens a quote that closes inside a field on line {at}"
+        return start, f"line {start}: {message}"
+    bad = _first_bad_count(reading)
+    if bad is None:
+        return None
+    width, record = len(reading.records[0]), reading.records[bad]
+    start, end = reading.starts[bad], reading.ends[bad]
+    if end > start:
+        return start, (f"line {start} ({_snippet(lines, start)}) opens a quote that runs to line {end}, "
+                       f"making one row of {len(record)} fields (the header has {width})")
+    return start, f"Expected {width} fields in line {start}, saw {len(record)}"
+
+
+def _quoted_whole(reading: _Reading) -> Optional[int]:
+    """The first line with a field in quotes from end to end (the file does use quoting), or None."""
+    for record, start in zip(reading.records, reading.starts):
+        if any(len(f) > 1 and f[0] == f[-1] == '"' for f in record):
+            return start
+    return None
+
+
+def read_delimited(path, quoting: str = "auto") -> DelimitedTable:
+    """A .csv (or, by its suffix, .tsv) file read with Python's csv module; ``quoting`` is one of
+    QUOTING_MODES. Every problem is a UserError naming the line.
+
+    ``auto`` reads with standard quoting, strictly. Where that reading is wrong in a way a stray quote
+    explains, it does not guess silently:
+    - standard quoting cannot read the file (a quote never closed, or closed inside a field, or a row
+      of the wrong field count) but every line has the header's field count with quotes as ordinary
+      characters, and no field is quoted from end to end: read with ``none`` and print a note;
+    - standard quoting reads it, but a quoted field spans lines while every line has the header's field
+      count with plain quotes (an unclosed quote swallowing rows, or quoted texts that span lines?):
+      an error naming the line and both flags;
+    - anything else standard quoting cannot read: an error naming the line.
+    """
+    p = Path(path)
+    fmt = "TSV" if p.suffix.lower() == ".tsv" else "CSV"
+    delimiter = "\t" if fmt == "TSV" else ","
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"cannot read {path} as {fmt}: line {line} is not valid UTF-8 "
+                        f"(byte 0x{raw[exc.start]:02x}): save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first column's name
+    csv.field_size_limit(_FIELD_LIMIT)
+    lines = _LINE_BREAK.split(text)
+
+    def fail(message: str) -> UserError:
+        return UserError(f"cannot read {path} as {fmt}: {message}")
+
+    def table(reading: _Reading, mode: str, notes=()) -> DelimitedTable:
+        if not reading.records:  # an empty file: no columns, no rows (the caller says what that means to it)
+            return DelimitedTable(str(path), [], [], [], mode, list(notes))
+        columns = [name if name != "" else f"Unnamed: {i}" for i, name in enumerate(reading.records[0])]
+        twice = next((c for c in columns if columns.count(c) > 1), None)
+        if twice is not None:
+            raise fail(f"column {twice!r} appears twice in the header (line {reading.starts[0]}): rename one")
+        return DelimitedTable(str(path), columns, reading.records[1:], reading.starts[1:], mode, list(notes))
+
+    def plain_problem(reading: _Reading) -> Optional[tuple]:
+        bad = _first_bad_count(reading)
+        if bad is None:
+            return None
+        return reading.starts[bad], (f"line {reading.starts[bad]} has {len(reading.records[bad])} fields and "
+                                     f"the header {len(reading.records[0])}")
+
+    if quoting == "none":
+        plain = _parse(text, delimiter, quoted=False)
+        problem = plain_problem(plain)
+        if problem:
+            raise fail(f"{problem[1]} with quotes as ordinary characters (--quoting none): a field that holds "
+                       f"{delimiter!r} needs standard quoting (--quoting auto or minimal)")
+        return table(plain, "none")
+
+    quoted = _parse(text, delimiter, quoted=True)
+    problem = _quoted_problem(quoted, lines)
+    if quoting == "minimal":
+        if problem:
+            raise fail(f"{problem[1]}: fix the quoting, or pass --quoting none if quotes are ordinary "
+                       f"characters in this file (one row per line)")
+        return table(quoted, "minimal")
+
+    spans = next((i for i, (s, e) in enumerate(zip(quoted.starts, quoted.ends)) if e > s), None)
+    if problem is None and spans is None:
+        return table(quoted, "minimal")  # one record per line: nothing to doubt
+    plain = _parse(text, delimiter, quoted=False)
+    plain_bad = plain_problem(plain)
+    if problem is None:
+        if plain_bad:  # lines that are not rows by themselves: quoted texts with line breaks, as CSV allows
+            return table(quoted, "minimal")
+        start, end, width = quoted.starts[spans], quoted.ends[spans], len(plain.records[0])
+        raise fail(f"line {start} ({_snippet(lines, start)}) opens a quoted field that runs to line {end} "
+                   f"({end - start + 1} lines read as one row), yet every line has {width} fields with quotes as "
+                   f"ordinary characters: pass --quoting none if that quote is part of the text (one row per "
+                   f"line), or --quoting minimal if quoted texts span lines")
+    if plain_bad is None:
+        whole = _quoted_whole(plain)
+        if whole is None:
+            quotes = sum(1 for record in plain.records[1:] if any('"' in f for f in record))
+            note = (f"{path}: {problem[1]}; every line has {len(plain.records[0])} fields with quotes as "
+                    f"ordinary characters, so it is read that way (--quoting none: one row per line; {quotes} "
+                    f"row(s) keep quotes in their fields). --quoting minimal refuses the file instead")
+            return table(plain, "none", [note])
+        raise fail(f"{problem[1]}; the file quotes fields elsewhere (line {whole}), so quotes are not read as "
+                   f"ordinary characters: fix that quote, or pass --quoting none to keep every quote in the texts")
+    if problem[1].startswith("Expected") and plain_bad[0] == problem[0]:  # no quote involved: a field too many
+        raise fail(f"{problem[1]} (the header: {', '.join(quoted.records[0])}): a text that holds {delimiter!r} "
+                   f"must be in double quotes")
+    raise fail(f"{problem[1]}; with quotes as ordinary characters (--quoting none) {plain_bad[1]}: fix the file")
+
+
+def _check_file(path: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"data file not found: {path}")
@@ -104,19 +318,33 @@ def _load_file(path: str) -> datasets.Dataset:
         raise UserError(f"data file is a directory: {path}")
     if not os.access(p, os.R_OK):
         raise UserError(f"data file is not readable: {path}")
+    return p
+
+
+def _load_file(path: str, quoting: str = "auto", notes: Optional[list] = None) -> tuple:
+    """(dataset, what was read: {"rows": N, "quoting": how a .csv/.tsv was read}); notes go to ``notes``."""
+    p = _check_file(path)
     builder = FILE_BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise UserError(f"unknown data format {p.suffix!r} for {path}: use .csv, .tsv, .json, .jsonl or .parquet")
-    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    if builder == "csv":
+        table = read_delimited(p, quoting)
+        if not table.rows:
+            raise UserError(f"no examples in {path}" + ("" if table.columns else " (the file is empty)"))
+        if notes is not None:
+            notes.extend(table.notes)
+        ds = datasets.Dataset.from_dict({name: table.column(name) for name in table.columns})
+        return ds, {"rows": len(ds), "quoting": table.quoting}
     try:
         # keep_in_memory: small classification files; avoids writing a second Arrow copy per file
-        return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **kwargs)
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
     except Exception as exc:  # the datasets library wraps parser errors in several types
         message = _root_message(exc)
         if "corresponds to no data" in message:  # a header and no rows
             raise UserError(f"no examples in {path}") from None
-        where = _locate_bad_line(p, builder) if builder in ("csv", "json") else None
+        where = _locate_bad_line(p, builder) if builder == "json" else None
         raise UserError(f"cannot read {path} as {builder.upper()}: {where or message}") from None
+    return ds, {"rows": len(ds), "quoting": None}
 
 
 def _locate_bad_line(path: Path, builder: str) -> Optional[str]:
@@ -174,6 +402,16 @@ def _pick_column(ds: datasets.Dataset, wanted: Optional[str], candidates, what: 
                     f"name it with {flag}")
 
 
+def _pick_columns(ds: datasets.Dataset, source: DataSource, where: str) -> tuple:
+    text_col = _pick_column(ds, source.text_column, TEXT_CANDIDATES, "text", where)
+    label_col = _pick_column(ds, source.label_column, LABEL_CANDIDATES, "label", where)
+    if text_col == label_col:  # the labels would be the texts: one class per distinct text
+        raise UserError(f"the text column and the label column are both {text_col!r} in {where}: name two "
+                        f"different columns with --text_column and --label_column "
+                        f"(columns: {', '.join(ds.column_names)})")
+    return text_col, label_col
+
+
 def _standardize(ds: datasets.Dataset, text_col: str, label_col: str) -> datasets.Dataset:
     ds = ds.select_columns([text_col, label_col])
     if text_col != "text":
@@ -196,8 +434,12 @@ def _label_kind(values, where: str) -> str:
               "str" if isinstance(v, str) else type(v).__name__) for v in values}
     if kinds == {"int"} or kinds == {"str"}:
         return kinds.pop()
-    if kinds == {"float"} and all(float(v).is_integer() for v in values):
-        return "int"
+    if kinds <= {"float", "int"}:
+        fraction = next((v for v in values if not float(v).is_integer()), None)
+        if fraction is None:
+            return "int"
+        raise UserError(f"labels in {where} must be integers or strings, not numbers with a fraction "
+                        f"(found: {fraction!r}): class ids are whole numbers; is --label_column the right column?")
     raise UserError(f"labels in {where} must be all integers or all strings, found: {', '.join(sorted(kinds))}")
 
 
@@ -228,18 +470,81 @@ def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str)
                   remove_columns=["label_raw"], keep_in_memory=True)
 
 
-def _drop_unusable(ds: datasets.Dataset, where: str, notes: list) -> datasets.Dataset:
-    """Rows without a label are an error; rows with empty text are dropped and counted."""
+# Texts without a visible character: empty, whitespace, or only control, format (Cf: soft hyphen,
+# directional marks, ...) and zero-width characters. They would train on nothing but [CLS] [SEP].
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\ufeff")
+
+
+def is_blank_text(text: str) -> bool:
+    """True for a text with no visible character (stops at the first visible one: cheap on real texts)."""
+    return all(c in _ZERO_WIDTH or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in text)
+
+
+def is_missing(value) -> bool:
+    """None, NaN (how Parquet and pandas mark a missing number) or an empty or whitespace-only string."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) \
+        or (isinstance(value, str) and not value.strip())
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value) is not None)
+
+
+def check_text_values(texts, column: str, where: str, columns) -> None:
+    """A text column that holds only numbers is not the texts (an id or a score, most likely): an error."""
+    present = (t for t in texts if not is_missing(t))
+    first = next(present, None)
+    if first is not None and _is_number(first) and all(_is_number(t) for t in present):
+        raise UserError(f"the text column {column!r} of {where} holds only numbers (first: {first!r}): name the "
+                        f"column that holds the texts with --text_column (columns: {', '.join(columns)})")
+
+
+def strip_labels(labels: list, where: str, notes: list) -> list:
+    """String labels without surrounding whitespace ('pos ' is 'pos'), with a note naming what changed."""
+    if not all(isinstance(v, str) for v in labels):
+        return labels
+    stripped = [v.strip() for v in labels]
+    changed = sum(1 for a, b in zip(labels, stripped) if a != b)
+    if changed:
+        variants: dict = {}
+        for raw in dict.fromkeys(labels):
+            variants.setdefault(raw.strip(), []).append(raw)
+        groups = [f"{', '.join(repr(v) for v in sorted(vs, key=lambda v: (v != name, v)))} -> {name!r}"
+                  for name, vs in sorted(variants.items()) if vs != [name]]
+        shown = "; ".join(groups[:5]) + (" ..." if len(groups) > 5 else "")
+        notes.append(f"labels of {where} that differ only by surrounding whitespace are merged, stripped: "
+                     f"{shown} ({changed} row(s))")
+    return stripped
+
+
+def _clean(ds: datasets.Dataset, where: str, notes: list, text_col: str, columns) -> datasets.Dataset:
+    """Rows without a label are an error; string labels are stripped; rows with a blank text (empty,
+    whitespace, invisible characters only) are dropped and counted; a text column of numbers is an error."""
     labels = list(ds["label_raw"])
-    missing = sum(1 for v in labels if v is None)
+    missing = [i for i, v in enumerate(labels) if is_missing(v)]
     if missing:
-        first = next(i for i, v in enumerate(labels) if v is None)
-        raise UserError(f"{missing} row(s) in {where} have no label (first: row {first + 1})")
-    keep = [i for i, t in enumerate(ds["text"]) if isinstance(t, str) and t.strip()]
+        raise UserError(f"{len(missing)} row(s) in {where} have no label (first: row {missing[0] + 1})")
+    texts = list(ds["text"])
+    check_text_values(texts, text_col, where, columns)
+    stripped = strip_labels(labels, where, notes)
+    if stripped is not labels:
+        ds = ds.remove_columns("label_raw").add_column("label_raw", stripped)
+    keep, invisible = [], 0
+    for i, t in enumerate(texts):
+        if isinstance(t, str) and not is_blank_text(t):
+            keep.append(i)
+        elif isinstance(t, str) and t.strip():
+            invisible += 1
     dropped = len(ds) - len(keep)
     if dropped:
-        notes.append(f"dropped {dropped} row(s) of {where} with empty or missing text")
+        detail = (f" ({invisible} of them only control, format or zero-width characters)" if invisible else "")
+        notes.append(f"dropped {dropped} row(s) of {where} with empty or missing text{detail}")
         ds = ds.select(keep)
+    if len(ds) == 0:
+        raise UserError(f"no row of {where} has a text: is --text_column the right column?")
     return ds
 
 
@@ -253,20 +558,23 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
                          num_samples: Optional[int]) -> LabelledSplits:
     """Load a source into train/validation splits with integer labels and label names."""
     notes: list = []
+    files: dict = {}  # per local file: the rows read and how (data.json's rows_read, quoting)
     if source.kind == "default":
         train, validation, where = _load_default(), None, "the default dataset"
     elif source.kind == "hub":
         (train, validation), where = _load_hub(source.name, source.config), f"dataset {source.name}"
     else:
-        train, where = _load_file(source.train_file), source.train_file
-        validation = _load_file(source.validation_file) if source.validation_file else None
+        where = source.train_file
+        train, files[where] = _load_file(where, source.quoting, notes)
+        validation = None
+        if source.validation_file:
+            validation, files[source.validation_file] = _load_file(source.validation_file, source.quoting, notes)
     if len(train) == 0:
         raise UserError(f"no examples in {where}")
 
-    text_col = _pick_column(train, source.text_column, TEXT_CANDIDATES, "text", where)
-    label_col = _pick_column(train, source.label_column, LABEL_CANDIDATES, "label", where)
+    text_col, label_col = _pick_columns(train, source, where)
     label_feature = train.features[label_col]
-    train = _drop_unusable(_standardize(train, text_col, label_col), where, notes)
+    train = _clean(_standardize(train, text_col, label_col), where, notes, text_col, train.column_names)
     names = _label_names(train, label_feature)
     train = _encode_labels(train, names, label_feature, where)
 
@@ -275,7 +583,8 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         for col in (text_col, label_col):
             if col not in validation.column_names:
                 raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")
-        validation = _drop_unusable(_standardize(validation, text_col, label_col), vwhere, notes)
+        validation = _clean(_standardize(validation, text_col, label_col), vwhere, notes, text_col,
+                            validation.column_names)
         if len(validation) and isinstance(label_feature, datasets.ClassLabel) \
                 and -1 in _unique_labels(validation, vwhere):
             raise UserError(f"{vwhere} has no labels (-1): pass a labelled --validation_file")
@@ -315,7 +624,34 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         "validation_sha256": hashlib.sha256("\0".join(sorted(validation["text"])).encode()).hexdigest(),
         "notes": notes,
     }
+    if files:  # the rows each file gave (before empty texts were dropped), to compare with the file
+        info["rows_read"] = {path: f["rows"] for path, f in files.items()}
+        info["quoting"] = {path: f["quoting"] for path, f in files.items() if f["quoting"]}
     return LabelledSplits(train, validation, names, info)
+
+
+def load_labelled_file(path: str, *, text_column: Optional[str], label_column: Optional[str], quoting: str = "auto",
+                       num_samples: Optional[int] = None, split_seed: int = 42) -> tuple:
+    """Every row of one labelled file, as evaluation reads it: (texts, label names per row, info).
+
+    Label names are the data's own (integer labels as their decimal strings), for matching to a
+    checkpoint's; ``num_samples`` takes the seeded subset training would take of a validation file."""
+    notes: list = []
+    ds, read = _load_file(path, quoting, notes)
+    source = DataSource("files", text_column=text_column, label_column=label_column, quoting=quoting)
+    text_col, label_col = _pick_columns(ds, source, path)
+    ds = _clean(_standardize(ds, text_col, label_col), path, notes, text_col, ds.column_names)
+    labels = _unique_labels(ds, path)
+    kind = _label_kind(labels, path)
+    ds = _subset(ds, num_samples, split_seed)
+    names = [str(int(v)) if kind == "int" else v for v in ds["label_raw"]]
+    info = {"source": path, "validation": f"every row of {path}", "num_samples": num_samples,
+            "rows_read": {path: read["rows"]}, "notes": notes}
+    if read["quoting"]:
+        info["quoting"] = {path: read["quoting"]}
+    if num_samples:
+        info["split_seed"] = split_seed
+    return list(ds["text"]), names, info
 
 
 def _counts(ds: datasets.Dataset, k: int) -> list:
@@ -357,6 +693,9 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
     cache is per node, so nodes need not share a filesystem. ``cache_key`` holds the flags the
     splits depend on (the config's fields marked ``cache``).
     """
+    if "quoting" in cache_key:  # every data flag is in the cache key: --quoting reaches the reader from there too
+        source = replace(source, quoting=cache_key["quoting"])
+
     def build() -> str:
         key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint(),
                       "tokenizer": tokenizer_identity(tokenizer), **cache_key}
@@ -384,7 +723,7 @@ def _build_cache(source, tokenizer, path: Path, **kw) -> None:
     tmp.mkdir(parents=True)
     tokenized.save_to_disk(str(tmp / "splits"))
     lengths = [len(x) for x in tokenized["train"]["input_ids"]]
-    truncated = {name: sum(1 for x in tokenized[name]["input_ids"] if len(x) >= max_length)
+    truncated = {name: _count_truncated(tokenized[name], getattr(splits, name), tokenizer, max_length)
                  for name in ("train", "validation")}
     splits.info["train_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths),
                                    "truncated": truncated["train"]}
@@ -399,7 +738,25 @@ def _build_cache(source, tokenizer, path: Path, **kw) -> None:
     os.replace(tmp, path)  # complete or absent: meta.json marks a finished cache
 
 
+def _count_truncated(tokenized: datasets.Dataset, texts: datasets.Dataset, tokenizer, max_length: int) -> int:
+    """Texts longer than ``max_length`` tokens. One of exactly ``max_length`` tokens was not cut, so the
+    rows at the limit (only those) are tokenized again with one token more of room."""
+    at_limit = [i for i, x in enumerate(tokenized["input_ids"]) if len(x) >= max_length]
+    if not at_limit:
+        return 0
+    again = batches.encode(tokenizer, list(texts.select(at_limit)["text"]), max_length + 1)["input_ids"]
+    return sum(1 for x in again if len(x) > max_length)
+
+
 # ---------------------------------------------------------------- samplers and loaders
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order, mixed from both numbers: seed + epoch would give seed 42's
+    epoch 2 the order of seed 43's epoch 1, so runs with neighbouring seeds would not be independent."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2 ** 64, epoch]).generate_state(1, dtype=np.uint64)[0])
+
 
 class TrainBatchSampler(Sampler):
     """Shuffled training micro-batches for one rank out of ``world_size``, optionally grouped by length.
@@ -435,7 +792,7 @@ class TrainBatchSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def _step_batches(self) -> list:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
         step = self.batch_size * self.world_size * self.grad_accum_steps
         if self.group_by_length:

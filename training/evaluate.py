@@ -1,17 +1,18 @@
-"""Evaluate a fine-tuned checkpoint on the validation split that training holds out.
+"""Evaluate a fine-tuned checkpoint on the validation split that training holds out, or on a labelled file.
 
     python training/evaluate.py --checkpoint checkpoints/RUN/final
     python training/evaluate.py --checkpoint checkpoints/RUN/final --num_samples 300 --output eval.json --plot cm.png
     python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --label_column stars
-    python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --validation_file test.csv
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --validation_file test.csv    # or --data test.csv
 
 The data flags are training's, with the same defaults, and the validation split is made
 the same way: the default dataset (or a --train_file without --validation_file) gives the
 same held-out examples for the same --validation_fraction, --split_seed and --num_samples.
-With --validation_file, every row of that file is evaluated. Label names of the data are
-mapped to the checkpoint's labels. Prints accuracy, macro-F1, a per-class table
-(precision, recall, F1, support) and the confusion matrix; --output writes them as JSON,
---plot draws the confusion matrix as a PNG.
+With --validation_file (alone, or --data FILE, or beside --train_file), every row of that
+file is evaluated. Label names of the data are matched to the checkpoint's; labels it does
+not know are an error. Prints accuracy, macro-F1, a per-class table (precision, recall,
+F1, support) and the confusion matrix; --output writes them as JSON, --plot draws the
+confusion matrix as a PNG. --max_length defaults to the one the checkpoint was trained with.
 """
 import sys
 from pathlib import Path
@@ -22,27 +23,30 @@ import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
+# numpy, torch, datasets and the model load inside the functions: --help and bad flags answer at once
 from training import inference  # noqa: E402
-from training.metrics import classification_metrics, confusion_matrix  # noqa: E402
 from training.utils import UserError, atomic_write_json, run_tool  # noqa: E402
+
 
 def _data_fields() -> list:
     """Training's data flags (the config fields marked ``data``), with training's types, defaults and help."""
     from training.config import TrainConfig, fields_marked, flag_type
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    return [(name, flag_type(name), fields[name].default, fields[name].metadata["help"])
-            for name in fields_marked("data")]
+    return [(name, flag_type(name), fields[name].default, fields[name].metadata["help"],
+             fields[name].metadata.get("choices")) for name in fields_marked("data")]
 
 
 def build_parser() -> inference.ToolParser:
     parser = inference.ToolParser(description=__doc__.split("\n\n")[0],
                                   formatter_class=inference.HelpFormatter)
-    for name, typ, default, help_text in _data_fields():
-        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text)
+    for name, typ, default, help_text, choices in _data_fields():
+        if name == "validation_file":
+            help_text = ("Labelled file to evaluate, every row of it: alone, or with the --train_file of the "
+                         "run (same formats as training).")
+        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text,
+                            **({"choices": choices} if choices else {}))
+    parser.add_argument("--data", metavar="FILE", help="Another name for --validation_file.")
     inference.add_inference_flags(
         parser, max_length_help="Truncate texts to this many tokens (default: the --max_length the checkpoint "
                                 "was trained with if its run recorded it, else 512 or the model's limit).")
@@ -55,27 +59,35 @@ def _check(args) -> None:
     inference.check_positive(args, "batch_size", "max_length", "num_samples")
     if not 0 < args.validation_fraction < 1:
         raise UserError(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    if args.data:
+        if args.validation_file and args.validation_file != args.data:
+            raise UserError("--data is another name for --validation_file: give one of them")
+        args.validation_file = args.data
     if args.dataset and args.train_file:
         raise UserError("give either --dataset or --train_file, not both")
-    if args.validation_file and not args.train_file:
-        raise UserError("--validation_file needs --train_file")
-    for flag in ("output", "plot"):
-        value = getattr(args, flag)
-        if value and Path(value).is_dir():
-            raise UserError(f"--{flag} is a directory: {value}")
+    if args.dataset and args.validation_file:
+        raise UserError("give either --dataset or --validation_file, not both")
+    for flag in ("output", "plot"):  # before any work, as every check here
+        inference.check_output_path(flag, getattr(args, flag))
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
 
 
 def load_validation(args) -> tuple:
-    """(texts, label names per example, split info) of the validation split, made as training makes it."""
+    """(texts, label names per example, split info) of the validation split, made as training makes it,
+    or of every row of --validation_file when it comes without --train_file."""
     import datasets
 
-    from training.data import DataSource, load_labelled_splits
+    from training.data import DataSource, load_labelled_file, load_labelled_splits
 
     datasets.disable_progress_bars()
+    if getattr(args, "data", None) and not args.validation_file:
+        args.validation_file = args.data
+    if args.validation_file and not args.train_file:
+        return load_labelled_file(args.validation_file, text_column=args.text_column, label_column=args.label_column,
+                                  quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed)
     source = DataSource.from_args(args.dataset, args.dataset_config, args.train_file, args.validation_file,
-                                  args.text_column, args.label_column)
+                                  args.text_column, args.label_column, args.quoting)
     splits = load_labelled_splits(source, validation_fraction=args.validation_fraction,
                                   split_seed=args.split_seed, num_samples=args.num_samples)
     texts = list(splits.validation["text"])
@@ -84,8 +96,10 @@ def load_validation(args) -> tuple:
     return texts, labels, splits.info
 
 
-def map_labels(labels: list, label2id: dict, where: str) -> np.ndarray:
-    """The checkpoint's class ids of the data's label names (UserError for names it does not know)."""
+def map_labels(labels: list, label2id: dict, where: str):
+    """The checkpoint's class ids of the data's label names, a numpy array (UserError for names it does not know)."""
+    import numpy as np
+
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -107,6 +121,10 @@ def _training_split_sha(ckpt: Path):
 
 
 def run(args) -> int:
+    import torch
+
+    from training.metrics import classification_metrics, confusion_matrix
+
     _check(args)
     device, amp_dtype = inference.setup_device(args)
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
@@ -149,7 +167,7 @@ def run(args) -> int:
     if args.output:
         record = {"checkpoint": str(clf.path), "max_length": max_length, "loss": loss, **metrics,
                   "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
-                                                          "validation_fraction", "num_samples")}
+                                                          "validation_fraction", "num_samples", "rows_read")}
                   | {"examples": len(texts), "validation_sha256": sha, "same_split_as_training": same_split}}
         written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
     if args.plot:

@@ -5,8 +5,12 @@
 - ``predict_logits``: batched, length-sorted inference that returns float32 logits in
   input order, through the tokenization, collation and forward pass training uses
   (``training/batches.py``); the checkpoint's task decodes them;
-- ``read_texts``: texts from a .txt file (one per line), a table file or standard input;
+- ``read_input`` / ``read_texts``: texts (and labels, where a table has them) from a .txt file (one
+  per line), a table file or standard input; .csv/.tsv through training's reader (``data.read_delimited``);
 - the command-line pieces the tools share (flags, their checks, the error handling).
+
+torch and numpy are imported inside the functions that use them: the tools parse their flags, and
+answer --help and argument errors, before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -14,14 +18,13 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
-
-import numpy as np
-import torch
 
 from training.utils import HelpFormatter, ToolParser, UserError, autocast_dtype, detect_device  # noqa: F401
 
@@ -151,6 +154,7 @@ def trained_max_length(ckpt: Path) -> Optional[int]:
     state = ckpt / "training_state.pt"
     if state.is_file():
         with contextlib.suppress(Exception):
+            import torch
             from torch.torch_version import TorchVersion
 
             # mmap: only the small config is read, not the optimizer's tensors
@@ -168,7 +172,6 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- batched inference
 
-@torch.no_grad()
 def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 512,
                    amp_dtype: Optional[torch.dtype] = None,
                    on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
@@ -179,6 +182,15 @@ def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 6
     goes to padding; the rows are put back in input order. ``on_batch(n)`` is called after
     each batch of ``n`` texts (for a progress bar).
     """
+    import torch
+
+    with torch.no_grad():
+        return _predict_logits(clf, texts, batch_size, max_length, amp_dtype, on_batch)
+
+
+def _predict_logits(clf, texts, batch_size, max_length, amp_dtype, on_batch):
+    import torch
+
     from training.batches import PadCollator, encode, forward_logits
 
     device = clf.device
@@ -212,15 +224,38 @@ def progress_bar(total: int, desc: str):
 
 # ---------------------------------------------------------------- reading texts
 
-def read_texts(path: str, text_column: Optional[str] = None) -> tuple:
-    """Texts from ``path`` and a note about skipped rows (or None).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # one text per line: str.splitlines would also split on U+2028 & co.
+
+
+@dataclass
+class InputTexts:
+    """What a tool reads: the texts, and where the input is a table with a label column, each text's label."""
+    texts: list
+    labels: Optional[list] = None  # one per text: its label name, None for a row without one
+    label_column: Optional[str] = None
+    label_named: bool = False      # --label_column named it (else it was found by name)
+    notes: list = field(default_factory=list)
+
+
+def read_texts(path: str, text_column: Optional[str] = None, quoting: str = "auto") -> tuple:
+    """Texts from ``path`` and a note about skipped rows (or None); see ``read_input``."""
+    got = read_input(path, text_column, quoting=quoting, labels=False)
+    return got.texts, "; ".join(got.notes) or None
+
+
+def read_input(path: str, text_column: Optional[str] = None, label_column: Optional[str] = None, *,
+               quoting: str = "auto", labels: bool = True) -> InputTexts:
+    """Texts (and labels) from ``path``.
 
     ``.txt`` (or ``-`` for standard input): one text per line, blank lines skipped.
-    ``.csv``/``.tsv``/``.jsonl``/``.json``/``.parquet``: the text column, named or found
-    by the same names training looks for; rows with an empty text are skipped.
+    ``.csv``/``.tsv``/``.jsonl``/``.json``/``.parquet``: the text column, named or found by the
+    names training looks for; rows with a blank text (empty, whitespace or invisible characters
+    only) are skipped and counted. With ``labels``, a label column, named or found as training
+    finds it, gives each text its label (stripped of surrounding whitespace, as in training).
+    .csv/.tsv are read by training's reader, with its ``quoting`` (``data.read_delimited``).
     """
     if path == "-":
-        return _text_lines(sys.stdin.read().splitlines(), "standard input", text_column)
+        return _text_lines(sys.stdin.read(), "standard input", text_column, label_column)
     p = Path(path)
     if not p.exists():
         raise UserError(f"input file not found: {path}")
@@ -229,73 +264,131 @@ def read_texts(path: str, text_column: Optional[str] = None) -> tuple:
     suffix = p.suffix.lower()
     if suffix == ".txt":
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
+            content = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read {path}: {_one_line(exc)}") from None
-        return _text_lines(lines, path, text_column)
+        return _text_lines(content, path, text_column, label_column)
     if suffix not in TABLE_FORMATS:
         raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
                         f".csv, .tsv, .jsonl/.json or .parquet")
-    from training.data import TEXT_CANDIDATES  # the names training looks for (imported here: it loads datasets)
+    # training's names, reader and checks (imported here: training.data loads datasets)
+    from training.data import LABEL_CANDIDATES, TEXT_CANDIDATES, check_text_values, is_blank_text, strip_labels
 
-    frame = _read_table(p, suffix)
-    columns = [str(c) for c in frame.columns]
-    if text_column:
-        if text_column not in columns:
-            raise UserError(f"text column {text_column!r} not found in {path} (columns: {', '.join(columns)})")
-        col = text_column
-    else:
-        lowered = {c.lower(): c for c in columns}
-        col = next((lowered[c] for c in TEXT_CANDIDATES if c in lowered), None)
-        if col is None:
-            raise UserError(f"no text column found in {path} (columns: {', '.join(columns) or 'none'}): "
-                            f"name it with --text_column")
-    texts, skipped = [], 0
-    for value in frame[col].tolist():
+    columns, values_of, notes = _read_table(p, suffix, quoting)
+    if not columns:
+        raise UserError(f"no texts to classify in {path} (the file is empty)")
+    col = _find_column(columns, text_column, TEXT_CANDIDATES, "text", path)
+    label_col = _find_column(columns, label_column, LABEL_CANDIDATES, "label", path, required=bool(label_column)) \
+        if labels or label_column else None
+    if label_col is not None and label_col == col:
+        raise UserError(f"the text column and the label column are both {col!r} in {path}: name two different "
+                        f"columns with --text_column and --label_column (columns: {', '.join(columns)})")
+    raw = values_of(col)
+    check_text_values(raw, col, path, columns)
+    raw_labels = values_of(label_col) if label_col is not None else [None] * len(raw)
+    texts, kept_labels, skipped, invisible = [], [], 0, 0
+    for value, label in zip(raw, raw_labels):
         text = value if isinstance(value, str) else (None if _is_missing(value) else str(value))
-        if text is None or not text.strip():
+        if text is None or is_blank_text(text):
             skipped += 1
+            invisible += text is not None and bool(text.strip())
         else:
             texts.append(text)
-    return _checked(texts, skipped, path, "row(s) with an empty text")
-
-
-def _text_lines(lines: list, where: str, text_column: Optional[str]) -> tuple:
-    if text_column:
-        raise UserError(f"--text_column applies to table files (.csv, .tsv, .jsonl, .parquet), not to {where}")
-    texts = [ln.rstrip("\r") for ln in lines]
-    kept = [t for t in texts if t.strip()]
-    return _checked(kept, len(texts) - len(kept), where, "blank line(s)")
-
-
-def _checked(texts: list, skipped: int, where: str, what: str) -> tuple:
+            kept_labels.append(_label_name(label))
     if not texts:
+        raise UserError(f"no texts to classify in {path}")
+    if skipped:
+        detail = f" ({invisible} of them only control, format or zero-width characters)" if invisible else ""
+        notes.append(f"skipped {skipped} row(s) with an empty text in {path}{detail}")
+    if label_col is None:
+        return InputTexts(texts, notes=notes)
+    present = [i for i, v in enumerate(kept_labels) if v is not None]
+    stripped = strip_labels([kept_labels[i] for i in present], path, notes)
+    for i, name in zip(present, stripped):
+        kept_labels[i] = name
+    return InputTexts(texts, kept_labels, label_col, bool(label_column), notes)
+
+
+def _find_column(columns: list, wanted: Optional[str], candidates, what: str, path, required: bool = True):
+    if wanted:
+        if wanted not in columns:
+            raise UserError(f"{what} column {wanted!r} not found in {path} (columns: {', '.join(columns) or 'none'})")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    found = next((lowered[c] for c in candidates if c in lowered), None)
+    if found is None and required:
+        raise UserError(f"no {what} column found in {path} (columns: {', '.join(columns) or 'none'}): "
+                        f"name it with --{what}_column")
+    return found
+
+
+def _label_name(value) -> Optional[str]:
+    """A label as a checkpoint names it: integer labels (2, 2.0) as their decimal string."""
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _text_lines(content: str, where: str, text_column: Optional[str], label_column: Optional[str]) -> InputTexts:
+    for flag, value in (("--text_column", text_column), ("--label_column", label_column)):
+        if value:
+            raise UserError(f"{flag} applies to table files (.csv, .tsv, .jsonl, .parquet), not to {where}")
+    from training.data import is_blank_text
+
+    texts = _LINE_BREAK.split(content)
+    if texts and texts[-1] == "":  # the line break that ends the last line
+        texts.pop()
+    kept = [t for t in texts if not is_blank_text(t)]
+    if not kept:
         raise UserError(f"no texts to classify in {where}")
-    return texts, (f"skipped {skipped} {what} in {where}" if skipped else None)
+    skipped = len(texts) - len(kept)
+    return InputTexts(kept, notes=[f"skipped {skipped} blank line(s) in {where}"] if skipped else [])
 
 
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _read_table(p: Path, suffix: str):
+def _read_table(p: Path, suffix: str, quoting: str) -> tuple:
+    """(column names, a function from a column name to its values, notes)."""
+    if suffix in (".csv", ".tsv"):
+        from training.data import read_delimited
+
+        table = read_delimited(p, quoting)
+        return table.columns, table.column, list(table.notes)
     import pandas as pd  # a dependency of datasets
 
     try:
-        if suffix in (".csv", ".tsv"):
-            return pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if suffix == ".parquet":
-            return pd.read_parquet(p)
-        with open(p, encoding="utf-8") as fh:
-            head = fh.read(4096).lstrip()
-        if not head:
-            raise pd.errors.EmptyDataError
-        # .json may hold one array of objects; otherwise (and always for .jsonl) one object a line
-        return pd.read_json(p, lines=not (suffix == ".json" and head.startswith("[")), dtype=False)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"no texts to classify in {p} (the file is empty)") from None
+            frame = pd.read_parquet(p)
+        else:
+            with open(p, encoding="utf-8") as fh:
+                head = fh.read(4096).lstrip()
+            if not head:
+                return [], None, []
+            # .json may hold one array of objects; otherwise (and always for .jsonl) one object a line
+            frame = pd.read_json(p, lines=not (suffix == ".json" and head.startswith("[")), dtype=False)
     except Exception as exc:
         raise UserError(f"cannot read {p} as {suffix[1:].upper()}: {_one_line(exc)}") from None
+    return [str(c) for c in frame.columns], lambda name: frame[name].tolist(), []
+
+
+def check_output_path(flag: str, value: Optional[str]) -> None:
+    """Fail before any work where --FLAG cannot be written: a directory, or a path under a regular file."""
+    if not value or value == "-":
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise UserError(f"--{flag} is a directory: {value}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--{flag} {value}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"--{flag} {value}: cannot write in {parent} (permission denied)")
+            return
 
 
 # ---------------------------------------------------------------- reports

@@ -5,13 +5,18 @@
     python training/predict.py --checkpoint checkpoints/RUN/final --input reviews.csv --output predictions.jsonl
     python training/predict.py --checkpoint checkpoints/RUN/final --input reviews.jsonl --text_column body
     cat reviews.txt | python training/predict.py --checkpoint checkpoints/RUN/final --input -
+    python training/predict.py --checkpoint checkpoints/RUN/final --input test.csv --label_column stars
 
 Prints a table (probability, label, text) in input order, or with --output FILE writes
 one JSON line per text: {"text": ..., "label": ..., "score": ..., "probabilities": {label: p}}
 (--output - writes them to standard output). Table files (.csv, .tsv, .jsonl/.json, .parquet)
-have their text column found by name (text, sentence, review, ...) or named with --text_column.
-Texts are batched (--batch_size) and sorted by length for speed; GPU when present, with bf16
-autocast on GPUs that support it. --max_length defaults to 512 or the model's limit.
+have their text column found by name (text, sentence, review, ...) or named with --text_column;
+.csv/.tsv are read as training reads them (--quoting). A table with a label column (found by
+name as in training: label, category, class, ..., or named with --label_column) is also scored:
+the accuracy against the checkpoint's label names is printed, and each record gets its
+"true_label". Texts are batched (--batch_size) and sorted by length for speed; GPU when
+present, with bf16 autocast on GPUs that support it. --max_length defaults to the one the
+checkpoint was trained with (as in evaluate.py), else 512 or the model's limit.
 """
 import sys
 from pathlib import Path
@@ -21,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import json  # noqa: E402
 import shutil  # noqa: E402
 
+# inference imports torch only inside its functions: --help and bad flags answer at once
 from training import inference  # noqa: E402
 from training.utils import UserError, atomic_write_bytes, run_tool  # noqa: E402
 
@@ -34,27 +40,67 @@ def build_parser() -> inference.ToolParser:
                              "- reads lines from standard input.")
     parser.add_argument("--text_column", help="Text column of a table file (default: found by name: text, "
                                               "sentence, review, content, ...).")
+    parser.add_argument("--label_column", help="Label column of a table file, to score the predictions against "
+                                               "(default: found by name as in training: label, category, "
+                                               "class, ...; a file without one is only classified).")
+    parser.add_argument("--quoting", default="auto", choices=_quoting_choices(),
+                        help="Quoting of .csv/.tsv input, as in training: 'minimal' (standard CSV quoting), "
+                             "'none' (quotes are ordinary characters, one row per line) or 'auto' (standard, "
+                             "unless a stray quote says otherwise: see train_single.py --help).")
     parser.add_argument("--output", metavar="FILE",
                         help="Write JSON Lines here instead of printing a table (- for standard output).")
-    inference.add_inference_flags(parser, max_length_help="Truncate texts to this many tokens "
-                                                          "(default: 512 or the model's limit, if lower).")
+    inference.add_inference_flags(parser, max_length_help="Truncate texts to this many tokens (default: the "
+                                                          "--max_length the checkpoint was trained with if its "
+                                                          "run recorded it, else 512 or the model's limit).")
     return parser
 
 
-def _gather_texts(args) -> tuple:
+def _quoting_choices() -> tuple:
+    """Training's --quoting choices (training/config.py: light to import, unlike training/data.py)."""
+    import dataclasses
+
+    from training.config import TrainConfig
+
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == "quoting").metadata["choices"]
+
+
+def _gather_texts(args) -> "inference.InputTexts":
     if args.texts and args.input:
         raise UserError("give texts on the command line or --input FILE, not both")
     if args.input:
-        return inference.read_texts(args.input, args.text_column)
-    if args.text_column:
-        raise UserError("--text_column needs --input FILE")
+        return inference.read_input(args.input, args.text_column, args.label_column, quoting=args.quoting)
+    for flag in ("text_column", "label_column"):
+        if getattr(args, flag):
+            raise UserError(f"--{flag} needs --input FILE")
     if not args.texts:
         raise UserError("nothing to classify: give texts as arguments or --input FILE")
-    kept = [t for t in args.texts if t.strip()]
+    from training.data import is_blank_text
+
+    kept = [t for t in args.texts if not is_blank_text(t)]
     if not kept:
         raise UserError("no texts to classify: every text given is empty")
     skipped = len(args.texts) - len(kept)
-    return kept, (f"skipped {skipped} empty text(s)" if skipped else None)
+    return inference.InputTexts(kept, notes=[f"skipped {skipped} empty text(s)"] if skipped else [])
+
+
+def _true_ids(got, label_names: list, where: str) -> tuple:
+    """Each text's true class id (None where it has no label), or None when there is nothing to score."""
+    if got.labels is None:
+        return None, []
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({v for v in got.labels if v is not None} - set(index))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        if got.label_named:  # asked for: an error, as in evaluate.py
+            raise UserError(f"the data has labels the checkpoint does not know: {shown} "
+                            f"(it knows: {', '.join(label_names)}) in {where}")
+        return None, [f"not scoring against column {got.label_column!r} of {where}: it has labels the checkpoint "
+                      f"does not know ({shown}; it knows {', '.join(label_names)})"]
+    ids = [None if v is None else index[v] for v in got.labels]
+    unlabelled = sum(1 for v in ids if v is None)
+    if unlabelled == len(ids):
+        return None, [f"column {got.label_column!r} of {where} has no labels: nothing to score"]
+    return ids, ([f"{unlabelled} text(s) without a label are not counted in the accuracy"] if unlabelled else [])
 
 
 def format_table(texts, label_names, probs, predicted, width: int) -> str:
@@ -71,23 +117,34 @@ def format_table(texts, label_names, probs, predicted, width: int) -> str:
     return "\n".join(lines)
 
 
-def prediction_records(texts, label_names, probs, predicted) -> list:
+def prediction_records(texts, label_names, probs, predicted, true_ids=None) -> list:
     records = []
-    for text, row, k in zip(texts, probs.tolist(), predicted.tolist()):
-        records.append({"text": text, "label": label_names[k], "score": row[k],
-                        "probabilities": dict(zip(label_names, row))})
+    for i, (text, row, k) in enumerate(zip(texts, probs.tolist(), predicted.tolist())):
+        record = {"text": text, "label": label_names[k], "score": row[k],
+                  "probabilities": dict(zip(label_names, row))}
+        if true_ids is not None:
+            record["true_label"] = None if true_ids[i] is None else label_names[true_ids[i]]
+        records.append(record)
     return records
+
+
+def _accuracy_line(true_ids, predicted, column: str) -> str:
+    pairs = [(t, p) for t, p in zip(true_ids, predicted.tolist()) if t is not None]
+    correct = sum(1 for t, p in pairs if t == p)
+    return (f"accuracy {correct / len(pairs):.4f} | {correct} of {len(pairs)} labelled text(s) correct "
+            f"(label column {column!r})")
 
 
 def run(args) -> int:
     inference.check_positive(args, "batch_size", "max_length")
-    if args.output not in (None, "-") and Path(args.output).is_dir():
-        raise UserError(f"--output is a directory: {args.output}")
-    texts, note = _gather_texts(args)
+    inference.check_output_path("output", args.output)  # before any work: a path that cannot be written
+    got = _gather_texts(args)
+    texts = got.texts
     device, amp_dtype = inference.setup_device(args)
     clf = inference.load_classifier(args.checkpoint, device)
-    max_length = inference.resolve_max_length(args.max_length, clf)
-    if note:
+    true_ids, label_notes = _true_ids(got, clf.label_names, args.input)
+    max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
+    for note in got.notes + label_notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"checkpoint {clf.path} | labels {', '.join(clf.label_names)} | device {device} | "
           f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | {len(texts)} text(s)",
@@ -96,14 +153,20 @@ def run(args) -> int:
     logits, elapsed = inference.logits_with_progress(clf, texts, desc="classifying", batch_size=args.batch_size,
                                                      max_length=max_length, amp_dtype=amp_dtype)
     probs, predicted = clf.task.decode(logits)
+    # the accuracy goes with the summary: on stdout, except where stdout holds the JSON lines
+    accuracy = _accuracy_line(true_ids, predicted, got.label_column) if true_ids is not None else None
 
     if args.output is None:
         print(format_table(texts, clf.label_names, probs, predicted, shutil.get_terminal_size((100, 24)).columns))
+        if accuracy:
+            print(accuracy)
         return 0
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                      for r in prediction_records(texts, clf.label_names, probs, predicted))
+                      for r in prediction_records(texts, clf.label_names, probs, predicted, true_ids))
     if args.output == "-":
         sys.stdout.write(payload)
+        if accuracy:
+            print(accuracy, file=sys.stderr)
         return 0
     out = Path(args.output)
     try:
@@ -114,6 +177,8 @@ def run(args) -> int:
     counts = predicted.bincount(minlength=len(clf.label_names)).tolist()
     print(f"wrote {len(texts)} prediction(s) to {out} in {elapsed:.1f}s | "
           + ", ".join(f"{name} {c}" for name, c in zip(clf.label_names, counts)))
+    if accuracy:
+        print(accuracy)
     return 0
 
 
