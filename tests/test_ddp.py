@@ -184,5 +184,5 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_line(task, tmp_path,
     proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", *args, timeout=180)
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert ours == [expected], proc.stderr[-3000:]  # said once, by rank 0: every rank stopped on the same input
+    assert ours == [expected], proc.stderr[-3000:]  # said by rank 0 alone: the others stop on the same input
     assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr

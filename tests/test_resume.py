@@ -34,6 +34,14 @@ if os.environ.get("SIGINT_AT_MAP"):  # Ctrl-C while the data is being prepared
         os.kill(os.getpid(), signal.SIGINT)
         return _map(self, *a, **k)
     datasets.Dataset.map = map_then_interrupt
+if os.environ.get("STATE_ON_RANK0_ONLY") and os.environ.get("RANK", "0") != "0":  # as if on another disk
+    import torch
+    _load = torch.load
+    def load(f, *a, **k):
+        if "training_state" in str(f):
+            raise FileNotFoundError(f"rank {os.environ['RANK']} may not read {f}: only rank 0 has it")
+        return _load(f, *a, **k)
+    torch.load = load
 if os.environ.get("PAUSE_AT_STEP"):  # a live run, held after that optimizer step
     import time, torch
     _pstep = torch.optim.AdamW.step
@@ -179,7 +187,7 @@ def test_two_nodes_with_their_own_disks_train_stop_and_resume_like_one(ddp_task,
     stopped = _two_nodes(run, disks, env_with(hooks, STOP_AT_STEP=6, STOP_RANK=0))
     assert all(code != 0 for code, _, _ in stopped)
     assert "stopped by SIGTERM after step 6" in stopped[0][1], stopped[0][2][-3000:]
-    resumed = _two_nodes([*run, "--resume", "auto"], disks, env_with(hooks))
+    resumed = _two_nodes([*run, "--resume", "auto"], disks, env_with(hooks, STATE_ON_RANK0_ONLY=1))
     assert [code for code, _, _ in resumed] == [0, 0], [err[-3000:] for _, _, err in resumed]
     assert "resuming at epoch 1, step 6" in resumed[0][1]
     _close(disks[0] / "sep", ddp_reference)

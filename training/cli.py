@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from training.config import parse_config
 from training.utils import UserError
@@ -25,6 +26,10 @@ def main(argv=None, *, use_torchrun: bool, description: str = "") -> int:
         if exc.rank_local or rank == "0":
             prefix = "" if rank == "0" else f"[rank {rank}] "
             print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every process as soon as one exits: the others wait a moment, so that rank 0
+            # has said why before it is stopped
+            time.sleep(3)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -97,10 +98,11 @@ class ProcessContext:
         if scope == "global":
             answer = self.broadcast_object(answer)
         elif self.distributed:
-            answers = self.all_gather_object(answer)
-            failed = [a for a in answers if a is not None and a[0] == "error"]
-            # torchrun numbers each node's processes contiguously: the node's local rank 0 is rank - local_rank
-            answer = failed[0] if failed else answers[self.rank - self.local_rank]
+            node = (os.environ.get("GROUP_RANK"), socket.gethostname())  # torchrun's node number, and the host
+            answers = self.all_gather_object((node, answer))
+            failed = [a for _, a in answers if a is not None and a[0] == "error"]
+            mine = [a for n, a in answers if n == node and a is not None]
+            answer = failed[0] if failed else mine[0]
         if answer[0] == "error":
             raise UserError(answer[1])
         return answer[1]
@@ -185,6 +187,7 @@ class StopSignal:
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: they leave the stopping to us
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -203,6 +206,8 @@ class StopSignal:
             os.write(2, (text + "\n").encode())  # not print(): a signal may arrive inside a print
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
         name = signal.Signals(signum).name
         if not self.armed:
             self._say(f"{name}: stopping now (nothing has been trained yet)")

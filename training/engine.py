@@ -75,8 +75,9 @@ class StepInfo:
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step: int, epoch: int, batch: int):
-        super().__init__(f"non-finite loss at optimizer step {step} (epoch {epoch}, batch {batch} of the epoch)")
+    def __init__(self, step: int, epoch: int, batch: int, per_step: int = 1):
+        where = f"batch {batch}" if per_step == 1 else f"the step of micro-batches {batch}-{batch + per_step - 1}"
+        super().__init__(f"non-finite loss at optimizer step {step} (epoch {epoch}, {where} of the epoch)")
         self.step, self.epoch, self.batch = step, epoch, batch
 
 
@@ -91,8 +92,9 @@ class NonFiniteGuard:
     _NONE = 2 ** 63 - 1  # no bad step yet (the largest int64, so a MIN over ranks finds the earliest bad one)
     _SHIFT = 2 ** 32
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, per_step: int = 1):
         self.code = torch.full((), self._NONE, dtype=torch.int64, device=device)
+        self.per_step = per_step  # micro-batches an optimizer step (--grad_accum_steps)
 
     def update(self, loss_sum: torch.Tensor, step: int, batch: int) -> None:
         bad = ~torch.isfinite(loss_sum.detach()) & (self.code == self._NONE)
@@ -104,7 +106,7 @@ class NonFiniteGuard:
             torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MIN)
         value = int(code.item())
         if value != self._NONE:
-            raise NonFiniteLoss(value // self._SHIFT, epoch, value % self._SHIFT + 1)
+            raise NonFiniteLoss(value // self._SHIFT, epoch, value % self._SHIFT + 1, self.per_step)
 
 
 @dataclass
@@ -289,7 +291,7 @@ def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks
     ctx, task = sc.ctx, sc.task
     train_loader, eval_loader = loaders
     if state.guard is None:  # a restored state has its sums but no guard (none is saved)
-        state.guard = NonFiniteGuard(ctx.device)
+        state.guard = NonFiniteGuard(ctx.device, loop.grad_accum_steps)
     while state.epoch <= loop.epochs:
         epoch = state.epoch
         # A new shuffle each epoch, the same on every rank; a resume skips what was already done.

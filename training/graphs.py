@@ -26,7 +26,8 @@ What keeps it correct:
 
 The step itself is ``training/step.py``'s ``train_step``, the one the eager runner runs; here it
 is recorded with ``recording=True`` (gradients kept in place, no autocast cache) and the step's
-normalizer is a device tensor, refilled before each replay like the learning rate.
+normalizer is a device tensor (holding its reciprocal), refilled before each replay like the
+learning rate.
 
 One optimizer step per batch: no gradient accumulation, no skipped steps (the caller refuses
 those), one process (not under DDP).
@@ -182,10 +183,10 @@ class StepGraphs:
             graph, static, static_norm, out = entry
             for name, tensor in host.tensors().items():
                 static.tensors()[name].copy_(tensor, non_blocking=True)
-            static_norm.fill_(normalizer)
+            static_norm.fill_(1.0 / normalizer)
         else:
             static = host.to(self.device)
-            static_norm = torch.full((), float(normalizer), dtype=torch.float32, device=self.device)
+            static_norm = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=self.device)
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):

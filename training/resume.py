@@ -8,12 +8,13 @@ command serves a first launch and every restart (torchrun ``--max-restarts``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from training.checkpoint import TRAINING_STATE, CheckpointError, step_checkpoints, verify_checkpoint
-from training.config import fields_marked
+from training.config import TrainConfig, fields_marked
 from training.distributed import ProcessContext
 from training.utils import UserError
 
@@ -82,15 +83,22 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     """A clear error for a checkpoint from another model, labels, tokenizer, data or process count.
 
     ``run`` is what this run's checkpoints would record (trainer.RunState.run_record)."""
-    saved, config = state["config"], run["config"]
+    if "sums" not in state.get("loop", {}):  # the loop state's layout before the task object
+        raise UserError(f"{where} was written by an older version of this toolkit and cannot be resumed by this "
+                        f"one: start a new run (its final/ and best/ models still load everywhere)")
+    saved, config = dict(state["config"]), run["config"]
+    if saved.get("metric_for_best") == "f1":  # its earlier name
+        saved["metric_for_best"] = "macro_f1"
     if state["world_size"] != run["world_size"]:
         raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has "
                         f"{run['world_size']}: resume with the same number of processes (the data order is "
                         f"sharded by it)")
     if list(state["label_names"]) != list(run["label_names"]):
         raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in MUST_MATCH:
-        if saved.get(key) != config.get(key):
+        # a flag newer than the checkpoint: it was trained with what is now that flag's default
+        if saved.get(key, defaults[key]) != config.get(key):
             raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
                             f"--{key} {config.get(key)}: resume with the same value")
     same_vocab = ("class", "vocab", "hash")  # not the path: a model directory may have moved

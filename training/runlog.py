@@ -14,7 +14,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from training.distributed import ProcessContext
-from training.utils import append_jsonl, atomic_write_bytes, atomic_write_json
+from training.utils import UserError, append_jsonl, atomic_write_bytes, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,9 +38,18 @@ class RunLogger:
         self.show_progress = self.enabled and show_progress and sys.stderr.isatty()
         self.start = time.perf_counter()
         self.tb = None
-        if tensorboard and self.enabled and self.run_dir is not None:
+        if tensorboard:
+            self.open_tensorboard()
+
+    def open_tensorboard(self) -> None:
+        """TensorBoard event files in RUN/tensorboard (main process only)."""
+        if not self.enabled or self.run_dir is None:
+            return
+        try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        except ImportError as exc:
+            raise UserError(f"--tensorboard needs the tensorboard package ({exc}): pip install tensorboard") from None
+        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def scalars(self, group: str, values: dict, step: int) -> None:
         """TensorBoard scalars (``group/name``), when --tensorboard is on."""

@@ -41,10 +41,11 @@ class StepOutput:
 
 def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, torch.Tensor]) -> StepOutput:
     """One optimizer step over ``micro_batches`` (on the device). ``normalizer`` divides the summed loss:
-    a Python number, or a device tensor inside a CUDA graph (its value changes between replays)."""
+    a Python number, or, inside a CUDA graph, a device tensor holding its reciprocal (refilled before
+    each replay)."""
     device = sc.ctx.device
-    # Inside a graph the gradients must stay the same tensors between replays (zeroed, not freed).
-    sc.optimizer.zero_grad(set_to_none=not sc.recording)              # 5. zero gradients (of the last step)
+    if sc.recording:  # inside a graph the gradients stay the same tensors between replays: zeroed, not freed
+        sc.optimizer.zero_grad(set_to_none=False)
     sums = sc.task.new_sums(device)
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     applied = True
@@ -63,11 +64,15 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
             # the outputs before backward: running out of memory can then only come before AdamW
             sc.task.add_sums(sums, loss_sum, logits, batch.labels)
             loss_total += loss_sum.detach()
-            (loss_sum / normalizer).backward()                        # 3. backward
+            # A graph gets 1/normalizer in a device tensor and multiplies: what CUDA does for a Python divisor.
+            scaled = loss_sum * normalizer if torch.is_tensor(normalizer) else loss_sum / normalizer
+            scaled.backward()                                         # 3. backward
     if applied:
         if sc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
         sc.optimizer.step()                                           # 4. optimizer step
+    if not sc.recording:  # freed at once, so evaluation and checkpoints do not hold a copy of them
+        sc.optimizer.zero_grad(set_to_none=True)                      # 5. zero gradients
     return StepOutput(loss_total, sums, applied)
 
 

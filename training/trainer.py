@@ -5,6 +5,7 @@ The two entry points differ only in whether the process context comes from torch
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +75,13 @@ class RunLock:
 
         self.file = open(run_dir / ".lock", "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            # lockf (a POSIX record lock), not flock: forked DataLoader workers do not inherit it, so a killed
+            # main process releases it at once even while its workers are still winding down
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without locks: run without one
+                warnings.warn(f"cannot lock {run_dir} ({exc.strerror}): a second launch on it would not be refused")
+                return
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
@@ -230,10 +237,12 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
     point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
     existing = point.run_dir if point and point.run_dir and point.run_dir.is_dir() else None
     run_dir, lock = _make_run_dir(cfg, ctx, existing=existing)
-    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress, tensorboard=cfg.tensorboard)
+    log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress)
     for note in point.notes if point else []:
         log.print(f"resume: {note}")
     try:
+        if cfg.tensorboard:
+            log.open_tensorboard()
         with StopSignal(log) as stop:
             return _train(cfg, ctx, log, point.checkpoint if point else None, stop, t_start)
     except BaseException:
@@ -251,7 +260,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
     source = data.DataSource.from_args(cfg.dataset, cfg.dataset_config, cfg.train_file, cfg.validation_file,
-                                       cfg.text_column, cfg.label_column)
+                                       cfg.text_column, cfg.label_column, cfg.quoting)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
                                  cache_key=cfg.values_marked("cache"),
