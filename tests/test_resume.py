@@ -254,6 +254,25 @@ def test_ctrl_c_while_the_data_is_prepared_stops_at_once_and_leaves_nothing(tmp_
     assert not (tmp_path / "ck" / "r").exists()  # no run directory from a start that did not happen
 
 
+@pytest.mark.parametrize("change, message", [
+    ("more rows", "the train examples changed (135 then, 202 now)"),
+    ("same count, other rows", "the train examples changed (other rows of the same count)"),
+])
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, tiny_model_dir, hooks, change, message):
+    """Copying other rows over the same --train_file (size and mtime are not what is compared)."""
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(150, seed=2))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 8, "--max_length", 32,
+              "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", "--save_every_steps", 2]
+    stopped = run_script("train_single.py", *common, env=env_with(hooks, STOP_AT_STEP=4))
+    assert stopped.returncode == 143, stopped.stderr
+    rows = synthetic_rows(225, seed=3) if change == "more rows" else synthetic_rows(150, seed=9)
+    write_rows(train, rows)
+    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    assert resumed.returncode == 2, resumed.stdout
+    assert message in resumed.stderr and "was trained on other data" in resumed.stderr, resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1
+
+
 def test_a_second_launch_on_a_live_run_is_refused_and_a_dead_runs_lock_is_not(tmp_path, tiny_model_dir, hooks):
     import os
     import signal

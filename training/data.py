@@ -36,7 +36,7 @@ DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment", "utterance", "tweet")
 LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-CACHE_FORMAT = 2  # bump when the cached layout or what goes into it changes
+CACHE_FORMAT = 3  # bump when the cached layout or what goes into it changes
 
 
 @dataclass
@@ -61,15 +61,31 @@ class DataSource:
         return cls("default", None, None, None, None, text_column, label_column, quoting)
 
     def fingerprint(self) -> dict:
-        """Plain values that change whenever the source's contents may have changed."""
+        """Plain values that change whenever the source's contents change: a file's path and a hash of
+        its bytes (not its size and mtime, which a copy over the file can keep)."""
         out = dict(vars(self))
         for key in ("train_file", "validation_file"):
             if out[key] and os.path.isfile(out[key]):  # a missing file is reported when it is loaded
-                st = os.stat(out[key])
-                out[key] = [os.path.abspath(out[key]), st.st_size, st.st_mtime_ns]
+                out[key] = [os.path.abspath(out[key]), _file_sha256(out[key])]
         if self.kind == "default":
             out["package"] = DEFAULT_DATA_PACKAGE
         return out
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_fingerprint(ds: datasets.Dataset) -> str:
+    """A hash of a split's examples in order (texts and label ids): what a resume must find unchanged."""
+    digest = hashlib.sha256()
+    for text, label in zip(ds["text"], ds["labels"]):
+        digest.update(f"{label}\x1f{text}\x1e".encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -622,6 +638,9 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         "validation_label_counts": _counts(validation, len(names)),
         # identifies exactly which texts were held out, so two runs can be checked to share a split
         "validation_sha256": hashlib.sha256("\0".join(sorted(validation["text"])).encode()).hexdigest(),
+        # the examples themselves, in order: a resume refuses data that changed since its checkpoint
+        "fingerprint": {"train": content_fingerprint(train), "validation": content_fingerprint(validation),
+                        "train_examples": len(train), "validation_examples": len(validation)},
         "notes": notes,
     }
     if files:  # the rows each file gave (before empty texts were dropped), to compare with the file

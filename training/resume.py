@@ -101,6 +101,14 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
         if saved.get(key, defaults[key]) != config.get(key):
             raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
                             f"--{key} {config.get(key)}: resume with the same value")
+    before, now = state.get("data"), run.get("data")
+    if before is not None and now is not None:
+        for split in ("train", "validation"):
+            if before[split] != now[split]:
+                counts = (before[f"{split}_examples"], now[f"{split}_examples"])
+                change = "other rows of the same count" if counts[0] == counts[1] else "%d then, %d now" % counts
+                raise UserError(f"{where} was trained on other data: the {split} examples changed ({change}): "
+                                f"resume on the data the run started with, or start a new run")
     same_vocab = ("class", "vocab", "hash")  # not the path: a model directory may have moved
     if any(state["tokenizer"].get(k) != run["tokenizer"].get(k) for k in same_vocab):
         raise UserError(f"{where} was trained with another tokenizer ({state['tokenizer']['name']})")

@@ -286,7 +286,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     prepared = _load_data(cfg, ctx, tokenizer, log)
     task = tasks.choose_task(prepared.label_names)
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
-                  "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record()}
+                  "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
+                  "data": prepared.info["fingerprint"]}
     saved = None
     if resume_from is not None:
         def read_state() -> dict:
