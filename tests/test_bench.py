@@ -11,7 +11,8 @@ from conftest import ROOT, cli_env
 
 def test_bench_tiny_runs_ours_and_trainer_and_reports_consistent_numbers(tmp_path):
     out = tmp_path / "bench.jsonl"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--systems", "ours,trainer",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--device", "cpu",
+                           "--systems", "ours,trainer",
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +43,8 @@ def test_bench_variant_names_parse_into_levers():
     ("ours+graphs", "need a CUDA device"),
 ])
 def test_bench_refuses_unknown_systems_and_levers(systems, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--systems", systems],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--device", "cpu",
+                           "--systems", systems],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

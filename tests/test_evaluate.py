@@ -100,9 +100,9 @@ def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capsys
                       "--output", out["alone"])
     assert proc.returncode == 0, proc.stderr
     assert f"data: every row of {tmp_path / 'test.csv'} | 60 examples" in proc.stdout
-    assert evaluate.main(["--checkpoint", str(trained / "final"), "--data", str(tmp_path / "test.csv"),
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--data", str(tmp_path / "test.csv"),
                           "--output", str(out["data"])]) == 0
-    assert evaluate.main(["--checkpoint", str(trained / "final"), "--train_file", str(trained.parent.parent / "train.csv"),
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--train_file", str(trained.parent.parent / "train.csv"),
                           "--validation_file", str(tmp_path / "test.csv"), "--output", str(out["with_train"])]) == 0
     capsys.readouterr()
     results = {name: json.loads(path.read_text()) for name, path in out.items()}
@@ -115,7 +115,7 @@ def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capsys
 def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
     train = trained.parent.parent / "train.csv"
-    assert evaluate.main(["--checkpoint", str(trained), "--train_file", str(train), "--output", str(out)]) == 0
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--train_file", str(train), "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     data_info = json.loads((trained / "data.json").read_text())
@@ -129,7 +129,7 @@ def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
     assert result["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-4)
 
     # another split seed holds out other examples, and says so
-    assert evaluate.main(["--checkpoint", str(trained), "--train_file", str(train), "--split_seed", "7",
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--train_file", str(train), "--split_seed", "7",
                           "--output", str(out)]) == 0
     assert "not the examples the checkpoint's training run validated on" in capsys.readouterr().out
     assert json.loads(out.read_text())["data"]["same_split_as_training"] is False
@@ -140,7 +140,7 @@ def test_two_classes_with_an_untrained_head(tiny_model_dir, tmp_path, capsys):
     rows = [dict(r, label=f"LABEL_{int(r['label'] == 'positive')}") for r in synthetic_rows(80, seed=4)]
     write_rows(tmp_path / "train.csv", rows)
     out, png = tmp_path / "eval.json", tmp_path / "cm.png"
-    assert evaluate.main(["--checkpoint", str(tiny_model_dir), "--train_file", str(tmp_path / "train.csv"),
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(tiny_model_dir), "--train_file", str(tmp_path / "train.csv"),
                           "--validation_fraction", "0.5", "--max_length", "24", "--output", str(out),
                           "--plot", str(png)]) == 0
     result = json.loads(out.read_text())

@@ -64,7 +64,7 @@ def test_table_lists_probability_label_and_cut_text_in_input_order(trained, caps
     monkeypatch.setenv("COLUMNS", "70")
     long_text = "topic0 " + "film " * 40
     texts = ["topic1 music", long_text, "topic2"]
-    assert predict.main(["--checkpoint", str(trained / "final"), *texts]) == 0
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), *texts]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split() == ["prob", "label", "text"]
@@ -84,7 +84,7 @@ def test_max_length_defaults_to_the_checkpoints_own(trained, capsys):
     long_text = "topic0 " + "film " * 60
     out = {}
     for flag in ([], ["--max_length", "128"]):
-        assert predict.main(["--checkpoint", str(trained / "final"), "--output", "-", *flag, long_text]) == 0
+        assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--output", "-", *flag, long_text]) == 0
         captured = capsys.readouterr()
         out[len(flag)] = json.loads(captured.out)["probabilities"]
     for key, max_length in ((0, 32), (2, 128)):
@@ -101,7 +101,7 @@ def test_a_labelled_table_is_scored_against_the_checkpoints_labels(tmp_path, tra
     rows[5]["label"] = ""  # no label: classified, not scored
     src = write_rows(tmp_path / "test.csv", rows, label_key="category")
     out = tmp_path / "pred.jsonl"
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out)]) == 0
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out)]) == 0
     captured = capsys.readouterr()
     records = read_jsonl(out)
     assert [r["true_label"] for r in records] == [r["label"].strip() or None for r in rows]
@@ -115,10 +115,10 @@ def test_a_labelled_table_is_scored_against_the_checkpoints_labels(tmp_path, tra
     # labels the checkpoint does not know: asked for with --label_column, an error; found by name, a note
     rows[0]["label"] = "delta"
     write_rows(src, rows, label_key="category")
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--label_column",
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(src), "--label_column",
                          "category"]) == 2
     assert "labels the checkpoint does not know: delta" in capsys.readouterr().err
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src)]) == 0
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(src)]) == 0
     captured = capsys.readouterr()
     assert "not scoring against column 'category'" in captured.err and "accuracy" not in captured.out
 
@@ -159,7 +159,7 @@ def test_table_files_with_found_or_named_text_column(tmp_path, trained, capsys, 
     rows[4]["text"] = ""  # an empty text: skipped, and said so
     src = write_rows(tmp_path / f"in{suffix}", rows, text_key=key)
     out = tmp_path / "out.jsonl"
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out),
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(src), "--output", str(out),
                          *flag]) == 0
     assert "skipped 1 row(s) with an empty text" in capsys.readouterr().err
     assert [r["text"] for r in read_jsonl(out)] == [r["text"] for i, r in enumerate(rows) if i != 4]
@@ -167,13 +167,13 @@ def test_table_files_with_found_or_named_text_column(tmp_path, trained, capsys, 
 
 def test_json_array_file(tmp_path, trained, capsys):
     (tmp_path / "in.json").write_text(json.dumps([{"id": 1, "content": "topic2 film"}, {"id": 2, "content": "topic0"}]))
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(tmp_path / "in.json")]) == 0
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(tmp_path / "in.json")]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split(maxsplit=2)[2] for r in rows] == ["topic2 film", "topic0"]
 
 
 def test_output_dash_writes_json_lines_to_stdout(trained, capsys):
-    assert predict.main(["--checkpoint", str(trained), "--output", "-", "topic1 film"]) == 0  # run dir: its final/
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained), "--output", "-", "topic1 film"]) == 0  # run dir: its final/
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert record["text"] == "topic1 film" and record["label"] in LABELS
 

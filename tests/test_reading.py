@@ -84,12 +84,12 @@ def test_tsv_quotes_that_belong_to_the_text_are_kept(tmp_path, trained, capsys):
     rows[2]["text"] = '"of" course topic1'
     path = plain_csv(tmp_path / "in.tsv", rows, delimiter="\t")
     out = tmp_path / "out.jsonl"
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(path), "--output", str(out)]) == 0
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(path), "--output", str(out)]) == 0
     err = capsys.readouterr().err
     assert "note: " in err and "line 4" in err and "--quoting none" in err
     assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == [r["text"] for r in rows]
     # minimal: the same reader as training, the same refusal
-    assert predict.main(["--checkpoint", str(trained / "final"), "--input", str(path), "--quoting", "minimal"]) == 2
+    assert predict.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--input", str(path), "--quoting", "minimal"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "line 4" in err and "--quoting none" in err and len(err.splitlines()) == 1
 
@@ -99,12 +99,12 @@ def test_evaluate_reads_as_training_reads(tmp_path, trained, capsys):
     rows[3]["text"] = '"' + rows[3]["text"]
     path = plain_csv(tmp_path / "test.csv", rows)
     out = tmp_path / "eval.json"
-    assert evaluate.main(["--checkpoint", str(trained / "final"), "--validation_file", str(path),
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--validation_file", str(path),
                           "--output", str(out)]) == 0
     assert "--quoting none" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["examples"] == 30 and result["data"]["rows_read"] == {str(path): 30}
-    assert evaluate.main(["--checkpoint", str(trained / "final"), "--validation_file", str(path),
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--validation_file", str(path),
                           "--quoting", "minimal"]) == 2
     assert "line 5" in capsys.readouterr().err
 
