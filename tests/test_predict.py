@@ -188,7 +188,13 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
     (tmp / "nocols.csv").write_text("a,b\n1,2\n")
     (tmp / "data.xml").write_text("<a/>")
     (tmp / "ok.txt").write_text("topic1\n")
+    no_tokenizer = tmp / "no_tokenizer"  # a trained checkpoint whose tokenizer files were not copied along
+    no_tokenizer.mkdir()
+    for f in (trained / "final").iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (no_tokenizer / f.name).write_bytes(f.read_bytes())
     return {
+        "checkpoint without tokenizer files": (["--checkpoint", str(no_tokenizer), "x"], "has no tokenizer files"),
         "missing checkpoint": (["--checkpoint", str(tmp / "nope"), "x"], "checkpoint not found"),
         "not a checkpoint": (["--checkpoint", str(tmp / "empty_dir"), "x"], "is not a model checkpoint"),
         "base model, no classifier": (["--checkpoint", str(default_model_dir()), "x"],
@@ -220,6 +226,7 @@ def _bad_inputs(tmp: Path, trained: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "base model, no classifier",
+                                  "checkpoint without tokenizer files",
                                   "missing input file", "no text column", "named column missing", "blank input",
                                   "header only", "empty texts", "nothing given", "texts and file",
                                   "unknown format", "max_length over the limit", "zero batch size", "output is a directory",

@@ -614,6 +614,12 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         if int(counts.min()) < 2:
             raise UserError(f"label {names[int(counts.argmin())]!r} has fewer than 2 examples in {where}: "
                             f"too few to hold some out for validation")
+        n, k = len(train), len(names)
+        held, kept = math.ceil(validation_fraction * n), math.floor((1 - validation_fraction) * n)  # as datasets splits
+        if held < k or kept < k:  # a stratified split needs every label on both sides
+            raise UserError(f"--validation_fraction {validation_fraction} of {n} examples holds out {held} and "
+                            f"trains on {kept}: each side needs at least {k} (one per label); use a fraction from "
+                            f"{k / n:.3g} to {1 - k / n:.3g}, or give a --validation_file")
         parts = train.train_test_split(test_size=validation_fraction, seed=split_seed,
                                        stratify_by_column="labels")
         train, validation = parts["train"], parts["test"]

@@ -126,10 +126,16 @@ def load_classifier(path, device: torch.device) -> Classifier:
     if missing:  # e.g. a base model's weights under a classifier config: the head would be random
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise UserError(f"{ckpt} is not a trained classifier: weights missing for {shown}")
+    from training.model import check_tokenizer_files, tokenizer_is_empty
+
+    check_tokenizer_files(ckpt, f"the checkpoint {ckpt}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer in {ckpt}: {_one_line(exc)}") from None
+    if tokenizer_is_empty(tokenizer):
+        raise UserError(f"the tokenizer in {ckpt} has only special tokens ({len(tokenizer)}): every word would be "
+                        f"unknown; copy the tokenizer files of the model it was trained from into it")
 
     id2label = model.config.id2label or {}
     num_labels = model.config.num_labels

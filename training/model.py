@@ -37,8 +37,28 @@ def _load_error(name: str, exc: Exception) -> UserError:
     return UserError(f"cannot load model {name!r} ({where}): {msg[:300]}")
 
 
+# What a tokenizer is read from: one of them must be in a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "sentencepiece.model", "vocab.model")
+
+
+def check_tokenizer_files(path, what: str) -> None:
+    """A local model directory without any tokenizer file is refused by name (transformers would build a
+    vocabulary of special tokens only, or blame a missing library such as sentencepiece)."""
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{what} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:3])}, ...): copy the "
+                        f"tokenizer files of its base model into {path}")
+
+
+def tokenizer_is_empty(tokenizer) -> bool:
+    """A vocabulary of special tokens only: every word would be unknown."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_tokens)) + 1
+
+
 def load_tokenizer(name: str):
     path = resolve_model_path(name)
+    check_tokenizer_files(path, f"--model {name}")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a foreign config's warnings: check_model says what matters, in one line
     try:
@@ -83,8 +103,7 @@ def check_model(name: str, tokenizer, max_length: int) -> None:
             and kind not in _ENCODERS_DESPITE_A_CAUSAL_HEAD:
         raise UserError(f"--model {name} is a decoder-only model ({kind}): this toolkit fine-tunes encoders such "
                         f"as BERT, RoBERTa or DistilBERT")
-    specials = set(tokenizer.all_special_tokens)
-    if len(tokenizer) <= len(specials) + 1:
+    if tokenizer_is_empty(tokenizer):
         raise UserError(f"--model {name} has no usable tokenizer (its vocabulary is {len(tokenizer)} special "
                         f"token(s)): put the tokenizer files of its base model (tokenizer.json, vocab.txt, ...) "
                         f"beside its config")
