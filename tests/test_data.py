@@ -145,8 +145,10 @@ def test_parquet_labels_that_are_nan_are_missing_labels(tmp_path):
         load(train_file=str(path))
     labels[3] = labels[7] = 0.5
     pd.DataFrame({"text": [r["text"] for r in rows], "label": labels}).to_parquet(path)
-    with pytest.raises(UserError, match="not numbers with a fraction"):
-        load(train_file=str(path))
+    # numbers with a fraction are a score: a regression unless the run asks for classes
+    assert load(train_file=str(path)).info["task"] == "regression"
+    with pytest.raises(UserError, match=r"numbers with a fraction \(found: 0.5\), and --task single_label"):
+        load(train_file=str(path), task="single_label")
 
 
 def _bad_columns(tmp_path):

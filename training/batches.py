@@ -18,10 +18,12 @@ import torch
 from training.utils import UserError
 
 
-def encode(tokenizer, texts: list, max_length: int) -> dict:
-    """Token ids (and the tokenizer's other inputs) of ``texts``, truncated to ``max_length``, unpadded:
-    batches are padded later, each to its own longest text."""
-    return tokenizer(texts, truncation=True, max_length=max_length)
+def encode(tokenizer, texts: list, max_length: int, pairs: Optional[list] = None) -> dict:
+    """Token ids (and the tokenizer's other inputs) of ``texts``, or of the pairs (``texts[i]``,
+    ``pairs[i]``) with the tokenizer's separator and segment ids, truncated to ``max_length``
+    (a pair loses tokens from its longer text first), unpadded: batches are padded later,
+    each to its own longest row."""
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
 
 
 @dataclass
@@ -85,7 +87,10 @@ class PadCollator:
                 out["attention_mask"][i, cols] = row["attention_mask"] if "attention_mask" in row else 1
             if "token_type_ids" in out:
                 out["token_type_ids"][i, cols] = row["token_type_ids"]
-        labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long) if "labels" in rows[0] else None
+        # class ids as int64, regression targets as float32 (what the losses take)
+        labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
+        if labels is not None and labels.is_floating_point():
+            labels = labels.float()
         return Batch({k: torch.from_numpy(v) for k, v in out.items()}, labels, len(rows), sum(lengths))
 
 

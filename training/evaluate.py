@@ -13,6 +13,10 @@ file is evaluated. Label names of the data are matched to the checkpoint's; labe
 not know are an error. Prints accuracy, macro-F1, a per-class table (precision, recall,
 F1, support) and the confusion matrix; --output writes them as JSON, --plot draws the
 confusion matrix as a PNG. --max_length defaults to the one the checkpoint was trained with.
+
+A checkpoint trained on text pairs reads the two text columns it was trained on (or those
+named with --text_column and --text_pair_column). A regression checkpoint is scored by
+Pearson's and Spearman's correlations, MSE and MAE.
 """
 import sys
 from pathlib import Path
@@ -20,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
+from typing import Optional  # noqa: E402
 
 # numpy, torch, datasets and the model load inside the functions: --help and bad flags answer at once
 from training import inference  # noqa: E402
@@ -73,27 +77,37 @@ def _check(args) -> None:
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
 
 
-def load_validation(args) -> tuple:
-    """(texts, label names per example, split info) of the validation split, made as training makes it,
-    or of every row of --validation_file when it comes without --train_file."""
+def load_validation(args, regression: bool = False, text_columns: Optional[list] = None):
+    """The validation split (``data.LabelledFile``: texts, second texts of pairs, label names or targets,
+    split info), made as training makes it, or every row of --validation_file when it comes without
+    --train_file. ``text_columns``, the checkpoint's (where it recorded them), are the default columns."""
     import datasets
 
-    from training.data import DataSource, load_labelled_file, load_labelled_splits
+    from training.data import NO_PAIR, DataSource, LabelledFile, load_labelled_file, load_labelled_splits
 
     datasets.disable_progress_bars()
     if getattr(args, "data", None) and not args.validation_file:
         args.validation_file = args.data
+    text_column, pair_column = args.text_column, getattr(args, "text_pair_column", None)
+    if text_columns and not text_column and not pair_column:  # the columns training read
+        text_column = text_columns[0]
+        pair_column = text_columns[1] if len(text_columns) == 2 else NO_PAIR
     if args.validation_file and not args.train_file:
-        return load_labelled_file(args.validation_file, text_column=args.text_column, label_column=args.label_column,
-                                  quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed)
+        return load_labelled_file(args.validation_file, text_column=text_column, label_column=args.label_column,
+                                  quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed,
+                                  text_pair_column=pair_column, regression=regression)
     source = DataSource.from_args(args.dataset, args.dataset_config, args.train_file, args.validation_file,
-                                  args.text_column, args.label_column, args.quoting)
-    splits = load_labelled_splits(source, validation_fraction=args.validation_fraction,
-                                  split_seed=args.split_seed, num_samples=args.num_samples)
-    texts = list(splits.validation["text"])
-    names = [str(n) for n in splits.label_names]
-    labels = [names[i] for i in splits.validation["labels"]]
-    return texts, labels, splits.info
+                                  text_column, args.label_column, args.quoting, pair_column)
+    splits = load_labelled_splits(source, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
+                                  num_samples=args.num_samples, task="regression" if regression else "single_label")
+    val = splits.validation
+    pairs = list(val["text_pair"]) if "text_pair" in val.column_names else None
+    if regression:
+        labels = list(val["labels"])
+    else:
+        names = [str(n) for n in splits.label_names]
+        labels = [names[i] for i in val["labels"]]
+    return LabelledFile(list(val["text"]), pairs, labels, splits.info)
 
 
 def map_labels(labels: list, label2id: dict, where: str):
@@ -108,9 +122,11 @@ def map_labels(labels: list, label2id: dict, where: str):
     return np.array([label2id[name] for name in labels], dtype=np.int64)
 
 
-def validation_sha256(texts: list) -> str:
-    """The fingerprint training records for its held-out texts (data.json's validation_sha256)."""
-    return hashlib.sha256("\0".join(sorted(texts)).encode()).hexdigest()
+def validation_sha256(texts: list, pairs: Optional[list] = None) -> str:
+    """The fingerprint training records for its held-out examples (data.json's validation_sha256)."""
+    from training import data
+
+    return data.validation_sha256(data.example_keys(texts, pairs))
 
 
 def _training_split_sha(ckpt: Path):
@@ -121,26 +137,33 @@ def _training_split_sha(ckpt: Path):
 
 
 def run(args) -> int:
-    import torch
-
-    from training.metrics import classification_metrics, confusion_matrix
-
     _check(args)
     device, amp_dtype = inference.setup_device(args)
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
-    texts, labels, info = load_validation(args)
+    regression = inference.checkpoint_problem_type(ckpt) == "regression"
+    if regression and args.plot:
+        raise UserError("--plot draws a confusion matrix, and this is a regression checkpoint: leave --plot out")
+    got = load_validation(args, regression, inference.checkpoint_text_columns(ckpt, recorded_only=True))
+    info = got.info
     clf = inference.load_classifier(ckpt, device)
-    y_true = map_labels(labels, clf.label2id, info.get("source", "the data"))
+    if clf.takes_pairs != (got.pairs is not None):
+        raise UserError(f"this checkpoint was trained on {'pairs of texts' if clf.takes_pairs else 'single texts'} "
+                        f"and the data has {'pairs' if got.pairs is not None else 'one text per row'}: name the "
+                        f"columns with --text_column and --text_pair_column")
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
+    y_true = None if regression else map_labels(got.labels, clf.label2id, info.get("source", "the data"))
 
-    sha = validation_sha256(texts)
+    sha = validation_sha256(got.texts, got.pairs)
     trained_sha = _training_split_sha(clf.path)
     same_split = None if trained_sha is None else sha == trained_sha
     for note in info.get("notes", []):
         print(f"note: {note}")
-    print(f"checkpoint {clf.path} | labels {', '.join(clf.label_names)} | device {device} | "
+    shape = f"regression of {clf.label_names[0]!r}" if regression else f"labels {', '.join(clf.label_names)}"
+    print(f"checkpoint {clf.path} | {shape} | device {device} | "
           f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}")
-    split_line = f"data: {info.get('validation', info.get('source'))} | {len(texts)} examples"
+    split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
+    if got.pairs is not None:
+        split_line += " (text pairs)"
     if same_split is True:
         split_line += " | the same examples the checkpoint's training run validated on"
     elif same_split is False:
@@ -148,27 +171,19 @@ def run(args) -> int:
                        " (other data flags than training's?)")
     print(split_line, flush=True)
 
-    logits, elapsed = inference.logits_with_progress(clf, texts, desc="evaluating", batch_size=args.batch_size,
-                                                     max_length=max_length, amp_dtype=amp_dtype)
-    _, y_pred = clf.task.decode(logits)
-    loss = clf.task.loss_sum(logits, torch.from_numpy(y_true)).item() / len(y_true)
-    cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
-    metrics = classification_metrics(cm, clf.label_names)
-
-    print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
-          f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")
-    print()
-    print(inference.format_report(metrics))
-    print()
-    print("confusion matrix (rows: true label, columns: predicted label)")
-    print(inference.format_confusion(metrics))
+    logits, elapsed = inference.logits_with_progress(clf, got.texts, desc="evaluating", batch_size=args.batch_size,
+                                                     max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs)
+    if regression:
+        metrics, cm = _regression_report(clf, logits, got.labels, elapsed), None
+    else:
+        metrics, cm = _classification_report(clf, logits, y_true, elapsed)
 
     written = []
     if args.output:
-        record = {"checkpoint": str(clf.path), "max_length": max_length, "loss": loss, **metrics,
+        record = {"checkpoint": str(clf.path), "max_length": max_length, **metrics,
                   "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
                                                           "validation_fraction", "num_samples", "rows_read")}
-                  | {"examples": len(texts), "validation_sha256": sha, "same_split_as_training": same_split}}
+                  | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}
         written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
     if args.plot:
         from training.plot import plot_confusion_matrix
@@ -181,6 +196,44 @@ def run(args) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def _classification_report(clf, logits, y_true, elapsed: float) -> tuple:
+    """(metrics, confusion matrix), printed: accuracy, macro-F1, loss, the per-class table, the matrix."""
+    import torch
+
+    from training.metrics import classification_metrics, confusion_matrix
+
+    _, y_pred = clf.task.decode(logits)
+    loss = clf.task.loss_sum(logits, torch.from_numpy(y_true)).item() / len(y_true)
+    cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
+    metrics = {"loss": loss, **classification_metrics(cm, clf.label_names)}
+    print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
+          f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")
+    print()
+    print(inference.format_report(metrics))
+    print()
+    print("confusion matrix (rows: true label, columns: predicted label)")
+    print(inference.format_confusion(metrics))
+    return metrics, cm
+
+
+def _regression_report(clf, logits, targets: list, elapsed: float) -> dict:
+    """The regression metrics, from the task's own sums (as training's evaluation computes them), printed."""
+    import torch
+
+    task = clf.task
+    y = torch.tensor(targets, dtype=torch.float32)
+    sums = task.new_sums(torch.device("cpu"))
+    task.add_sums(sums, task.loss_sum(logits, y), logits, y)
+    m = task.metrics(sums, task.outputs(logits, y))
+    metrics = {"examples": len(targets), "loss": m["loss"], "mse": m["mse"], "mae": m["mae"],
+               "pearson": m["pearson"], "spearman": m["spearman"],
+               "mean_target": float(y.double().mean()), "mean_prediction": float(logits.double().mean())}
+    print(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
+          f"{len(targets)} examples in {elapsed:.1f}s ({len(targets) / max(elapsed, 1e-9):.1f}/s)")
+    print(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
+    return metrics
 
 
 def _checkpoint_name(path: Path) -> str:

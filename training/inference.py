@@ -48,10 +48,39 @@ class Classifier:
     device: torch.device
     max_positions: int  # the longest input the model takes, in tokens
     task: object        # training/tasks.py: decodes the logits, computes the loss
+    text_columns: list = field(default_factory=lambda: ["text"])  # the training data's; two for a pair task
 
     @property
     def label2id(self) -> dict:
         return {name: i for i, name in enumerate(self.label_names)}
+
+    @property
+    def takes_pairs(self) -> bool:
+        return len(self.text_columns) == 2
+
+
+def checkpoint_text_columns(path, recorded_only: bool = False) -> Optional[list]:
+    """The text column(s) a checkpoint was trained on, from its config.json (read before the model loads:
+    the tools know whether to read pairs before they read their input). ["text"] where not recorded
+    (None with ``recorded_only``)."""
+    from training.model import TEXT_COLUMNS_KEY
+
+    try:
+        value = json.loads((resolve_checkpoint(path) / "config.json").read_text(encoding="utf-8")).get(TEXT_COLUMNS_KEY)
+    except (OSError, ValueError, AttributeError, UserError):  # loading the model says what is wrong
+        value = None
+    if isinstance(value, list) and len(value) in (1, 2):
+        return [str(c) for c in value]
+    return None if recorded_only else ["text"]
+
+
+def checkpoint_problem_type(path) -> str:
+    """The checkpoint's problem_type (config.json), read without loading the model."""
+    try:
+        value = json.loads((resolve_checkpoint(path) / "config.json").read_text(encoding="utf-8")).get("problem_type")
+    except (OSError, ValueError, AttributeError, UserError):
+        return "single_label_classification"
+    return value or "single_label_classification"
 
 
 def resolve_checkpoint(path) -> Path:
@@ -146,7 +175,8 @@ def load_classifier(path, device: torch.device) -> Classifier:
 
     task = task_from_model_config(model.config, names)
     model.to(device).eval()
-    return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer), task)
+    return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer), task,
+                      checkpoint_text_columns(ckpt))
 
 
 def trained_max_length(ckpt: Path) -> Optional[int]:
@@ -179,9 +209,10 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- batched inference
 
 def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 512,
-                   amp_dtype: Optional[torch.dtype] = None,
-                   on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Float32 logits ``[len(texts), num_labels]`` on the CPU, row i for ``texts[i]``.
+                   amp_dtype: Optional[torch.dtype] = None, on_batch: Optional[Callable[[int], None]] = None,
+                   pairs: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """Float32 logits ``[len(texts), num_labels]`` on the CPU, row i for ``texts[i]`` (with ``pairs[i]``,
+    the second text of a pair, tokenized as training tokenized pairs).
 
     Texts are tokenized a chunk at a time (truncated to ``max_length``), sorted by length
     inside the chunk, and padded per batch to the batch's longest text, so little compute
@@ -191,23 +222,24 @@ def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 6
     import torch
 
     with torch.no_grad():
-        return _predict_logits(clf, texts, batch_size, max_length, amp_dtype, on_batch)
+        return _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch)
 
 
-def _predict_logits(clf, texts, batch_size, max_length, amp_dtype, on_batch):
+def _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch):
     import torch
 
     from training.batches import PadCollator, encode, forward_logits
 
     device = clf.device
     n = len(texts)
-    out = torch.empty(n, len(clf.label_names), dtype=torch.float32)
+    out = torch.empty(n, clf.task.num_labels, dtype=torch.float32)
     if n == 0:
         return out
     collate = PadCollator(clf.tokenizer, 8 if device.type == "cuda" else None)
     chunk = batch_size * 32
     for c0 in range(0, n, chunk):
-        enc = encode(clf.tokenizer, [str(t) for t in texts[c0:c0 + chunk]], max_length)
+        second = None if pairs is None else [str(t) for t in pairs[c0:c0 + chunk]]
+        enc = encode(clf.tokenizer, [str(t) for t in texts[c0:c0 + chunk]], max_length, second)
         rows = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
         batches = [order[b0:b0 + batch_size] for b0 in range(0, len(order), batch_size)]
@@ -237,10 +269,11 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # one text per line: str.splitlines wou
 class InputTexts:
     """What a tool reads: the texts, and where the input is a table with a label column, each text's label."""
     texts: list
-    labels: Optional[list] = None  # one per text: its label name, None for a row without one
+    labels: Optional[list] = None  # one per text: its label name (as text), None for a row without one
     label_column: Optional[str] = None
     label_named: bool = False      # --label_column named it (else it was found by name)
     notes: list = field(default_factory=list)
+    pairs: Optional[list] = None   # the second text of each pair, for a checkpoint trained on pairs
 
 
 def read_texts(path: str, text_column: Optional[str] = None, quoting: str = "auto") -> tuple:
@@ -250,7 +283,8 @@ def read_texts(path: str, text_column: Optional[str] = None, quoting: str = "aut
 
 
 def read_input(path: str, text_column: Optional[str] = None, label_column: Optional[str] = None, *,
-               quoting: str = "auto", labels: bool = True) -> InputTexts:
+               quoting: str = "auto", labels: bool = True, text_columns: Sequence[str] = ("text",),
+               text_pair_column: Optional[str] = None) -> InputTexts:
     """Texts (and labels) from ``path``.
 
     ``.txt`` (or ``-`` for standard input): one text per line, blank lines skipped.
@@ -259,7 +293,16 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
     only) are skipped and counted. With ``labels``, a label column, named or found as training
     finds it, gives each text its label (stripped of surrounding whitespace, as in training).
     .csv/.tsv are read by training's reader, with its ``quoting`` (``data.read_delimited``).
+    ``text_columns`` are the checkpoint's (``checkpoint_text_columns``): two for a pair checkpoint, whose
+    input is then a table with two text columns (found by those names, by training's pair names, or
+    named with ``text_column`` and ``text_pair_column``).
     """
+    takes_pairs = len(text_columns) == 2
+    if text_pair_column and not takes_pairs:
+        raise UserError("--text_pair_column: this checkpoint was trained on single texts, not pairs")
+    if takes_pairs and (path == "-" or Path(path).suffix.lower() == ".txt"):
+        raise UserError(f"this checkpoint classifies pairs of texts ({' + '.join(text_columns)}): give a table file "
+                        f"(.csv, .tsv, .jsonl, .parquet) with two text columns, or two texts per pair with --pairs")
     if path == "-":
         return _text_lines(sys.stdin.read(), "standard input", text_column, label_column)
     p = Path(path)
@@ -278,41 +321,61 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
         raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
                         f".csv, .tsv, .jsonl/.json or .parquet")
     # training's names, reader and checks (imported here: training.data loads datasets)
-    from training.data import LABEL_CANDIDATES, TEXT_CANDIDATES, check_text_values, is_blank_text, strip_labels
+    from training.data import (LABEL_CANDIDATES, TEXT_CANDIDATES, check_text_values, find_pair_columns,
+                               is_blank_text, strip_labels)
 
     columns, values_of, notes = _read_table(p, suffix, quoting)
     if not columns:
         raise UserError(f"no texts to classify in {path} (the file is empty)")
-    col = _find_column(columns, text_column, TEXT_CANDIDATES, "text", path)
+    trained = [c for c in text_columns if c in columns]  # the training data's names, where this table has them
+    found = find_pair_columns(columns, text_column, None) if takes_pairs else None
+    if takes_pairs and not text_column and len(trained) == 2:
+        found = tuple(trained)
+    col = text_column or (found[0] if found else trained[0] if trained and trained[0] == text_columns[0] else None)
+    col = _find_column(columns, col, TEXT_CANDIDATES, "text", path)
+    pair_col = None
+    if takes_pairs:
+        pair_col = text_pair_column or (found[1] if found and found[0] == col else None)
+        if pair_col is None:
+            raise UserError(f"this checkpoint classifies pairs of texts ({' + '.join(text_columns)}): name the second "
+                            f"text column of {path} with --text_pair_column (columns: {', '.join(columns)})")
+        pair_col = _find_column(columns, pair_col, (), "text pair", path)
     label_col = _find_column(columns, label_column, LABEL_CANDIDATES, "label", path, required=bool(label_column)) \
         if labels or label_column else None
-    if label_col is not None and label_col == col:
-        raise UserError(f"the text column and the label column are both {col!r} in {path}: name two different "
-                        f"columns with --text_column and --label_column (columns: {', '.join(columns)})")
+    named = [c for c in (col, pair_col, label_col) if c is not None]
+    if len(set(named)) < len(named):
+        raise UserError(f"the text, text pair and label columns must differ in {path}, got {', '.join(named)}: name "
+                        f"them with --text_column, --text_pair_column and --label_column (columns: {', '.join(columns)})")
     raw = values_of(col)
     check_text_values(raw, col, path, columns)
+    raw_pairs = values_of(pair_col) if pair_col else [""] * len(raw)
+    if pair_col:
+        check_text_values(raw_pairs, pair_col, path, columns)
     raw_labels = values_of(label_col) if label_col is not None else [None] * len(raw)
-    texts, kept_labels, skipped, invisible = [], [], 0, 0
-    for value, label in zip(raw, raw_labels):
-        text = value if isinstance(value, str) else (None if _is_missing(value) else str(value))
-        if text is None or is_blank_text(text):
+    texts, pairs, kept_labels, skipped, invisible = [], [], [], 0, 0
+    for value, second, label in zip(raw, raw_pairs, raw_labels):
+        row = [v if isinstance(v, str) else (None if _is_missing(v) else str(v)) for v in (value, second)]
+        present = row if pair_col else row[:1]
+        if any(t is None or is_blank_text(t) for t in present):
             skipped += 1
-            invisible += text is not None and bool(text.strip())
+            invisible += all(t is not None and bool(t.strip()) for t in present)
         else:
-            texts.append(text)
+            texts.append(row[0])
+            pairs.append(row[1])
             kept_labels.append(_label_name(label))
     if not texts:
         raise UserError(f"no texts to classify in {path}")
     if skipped:
         detail = f" ({invisible} of them only control, format or zero-width characters)" if invisible else ""
         notes.append(f"skipped {skipped} row(s) with an empty text in {path}{detail}")
+    pairs = pairs if pair_col else None
     if label_col is None:
-        return InputTexts(texts, notes=notes)
+        return InputTexts(texts, notes=notes, pairs=pairs)
     present = [i for i, v in enumerate(kept_labels) if v is not None]
     stripped = strip_labels([kept_labels[i] for i in present], path, notes)
     for i, name in zip(present, stripped):
         kept_labels[i] = name
-    return InputTexts(texts, kept_labels, label_col, bool(label_column), notes)
+    return InputTexts(texts, kept_labels, label_col, bool(label_column), notes, pairs)
 
 
 def _find_column(columns: list, wanted: Optional[str], candidates, what: str, path, required: bool = True):
@@ -465,12 +528,13 @@ def resolve_max_length(requested: Optional[int], clf: Classifier, fallback: Opti
     return min(fallback or DEFAULT_MAX_LENGTH, clf.max_positions)
 
 
-def logits_with_progress(clf, texts: list, *, desc: str, batch_size: int, max_length: int, amp_dtype):
+def logits_with_progress(clf, texts: list, *, desc: str, batch_size: int, max_length: int, amp_dtype,
+                         pairs: Optional[list] = None):
     """``predict_logits`` with a progress bar on a terminal; returns (logits, seconds)."""
     bar = progress_bar(len(texts), desc)
     t0 = time.perf_counter()
     logits = predict_logits(clf, texts, batch_size=batch_size, max_length=max_length, amp_dtype=amp_dtype,
-                            on_batch=bar.update if bar else None)
+                            on_batch=bar.update if bar else None, pairs=pairs)
     if bar:
         bar.close()
     return logits, time.perf_counter() - t0

@@ -120,13 +120,17 @@ def check_model(name: str, tokenizer, max_length: int) -> None:
                         f"pass --max_length {limit} or less")
 
 
-def load_model(name: str, task):
-    """A sequence classifier with a fresh head for ``task`` (its labels and problem type kept in the config)."""
+TEXT_COLUMNS_KEY = "text_columns"  # in the model config: the training data's text column(s); two for pairs
+
+
+def load_model(name: str, task, text_columns=("text",)):
+    """A sequence classifier with a fresh head for ``task`` (its labels and problem type kept in the config),
+    and the names of the text columns it reads (two for a pair task: the tools then ask for pairs)."""
     path = resolve_model_path(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report: expected, we say it ourselves
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path, **task.model_config(), ignore_mismatched_sizes=True,
             # fp32 master weights whatever the checkpoint's dtype: autocast runs the bf16 math
             dtype=torch.float32)
@@ -134,6 +138,8 @@ def load_model(name: str, task):
         raise _load_error(name, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    setattr(model.config, TEXT_COLUMNS_KEY, list(text_columns))
+    return model
 
 
 def count_parameters(model) -> int:

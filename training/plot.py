@@ -3,7 +3,7 @@
     python training/plot.py checkpoints/RUN                                  # writes into checkpoints/RUN/plots/
     python training/plot.py checkpoints/RUN_A checkpoints/RUN_B --output plots/    # runs overlaid
 
-Writes loss.png and accuracy.png (per optimizer step, with validation at each epoch's end,
+Writes loss.png and accuracy.png (mae.png for regression runs) (per optimizer step, with validation at each epoch's end,
 and per epoch: training and validation) and throughput.png (training samples/s and time
 per epoch). Several runs are drawn over each other, one colour per run, named by their
 directory. A RUN may also be a metrics.jsonl file.
@@ -241,8 +241,13 @@ def plot_runs(run_args: list, output: Path) -> list:
         raise UserError(f"--output is a file, not a directory: {output}")
     try:
         output.mkdir(parents=True, exist_ok=True)
-        return [_metric_figure(runs, "loss", "Loss", "cross-entropy loss", output / "loss.png"),
-                _metric_figure(runs, "accuracy", "Accuracy", "accuracy", output / "accuracy.png"),
+        # a regression's runs record MSE as their loss and MAE beside it, where classifiers record accuracy
+        regression = all(any("val_mae" in r for r in run.epochs) for run in runs)
+        second = ("mae", "Mean absolute error", "MAE", "mae.png") if regression else \
+            ("accuracy", "Accuracy", "accuracy", "accuracy.png")
+        return [_metric_figure(runs, "loss", "Loss", "MSE loss" if regression else "cross-entropy loss",
+                               output / "loss.png"),
+                _metric_figure(runs, *second[:3], output / second[3]),
                 _throughput_figure(runs, output / "throughput.png")]
     except OSError as exc:
         raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from None

@@ -16,6 +16,7 @@ from typing import Optional
 from training.checkpoint import TRAINING_STATE, CheckpointError, step_checkpoints, verify_checkpoint
 from training.config import TrainConfig, fields_marked
 from training.distributed import ProcessContext
+from training.tasks import default_metric
 from training.utils import UserError
 
 # Flags that fix the data order, the step count or the model (marked must_match in training/config.py).
@@ -89,6 +90,11 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     saved, config = dict(state["config"]), run["config"]
     if saved.get("metric_for_best") == "f1":  # its earlier name
         saved["metric_for_best"] = "macro_f1"
+    # no --metric_for_best means the task's default: compare what each run selects by
+    config = dict(config)
+    for cfg_, record in ((saved, state.get("task") or {}), (config, run.get("task") or {})):
+        if cfg_.get("metric_for_best") is None:
+            cfg_["metric_for_best"] = default_metric(record.get("task", "single_label"))
     if state["world_size"] != run["world_size"]:
         raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has "
                         f"{run['world_size']}: resume with the same number of processes (the data order is "

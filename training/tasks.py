@@ -6,36 +6,48 @@ passed to the engine, the CUDA graphs and the tools, which never ask which task 
 
 The step's metric sums are one fixed-size device tensor per step (``new_sums`` / ``add_sums``),
 so they add up over batches, all-reduce over ranks in one call, and can be recorded inside a
-CUDA graph (no host sync, no data-dependent shapes). ``metrics`` turns reduced sums into numbers.
+CUDA graph (no host sync, no data-dependent shapes). ``metrics`` turns reduced sums into numbers;
+a metric that sums cannot give (Spearman's rank correlation) comes from the evaluation's
+per-example outputs, gathered once per evaluation (``collects_outputs``).
 
-Today's one task is single-label classification; a new task is a new class here with the same
-methods, and nothing else in the engine changes.
+The tasks:
+- ``SingleLabelClassification``: one label out of K; optional class weights in the loss;
+- ``Regression``: one score per text (or pair), MSE loss, Pearson and Spearman correlations.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 
 from training.metrics import macro_f1
 
+TASK_KINDS = ("auto", "single_label", "regression")
 
-class SingleLabelClassification:
-    """One label out of K: cross-entropy, accuracy and macro-F1 from a confusion matrix, softmax scores."""
 
-    name = "single_label"
-    problem_type = "single_label_classification"
-    # the validation metrics that can pick the best checkpoint, and which way is better
-    best_metrics = {"accuracy": 1, "macro_f1": 1, "loss": -1}
-    _LOSS, _CORRECT, _COUNT = range(3)
+def _sums_tensor(size: int, device: torch.device) -> torch.Tensor:
+    # float64 so that sums over many batches stay exact (counts below 2**53; MPS has no float64)
+    return torch.zeros(size, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+
+
+class Task:
+    """What every task shares: the checkpoint's record of it, and the table of metrics."""
+
+    name = ""
+    problem_type = ""
+    best_metrics: dict = {}     # validation metrics that can pick the best checkpoint, and which way is better
+    default_metric = "loss"     # --metric_for_best when it is not given
+    summary_metrics: tuple = ()  # the columns of the end-of-run table (each a key of ``metrics``)
+    collects_outputs = False    # evaluation gathers (prediction, target) per example for ``metrics``
 
     def __init__(self, label_names):
         self.label_names = [str(n) for n in label_names]
-        self.num_labels = len(self.label_names)
-        # the module (not the functional form), so a test can wrap its forward to inject a NaN
-        self._criterion = torch.nn.CrossEntropyLoss(reduction="sum")
 
-    # ------------------------------------------------------------ what the checkpoint records
+    def to(self, device: torch.device) -> "Task":
+        """Move what the loss holds (class weights) to the training device, once, before any step."""
+        return self
+
     def model_config(self) -> dict:
         """What the model config must carry, so ``pipeline()`` and the tools decode the same way."""
         id2label = dict(enumerate(self.label_names))
@@ -45,25 +57,71 @@ class SingleLabelClassification:
     def record(self) -> dict:
         return {"task": self.name, "label_names": list(self.label_names)}
 
-    # ------------------------------------------------------------ the loss
-    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The batch's summed (not averaged) loss, in float32."""
-        return self._criterion(logits.float(), labels)
-
     def normalizer(self, batch) -> float:
         """What a batch adds to the divisor of a step's loss (a host number, read without a sync):
         the mean over a step's examples is the summed loss over the sum of these."""
         return batch.num_examples
 
+    def new_sums(self, device: torch.device) -> torch.Tensor:
+        return _sums_tensor(self.sums_size, device)
+
+    def outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-example (prediction, target) rows of an evaluation batch, for ``collects_outputs`` tasks."""
+        return None
+
+    def describe(self, stats: dict) -> str:
+        """The metrics as the epoch line shows them."""
+        return " ".join(f"{short} {stats[key]:.4f}" for key, short in self._shown if key in stats)
+
+
+class SingleLabelClassification(Task):
+    """One label out of K: cross-entropy (optionally class-weighted), accuracy and macro-F1 from a
+    confusion matrix, softmax scores."""
+
+    name = "single_label"
+    problem_type = "single_label_classification"
+    best_metrics = {"accuracy": 1, "macro_f1": 1, "loss": -1}
+    default_metric = "accuracy"
+    summary_metrics = ("accuracy", "macro_f1", "loss")
+    _shown = (("loss", "loss"), ("accuracy", "acc"), ("macro_f1", "f1"))
+    _LOSS, _CORRECT, _COUNT = range(3)
+
+    def __init__(self, label_names, class_weights: Optional[Sequence[float]] = None):
+        super().__init__(label_names)
+        self.num_labels = len(self.label_names)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        weight = None if class_weights is None else torch.tensor(self.class_weights, dtype=torch.float32)
+        self._host_weight = weight
+        # the module (not the functional form), so a test can wrap its forward to inject a NaN
+        self._criterion = torch.nn.CrossEntropyLoss(weight=weight, reduction="sum")
+
+    def to(self, device: torch.device) -> "SingleLabelClassification":
+        self._criterion.to(device)
+        return self
+
+    def record(self) -> dict:
+        return {**super().record(), "class_weights": self.class_weights}
+
+    # ------------------------------------------------------------ the loss
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's summed (not averaged) loss, in float32; with class weights each example's
+        loss is multiplied by its label's weight (as ``CrossEntropyLoss(weight=...)`` does)."""
+        if self._criterion.weight is not None and self._criterion.weight.device != logits.device:
+            self._criterion.to(logits.device)  # the tools evaluate on their own device
+        return self._criterion(logits.float(), labels)
+
+    def normalizer(self, batch) -> float:
+        """Examples, or with class weights the sum of the batch's label weights: the step's loss is then
+        the weighted mean that ``CrossEntropyLoss(weight=..., reduction="mean")`` computes over one batch."""
+        if self._host_weight is None:
+            return batch.num_examples
+        return float(self._host_weight[batch.labels.cpu()].sum())  # the batch's labels are still on the host
+
     # ------------------------------------------------------------ metric sums (device tensors)
     @property
     def sums_size(self) -> int:
-        return 3 + self.num_labels * self.num_labels  # loss, correct, count, confusion (true x predicted)
-
-    def new_sums(self, device: torch.device) -> torch.Tensor:
-        # float64 so that sums over many batches stay exact (counts below 2**53; MPS has no float64)
-        return torch.zeros(self.sums_size, dtype=torch.float32 if device.type == "mps" else torch.float64,
-                           device=device)
+        # loss, correct, count, confusion (true x predicted), and with class weights the weight sum last
+        return 3 + self.num_labels * self.num_labels + (self.class_weights is not None)
 
     @torch.no_grad()
     def add_sums(self, sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor,
@@ -76,26 +134,23 @@ class SingleLabelClassification:
         # accumulate=True scatters without reading anything back (bincount would sync to size its output)
         cells = 3 + labels * self.num_labels + preds
         sums.index_put_((cells,), torch.ones_like(cells, dtype=sums.dtype), accumulate=True)
+        if self.class_weights is not None:
+            sums[-1] += self._criterion.weight[labels].sum().to(sums.dtype)
 
     def running(self, sums: torch.Tensor) -> dict:
         """Loss, accuracy and example count of reduced sums: one host sync."""
         loss_sum, correct, count = sums[:3].tolist()
         if count == 0:
             return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
-        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+        norm = float(sums[-1]) if self.class_weights is not None else count
+        return {"loss": loss_sum / norm, "accuracy": correct / count, "count": int(count)}
 
-    def metrics(self, sums: torch.Tensor) -> dict:
+    def metrics(self, sums: torch.Tensor, outputs=None) -> dict:
         """Every metric of reduced sums (an epoch's training or validation)."""
         out = self.running(sums)
         k = self.num_labels
-        out["macro_f1"] = macro_f1(sums[3:].reshape(k, k).cpu()) if out["count"] else float("nan")
+        out["macro_f1"] = macro_f1(sums[3:3 + k * k].reshape(k, k).cpu()) if out["count"] else float("nan")
         return out
-
-    @staticmethod
-    def describe(stats: dict) -> str:
-        """The metrics as the epoch line shows them."""
-        text = f"loss {stats['loss']:.4f} acc {stats['accuracy']:.4f}"
-        return text + (f" f1 {stats['macro_f1']:.4f}" if "macro_f1" in stats else "")
 
     # ------------------------------------------------------------ predictions
     def decode(self, logits: torch.Tensor) -> tuple:
@@ -104,14 +159,140 @@ class SingleLabelClassification:
         return probs, probs.argmax(dim=-1)
 
 
-def choose_task(label_names) -> SingleLabelClassification:
-    """The task of a run, from its data (single-label classification is the only one so far)."""
-    return SingleLabelClassification(label_names)
+class Regression(Task):
+    """One score per example: a single output, MSE loss; Pearson (from sums), Spearman (from the gathered
+    predictions), MSE and MAE. ``label_names`` holds one name: the target column's."""
+
+    name = "regression"
+    problem_type = "regression"
+    best_metrics = {"pearson": 1, "spearman": 1, "mse": -1, "mae": -1, "loss": -1}
+    default_metric = "pearson"
+    summary_metrics = ("pearson", "spearman", "mse", "mae")
+    collects_outputs = True
+    num_labels = 1
+    _shown = (("loss", "mse"), ("mae", "mae"), ("pearson", "pearson"), ("spearman", "spearman"))
+    # the sums: squared error, count, absolute error, then the moments Pearson needs
+    _SQ, _COUNT, _ABS, _Y, _P, _YY, _PP, _YP = range(8)
+    sums_size = 8
+
+    def __init__(self, label_names):
+        super().__init__(label_names)
+        if len(self.label_names) != 1:
+            raise ValueError(f"a regression has one output, got names {self.label_names}")
+        self._criterion = torch.nn.MSELoss(reduction="sum")  # a module: tests wrap its forward
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._criterion(logits.float().squeeze(-1), labels.float())
+
+    @torch.no_grad()
+    def add_sums(self, sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        p, y = logits.detach().squeeze(-1).to(sums.dtype), labels.to(sums.dtype)
+        sums[self._SQ] += loss_sum.detach().to(sums.dtype)
+        sums[self._COUNT] += labels.numel()
+        sums[self._ABS] += (p - y).abs().sum()
+        sums[self._Y] += y.sum()
+        sums[self._P] += p.sum()
+        sums[self._YY] += (y * y).sum()
+        sums[self._PP] += (p * p).sum()
+        sums[self._YP] += (y * p).sum()
+
+    def running(self, sums: torch.Tensor) -> dict:
+        sq, count, absolute = sums[:3].tolist()
+        if count == 0:
+            return {"loss": float("nan"), "mae": float("nan"), "count": 0}
+        return {"loss": sq / count, "mae": absolute / count, "count": int(count)}
+
+    def metrics(self, sums: torch.Tensor, outputs: Optional[torch.Tensor] = None) -> dict:
+        """MSE (= the loss), MAE, Pearson from the sums; Spearman from ``outputs`` (rows of prediction,
+        target: every example once) where given."""
+        out = self.running(sums)
+        out["mse"] = out["loss"]
+        _, n, _, sy, sp, syy, spp, syp = sums.tolist()
+        out["pearson"] = _pearson_from_sums(n, sy, sp, syy, spp, syp)
+        out["spearman"] = spearman(outputs[:, 0], outputs[:, 1]) if outputs is not None and len(outputs) \
+            else float("nan")
+        return out
+
+    def outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([logits.detach().float().squeeze(-1), labels.float()], dim=1)
+
+    def decode(self, logits: torch.Tensor) -> tuple:
+        """(score, score): the raw output is the prediction."""
+        scores = logits.float().squeeze(-1)
+        return scores, scores
 
 
-def task_from_model_config(config, label_names) -> SingleLabelClassification:
+def _pearson_from_sums(n, sy, sp, syy, spp, syp) -> float:
+    if n < 2:
+        return float("nan")
+    cov, vy, vp = syp - sy * sp / n, syy - sy * sy / n, spp - sp * sp / n
+    if vy <= 0 or vp <= 0:  # a constant target or a constant prediction: no correlation defined
+        return float("nan")
+    return max(-1.0, min(1.0, cov / math.sqrt(vy * vp)))
+
+
+def spearman(predictions, targets) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks, ties given their average rank (pandas ranks)."""
+    import numpy as np
+    import pandas as pd  # a dependency of datasets
+
+    ranks = [pd.Series(torch.as_tensor(v).double().cpu().numpy()).rank(method="average").to_numpy()
+             for v in (predictions, targets)]
+    if len(ranks[0]) < 2 or ranks[0].std() == 0 or ranks[1].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+
+
+def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], counts: Sequence[int]) -> Optional[list]:
+    """--class_weights as one weight per label: 'balanced' (n / (k * n_c), scikit-learn's rule, from the
+    training label counts), a list in label order, or name=weight pairs (other labels weigh 1)."""
+    from training.utils import UserError
+
+    if spec is None:
+        return None
+    names, k = [str(n) for n in label_names], len(label_names)
+    if spec.strip() == "balanced":
+        n = sum(counts)
+        return [n / (k * c) for c in counts]
+    parts = [p.strip() for p in spec.split(",")]
+    try:
+        if all("=" in p for p in parts):
+            weights = [1.0] * k
+            for part in parts:
+                name, value = (x.strip() for x in part.rsplit("=", 1))
+                if name not in names:
+                    raise UserError(f"--class_weights names the label {name!r}, which the data does not have "
+                                    f"(labels: {', '.join(names)})")
+                weights[names.index(name)] = float(value)
+        else:
+            weights = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--class_weights must be 'balanced', numbers (1,3) or name=number pairs, got {spec!r}") from None
+    if len(weights) != k:
+        raise UserError(f"--class_weights gives {len(weights)} weight(s) for {k} labels ({', '.join(names)})")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"--class_weights must be positive finite numbers, got {spec!r}")
+    return weights
+
+
+def default_metric(task_name: str) -> str:
+    """The --metric_for_best of a task that was not given one."""
+    return {t.name: t.default_metric for t in (SingleLabelClassification, Regression)}.get(task_name, "accuracy")
+
+
+def choose_task(kind: str, label_names, class_weights: Optional[Sequence[float]] = None) -> Task:
+    """The task of a run: ``kind`` as the data path settled it ("single_label" or "regression")."""
+    if kind == "regression":
+        return Regression(label_names)
+    return SingleLabelClassification(label_names, class_weights)
+
+
+def task_from_model_config(config, label_names) -> Task:
     """The task a checkpoint was trained for, from its model config's ``problem_type``."""
     kind: Optional[str] = getattr(config, "problem_type", None)
+    if kind == Regression.problem_type:
+        return Regression(label_names)
     if kind not in (None, SingleLabelClassification.problem_type):
         from training.utils import UserError
         raise UserError(f"this checkpoint was trained for {kind}, which these tools do not handle yet")

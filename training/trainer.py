@@ -260,16 +260,20 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
     source = data.DataSource.from_args(cfg.dataset, cfg.dataset_config, cfg.train_file, cfg.validation_file,
-                                       cfg.text_column, cfg.label_column, cfg.quoting)
+                                       cfg.text_column, cfg.label_column, cfg.quoting, cfg.text_pair_column)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
                                  cache_key=cfg.values_marked("cache"),
                                  validation_fraction=cfg.validation_fraction, split_seed=cfg.split_seed,
-                                 num_samples=cfg.num_samples)
+                                 num_samples=cfg.num_samples, task=cfg.task)
     for note in prepared.info.get("notes", []):
         log.print(f"note: {note}")
-    log.print(f"data: {prepared.info['source']} | {len(prepared.train)} train, {len(prepared.validation)} validation"
-              f" | labels {', '.join(map(str, prepared.label_names))}")
+    info = prepared.info
+    shape = (f"task regression of {prepared.label_names[0]!r}" if prepared.task == "regression"
+             else f"labels {', '.join(map(str, prepared.label_names))}")
+    texts = " + ".join(info["text_columns"]) if len(info["text_columns"]) > 1 else None
+    log.print(f"data: {info['source']} | {len(prepared.train)} train, {len(prepared.validation)} validation"
+              f" | {shape}" + (f" | text pairs {texts}" if texts else ""))
     if len(prepared.train) < ctx.world_size:
         raise UserError(f"{len(prepared.train)} training example(s) for {ctx.world_size} processes: "
                         f"each process needs at least one")
@@ -284,7 +288,11 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
-    task = tasks.choose_task(prepared.label_names)
+    weights = tasks.resolve_class_weights(cfg.class_weights, prepared.label_names,
+                                          prepared.info.get("train_label_counts", []))
+    task = tasks.choose_task(prepared.task, prepared.label_names, weights).to(ctx.device)
+    if weights is not None:
+        log.print("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(task.label_names, weights)))
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
                   "data": prepared.info["fingerprint"]}
@@ -299,11 +307,13 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         saved = ctx.run_on_main(read_state)
 
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
-    model = model_lib.load_model(str(resume_from) if saved and ctx.is_main else cfg.model, task)
+    model = model_lib.load_model(str(resume_from) if saved and ctx.is_main else cfg.model, task,
+                                 text_columns=prepared.info["text_columns"])
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
-              + (f"resumed from {resume_from}" if saved else f"new head for {task.num_labels} labels"))
+              + (f"resumed from {resume_from}" if saved else
+                 f"new head for {task.num_labels} {'output' if task.num_labels == 1 else 'labels'}"))
 
     compile_model, use_graphs = choose_speed(
         cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
@@ -332,7 +342,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                        warmup_ratio=cfg.warmup_ratio)
     state = RunState(optimizer, scheduler, engine.LoopState(),
-                     BestTracker(cfg.metric_for_best, cfg.early_stopping_patience, task, log), run_record)
+                     BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)
@@ -367,19 +377,23 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     if not finished:
         return 128 + (stop.signum or 15)
     final = hooks.save("final")
-    _finish(cfg, state, log, final, time.perf_counter() - t_start)
+    _finish(cfg, state, log, final, time.perf_counter() - t_start, task)
     return 0
 
 
-def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elapsed: float) -> None:
+_COLUMN_NAMES = {"macro_f1": "macro-F1"}
+
+
+def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elapsed: float, task) -> None:
     results, tracker = state.loop.results, state.tracker
     last = results[-1]
     best = next(r for r in results if r["epoch"] == tracker.best_epoch)
     train_time = sum(r["epoch_time_s"] for r in results)
-    summary = {"final_val_accuracy": last["val_accuracy"], "final_val_loss": last["val_loss"],
-               "final_val_macro_f1": last["val_macro_f1"], "metric_for_best": cfg.metric_for_best,
-               "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-               "best_val_loss": best["val_loss"], "best_val_macro_f1": best["val_macro_f1"],
+    shown = tuple(dict.fromkeys(task.summary_metrics + ("loss",)))
+    summary = {"task": task.name, "metrics": list(shown),
+               **{f"final_val_{m}": last[f"val_{m}"] for m in shown},
+               "metric_for_best": tracker.metric, "best_epoch": best["epoch"],
+               **{f"best_val_{m}": best[f"val_{m}"] for m in shown},
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
                "skipped_nonfinite_steps": state.loop.skipped_nonfinite,
                "total_time_s": round(elapsed, 2),
@@ -392,11 +406,11 @@ def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elap
 
 
 def _summary_table(s: dict) -> str:
-    rows = [("", "accuracy", "macro-F1", "loss", "checkpoint"),
-            (f"best (epoch {s['best_epoch']}, by {s['metric_for_best']})", f"{s['best_val_accuracy']:.4f}",
-             f"{s['best_val_macro_f1']:.4f}", f"{s['best_val_loss']:.4f}", s["best_checkpoint"]),
-            (f"last (epoch {s['epochs_run']})", f"{s['final_val_accuracy']:.4f}", f"{s['final_val_macro_f1']:.4f}",
-             f"{s['final_val_loss']:.4f}", s["checkpoint"])]
+    shown = s["metrics"]
+    rows = [("", *(_COLUMN_NAMES.get(m, m) for m in shown), "checkpoint"),
+            (f"best (epoch {s['best_epoch']}, by {s['metric_for_best']})",
+             *(f"{s[f'best_val_{m}']:.4f}" for m in shown), s["best_checkpoint"]),
+            (f"last (epoch {s['epochs_run']})", *(f"{s[f'final_val_{m}']:.4f}" for m in shown), s["checkpoint"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     early = " (stopped early)" if s["stopped_early"] else ""

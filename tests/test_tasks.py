@@ -1,0 +1,332 @@
+"""Task shapes beyond one text and one label: text pairs, regression, class weights.
+
+Through the real CLI with the tiny model on synthetic data whose signal is known; metrics are checked
+against independent computations (scipy, torch's own losses, transformers' pipeline)."""
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FILLER, NEGATIVE, POSITIVE, run_script, synthetic_rows, write_rows
+from training import data, tasks
+from training.utils import UserError
+
+
+def _sentence(rng, positive: bool) -> str:
+    words = rng.choices(FILLER, k=rng.randint(3, 7))
+    words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if positive else NEGATIVE))
+    return " ".join(words)
+
+
+def pair_rows(n: int, seed: int) -> list:
+    """Label 'both' when both texts are positive, else 'not': either text alone caps accuracy at 75%."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.random() < 0.5, rng.random() < 0.5
+        rows.append({"sentence1": _sentence(rng, a), "sentence2": _sentence(rng, b), "label": "both" if a and b else "not"})
+    return rows
+
+
+def score_rows(n: int, seed: int, pair: bool = False) -> list:
+    """A score of 1.25 per positive word (0 to 5, with fractions: a regression by auto-detection)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(0, 4)
+        words = [rng.choice(POSITIVE) for _ in range(k)] + [rng.choice(NEGATIVE) for _ in range(4 - k)]
+        words += rng.choices(FILLER, k=3)
+        rng.shuffle(words)
+        if pair:
+            rows.append({"sentence1": " ".join(words[:4]), "sentence2": " ".join(words[4:]), "score": k * 1.25})
+        else:
+            rows.append({"text": " ".join(words), "score": k * 1.25})
+    return rows
+
+
+def write_csv(path: Path, rows: list) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _train(tiny_model_dir, base: Path, train: Path, *extra, epochs=3, name="r"):
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", epochs,
+                      "--batch_size", 16, "--learning_rate", 3e-3, "--max_length", 48, "--no_progress",
+                      "--checkpoint_dir", base / "ck", "--run_name", name, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return base / "ck" / name, proc.stdout
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pair_run(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("pairs")
+    train = write_csv(base / "pairs.csv", pair_rows(600, seed=1))
+    run, out = _train(tiny_model_dir, base, train)
+    return run, out, train
+
+
+@pytest.fixture(scope="module")
+def score_run(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("scores")
+    train = write_csv(base / "scores.csv", score_rows(600, seed=2))
+    run, out = _train(tiny_model_dir, base, train)
+    return run, out, train
+
+
+# ---------------------------------------------------------------- text pairs
+
+def test_a_pair_task_learns_what_needs_both_texts(pair_run):
+    run, out, _ = pair_run
+    assert "text pairs sentence1 + sentence2" in out
+    assert json.loads((run / "final" / "config.json").read_text())["text_columns"] == ["sentence1", "sentence2"]
+    # one text alone cannot pass 0.75: the model reads both
+    assert _summary(run)["best_val_accuracy"] >= 0.95, out
+
+
+def test_pair_checkpoint_in_predict_evaluate_and_pipeline_agree(pair_run, tmp_path):
+    from transformers import pipeline
+
+    run, _, train = pair_run
+    pairs = [("the movie good great", "the plot excellent"), ("the movie good", "the plot awful dreadful"),
+             ("bad film", "wonderful music")]
+    args = [x for p in pairs for x in p]
+    proc = run_script("predict.py", "--checkpoint", run, "--pairs", *args, "--output", tmp_path / "p.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(r["text"], r["text_pair"]) for r in records] == pairs
+    assert [r["label"] for r in records] == ["both", "not", "not"]
+    # transformers' pipeline with {"text", "text_pair"} gives the same probabilities
+    clf = pipeline("text-classification", model=str(run / "final"), device="cpu", top_k=None)
+    for (a, b), record in zip(pairs, records):
+        scores = {d["label"]: d["score"] for d in clf({"text": a, "text_pair": b})}
+        for label, p in record["probabilities"].items():
+            assert abs(scores[label] - p) < 1e-5
+    # evaluate on training's split: the accuracy training reported for the same examples
+    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "the same examples the checkpoint's training run validated on" in proc.stdout
+    assert abs(json.loads((tmp_path / "e.json").read_text())["accuracy"] - _summary(run)["final_val_accuracy"]) < 1e-9
+    # a table with the two columns: predicted and scored
+    proc = run_script("predict.py", "--checkpoint", run, "--input", train)
+    assert proc.returncode == 0, proc.stderr
+    assert " ||| " in proc.stdout and "accuracy " in proc.stdout
+
+
+def test_pair_input_mistakes_are_one_line_errors(pair_run, score_run):
+    pair_ckpt, score_ckpt = pair_run[0], score_run[0]
+    cases = [
+        (pair_ckpt, ["one text only"], "classifies pairs of texts (sentence1 + sentence2)"),
+        (pair_ckpt, ["--pairs", "a", "b", "c"], "an odd number"),
+        (score_ckpt, ["--pairs", "a", "b"], "trained on single texts, not pairs"),
+    ]
+    for ckpt, args, expected in cases:
+        proc = run_script("predict.py", "--checkpoint", ckpt, *args)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert expected in lines[0], lines[0]
+
+
+def test_pair_columns_are_found_named_or_turned_off(tmp_path):
+    rows = pair_rows(40, seed=3)
+    path = write_csv(tmp_path / "p.csv", [{"question": r["sentence1"], "sentence": r["sentence2"], "label": r["label"]}
+                                          for r in rows])
+
+    def load(**kw):
+        source = data.DataSource.from_args(None, None, str(path), None, kw.pop("text_column", None), None,
+                                           "auto", kw.pop("text_pair_column", None))
+        return data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
+
+    found = load()
+    assert found.info["text_columns"] == ["question", "sentence"]
+    by_key = {r["question"] + "\x1f" + r["sentence"] for r in
+              [{"question": r["sentence1"], "sentence": r["sentence2"]} for r in rows]}
+    assert set(data.example_keys(found.train)) | set(data.example_keys(found.validation)) == by_key
+    assert load(text_pair_column="none").info["text_columns"] == ["sentence"]  # one text: the 'sentence' column
+    assert load(text_column="sentence", text_pair_column="question").info["text_columns"] == ["sentence", "question"]
+    with pytest.raises(UserError, match="text pair column 'other' not found"):
+        load(text_pair_column="other")
+    with pytest.raises(UserError, match="the text column and the text pair column are both 'question'"):
+        load(text_column="question", text_pair_column="question")
+
+
+def test_a_pair_with_a_blank_second_text_is_dropped_and_counted(tmp_path):
+    rows = pair_rows(40, seed=4)
+    rows[5]["sentence2"] = "  "
+    path = write_csv(tmp_path / "p.csv", rows)
+    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    splits = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
+    assert len(splits.train) + len(splits.validation) == 39
+    assert any("dropped 1 row(s)" in n and "either text" in n for n in splits.info["notes"])
+
+
+# ---------------------------------------------------------------- regression
+
+def test_regression_learns_a_score_and_reports_correct_metrics(score_run, tmp_path):
+    from scipy import stats
+    from transformers import pipeline
+
+    run, out, train = score_run
+    assert "task regression of 'score'" in out and "new head for 1 output" in out
+    summary = _summary(run)
+    assert summary["task"] == "regression" and summary["metric_for_best"] == "pearson"
+    assert summary["best_val_pearson"] >= 0.95, out
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["problem_type"] == "regression" and config["id2label"] == {"0": "score"}
+
+    # evaluate.py on training's split: the metrics training reported, and scipy's on predict's scores
+    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads((tmp_path / "e.json").read_text())
+    for key in ("pearson", "spearman", "mse", "mae"):
+        assert abs(ev[key] - summary[f"final_val_{key}"]) < 1e-6, key
+    rows = list(csv.DictReader(open(train, encoding="utf-8")))
+    proc = run_script("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    y = [float(r["score"]) for r in rows]
+    p = [r["score"] for r in preds]
+    assert [r["true_score"] for r in preds] == y
+    assert f"pearson {stats.pearsonr(p, y)[0]:.4f}" in proc.stdout
+    mse = sum((a - b) ** 2 for a, b in zip(p, y)) / len(y)
+    assert f"mse {mse:.4f}" in proc.stdout
+    # the pipeline returns the raw score (problem_type regression: no softmax)
+    scored = pipeline("text-classification", model=str(run / "final"), device="cpu")(rows[0]["text"])[0]
+    assert scored["label"] == "score" and abs(scored["score"] - p[0]) < 1e-4
+
+
+def test_regression_metrics_from_sums_match_scipy():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 6, (257,), generator=g).float() * 0.5   # ties, as real ratings have
+    p = y + torch.randn(257, generator=g)
+    task = tasks.Regression(["score"])
+    sums = task.new_sums(torch.device("cpu"))
+    for chunk in range(0, 257, 64):  # batches add up: the same as one pass
+        logits, labels = p[chunk:chunk + 64, None], y[chunk:chunk + 64]
+        task.add_sums(sums, task.loss_sum(logits, labels), logits, labels)
+    m = task.metrics(sums, torch.stack([p, y], dim=1))
+    assert abs(m["pearson"] - stats.pearsonr(p.double().numpy(), y.double().numpy())[0]) < 1e-9
+    assert abs(m["spearman"] - stats.spearmanr(p.double().numpy(), y.double().numpy())[0]) < 1e-9
+    assert abs(m["mse"] - float(((p - y) ** 2).double().mean())) < 1e-6
+    assert abs(m["mae"] - float((p - y).abs().double().mean())) < 1e-6
+    assert m["count"] == 257
+
+
+def test_score_labels_choose_the_task_and_refuse_what_does_not_fit(tmp_path):
+    rows = score_rows(40, seed=5)
+    path = write_csv(tmp_path / "s.csv", rows)
+
+    def load(task="auto", file=path):
+        source = data.DataSource.from_args(None, None, str(file), None, None, None)
+        return data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None, task=task)
+
+    got = load()
+    assert got.info["task"] == "regression" and got.label_names == ["score"]
+    assert sorted(list(got.train["labels"]) + list(got.validation["labels"])) == sorted(r["score"] for r in rows)
+    assert got.info["validation"].startswith("random 25%")
+    with pytest.raises(UserError, match=r"numbers with a fraction \(found: .*\), and --task single_label"):
+        load("single_label")
+    words = write_rows(tmp_path / "w.csv", synthetic_rows(40))
+    with pytest.raises(UserError, match="--task regression needs numbers as labels"):
+        load("regression", words)
+    ints = write_csv(tmp_path / "i.csv", [{"text": r["text"], "score": int(r["score"])} for r in rows])
+    assert load(file=ints).info["task"] == "single_label"    # integer ratings: classes unless asked
+    assert load("regression", ints).info["task"] == "regression"
+
+
+# ---------------------------------------------------------------- class weights
+
+def test_class_weights_are_torch_weighted_cross_entropy():
+    from training.batches import Batch
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(12, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
+    task = tasks.SingleLabelClassification(["a", "b", "c"], [0.5, 2.0, 4.0])
+    batch = Batch({}, labels, 12, 0)
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 4.0]))
+    assert torch.allclose(task.loss_sum(logits, labels) / task.normalizer(batch), expected, rtol=1e-6)
+    sums = task.new_sums(torch.device("cpu"))
+    task.add_sums(sums, task.loss_sum(logits, labels), logits, labels)
+    assert abs(task.metrics(sums)["loss"] - float(expected)) < 1e-6
+
+
+def test_class_weight_flags_resolve_to_one_weight_per_label():
+    names, counts = ["neg", "pos"], [90, 10]
+    assert tasks.resolve_class_weights("balanced", names, counts) == [100 / 180, 100 / 20]
+    assert tasks.resolve_class_weights("1,3", names, counts) == [1.0, 3.0]
+    assert tasks.resolve_class_weights("pos=4", names, counts) == [1.0, 4.0]
+    for spec, message in (("1,2,3", "3 weight\\(s\\) for 2 labels"), ("maybe=2", "label 'maybe'"),
+                          ("1,-1", "positive finite"), ("heavy", "must be 'balanced'")):
+        with pytest.raises(UserError, match=message):
+            tasks.resolve_class_weights(spec, names, counts)
+
+
+def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_path):
+    """The val loss a weighted run reports is the weighted mean cross-entropy of its own predictions."""
+    rows = synthetic_rows(200, seed=6)
+    rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:20]
+    train = write_rows(tmp_path / "t.csv", rows)
+    run, out = _train(tiny_model_dir, tmp_path, train, "--class_weights", "balanced", epochs=2)
+    counts = json.loads((run / "data.json").read_text())["train_label_counts"]
+    n = sum(counts)
+    weights = [n / (2 * c) for c in counts]
+    assert f"class weights: negative {weights[0]:.4g}, positive {weights[1]:.4g}" in out
+    proc = run_script("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    # the held-out rows are the validation split: data.json names them by their hash; recompute on them
+    splits = data.load_labelled_splits(data.DataSource.from_args(None, None, str(train), None, None, None),
+                                       validation_fraction=0.1, split_seed=42, num_samples=None)
+    held = set(splits.validation["text"])
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    import math
+    num = den = 0.0
+    for r in preds:
+        if r["text"] in held:
+            w = weights[["negative", "positive"].index(r["true_label"])]
+            num += -w * math.log(r["probabilities"][r["true_label"]])
+            den += w
+    assert abs(num / den - _summary(run)["final_val_loss"]) < 1e-4
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", tmp_path / "s.csv",
+                      "--task", "regression", "--class_weights", "balanced")
+    assert proc.returncode == 2 and "a regression (--task regression) has none" in proc.stderr
+
+
+# ---------------------------------------------------------------- under torchrun
+
+def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+    """2 gloo processes x batch 4 train as 1 x 8, and evaluate each example once (Spearman from the
+    gathered predictions, Pearson from the reduced sums): an STS-B-shaped task, pairs and scores."""
+    from test_ddp import assert_same_run, epoch_record, torchrun
+
+    train = write_csv(tmp_path / "train.csv", score_rows(96, seed=7, pair=True))
+    val = write_csv(tmp_path / "val.csv", score_rows(41, seed=8, pair=True))  # odd: no example twice
+    # a learning rate at which the scores spread: Pearson of near-constant predictions amplifies rounding
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
+              "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache"]
+    one = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
+                     "--run_name", "r")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "two", "--run_name", "r")
+    assert two.returncode == 0, two.stderr
+    assert "text pairs sentence1 + sentence2" in two.stdout and "task regression" in two.stdout
+    a, b = tmp_path / "one" / "r", tmp_path / "two" / "r"
+    # the same steps and weights; attention key biases aside: their gradient is zero in exact arithmetic
+    # (softmax ignores a shift shared by all keys), so AdamW turns rounding noise into lr-sized steps there
+    assert_same_run(a, b, skip=".attention.self.key.bias")
+    ra, rb = epoch_record(a), epoch_record(b)
+    assert ra["val_examples"] == rb["val_examples"] == 41 and abs(ra["val_pearson"]) > 0.3, ra
+    # the weights agree to ~1e-6; an example counted twice or lost would move these by ~1e-2
+    for key in ("val_pearson", "val_spearman", "val_mse", "val_mae"):
+        assert abs(ra[key] - rb[key]) < 5e-5, (key, ra[key], rb[key])
