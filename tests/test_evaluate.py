@@ -147,7 +147,7 @@ def test_two_classes_with_an_untrained_head(tiny_model_dir, tmp_path, capsys):
     assert result["data"]["same_split_as_training"] is None  # no training run recorded beside this model
     splits = evaluate.load_validation(evaluate.build_parser().parse_args(
         ["--checkpoint", "x", "--train_file", str(tmp_path / "train.csv"), "--validation_fraction", "0.5"]))
-    texts, labels, _ = splits
+    texts, labels = splits.texts, splits.labels
     assert len(texts) == 40
     want = direct_metrics(labels, direct_predictions(tiny_model_dir, texts, 24), ["LABEL_0", "LABEL_1"])
     assert_metrics_match(result, want)

@@ -196,3 +196,31 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model
     # no traceback from our processes (torchrun prints its own when a worker fails)
     assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr
     assert not list(tmp_path.glob("run-*"))  # nothing was started
+
+
+@pytest.mark.parametrize("shape", ["pair regression", "class weights"])
+def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model_dir, shape):
+    """The task's loss, normalizer and metric sums recorded in the graphs: the same steps as eager ones
+    (fp32: the same kernels), and the task's own validation metrics at the end."""
+    from conftest import synthetic_rows, write_rows
+    from test_tasks import score_rows, write_csv
+    if shape == "pair regression":
+        train, extra, metric = write_csv(tmp_path / "t.csv", score_rows(160, seed=3, pair=True)), [], "val_pearson"
+    else:
+        rows = synthetic_rows(200, seed=4)
+        rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:40]
+        train, extra, metric = write_rows(tmp_path / "t.csv", rows), ["--class_weights", "balanced"], "val_loss"
+    args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 16, "--max_length", 32,
+            "--learning_rate", 2e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp32", *extra,
+            "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--no_progress"]
+    runs = {}
+    for graphs in ("on", "off"):
+        proc = run_script("train_single.py", *args, "--cuda_graphs", graphs, "--run_name", graphs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"CUDA graphs: {graphs}" in proc.stdout
+        runs[graphs] = proc
+    la = torch.tensor([r["loss"] for r in records(tmp_path / "on", "step")])
+    lb = torch.tensor([r["loss"] for r in records(tmp_path / "off", "step")])
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    ea, eb = records(tmp_path / "on", "epoch")[-1], records(tmp_path / "off", "epoch")[-1]
+    assert abs(ea[metric] - eb[metric]) < 1e-3, (ea, eb)

@@ -468,14 +468,19 @@ def _pick_columns(ds: datasets.Dataset, source: DataSource, where: str) -> tuple
             raise UserError(f"text pair column {pair_col!r} not found in {where} "
                             f"(columns: {', '.join(ds.column_names)})")
     label_col = _pick_column(ds, source.label_column, LABEL_CANDIDATES, "label", where)
-    named = [("text", text_col), ("text pair", pair_col), ("label", label_col)]
+    check_distinct_columns(text_col, pair_col, label_col, where, ds.column_names)
+    return text_col, pair_col, label_col
+
+
+def check_distinct_columns(text_col, pair_col, label_col, where, columns) -> None:
+    """One column in two roles is an error: the labels would be the texts, or a text paired with itself."""
+    named = [(w, c) for w, c in (("text", text_col), ("text pair", pair_col), ("label", label_col)) if c is not None]
     for i, (what, col) in enumerate(named):
         for other, col2 in named[i + 1:]:
-            if col is not None and col == col2:  # the labels would be the texts, or a text paired with itself
+            if col == col2:
                 flags = " and ".join(f"--{w.replace(' ', '_')}_column" for w in (what, other))
                 raise UserError(f"the {what} column and the {other} column are both {col!r} in {where}: name two "
-                                f"different columns with {flags} (columns: {', '.join(ds.column_names)})")
-    return text_col, pair_col, label_col
+                                f"different columns with {flags} (columns: {', '.join(columns)})")
 
 
 def _standardize(ds: datasets.Dataset, columns: tuple) -> datasets.Dataset:

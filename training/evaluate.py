@@ -80,7 +80,8 @@ def _check(args) -> None:
 def load_validation(args, regression: bool = False, text_columns: Optional[list] = None):
     """The validation split (``data.LabelledFile``: texts, second texts of pairs, label names or targets,
     split info), made as training makes it, or every row of --validation_file when it comes without
-    --train_file. ``text_columns``, the checkpoint's (where it recorded them), are the default columns."""
+    --train_file. ``text_columns`` are the checkpoint's (where it recorded them): a single-text checkpoint
+    reads one text even where the data has pair columns."""
     import datasets
 
     from training.data import NO_PAIR, DataSource, LabelledFile, load_labelled_file, load_labelled_splits
@@ -89,9 +90,8 @@ def load_validation(args, regression: bool = False, text_columns: Optional[list]
     if getattr(args, "data", None) and not args.validation_file:
         args.validation_file = args.data
     text_column, pair_column = args.text_column, getattr(args, "text_pair_column", None)
-    if text_columns and not text_column and not pair_column:  # the columns training read
-        text_column = text_columns[0]
-        pair_column = text_columns[1] if len(text_columns) == 2 else NO_PAIR
+    if text_columns and len(text_columns) == 1 and not pair_column:
+        pair_column = NO_PAIR  # a single-text model: pair columns in the data are not read as pairs
     if args.validation_file and not args.train_file:
         return load_labelled_file(args.validation_file, text_column=text_column, label_column=args.label_column,
                                   quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed,

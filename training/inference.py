@@ -321,8 +321,8 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
         raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
                         f".csv, .tsv, .jsonl/.json or .parquet")
     # training's names, reader and checks (imported here: training.data loads datasets)
-    from training.data import (LABEL_CANDIDATES, TEXT_CANDIDATES, check_text_values, find_pair_columns,
-                               is_blank_text, strip_labels)
+    from training.data import (LABEL_CANDIDATES, TEXT_CANDIDATES, check_distinct_columns, check_text_values,
+                               find_pair_columns, is_blank_text, strip_labels)
 
     columns, values_of, notes = _read_table(p, suffix, quoting)
     if not columns:
@@ -342,10 +342,7 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
         pair_col = _find_column(columns, pair_col, (), "text pair", path)
     label_col = _find_column(columns, label_column, LABEL_CANDIDATES, "label", path, required=bool(label_column)) \
         if labels or label_column else None
-    named = [c for c in (col, pair_col, label_col) if c is not None]
-    if len(set(named)) < len(named):
-        raise UserError(f"the text, text pair and label columns must differ in {path}, got {', '.join(named)}: name "
-                        f"them with --text_column, --text_pair_column and --label_column (columns: {', '.join(columns)})")
+    check_distinct_columns(col, pair_col, label_col, path, columns)
     raw = values_of(col)
     check_text_values(raw, col, path, columns)
     raw_pairs = values_of(pair_col) if pair_col else [""] * len(raw)
