@@ -327,7 +327,8 @@ def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model
     assert_same_run(a, b, skip=".attention.self.key.bias")
     ra, rb = epoch_record(a), epoch_record(b)
     assert ra["val_examples"] == rb["val_examples"] == 41 and abs(ra["val_pearson"]) > 0.3, ra
-    # the weights agree to ~1e-6; an example counted twice or lost would move these by ~1e-2. Pearson's
-    # correlation of a model this early (scores close together) magnifies the 1e-6 into up to ~1e-4
-    for key, tol in (("val_pearson", 5e-4), ("val_spearman", 5e-5), ("val_mse", 5e-5), ("val_mae", 5e-5)):
+    # the weights agree to ~1e-6; an example counted twice or lost would move MSE and MAE by ~1e-2. A model
+    # this early scores examples close together: Pearson's correlation magnifies the 1e-6 into ~1e-4, and
+    # Spearman's swaps near-tied ranks (~1e-3); losing a rank's gathered predictions would move it by ~1e-1
+    for key, tol in (("val_pearson", 5e-4), ("val_spearman", 1e-2), ("val_mse", 5e-5), ("val_mae", 5e-5)):
         assert abs(ra[key] - rb[key]) < tol, (key, ra[key], rb[key])
