@@ -198,7 +198,7 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model
     assert not list(tmp_path.glob("run-*"))  # nothing was started
 
 
-@pytest.mark.parametrize("shape", ["pair regression", "class weights"])
+@pytest.mark.parametrize("shape", ["pair regression", "class weights", "multi label"])
 def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model_dir, shape):
     """The task's loss, normalizer and metric sums recorded in the graphs: the same steps as eager ones
     (fp32: the same kernels), and the task's own validation metrics at the end."""
@@ -206,6 +206,9 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
     from test_tasks import score_rows, write_csv
     if shape == "pair regression":
         train, extra, metric = write_csv(tmp_path / "t.csv", score_rows(160, seed=3, pair=True)), [], "val_pearson"
+    elif shape == "multi label":
+        from test_tasks import topic_rows, write_topic_files
+        train, extra, metric = write_topic_files(tmp_path, topic_rows(160, seed=5))["lists"][0], [], "val_micro_f1"
     else:
         rows = synthetic_rows(200, seed=4)
         rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:40]
@@ -218,6 +221,9 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
         proc = run_script("train_single.py", *args, "--cuda_graphs", graphs, "--run_name", graphs)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"CUDA graphs: {graphs}" in proc.stdout
+        if graphs == "on":  # really replayed: recorded, and never given up for eager steps
+            assert "recorded at the end" in proc.stdout and "given up" not in proc.stdout, proc.stdout
+            assert "0 recorded at the end" not in proc.stdout, proc.stdout
         runs[graphs] = proc
     la = torch.tensor([r["loss"] for r in records(tmp_path / "on", "step")])
     lb = torch.tensor([r["loss"] for r in records(tmp_path / "off", "step")])

@@ -332,3 +332,159 @@ def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model
     # Spearman's swaps near-tied ranks (~1e-3); losing a rank's gathered predictions would move it by ~1e-1
     for key, tol in (("val_pearson", 5e-4), ("val_spearman", 1e-2), ("val_mse", 5e-5), ("val_mae", 5e-5)):
         assert abs(ra[key] - rb[key]) < tol, (key, ra[key], rb[key])
+
+
+# ---------------------------------------------------------------- multi-label
+
+TOPICS = {"sports": ["goal", "match", "team"], "music": ["song", "band", "guitar"], "food": ["pizza", "bread", "soup"]}
+
+
+def topic_rows(n: int, seed: int) -> list:
+    """Each topic present with probability 0.4, independently: overlapping labels, some rows with none."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        labels = [t for t in TOPICS if rng.random() < 0.4]
+        words = rng.choices(FILLER, k=4) + [rng.choice(TOPICS[t]) for t in labels]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "labels": labels})
+    return rows
+
+
+def write_topic_files(d: Path, rows: list) -> dict:
+    """The same labels in the three formats: a list column, one separated string, 0/1 columns."""
+    (d / "lists.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_csv(d / "sep.csv", [{"text": r["text"], "tags": "|".join(r["labels"])} for r in rows])
+    write_csv(d / "cols.csv", [{"text": r["text"], **{t: int(t in r["labels"]) for t in TOPICS}} for r in rows])
+    return {"lists": (d / "lists.jsonl", []), "separator": (d / "sep.csv", ["--label_separator", "|",
+                                                                           "--label_column", "tags"]),
+            "columns": (d / "cols.csv", ["--label_columns", "sports,music,food"])}
+
+
+@pytest.fixture(scope="module")
+def topic_run(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("topics")
+    files = write_topic_files(base, topic_rows(600, seed=9))
+    run, out = _train(tiny_model_dir, base, files["lists"][0], "--max_length", 24, "--warmup_ratio", 0, epochs=6)
+    return run, out, files
+
+
+def test_the_three_label_formats_give_the_same_multi_label_data(tmp_path):
+    rows = topic_rows(60, seed=10)
+    files = write_topic_files(tmp_path, rows)
+    got = {}
+    for name, (path, flags) in files.items():
+        opts = dict(zip([f[2:] for f in flags[::2]], flags[1::2]))
+        source = data.DataSource.from_args(None, None, str(path), None, None, opts.get("label_column"),
+                                           label_separator=opts.get("label_separator"),
+                                           label_columns=opts.get("label_columns"))
+        splits = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
+        assert splits.info["task"] == "multi_label"
+        got[name] = {t: [n for n, on in zip(splits.label_names, y) if on]
+                     for t, y in zip(list(splits.train["text"]) + list(splits.validation["text"]),
+                                     list(splits.train["labels"]) + list(splits.validation["labels"]))}
+    truth = {r["text"]: r["labels"] for r in rows}
+    for name in got:  # every row's labels, whatever the format (column order may name them differently)
+        assert {t: sorted(v) for t, v in got[name].items()} == {t: sorted(v) for t, v in truth.items()}, name
+
+
+def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tmp_path):
+    from transformers import pipeline
+
+    run, out, files = topic_run
+    assert "(multi-label)" in out
+    summary = _summary(run)
+    assert summary["task"] == "multi_label" and summary["metric_for_best"] == "micro_f1"
+    assert summary["best_val_micro_f1"] >= 0.8, out  # predicting no label scores 0
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification" and config["multi_label_threshold"] == 0.5
+    # evaluate.py on training's split: the metrics training reported, and per-label counts that add up
+    path, _ = files["lists"]
+    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", path, "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads((tmp_path / "e.json").read_text())
+    for key in ("micro_f1", "macro_f1", "subset_accuracy", "loss"):
+        assert abs(ev[key] - summary[f"final_val_{key}"]) < 1e-6, key
+    # micro-F1 recomputed from predict.py's decisions on every row, counted here
+    proc = run_script("predict.py", "--checkpoint", run, "--input", path, "--output", tmp_path / "p.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    truth = [json.loads(x)["labels"] for x in path.read_text().splitlines()]
+    tp = sum(len(set(p["labels"]) & set(t)) for p, t in zip(preds, truth))
+    fp = sum(len(set(p["labels"]) - set(t)) for p, t in zip(preds, truth))
+    fn = sum(len(set(t) - set(p["labels"])) for p, t in zip(preds, truth))
+    assert 2 * tp / (2 * tp + fp + fn) >= 0.8
+    for p in preds:  # the decisions are the probabilities at the threshold
+        assert sorted(p["labels"]) == sorted(n for n, v in p["probabilities"].items() if v >= 0.5)
+    # pipeline() gives the same sigmoid scores
+    scores = pipeline("text-classification", model=str(run / "final"), device="cpu", top_k=None)([preds[0]["text"]])[0]
+    for d in scores:
+        assert abs(d["score"] - preds[0]["probabilities"][d["label"]]) < 1e-5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--label_separator", "|", "--task", "regression"], "a multi-label task, not --task regression"),
+    (["--label_columns", "sports,chess"], "column(s) chess not found"),
+    (["--threshold", "1.5"], "--threshold must be in (0, 1)"),
+    (["--task", "multi_label", "--label_column", "label"], "--task multi_label needs several labels per row"),
+    (["--class_weights", "balanced"], "--class_weights applies to single-label classification"),
+])
+def test_multi_label_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, flags, message):
+    files = write_topic_files(tmp_path, topic_rows(40, seed=11))
+    train = files["columns"][0] if "--label_columns" in flags else files["lists"][0]
+    if "--task" in flags and "multi_label" in flags:
+        train = write_rows(tmp_path / "single.csv", synthetic_rows(40))
+    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, *flags,
+                      "--checkpoint_dir", tmp_path / "ck")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- review findings
+
+def test_integer_labels_written_as_text_stay_classes(tmp_path):
+    rows = synthetic_rows(40, seed=12)
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"], "label": str(int(r["label"] == "positive"))}) + "\n"
+                            for r in rows))
+    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    for task in ("auto", "single_label"):
+        got = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None, task=task)
+        assert got.info["task"] == "single_label" and got.label_names == ["0", "1"]
+
+
+def test_balanced_weights_refuse_a_label_without_examples():
+    with pytest.raises(UserError, match="label\\(s\\) c have no training examples"):
+        tasks.resolve_class_weights("balanced", ["a", "b", "c"], [6, 4, 0])
+
+
+def test_a_nan_metric_never_holds_the_best_checkpoint():
+    from training.trainer import BestTracker
+
+    class Log:
+        def print(self, *a):
+            pass
+
+    tracker = BestTracker("pearson", 2, tasks.Regression(["score"]), Log())
+    picks = [tracker.improved({"pearson": v}, e) for e, v in enumerate([float("nan"), 0.5, float("nan"), 0.9], 1)]
+    assert picks == [True, True, False, True] and tracker.best == 0.9 and tracker.best_epoch == 4
+    assert not tracker.should_stop()
+
+
+def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+    """Each rank's share of the weights differs: the step divides by the weight sum over all ranks."""
+    from test_ddp import assert_same_run, torchrun
+
+    rows = synthetic_rows(96, seed=13)
+    train = write_rows(tmp_path / "train.csv", rows)
+    val = write_rows(tmp_path / "val.csv", synthetic_rows(41, seed=14))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
+              "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache", "--class_weights", "1,9"]
+    one = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
+                     "--run_name", "r")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "two", "--run_name", "r")
+    assert two.returncode == 0, two.stderr
+    assert_same_run(tmp_path / "one" / "r", tmp_path / "two" / "r", skip=".attention.self.key.bias")

@@ -43,10 +43,20 @@ class TrainConfig:
     label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
                                      "Integer or string class labels, or numbers for a regression.",
                                      data=True, must_match=True)
-    task: str = _f("auto", "single_label: one class per example (cross-entropy); regression: one score per "
-                   "example (MSE loss; Pearson, Spearman, MSE, MAE). 'auto': regression when the labels are "
-                   "numbers with fractions (0.4, 3.8), else single_label; integer scores (ratings 1-5) need "
-                   "--task regression.", cache=True, must_match=True, choices=("auto", "single_label", "regression"))
+    label_separator: Optional[str] = _f(None, "Several labels per example in one text column, split at this "
+                                        "string ('a|b'): a multi-label task.", data=True, must_match=True)
+    label_columns: Optional[str] = _f(None, "Several labels per example as 0/1 columns, named with commas "
+                                      "(toxic,obscene,insult): a multi-label task whose labels are those columns.",
+                                      data=True, must_match=True)
+    task: str = _f("auto", "single_label: one class per example (cross-entropy); multi_label: any number of "
+                   "labels per example (a sigmoid each, binary cross-entropy; micro/macro-F1, subset accuracy); "
+                   "regression: one score per example (MSE loss; Pearson, Spearman, MSE, MAE). 'auto': "
+                   "multi_label for a label column of lists (JSON Lines, Parquet), --label_separator or "
+                   "--label_columns; regression when the labels are numbers with fractions (0.4, 3.8); else "
+                   "single_label. Integer scores (ratings 1-5) need --task regression.",
+                   cache=True, must_match=True, choices=("auto", "single_label", "multi_label", "regression"))
+    threshold: float = _f(0.5, "Multi-label: a label is predicted where its probability reaches this (recorded in "
+                          "the checkpoint for predict.py, evaluate.py).", must_match=True)
     quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
                       "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
                       "'auto': standard quoting, but a file it cannot read while every line has the header's "
@@ -109,9 +119,10 @@ class TrainConfig:
                                       "(neg=1,pos=3; unnamed labels weigh 1). The loss and val loss are then "
                                       "the weighted mean.", must_match=True)
     metric_for_best: Optional[str] = _f(None, "Validation metric that picks the best checkpoint (saved as RUN/best). "
-                                        "Default: accuracy (single-label), pearson (regression).",
-                                        choices=("accuracy", "macro_f1", "loss", "pearson", "spearman", "mse",
-                                                 "mae"), must_match=True)
+                                        "Default: accuracy (single-label), micro_f1 (multi-label), pearson "
+                                        "(regression).",
+                                        choices=("accuracy", "macro_f1", "loss", "micro_f1", "subset_accuracy",
+                                                 "pearson", "spearman", "mse", "mae"), must_match=True)
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
                                       "(0: never stop early).")
     tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
@@ -179,6 +190,16 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
     if cfg.class_weights is not None and cfg.task == "regression":
         raise UserError("--class_weights weigh classes: a regression (--task regression) has none")
+    if not 0 < cfg.threshold < 1:
+        raise UserError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    if cfg.label_separator is not None and cfg.label_columns is not None:
+        raise UserError("give --label_separator (labels in one column) or --label_columns (one 0/1 column per "
+                        "label), not both")
+    if cfg.label_separator == "":
+        raise UserError("--label_separator must not be empty")
+    if (cfg.label_separator or cfg.label_columns) and cfg.task in ("single_label", "regression"):
+        raise UserError(f"--label_separator and --label_columns give several labels per example: a multi-label "
+                        f"task, not --task {cfg.task}")
 
 
 def flag_type(name: str) -> type:

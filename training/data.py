@@ -58,17 +58,20 @@ class DataSource:
     label_column: Optional[str] = None
     quoting: str = "auto"  # of .csv/.tsv files: see read_delimited
     text_pair_column: Optional[str] = None  # None: found by name (PAIR_CANDIDATES); NO_PAIR: one text
+    label_separator: Optional[str] = None   # several labels in one string column (multi-label)
+    label_columns: Optional[str] = None     # several labels as 0/1 columns, comma-separated names (multi-label)
 
     @classmethod
     def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column,
-                  quoting: str = "auto", text_pair_column: Optional[str] = None):
+                  quoting: str = "auto", text_pair_column: Optional[str] = None, **labels):
+        """``labels``: label_separator, label_columns."""
         if train_file:
             return cls("files", None, None, train_file, validation_file, text_column, label_column, quoting,
-                       text_pair_column)
+                       text_pair_column, **labels)
         if dataset:
             return cls("hub", dataset, dataset_config, None, None, text_column, label_column, quoting,
-                       text_pair_column)
-        return cls("default", None, None, None, None, text_column, label_column, quoting, text_pair_column)
+                       text_pair_column, **labels)
+        return cls("default", None, None, None, None, text_column, label_column, quoting, text_pair_column, **labels)
 
     def fingerprint(self) -> dict:
         """Plain values that change whenever the source's contents change: a file's path and a hash of
@@ -507,8 +510,9 @@ def _label_kind(values, where: str) -> str:
               "str" if isinstance(v, str) else type(v).__name__) for v in values}
     if kinds == {"int"}:
         return "int"
-    if kinds == {"str"}:
-        return "float" if all(_NUMBER.fullmatch(v) for v in values) else "str"  # CSV reads 0.5 as text
+    if kinds == {"str"}:  # CSV reads 0.5 as text; JSON may hold "0" and "1" as class names
+        numbers = all(_NUMBER.fullmatch(v) for v in values)
+        return "float" if numbers and not all(float(v).is_integer() for v in values) else "str"
     if kinds <= {"float", "int"}:
         return "int" if all(float(v).is_integer() for v in values) else "float"
     raise UserError(f"labels in {where} must be all integers or all strings, found: {', '.join(sorted(kinds))}")
@@ -521,14 +525,77 @@ def resolve_task(requested: str, values, where: str) -> str:
     if requested == "auto":
         return "regression" if kind == "float" else "single_label"
     if requested == "single_label" and kind == "float":
-        fraction = next(v for v in values if not float(v).is_integer())
+        fraction = next((v for v in values if not float(v).is_integer()), None)
         raise UserError(f"labels in {where} are numbers with a fraction (found: {fraction!r}), and --task "
                         f"single_label needs class labels: use --task regression (or auto) for a score, "
                         f"or check --label_column")
-    if requested == "regression" and kind == "str":
-        word = next(v for v in values if not _NUMBER.fullmatch(v))
+    word = next((v for v in values if isinstance(v, str) and not _NUMBER.fullmatch(v)), None)
+    if requested == "regression" and kind == "str" and word is not None:
         raise UserError(f"--task regression needs numbers as labels, {where} has {word!r}: check --label_column")
     return requested
+
+
+LABEL_COLUMNS = "__labels__"  # the list column that --label_columns' 0/1 columns become
+
+
+def _labels_from_columns(ds: datasets.Dataset, spec: str, where: str) -> datasets.Dataset:
+    """--label_columns a,b,c: one 0/1 column per label -> a column of label-name lists."""
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    missing = [c for c in names if c not in ds.column_names]
+    if missing:
+        raise UserError(f"--label_columns: column(s) {', '.join(missing)} not found in {where} "
+                        f"(columns: {', '.join(ds.column_names)})")
+    if len(set(names)) != len(names):
+        raise UserError(f"--label_columns names a column twice: {spec}")
+    lists = [[] for _ in range(len(ds))]
+    for name in names:
+        for row, v in enumerate(ds[name]):
+            if isinstance(v, bool) or v in (0, 1, 0.0, 1.0):
+                if v:
+                    lists[row].append(name)
+            else:
+                raise UserError(f"--label_columns: row {row + 1} of {where} has {v!r} in column {name!r}, "
+                                f"where 0 or 1 is expected")
+    return ds.add_column(LABEL_COLUMNS, lists)
+
+
+def _label_lists(ds: datasets.Dataset, separator: Optional[str], where: str) -> Optional[list]:
+    """Each row's labels as a list where the labels are several per row (a list column, or strings split
+    at ``separator``), else None. Labels are names (integers as their decimal strings), stripped."""
+    raw = list(ds["label_raw"])
+    if separator is not None:  # an empty field: no label
+        raw = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in raw]
+        return [[x.strip() for x in v.split(separator) if x.strip()] for v in raw]
+    if not any(isinstance(v, (list, tuple)) for v in raw):
+        return None
+    out = []
+    for row, v in enumerate(raw, start=1):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                                       for x in v):
+            raise UserError(f"row {row} of {where} has the label {v!r}: a column of label lists needs a list of "
+                            f"names (or integers) in every row")
+        out.append([x.strip() if isinstance(x, str) else str(x) for x in v if not (isinstance(x, str) and not x.strip())])
+    return out
+
+
+def _multi_hot(ds: datasets.Dataset, lists: list, names: list, where: str) -> datasets.Dataset:
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({x for row in lists for x in row} - set(index))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(f"labels in {where} that the training data does not have: {shown}")
+    targets = []
+    for row in lists:
+        hot = [0.0] * len(names)
+        for x in row:
+            hot[index[x]] = 1.0
+        targets.append(hot)
+    return ds.remove_columns("label_raw").add_column("labels", targets)
+
+
+def _sorted_names(values) -> list:
+    """Label names in order: integers numerically, then text."""
+    return sorted(set(values), key=lambda n: (0, int(n), "") if _INT.fullmatch(n) else (1, 0, n))
 
 
 def _regression_targets(ds: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -625,12 +692,13 @@ def strip_labels(labels: list, where: str, notes: list) -> list:
     return stripped
 
 
-def _clean(ds: datasets.Dataset, where: str, notes: list, columns: tuple, all_columns) -> datasets.Dataset:
+def _clean(ds: datasets.Dataset, where: str, notes: list, columns: tuple, all_columns,
+           empty_label_ok: bool = False) -> datasets.Dataset:
     """Rows without a label are an error; string labels are stripped; rows with a blank text (empty,
     whitespace, invisible characters only; either text of a pair) are dropped and counted; a text column
     of numbers is an error. ``columns`` are the file's (text, text pair or None, label) names."""
     labels = list(ds["label_raw"])
-    missing = [i for i, v in enumerate(labels) if is_missing(v)]
+    missing = [] if empty_label_ok else [i for i, v in enumerate(labels) if is_missing(v)]
     if missing:
         raise UserError(f"{len(missing)} row(s) in {where} have no label (first: row {missing[0] + 1})")
     text_fields = [("text", columns[0])] + ([("text_pair", columns[1])] if columns[1] else [])
@@ -683,13 +751,41 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
     if len(train) == 0:
         raise UserError(f"no examples in {where}")
 
+    if source.label_columns:
+        train = _labels_from_columns(train, source.label_columns, where)
+        if validation is not None:
+            validation = _labels_from_columns(validation, source.label_columns,
+                                              source.validation_file or f"the validation split of {where}")
+        source = replace(source, label_column=LABEL_COLUMNS)
     columns = _pick_columns(train, source, where)
     label_feature = train.features[columns[2]]
-    train = _clean(_standardize(train, columns), where, notes, columns, train.column_names)
-    task = "single_label" if isinstance(label_feature, datasets.ClassLabel) and task == "auto" else \
-        resolve_task(task, _unique_labels(train, where), where)
-    regression = task == "regression"
-    if regression:
+    separated = source.label_separator is not None
+    train = _clean(_standardize(train, columns), where, notes, columns, train.column_names, separated)
+    if isinstance(label_feature, datasets.ClassLabel) and -1 in _unique_labels(train, where):
+        unlabelled = [i for i, v in enumerate(train["label_raw"]) if v == -1]
+        notes.append(f"dropped {len(unlabelled)} row(s) of {where} labelled -1 (no gold label)")
+        drop = set(unlabelled)
+        train = train.select([i for i in range(len(train)) if i not in drop])
+    lists = _label_lists(train, source.label_separator, where)
+    if lists is not None:
+        if task not in ("auto", "multi_label"):
+            raise UserError(f"{where} has several labels per row (a list, --label_separator or --label_columns): "
+                            f"a multi-label task, not --task {task}")
+        task = "multi_label"
+    elif task == "multi_label":
+        raise UserError(f"--task multi_label needs several labels per row: a label column of lists (JSON Lines, "
+                        f"Parquet), --label_separator or --label_columns")
+    else:
+        task = "single_label" if isinstance(label_feature, datasets.ClassLabel) and task == "auto" else \
+            resolve_task(task, _unique_labels(train, where), where)
+    regression, multi = task == "regression", task == "multi_label"
+    if multi:
+        names = [c.strip() for c in source.label_columns.split(",") if c.strip()] if source.label_columns \
+            else _sorted_names(x for row in lists for x in row)
+        if not names:
+            raise UserError(f"no labels in {where}: every row's label list is empty")
+        train = _multi_hot(train, lists, names, where)
+    elif regression:
         names = [columns[2]]  # one output, named after the target column
         train = _regression_targets(train, where)
     else:
@@ -701,14 +797,21 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         for col in columns:
             if col is not None and col not in validation.column_names:
                 raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")
-        validation = _clean(_standardize(validation, columns), vwhere, notes, columns, validation.column_names)
+        validation = _clean(_standardize(validation, columns), vwhere, notes, columns, validation.column_names,
+                            separated)
         if len(validation) and isinstance(label_feature, datasets.ClassLabel) \
                 and -1 in _unique_labels(validation, vwhere):
             raise UserError(f"{vwhere} has no labels (-1): pass a labelled --validation_file")
-        validation = _regression_targets(validation, vwhere) if regression else \
-            _encode_labels(validation, names, label_feature, vwhere)
+        if multi:
+            vlists = _label_lists(validation, source.label_separator, vwhere)
+            if vlists is None:
+                raise UserError(f"{vwhere} has one label per row and the training data several: give both as lists")
+            validation = _multi_hot(validation, vlists, names, vwhere)
+        else:
+            validation = _regression_targets(validation, vwhere) if regression else \
+                _encode_labels(validation, names, label_feature, vwhere)
         split_info = {"validation": vwhere}
-    elif regression:
+    elif regression or multi:
         n = len(train)
         held, kept = math.ceil(validation_fraction * n), math.floor((1 - validation_fraction) * n)
         if held < 1 or kept < 1:
@@ -744,7 +847,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         raise UserError(f"no training examples left in {where}")
     if len(validation) == 0:
         raise UserError("no validation examples: give a larger dataset or a --validation_file")
-    if len(set(train["labels"])) < 2:
+    if not multi and len(set(train["labels"])) < 2:
         what = "target value" if regression else "label class"
         raise UserError(f"only one {what} in the training examples of {where}"
                         + (" (try a larger --num_samples)" if num_samples else ""))
@@ -757,6 +860,8 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         **({"train_targets": _target_stats(train), "validation_targets": _target_stats(validation)} if regression
            else {"train_label_counts": _counts(train, len(names)),
                  "validation_label_counts": _counts(validation, len(names))}),
+        **({"label_format": "columns" if source.label_columns else "separator" if source.label_separator
+            else "lists"} if multi else {}),
         # identifies exactly which examples were held out, so two runs can be checked to share a split
         "validation_sha256": validation_sha256(example_keys(validation)),
         # the examples themselves, in order: a resume refuses data that changed since its checkpoint
@@ -781,7 +886,8 @@ class LabelledFile:
 
 def load_labelled_file(path: str, *, text_column: Optional[str], label_column: Optional[str], quoting: str = "auto",
                        num_samples: Optional[int] = None, split_seed: int = 42,
-                       text_pair_column: Optional[str] = None, regression: bool = False) -> LabelledFile:
+                       text_pair_column: Optional[str] = None, regression: bool = False, multi_label: bool = False,
+                       label_separator: Optional[str] = None, label_columns: Optional[str] = None) -> LabelledFile:
     """Every row of one labelled file, as evaluation reads it. Label names are the data's own, for matching
     to a checkpoint's (float targets with ``regression``); ``num_samples`` takes the seeded subset training
     would take of a validation file."""
@@ -789,14 +895,28 @@ def load_labelled_file(path: str, *, text_column: Optional[str], label_column: O
     ds, read = _load_file(path, quoting, notes)
     source = DataSource("files", text_column=text_column, label_column=label_column, quoting=quoting,
                         text_pair_column=text_pair_column)
+    if label_columns:
+        ds = _labels_from_columns(ds, label_columns, path)
+        source = replace(source, label_column=LABEL_COLUMNS)
     columns = _pick_columns(ds, source, path)
-    ds = _clean(_standardize(ds, columns), path, notes, columns, ds.column_names)
-    if regression:
+    ds = _clean(_standardize(ds, columns), path, notes, columns, ds.column_names, label_separator is not None)
+    if multi_label:
+        lists = _label_lists(ds, label_separator, path)
+        if lists is None:
+            raise UserError(f"{path} has one label per row, and the checkpoint is multi-label: give a column of "
+                            f"label lists, --label_separator or --label_columns")
+        ds = ds.remove_columns("label_raw").add_column("label_raw", lists)
+        ds = _subset(ds, num_samples, split_seed)
+        labels = list(ds["label_raw"])
+    elif regression:
         ds = _regression_targets(ds, path)
         ds = _subset(ds, num_samples, split_seed)
         labels = list(ds["labels"])
     else:
-        kind = _label_kind(_unique_labels(ds, path), path)
+        values = _unique_labels(ds, path)
+        kind = _label_kind(values, path)
+        if kind == "float":
+            resolve_task("single_label", values, path)  # a classifier's labels are classes: the error says so
         ds = _subset(ds, num_samples, split_seed)
         labels = [str(int(v)) if kind == "int" else v for v in ds["label_raw"]]
     info = {"source": path, "validation": f"every row of {path}", "num_samples": num_samples,
@@ -816,7 +936,11 @@ def _target_stats(ds: datasets.Dataset) -> dict:
 
 
 def _counts(ds: datasets.Dataset, k: int) -> list:
-    return torch.bincount(torch.tensor(list(ds["labels"]), dtype=torch.long), minlength=k).tolist()
+    """Examples per label (for multi-label: examples that have the label)."""
+    labels = list(ds["labels"])
+    if labels and isinstance(labels[0], list):
+        return [int(x) for x in torch.tensor(labels).sum(dim=0).tolist()]
+    return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=k).tolist()
 
 
 # ---------------------------------------------------------------- tokenization and cache

@@ -229,6 +229,8 @@ def train_epoch(runner, loader, loop: LoopConfig, state: LoopState, hooks: Hooks
     try:
         for first, micro_batches in _optimizer_steps(loader, loop.grad_accum_steps, state.next_batch):
             normalizer = sum(task.normalizer(b) for b in micro_batches)  # host numbers: no sync
+            if ctx.distributed and task.normalizer_differs_by_rank:
+                normalizer = _global_reciprocal(normalizer, ctx)
             out = runner(micro_batches, normalizer)
             if out.applied:
                 state.epoch_sums += out.sums
@@ -249,6 +251,15 @@ def train_epoch(runner, loader, loop: LoopConfig, state: LoopState, hooks: Hooks
     finally:
         bar.close()
     return True
+
+
+def _global_reciprocal(normalizer: float, ctx: ProcessContext) -> torch.Tensor:
+    """world size / the step's normalizer summed over ranks, as a device tensor (no host sync): DDP averages
+    the ranks' gradients, so each rank's summed loss times this is the global weighted mean's gradient.
+    For normalizers that differ by rank (class weights); an example count is the same on every rank."""
+    total = torch.tensor(float(normalizer), dtype=torch.float32, device=ctx.device)
+    ctx.all_reduce_sum(total)
+    return ctx.world_size / total
 
 
 def _log_interval(sc, state: LoopState, log: RunLogger, bar, seconds: float) -> None:

@@ -77,7 +77,7 @@ def _check(args) -> None:
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
 
 
-def load_validation(args, regression: bool = False, text_columns: Optional[list] = None):
+def load_validation(args, kind: str = "single_label", text_columns: Optional[list] = None):
     """The validation split (``data.LabelledFile``: texts, second texts of pairs, label names or targets,
     split info), made as training makes it, or every row of --validation_file when it comes without
     --train_file. ``text_columns`` are the checkpoint's (where it recorded them): a single-text checkpoint
@@ -90,20 +90,29 @@ def load_validation(args, regression: bool = False, text_columns: Optional[list]
     if getattr(args, "data", None) and not args.validation_file:
         args.validation_file = args.data
     text_column, pair_column = args.text_column, getattr(args, "text_pair_column", None)
-    if text_columns and len(text_columns) == 1 and not pair_column:
-        pair_column = NO_PAIR  # a single-text model: pair columns in the data are not read as pairs
+    pair_model = bool(text_columns) and len(text_columns) == 2
+    if not pair_column:
+        if pair_model and not text_column:  # the columns a pair model was trained on
+            text_column, pair_column = text_columns
+        elif not pair_model:  # a single-text model (or one from before pairs, which recorded none): one text
+            pair_column = NO_PAIR
     if args.validation_file and not args.train_file:
         return load_labelled_file(args.validation_file, text_column=text_column, label_column=args.label_column,
                                   quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed,
-                                  text_pair_column=pair_column, regression=regression)
+                                  text_pair_column=pair_column, regression=kind == "regression",
+                                  multi_label=kind == "multi_label", label_separator=args.label_separator,
+                                  label_columns=args.label_columns)
     source = DataSource.from_args(args.dataset, args.dataset_config, args.train_file, args.validation_file,
-                                  text_column, args.label_column, args.quoting, pair_column)
+                                  text_column, args.label_column, args.quoting, pair_column,
+                                  label_separator=args.label_separator, label_columns=args.label_columns)
     splits = load_labelled_splits(source, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
-                                  num_samples=args.num_samples, task="regression" if regression else "single_label")
+                                  num_samples=args.num_samples, task=kind)
     val = splits.validation
     pairs = list(val["text_pair"]) if "text_pair" in val.column_names else None
-    if regression:
+    if kind == "regression":
         labels = list(val["labels"])
+    elif kind == "multi_label":
+        labels = [[n for n, on in zip(splits.label_names, row) if on] for row in val["labels"]]
     else:
         names = [str(n) for n in splits.label_names]
         labels = [names[i] for i in val["labels"]]
@@ -140,10 +149,13 @@ def run(args) -> int:
     _check(args)
     device, amp_dtype = inference.setup_device(args)
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
-    regression = inference.checkpoint_problem_type(ckpt) == "regression"
-    if regression and args.plot:
-        raise UserError("--plot draws a confusion matrix, and this is a regression checkpoint: leave --plot out")
-    got = load_validation(args, regression, inference.checkpoint_text_columns(ckpt, recorded_only=True))
+    problem = inference.checkpoint_problem_type(ckpt)
+    kind = {"regression": "regression", "multi_label_classification": "multi_label"}.get(problem, "single_label")
+    regression = kind == "regression"
+    if kind != "single_label" and args.plot:
+        raise UserError(f"--plot draws a confusion matrix, and this is a {kind.replace('_', '-')} checkpoint: "
+                        f"leave --plot out")
+    got = load_validation(args, kind, inference.checkpoint_text_columns(ckpt, recorded_only=True))
     info = got.info
     clf = inference.load_classifier(ckpt, device)
     if clf.takes_pairs != (got.pairs is not None):
@@ -151,7 +163,9 @@ def run(args) -> int:
                         f"and the data has {'pairs' if got.pairs is not None else 'one text per row'}: name the "
                         f"columns with --text_column and --text_pair_column")
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
-    y_true = None if regression else map_labels(got.labels, clf.label2id, info.get("source", "the data"))
+    y_true = None if kind != "single_label" else map_labels(got.labels, clf.label2id, info.get("source", "the data"))
+    if kind == "multi_label":
+        map_labels([x for row in got.labels for x in row], clf.label2id, info.get("source", "the data"))
 
     sha = validation_sha256(got.texts, got.pairs)
     trained_sha = _training_split_sha(clf.path)
@@ -175,6 +189,8 @@ def run(args) -> int:
                                                      max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs)
     if regression:
         metrics, cm = _regression_report(clf, logits, got.labels, elapsed), None
+    elif kind == "multi_label":
+        metrics, cm = _multi_label_report(clf, logits, got.labels, elapsed), None
     else:
         metrics, cm = _classification_report(clf, logits, y_true, elapsed)
 
@@ -216,6 +232,36 @@ def _classification_report(clf, logits, y_true, elapsed: float) -> tuple:
     print("confusion matrix (rows: true label, columns: predicted label)")
     print(inference.format_confusion(metrics))
     return metrics, cm
+
+
+def _multi_label_report(clf, logits, label_lists: list, elapsed: float) -> dict:
+    """Multi-label metrics at the checkpoint's threshold, from the task's own sums, printed with a per-label table."""
+    import torch
+
+    from training.tasks import multi_label_metrics
+
+    task = clf.task
+    y = torch.zeros(len(label_lists), task.num_labels)
+    for i, row in enumerate(label_lists):
+        for name in row:
+            y[i, clf.label2id[name]] = 1.0
+    sums = task.new_sums(torch.device("cpu"))
+    task.add_sums(sums, task.loss_sum(logits, y), logits, y)
+    m = task.metrics(sums)
+    per = multi_label_metrics(sums[3:].reshape(3, task.num_labels), clf.label_names)["per_label"]
+    metrics = {"examples": len(label_lists), "threshold": task.threshold, "loss": m["loss"],
+               "micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"],
+               "per_label": per}
+    print(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy {m['subset_accuracy']:.4f} | "
+          f"loss {m['loss']:.4f} | threshold {task.threshold:g} | {len(label_lists)} examples in {elapsed:.1f}s")
+    print()
+    width = max(9, *(len(n) for n in clf.label_names))
+    print(f"{'label':<{width}}  precision  recall      f1  support  predicted")
+    for name in clf.label_names:
+        r = per[name]
+        print(f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}"
+              f"  {r['predicted']:>9d}")
+    return metrics
 
 
 def _regression_report(clf, logits, targets: list, elapsed: float) -> dict:

@@ -138,7 +138,8 @@ def load_model(name: str, task, text_columns=("text",)):
         raise _load_error(name, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    setattr(model.config, TEXT_COLUMNS_KEY, list(text_columns))
+    for key, value in {TEXT_COLUMNS_KEY: list(text_columns), **task.config_extras()}.items():
+        setattr(model.config, key, value)
     return model
 
 

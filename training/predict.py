@@ -159,6 +159,14 @@ def format_table(texts, label_names, probs, predicted, width: int) -> str:
     return "\n".join(lines)
 
 
+def format_label_sets(texts, chosen, width: int) -> str:
+    """labels | text: a multi-label checkpoint's decisions ('-' for none)."""
+    shown = [", ".join(c) or "-" for c in chosen]
+    lw = max(6, *(len(x) for x in shown))
+    room = max(20, width - lw - 2)
+    return "\n".join([f"{'labels':<{lw}}  text"] + [f"{x:<{lw}}  {_cut(t, room)}" for x, t in zip(shown, texts)])
+
+
 def format_scores(texts, scores, width: int) -> str:
     """score | text: a regression checkpoint's output."""
     values = [f"{v:.4f}" for v in scores.tolist()]
@@ -219,6 +227,9 @@ def _regression_line(targets, scores, column: str) -> str:
 
 def _truth(got, clf, where: str) -> tuple:
     """(each text's true class id or target, or None; notes): what a labelled table is scored against."""
+    if clf.task.name == "multi_label":
+        return None, ([f"column {got.label_column!r} is not scored for a multi-label checkpoint: evaluate.py scores "
+                       f"one"] if got.labels is not None and got.label_named else [])
     return _true_scores(got, where) if clf.task.name == "regression" else _true_ids(got, clf.label_names, where)
 
 
@@ -226,6 +237,14 @@ def _outputs(got, clf, logits, truth) -> tuple:
     """(a table for a terminal of a given width, JSON records, the scoring line or None, the counts line
     after --output): what the checkpoint's task makes of the logits."""
     scores, predicted = clf.task.decode(logits)
+    if clf.task.name == "multi_label":
+        chosen = [[n for n, on in zip(clf.label_names, row) if on] for row in predicted.tolist()]
+        records = [{"text": t, **({"text_pair": got.pairs[i]} if got.pairs is not None else {}), "labels": chosen[i],
+                    "probabilities": dict(zip(clf.label_names, scores[i].tolist()))}
+                   for i, t in enumerate(got.texts)]
+        counts = predicted.sum(dim=0).tolist()
+        return (lambda width: format_label_sets(_shown(got), chosen, width), records, None,
+                ", ".join(f"{name} {c}" for name, c in zip(clf.label_names, counts)))
     if clf.task.name == "regression":
         targets = truth
         records = [{"text": t, **({"text_pair": got.pairs[i]} if got.pairs is not None else {}), "score": v,
@@ -251,7 +270,8 @@ def run(args) -> int:
     clf = inference.load_classifier(args.checkpoint, device)
     truth, label_notes = _truth(got, clf, args.input)
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
-    shape = "regression" if clf.task.name == "regression" else f"labels {', '.join(clf.label_names)}"
+    shape = "regression" if clf.task.name == "regression" else f"labels {', '.join(clf.label_names)}" + (
+        f" (multi-label, threshold {clf.task.threshold:g})" if clf.task.name == "multi_label" else "")
     what = "pair(s)" if got.pairs is not None else "text(s)"
     for note in got.notes + label_notes:
         print(f"note: {note}", file=sys.stderr)

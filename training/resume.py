@@ -80,6 +80,11 @@ def locate(resume: str, checkpoint_dir: str, run_name: Optional[str], ctx: Proce
     return ctx.run_on_main(lambda: _locate(resume, Path(checkpoint_dir), run_name))
 
 
+# flags whose absence from an older checkpoint does not mean today's default: before --text_pair_column no
+# pair was read, which today's default (detect pairs by name) may not reproduce; the fingerprint decides
+NO_DEFAULT_BEFORE = ("text_pair_column",)
+
+
 def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     """A clear error for a checkpoint from another model, labels, tokenizer, data or process count.
 
@@ -103,6 +108,8 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
         raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in MUST_MATCH:
+        if key in NO_DEFAULT_BEFORE and key not in saved:
+            continue  # the data fingerprint below says whether the examples are the same
         # a flag newer than the checkpoint: it was trained with what is now that flag's default
         if saved.get(key, defaults[key]) != config.get(key):
             raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
@@ -113,7 +120,11 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
             if before[split] != now[split]:
                 counts = (before[f"{split}_examples"], now[f"{split}_examples"])
                 change = "other rows of the same count" if counts[0] == counts[1] else "%d then, %d now" % counts
-                raise UserError(f"{where} was trained on other data: the {split} examples changed ({change}): "
+                hint = ""
+                if "text_pair_column" not in saved and len(run.get("text_columns") or []) == 2:
+                    hint = (" (this version reads the file as text pairs, "
+                            f"{' + '.join(run['text_columns'])}: add --text_pair_column none to read one text as before)")
+                raise UserError(f"{where} was trained on other data: the {split} examples changed ({change}){hint}: "
                                 f"resume on the data the run started with, or start a new run")
     same_vocab = ("class", "vocab", "hash")  # not the path: a model directory may have moved
     if any(state["tokenizer"].get(k) != run["tokenizer"].get(k) for k in same_vocab):

@@ -41,8 +41,8 @@ class StepOutput:
 
 def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, torch.Tensor]) -> StepOutput:
     """One optimizer step over ``micro_batches`` (on the device). ``normalizer`` divides the summed loss:
-    a Python number, or, inside a CUDA graph, a device tensor holding its reciprocal (refilled before
-    each replay)."""
+    a Python number, or a device tensor holding its reciprocal: inside a CUDA graph (refilled before each
+    replay), and under DDP with class weights (summed over ranks, engine._global_reciprocal)."""
     device = sc.ctx.device
     if sc.recording:  # inside a graph the gradients stay the same tensors between replays: zeroed, not freed
         sc.optimizer.zero_grad(set_to_none=False)

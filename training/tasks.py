@@ -12,6 +12,8 @@ per-example outputs, gathered once per evaluation (``collects_outputs``).
 
 The tasks:
 - ``SingleLabelClassification``: one label out of K; optional class weights in the loss;
+- ``MultiLabelClassification``: any number of K labels per example: a sigmoid per label, binary
+  cross-entropy, micro- and macro-F1 and subset accuracy at a decision threshold;
 - ``Regression``: one score per text (or pair), MSE loss, Pearson and Spearman correlations.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from training.metrics import macro_f1
 
-TASK_KINDS = ("auto", "single_label", "regression")
+TASK_KINDS = ("auto", "single_label", "multi_label", "regression")
 
 
 def _sums_tensor(size: int, device: torch.device) -> torch.Tensor:
@@ -40,6 +42,7 @@ class Task:
     default_metric = "loss"     # --metric_for_best when it is not given
     summary_metrics: tuple = ()  # the columns of the end-of-run table (each a key of ``metrics``)
     collects_outputs = False    # evaluation gathers (prediction, target) per example for ``metrics``
+    normalizer_differs_by_rank = False  # the step's normalizer must be summed over ranks (class weights)
 
     def __init__(self, label_names):
         self.label_names = [str(n) for n in label_names]
@@ -56,6 +59,10 @@ class Task:
 
     def record(self) -> dict:
         return {"task": self.name, "label_names": list(self.label_names)}
+
+    def config_extras(self) -> dict:
+        """Attributes the model config keeps beside the standard ones (set after loading, saved with it)."""
+        return {}
 
     def normalizer(self, batch) -> float:
         """What a batch adds to the divisor of a step's loss (a host number, read without a sync):
@@ -90,6 +97,7 @@ class SingleLabelClassification(Task):
         super().__init__(label_names)
         self.num_labels = len(self.label_names)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.normalizer_differs_by_rank = class_weights is not None
         weight = None if class_weights is None else torch.tensor(self.class_weights, dtype=torch.float32)
         self._host_weight = weight
         # the module (not the functional form), so a test can wrap its forward to inject a NaN
@@ -157,6 +165,88 @@ class SingleLabelClassification(Task):
         """(scores per label, predicted label id) of float32 logits: softmax and its argmax."""
         probs = logits.float().softmax(dim=-1)
         return probs, probs.argmax(dim=-1)
+
+
+class MultiLabelClassification(Task):
+    """Any subset of K labels: one sigmoid per label and binary cross-entropy (the mean over examples and
+    labels, as ``BCEWithLogitsLoss``); a label is predicted where its probability reaches ``threshold``.
+    Metrics: micro-F1 (over every label decision), macro-F1 (the mean of per-label F1 over the labels that
+    occur or are predicted), subset accuracy (every label of the example right), per-label counts."""
+
+    name = "multi_label"
+    problem_type = "multi_label_classification"
+    best_metrics = {"micro_f1": 1, "macro_f1": 1, "subset_accuracy": 1, "loss": -1}
+    default_metric = "micro_f1"
+    summary_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "loss")
+    _shown = (("loss", "loss"), ("micro_f1", "micro-f1"), ("macro_f1", "macro-f1"), ("subset_accuracy", "exact"))
+    _LOSS, _COUNT, _EXACT = range(3)  # then tp, fp, fn per label
+
+    def __init__(self, label_names, threshold: float = 0.5):
+        super().__init__(label_names)
+        self.num_labels = len(self.label_names)
+        self.threshold = float(threshold)
+        self._logit_threshold = math.log(self.threshold / (1 - self.threshold))  # sigmoid(x) >= t <=> x >= logit(t)
+        self._criterion = torch.nn.BCEWithLogitsLoss(reduction="sum")  # a module: tests wrap its forward
+
+    def config_extras(self) -> dict:
+        return {"multi_label_threshold": self.threshold}
+
+    def record(self) -> dict:
+        return {**super().record(), "threshold": self.threshold}
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._criterion(logits.float(), labels.float())
+
+    def normalizer(self, batch) -> float:
+        return batch.num_examples * self.num_labels  # BCEWithLogitsLoss's mean: over every label decision
+
+    @property
+    def sums_size(self) -> int:
+        return 3 + 3 * self.num_labels
+
+    @torch.no_grad()
+    def add_sums(self, sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        k = self.num_labels
+        pred, true = logits >= self._logit_threshold, labels >= 0.5
+        sums[self._LOSS] += loss_sum.detach().to(sums.dtype)
+        sums[self._COUNT] += labels.shape[0]
+        sums[self._EXACT] += (pred == true).all(dim=-1).sum().to(sums.dtype)
+        sums[3:3 + k] += (pred & true).sum(dim=0).to(sums.dtype)
+        sums[3 + k:3 + 2 * k] += (pred & ~true).sum(dim=0).to(sums.dtype)
+        sums[3 + 2 * k:] += (~pred & true).sum(dim=0).to(sums.dtype)
+
+    def running(self, sums: torch.Tensor) -> dict:
+        loss_sum, count, exact = sums[:3].tolist()
+        if count == 0:
+            return {"loss": float("nan"), "subset_accuracy": float("nan"), "count": 0}
+        return {"loss": loss_sum / (count * self.num_labels), "subset_accuracy": exact / count, "count": int(count)}
+
+    def metrics(self, sums: torch.Tensor, outputs=None) -> dict:
+        out = self.running(sums)
+        out.update(multi_label_metrics(sums[3:].reshape(3, self.num_labels).cpu().double(), self.label_names))
+        out.pop("per_label")
+        return out
+
+    def decode(self, logits: torch.Tensor) -> tuple:
+        """(a probability per label, the 0/1 decisions at the threshold)."""
+        probs = logits.float().sigmoid()
+        return probs, (logits.float() >= self._logit_threshold).long()
+
+
+def multi_label_metrics(counts: torch.Tensor, label_names) -> dict:
+    """Micro- and macro-F1 and per-label precision, recall, F1 and support from per-label (tp, fp, fn) rows."""
+    tp, fp, fn = (counts[i] for i in range(3))
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    present = (tp + fp + fn) > 0  # labels that occur or are predicted, as macro-F1 of one label per example
+    micro_den = float(2 * tp.sum() + fp.sum() + fn.sum())
+    return {"micro_f1": float(2 * tp.sum()) / micro_den if micro_den else float("nan"),
+            "macro_f1": float(f1[present].mean()) if bool(present.any()) else float("nan"),
+            "per_label": {str(name): {"precision": float(tp[i] / (tp[i] + fp[i])) if tp[i] + fp[i] else 0.0,
+                                      "recall": float(tp[i] / (tp[i] + fn[i])) if tp[i] + fn[i] else 0.0,
+                                      "f1": float(f1[i]), "support": int(tp[i] + fn[i]),
+                                      "predicted": int(tp[i] + fp[i])}
+                          for i, name in enumerate(label_names)}}
 
 
 class Regression(Task):
@@ -253,6 +343,10 @@ def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], count
         return None
     names, k = [str(n) for n in label_names], len(label_names)
     if spec.strip() == "balanced":
+        absent = [name for name, c in zip(names, counts) if c == 0]
+        if absent:
+            raise UserError(f"--class_weights balanced: label(s) {', '.join(absent)} have no training examples "
+                            f"(a larger --num_samples, or explicit weights)")
         n = sum(counts)
         return [n / (k * c) for c in counts]
     parts = [p.strip() for p in spec.split(",")]
@@ -278,21 +372,31 @@ def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], count
 
 def default_metric(task_name: str) -> str:
     """The --metric_for_best of a task that was not given one."""
-    return {t.name: t.default_metric for t in (SingleLabelClassification, Regression)}.get(task_name, "accuracy")
+    return {t.name: t.default_metric for t in (SingleLabelClassification, MultiLabelClassification, Regression)
+            }.get(task_name, "accuracy")
 
 
-def choose_task(kind: str, label_names, class_weights: Optional[Sequence[float]] = None) -> Task:
-    """The task of a run: ``kind`` as the data path settled it ("single_label" or "regression")."""
+def choose_task(kind: str, label_names, class_weights: Optional[Sequence[float]] = None,
+                threshold: float = 0.5) -> Task:
+    """The task of a run: ``kind`` as the data path settled it ("single_label", "multi_label", "regression")."""
     if kind == "regression":
         return Regression(label_names)
+    if kind == "multi_label":
+        return MultiLabelClassification(label_names, threshold)
     return SingleLabelClassification(label_names, class_weights)
 
 
 def task_from_model_config(config, label_names) -> Task:
     """The task a checkpoint was trained for, from its model config's ``problem_type``."""
     kind: Optional[str] = getattr(config, "problem_type", None)
-    if kind == Regression.problem_type:
+    if kind == Regression.problem_type or (kind is None and len(label_names) == 1):  # transformers' convention
+        if len(label_names) != 1:
+            from training.utils import UserError
+            raise UserError(f"this checkpoint is a regression with {len(label_names)} outputs; these tools "
+                            f"handle one score per text")
         return Regression(label_names)
+    if kind == MultiLabelClassification.problem_type:
+        return MultiLabelClassification(label_names, getattr(config, "multi_label_threshold", 0.5))
     if kind not in (None, SingleLabelClassification.problem_type):
         from training.utils import UserError
         raise UserError(f"this checkpoint was trained for {kind}, which these tools do not handle yet")

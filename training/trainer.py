@@ -157,7 +157,9 @@ class BestTracker:
 
     def improved(self, validation: dict, epoch: int) -> bool:
         value = validation[self.metric]
-        if self.best is None or self.sign * value > self.sign * self.best:
+        # NaN (a correlation of constant predictions) never beats a number, and any number beats a NaN best
+        first, nan_best = self.best is None, self.best is not None and math.isnan(self.best)
+        if first or (not math.isnan(value) and (nan_best or self.sign * value > self.sign * self.best)):
             self.best, self.best_epoch, self.stale = value, epoch, 0
             return True
         self.stale += 1
@@ -260,7 +262,8 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
     source = data.DataSource.from_args(cfg.dataset, cfg.dataset_config, cfg.train_file, cfg.validation_file,
-                                       cfg.text_column, cfg.label_column, cfg.quoting, cfg.text_pair_column)
+                                       cfg.text_column, cfg.label_column, cfg.quoting, cfg.text_pair_column,
+                                       label_separator=cfg.label_separator, label_columns=cfg.label_columns)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
                                  cache_key=cfg.values_marked("cache"),
@@ -270,7 +273,8 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
         log.print(f"note: {note}")
     info = prepared.info
     shape = (f"task regression of {prepared.label_names[0]!r}" if prepared.task == "regression"
-             else f"labels {', '.join(map(str, prepared.label_names))}")
+             else f"labels {', '.join(map(str, prepared.label_names))}"
+             + (" (multi-label)" if prepared.task == "multi_label" else ""))
     texts = " + ".join(info["text_columns"]) if len(info["text_columns"]) > 1 else None
     log.print(f"data: {info['source']} | {len(prepared.train)} train, {len(prepared.validation)} validation"
               f" | {shape}" + (f" | text pairs {texts}" if texts else ""))
@@ -288,13 +292,17 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
+    if cfg.class_weights is not None and prepared.task != "single_label":
+        raise UserError(f"--class_weights applies to single-label classification; this data is a "
+                        f"{prepared.task.replace('_', '-')} task")
     weights = tasks.resolve_class_weights(cfg.class_weights, prepared.label_names,
                                           prepared.info.get("train_label_counts", []))
-    task = tasks.choose_task(prepared.task, prepared.label_names, weights).to(ctx.device)
+    task = tasks.choose_task(prepared.task, prepared.label_names, weights, cfg.threshold).to(ctx.device)
     if weights is not None:
         log.print("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(task.label_names, weights)))
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
+                  "text_columns": prepared.info["text_columns"],
                   "data": prepared.info["fingerprint"]}
     saved = None
     if resume_from is not None:
