@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random-init BERT built from a config, synthetic data files, a CLI runner."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
@@ -13,6 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# pytest -n 2 on two cores: two workers, each training in this process or in commands of two OpenMP threads
+# (four or more threads for two cores). OpenMP's default has an idle thread spin, holding a core that
+# another process's thread has work for; passive waiting changes no result (the work is split over the
+# threads the same way), only how a thread waits. Set before torch is loaded here; the commands the tests
+# start inherit it (cli_env copies the environment). An OMP_WAIT_POLICY already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "delightful"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "tedious"]
@@ -57,6 +66,130 @@ def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) 
                           capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 
+# Python's own warning filters (python -W default is not set): what a fresh `python script.py` shows.
+_PYTHON_DEFAULT_WARNING_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                                   ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                                   ("ignore", ResourceWarning, ""))
+
+
+@contextlib.contextmanager
+def _as_in_a_fresh_process(monkeypatch):
+    """The library state a new interpreter started by ``run_script`` has, for the length of one in-process run.
+
+    Earlier tests in this process may have turned the Hugging Face libraries' warnings and progress bars
+    off (as the tools themselves do), and their log handlers write to the stream that was ``sys.stderr``
+    when they were made: reset the first, point the second at the captured standard error, and put
+    both back after. Offline as ``cli_env`` (those flags are read when the libraries are imported)."""
+    import logging
+
+    for name, value in cli_env().items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    restore = []
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+        hub_tqdm = sys.modules["huggingface_hub.utils.tqdm"]
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+    if "datasets" in sys.modules:
+        import datasets
+        ds_logging, ds_tqdm = sys.modules["datasets.utils.logging"], sys.modules["datasets.utils.tqdm"]
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        monkeypatch.setattr(ds_tqdm, "_hf_datasets_progress_bars_disabled",
+                            ds_tqdm.HF_DATASETS_DISABLE_PROGRESS_BARS is True)
+        restore.append((ds_logging.set_verbosity, ds_logging.get_verbosity()))
+        ds_logging.set_verbosity(ds_logging._get_default_logging_level())
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        monkeypatch.setattr(hf_logging, "_tqdm_active", True)
+        restore.append((hf_logging.set_verbosity, hf_logging.get_verbosity()))
+        hf_logging.set_verbosity(hf_logging._get_default_logging_level())
+    handlers = {h for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                for h in getattr(lg, "handlers", [])
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                and not isinstance(getattr(type(h), "stream", None), property)  # those write to sys.stderr already
+                and h.stream not in (sys.stdout, sys.__stdout__)}
+    streams = {h: h.stream for h in handlers}
+    for h in handlers:
+        h.stream = sys.stderr
+    try:
+        yield
+    finally:
+        for h, stream in streams.items():
+            h.stream = stream
+        for setter, value in restore:
+            setter(value)
+
+
+def run_in_process(script: str, *args, capfd, monkeypatch, timeout=None) -> subprocess.CompletedProcess:
+    """What ``run_script(script, *args)`` answers, from the script run as ``__main__`` in this process.
+
+    For commands whose test reads what they print, write and exit with (bad input, refusals, runs whose
+    numbers are not compared with another process's): without a new interpreter, they do not pay its
+    3-5 s of importing torch, transformers and datasets. The answer is the one a process would
+    give: the exit code (``sys.exit``'s, 1 with a traceback on standard error for an uncaught
+    exception), everything written to file descriptors 1 and 2 (``capfd``), and the warnings a fresh
+    interpreter would print. The RNGs, thread count, working directory, ``sys.argv`` and ``sys.path``
+    are put back.
+    The true subprocess (``run_script``) stays where the test is about the process itself, or needs
+    hooks (PYTHONPATH) or thread settings (bitwise resume) that only a new interpreter takes.
+    ``timeout`` is ``run_script``'s, unused: there is no process to wait for."""
+    import random
+    import runpy
+    import threading
+    import traceback
+    import warnings
+
+    import numpy as np
+    import torch
+
+    path = ROOT / "training" / script if (ROOT / "training" / script).is_file() else ROOT / script
+    argv = [str(path), *on_cpu(script, args)]
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    threads = torch.get_num_threads()
+    saved_path = list(sys.path)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # printed, as a process prints them
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    capfd.readouterr()  # what this test printed before is not the command's
+    extra_err = []
+    with _as_in_a_fresh_process(monkeypatch), warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        for action, category, module in reversed(_PYTHON_DEFAULT_WARNING_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:  # sys.exit("message"): printed, exit code 1
+                extra_err.append(f"{exc.code}\n")
+                code = 1
+        except Exception:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+            extra_err.append(traceback.format_exc())
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.path[:] = saved_path
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            torch.set_num_threads(threads)
+    warned = [warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in shown]
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err + "".join(warned + extra_err))
+
+
+@pytest.fixture
+def run_main(capfd, monkeypatch):
+    """``run_main(script, *args)``: ``run_in_process`` with this test's captured output."""
+    return functools.partial(run_in_process, capfd=capfd, monkeypatch=monkeypatch)
+
+
 def synthetic_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list:
     """Sentences whose label is given by one sentiment word among filler words."""
     rng = random.Random(seed)
@@ -91,6 +224,29 @@ def write_rows(path: Path, rows: list, text_key="text", label_key="label") -> Pa
     return path
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(directory)`` once per test session, also under ``pytest -n``: the workers share the directory.
+
+    For a fixture's read-only product (a trained run the tests only read): with xdist each worker
+    would otherwise make its own, and the work-stealing scheduler splits modules across workers. The
+    first worker makes it while holding a lock; the others wait and use it. A failed attempt leaves
+    nothing marked done, so the next worker to ask tries again (and fails the same way)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's directory, above each worker's own
+    directory, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            done.write_text("")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide BERT with random weights and the default model's tokenizer (no dropout)."""
@@ -121,14 +277,16 @@ THREE_LABELS = ("alpha", "beta", "gamma")
 
 @pytest.fixture(scope="session")
 def trained(tiny_model_dir, tmp_path_factory) -> Path:
-    """A run of the tiny model on a 3-class task with string labels, trained once per test session."""
-    base = tmp_path_factory.mktemp("trained-three-class")
-    train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=THREE_LABELS))
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 4,
-                      "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
-                      "--checkpoint_dir", base / "ck", "--run_name", "r")
-    assert proc.returncode == 0, proc.stderr
-    return base / "ck" / "r"
+    """A run of the tiny model on a 3-class task with string labels, trained once per test session
+    (once for all the workers of ``pytest -n``: the tests only read it)."""
+    def make(base: Path) -> None:
+        train = write_rows(base / "train.csv", synthetic_rows(300, seed=3, labels=THREE_LABELS))
+        proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 4,
+                          "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
+                          "--checkpoint_dir", base / "ck", "--run_name", "r")
+        assert proc.returncode == 0, proc.stderr
+
+    return made_once(tmp_path_factory, "trained-three-class", make) / "ck" / "r"
 
 
 def assert_real_png(path: Path, width=(300, 4000), height=(300, 4000)) -> None:

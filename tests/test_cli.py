@@ -45,13 +45,13 @@ def test_spec_quick_command_on_the_default_model_and_data(tmp_path):
     assert clf("a warm, funny and touching film")[0]["label"] in {"fresh", "rotten"}
 
 
-def test_tiny_model_learns_a_synthetic_task(tmp_path, tiny_model_dir):
+def test_tiny_model_learns_a_synthetic_task(tmp_path, tiny_model_dir, run_main):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(400, seed=1))
     val = write_rows(tmp_path / "val.jsonl", synthetic_rows(100, seed=2))
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train,
-                      "--validation_file", val, "--epochs", 6, "--batch_size", 16, "--learning_rate", 2e-3,
-                      "--max_length", 32, "--warmup_ratio", 0.1, "--checkpoint_dir", tmp_path / "ck",
-                      "--run_name", "synthetic", "--log_every", 5)
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", train,
+                    "--validation_file", val, "--epochs", 6, "--batch_size", 16, "--learning_rate", 2e-3,
+                    "--max_length", 32, "--warmup_ratio", 0.1, "--checkpoint_dir", tmp_path / "ck",
+                    "--run_name", "synthetic", "--log_every", 5)
     assert proc.returncode == 0, proc.stderr
     epochs = read_metrics(tmp_path / "ck" / "synthetic", "epoch")
     assert len(epochs) == 6
@@ -152,13 +152,21 @@ CASES = ["missing file", "directory as file", "unknown format", "no text column"
          "bad compile value", "bad precision"]
 
 
+# Through a new process: the flag errors (answered before torch loads, so a process costs little) and one
+# error found by the trainer. The others run the script in this process (conftest.run_in_process: the same
+# exit code, output and warnings, without a new interpreter's imports of torch, transformers and datasets).
+THROUGH_A_PROCESS = {"zero epochs", "fractional epochs", "zero batch size", "negative learning rate",
+                     "nan learning rate", "negative seed", "seed too large", "zero num_samples", "bad compile value",
+                     "bad precision", "run name outside the checkpoint dir", "absolute run name", "decoder model"}
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir, foreign_models, case):
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir, foreign_models, run_main, case):
     """One line on stderr, naming the problem; no usage dump, no traceback, no run directory left behind."""
     args, expected = _bad_inputs(tmp_path, tiny_model_dir, foreign_models)[case]
     if "--checkpoint_dir" not in map(str, args):
         args = [*args, "--checkpoint_dir", tmp_path / "ck"]
-    proc = run_script("train_single.py", *args, timeout=300)
+    proc = (run_script if case in THROUGH_A_PROCESS else run_main)("train_single.py", *args, timeout=300)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -168,12 +176,13 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_model_dir, foreign
         assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name != "cache") in ([], ["taken"])
 
 
-def test_a_failed_start_leaves_nothing_so_the_corrected_rerun_runs(tmp_path, tiny_model_dir, foreign_models):
+def test_a_failed_start_leaves_nothing_so_the_corrected_rerun_runs(tmp_path, tiny_model_dir, foreign_models,
+                                                                   run_main):
     good = write_rows(tmp_path / "good.csv", synthetic_rows(40))
     common = ["--train_file", good, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", "--epochs", 1,
               "--max_length", 32]
-    assert run_script("train_single.py", "--model", foreign_models["gpt2"], *common).returncode == 2
-    proc = run_script("train_single.py", "--model", tiny_model_dir, *common)
+    assert run_main("train_single.py", "--model", foreign_models["gpt2"], *common).returncode == 2
+    proc = run_main("train_single.py", "--model", tiny_model_dir, *common)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ck" / "r" / "final" / "model.safetensors").is_file()
 

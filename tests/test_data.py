@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_script, synthetic_rows, write_rows
+from conftest import synthetic_rows, write_rows
 from training import data
 from training.batches import PadCollator
 from training.distributed import ProcessContext
@@ -169,9 +169,9 @@ def _bad_columns(tmp_path):
 
 @pytest.mark.parametrize("case", ["same text and label column", "text column given as the label column's",
                                   "a text column of numbers"])
-def test_wrong_columns_are_one_error_line_that_says_what_is_wrong(tmp_path, tiny_model_dir, case):
+def test_wrong_columns_are_one_error_line_that_says_what_is_wrong(tmp_path, tiny_model_dir, run_main, case):
     args, expected = _bad_columns(tmp_path)[case]
-    proc = run_script("train_single.py", "--model", tiny_model_dir, *args, "--checkpoint_dir", tmp_path / "ck")
+    proc = run_main("train_single.py", "--model", tiny_model_dir, *args, "--checkpoint_dir", tmp_path / "ck")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0]
@@ -179,13 +179,13 @@ def test_wrong_columns_are_one_error_line_that_says_what_is_wrong(tmp_path, tiny
         assert "holds only numbers (first: 0)" in lines[0] and "--text_column" in lines[0]
 
 
-def test_the_truncation_count_is_exact(tmp_path, tiny_model_dir):
+def test_the_truncation_count_is_exact(tmp_path, tiny_model_dir, run_main):
     # [CLS] + 6 words + [SEP] is exactly --max_length 8: not truncated; 7 words is
     rows = [{"text": t, "label": lab} for t, lab in [("good film", "pos"), ("bad film", "neg")] * 19]
     rows += [{"text": "good " * 6, "label": "pos"}, {"text": "bad " * 7, "label": "neg"}]
     path = write_rows(tmp_path / "t.csv", rows)
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--validation_file", path,
-                      "--epochs", 1, "--max_length", 8, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r")
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--validation_file", path,
+                    "--epochs", 1, "--max_length", 8, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
     assert "note: truncated 1 training and 1 validation text(s) to --max_length 8 tokens" in proc.stdout
     info = json.loads((tmp_path / "ck" / "r" / "data.json").read_text())
@@ -200,8 +200,16 @@ def test_mixed_label_types_are_refused(tmp_path):
 
 
 def test_hub_dataset_offline_gives_a_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read those when imported (earlier, here): offline at once, as in a process started so,
+    # not 20 s of retries to reach the hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load dataset 'someone/no-such-set' from the Hugging Face Hub"):
         load(dataset="someone/no-such-set")
 

@@ -68,12 +68,12 @@ def noisy_validation(path: Path, n: int = 60) -> tuple:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-def test_cli_metrics_equal_a_direct_computation(tmp_path, trained):
+def test_cli_metrics_equal_a_direct_computation(tmp_path, trained, run_main):
     texts, labels = noisy_validation(tmp_path / "val.jsonl")
     out, png = tmp_path / "eval.json", tmp_path / "plots" / "cm.png"
     train = trained.parent.parent / "train.csv"
-    proc = run_script("evaluate.py", "--checkpoint", trained / "final", "--train_file", train,
-                      "--validation_file", tmp_path / "val.jsonl", "--output", out, "--plot", png, "--batch_size", 7)
+    proc = run_main("evaluate.py", "--checkpoint", trained / "final", "--train_file", train,
+                    "--validation_file", tmp_path / "val.jsonl", "--output", out, "--plot", png, "--batch_size", 7)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["labels"] == list(LABELS) and result["examples"] == len(texts)
@@ -93,18 +93,18 @@ def test_cli_metrics_equal_a_direct_computation(tmp_path, trained):
     assert_real_png(png)
 
 
-def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capsys):
+def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capfd, run_main):
     texts, labels = noisy_validation(tmp_path / "test.csv")
     out = {name: tmp_path / f"{name}.json" for name in ("alone", "data", "with_train")}
-    proc = run_script("evaluate.py", "--checkpoint", trained / "final", "--validation_file", tmp_path / "test.csv",
-                      "--output", out["alone"])
+    proc = run_main("evaluate.py", "--checkpoint", trained / "final", "--validation_file", tmp_path / "test.csv",
+                    "--output", out["alone"])
     assert proc.returncode == 0, proc.stderr
     assert f"data: every row of {tmp_path / 'test.csv'} | 60 examples" in proc.stdout
     assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--data", str(tmp_path / "test.csv"),
                           "--output", str(out["data"])]) == 0
     assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained / "final"), "--train_file", str(trained.parent.parent / "train.csv"),
                           "--validation_file", str(tmp_path / "test.csv"), "--output", str(out["with_train"])]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     results = {name: json.loads(path.read_text()) for name, path in out.items()}
     want = direct_metrics(labels, direct_predictions(trained / "final", texts, max_length=32), list(LABELS))
     for result in results.values():

@@ -34,13 +34,13 @@ def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cli_probabilities_equal_a_direct_forward_pass(tmp_path, trained):
+def test_cli_probabilities_equal_a_direct_forward_pass(tmp_path, trained, run_main):
     src = tmp_path / "texts.txt"
     src.write_text("\n".join(TEXTS[:5]) + "\n\n  \n" + "\n".join(TEXTS[5:]) + "\n")  # blank lines are skipped
     out = tmp_path / "sub" / "pred.jsonl"
     # batch 3: several batches, and sorting by length reorders texts across them
-    proc = run_script("predict.py", "--checkpoint", trained / "final", "--input", src, "--output", out,
-                      "--batch_size", 3)
+    proc = run_main("predict.py", "--checkpoint", trained / "final", "--input", src, "--output", out,
+                    "--batch_size", 3)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {len(TEXTS)} prediction(s) to {out}" in proc.stdout
     assert "skipped 2 blank line(s)" in proc.stderr

@@ -27,9 +27,9 @@ def unclosed_quote_rows(close_later: bool = False) -> list:
     return rows
 
 
-def train(tmp_path, tiny_model_dir, path, *extra):
-    return run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
-                      "--max_length", 32, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", *extra)
+def train(tmp_path, tiny_model_dir, path, *extra, run=run_script):
+    return run("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
+               "--max_length", 32, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r", *extra)
 
 
 def one_error_line(proc) -> str:
@@ -39,10 +39,10 @@ def one_error_line(proc) -> str:
     return lines[0]
 
 
-def test_an_unclosed_quote_loses_no_row(tmp_path, tiny_model_dir):
+def test_an_unclosed_quote_loses_no_row(tmp_path, tiny_model_dir, run_main):
     # pandas' parser (what datasets' csv builder runs) made 91 rows of these 200, without a word
     path = plain_csv(tmp_path / "train.csv", unclosed_quote_rows())
-    proc = train(tmp_path, tiny_model_dir, path)
+    proc = train(tmp_path, tiny_model_dir, path, run=run_main)
     assert proc.returncode == 0, proc.stderr
     # auto: standard quoting cannot read line 7, every line has 2 fields with plain quotes: read so, said so
     assert "note: " in proc.stdout and "line 7" in proc.stdout and "--quoting none" in proc.stdout
@@ -50,14 +50,15 @@ def test_an_unclosed_quote_loses_no_row(tmp_path, tiny_model_dir):
     assert info["rows_read"] == {str(path): N} and info["quoting"] == {str(path): "none"}
     assert info["train_examples"] + info["validation_examples"] == N
     # minimal: standard quoting only, so the file is refused, naming the line and the other flag
-    proc = train(tmp_path, tiny_model_dir, path, "--quoting", "minimal", "--run_name", "m")
+    proc = train(tmp_path, tiny_model_dir, path, "--quoting", "minimal", "--run_name", "m", run=run_main)
     line = one_error_line(proc)
     assert "line 7" in line and "never closed" in line and "--quoting none" in line
 
 
-def test_a_quote_that_would_swallow_rows_is_an_error_naming_the_line_and_both_flags(tmp_path, tiny_model_dir):
+def test_a_quote_that_would_swallow_rows_is_an_error_naming_the_line_and_both_flags(tmp_path, tiny_model_dir,
+                                                                                    run_main):
     path = plain_csv(tmp_path / "train.csv", unclosed_quote_rows(close_later=True))
-    line = one_error_line(train(tmp_path, tiny_model_dir, path))
+    line = one_error_line(train(tmp_path, tiny_model_dir, path, run=run_main))
     assert "line 7" in line and "line 11" in line and "--quoting none" in line and "--quoting minimal" in line
     # either flag settles it: none keeps every row, minimal reads lines 7-11 as one row, as asked
     assert len(data.read_delimited(path, "none").rows) == N

@@ -208,28 +208,28 @@ def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_t
     _close(d / "killed", ddp_reference)
 
 
-def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir):
+def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir, run_main):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=9))
     common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 4, "--max_length", 32,
               "--checkpoint_dir", tmp_path, "--run_name", "t", "--save_every_steps", 4, "--keep_checkpoints", 3]
-    assert run_script("train_single.py", *common).returncode == 0
+    assert run_main("train_single.py", *common).returncode == 0
     newest, older = sorted((tmp_path / "t" / "checkpoints").iterdir())[-1], \
         sorted((tmp_path / "t" / "checkpoints").iterdir())[-2]
     weights_file = newest / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
-    proc = run_script("train_single.py", *common, "--resume", newest)
+    proc = run_main("train_single.py", *common, "--resume", newest)
     assert proc.returncode == 2 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_single.py", *common, "--resume", "auto")
+    proc = run_main("train_single.py", *common, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr
     assert f"checkpoint {newest.name} is unusable" in proc.stdout
     assert f"resumed from {older}" in proc.stdout
 
 
-def test_mismatched_checkpoints_are_refused(tmp_path, tiny_model_dir, hooks):
+def test_mismatched_checkpoints_are_refused(tmp_path, tiny_model_dir, hooks, run_main):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(40, seed=9))
     three = write_rows(tmp_path / "three.csv", synthetic_rows(40, seed=9, labels=("a", "b", "c")))
     common = ["--epochs", 1, "--batch_size", 4, "--max_length", 32, "--run_name", "m", "--checkpoint_dir", tmp_path]
-    assert run_script("train_single.py", *common, "--model", tiny_model_dir, "--train_file", train).returncode == 0
+    assert run_main("train_single.py", *common, "--model", tiny_model_dir, "--train_file", train).returncode == 0
     ckpt = sorted((tmp_path / "m" / "checkpoints").iterdir())[-1]
     cases = {
         "labels": (["--model", tiny_model_dir, "--train_file", three], "was trained on labels"),
@@ -238,7 +238,7 @@ def test_mismatched_checkpoints_are_refused(tmp_path, tiny_model_dir, hooks):
         "model": (["--model", tmp_path / "m" / "final", "--train_file", train], "was trained with --model"),
     }
     for name, (args, expected) in cases.items():
-        proc = run_script("train_single.py", *common, *args, "--resume", ckpt)
+        proc = run_main("train_single.py", *common, *args, "--resume", ckpt)
         assert proc.returncode == 2 and expected in proc.stderr, (name, proc.stderr)
     proc = torchrun(2, *common, "--model", tiny_model_dir, "--train_file", train, "--resume", ckpt,
                     env=env_with(hooks))
@@ -258,7 +258,8 @@ def test_ctrl_c_while_the_data_is_prepared_stops_at_once_and_leaves_nothing(tmp_
     ("more rows", "the train examples changed (135 then, 202 now)"),
     ("same count, other rows", "the train examples changed (other rows of the same count)"),
 ])
-def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, tiny_model_dir, hooks, change, message):
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, tiny_model_dir, hooks, run_main, change,
+                                                              message):
     """Copying other rows over the same --train_file (size and mtime are not what is compared)."""
     train = write_rows(tmp_path / "train.csv", synthetic_rows(150, seed=2))
     common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 8, "--max_length", 32,
@@ -267,13 +268,14 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path, tiny_mo
     assert stopped.returncode == 143, stopped.stderr
     rows = synthetic_rows(225, seed=3) if change == "more rows" else synthetic_rows(150, seed=9)
     write_rows(train, rows)
-    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    resumed = run_main("train_single.py", *common, "--resume", "auto")
     assert resumed.returncode == 2, resumed.stdout
     assert message in resumed.stderr and "was trained on other data" in resumed.stderr, resumed.stderr
     assert len(resumed.stderr.strip().splitlines()) == 1
 
 
-def test_a_second_launch_on_a_live_run_is_refused_and_a_dead_runs_lock_is_not(tmp_path, tiny_model_dir, hooks):
+def test_a_second_launch_on_a_live_run_is_refused_and_a_dead_runs_lock_is_not(tmp_path, tiny_model_dir, hooks,
+                                                                               run_main):
     import os
     import signal
     import time
@@ -289,13 +291,13 @@ def test_a_second_launch_on_a_live_run_is_refused_and_a_dead_runs_lock_is_not(tm
         while not flag.exists() and live.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert flag.exists(), live.communicate()[1] if live.poll() is not None else "no pause"
-        second = run_script("train_single.py", *common, "--resume", "auto")
+        second = run_main("train_single.py", *common, "--resume", "auto")
         assert second.returncode == 2
         assert f"{tmp_path / 'ck' / 'r'} is in use by pid {live.pid}" in second.stderr, second.stderr
     finally:
         live.send_signal(signal.SIGKILL)  # dies holding the lock: the OS releases it
         live.communicate()
-    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    resumed = run_main("train_single.py", *common, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 1, step 2" in resumed.stdout
     assert len(records(tmp_path / "ck" / "r", "epoch")) == 1  # one writer: one epoch record
@@ -333,21 +335,21 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_is_a_clear_error(tmp_path, tiny_model_dir, case):
+def test_bad_data_is_a_clear_error(tmp_path, tiny_model_dir, run_main, case):
     content, suffix, expected = BAD_DATA[case]
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path,
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", path,
                       "--checkpoint_dir", tmp_path / "ck")
     assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_long_texts_are_truncated_with_a_count(tmp_path, tiny_model_dir):
+def test_long_texts_are_truncated_with_a_count(tmp_path, tiny_model_dir, run_main):
     rows = synthetic_rows(40, seed=3)
     rows[0]["text"] = " ".join(["good"] * 500)
     path = write_rows(tmp_path / "t.csv", rows)
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
-                      "--max_length", 16, "--checkpoint_dir", tmp_path / "ck", "--validation_fraction", 0.25)
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
+                    "--max_length", 16, "--checkpoint_dir", tmp_path / "ck", "--validation_fraction", 0.25)
     assert proc.returncode == 0, proc.stderr
     assert "note: truncated" in proc.stdout and "to --max_length 16 tokens" in proc.stdout
 
@@ -378,13 +380,13 @@ def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, t
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def test_fresh_start_in_an_unfinished_run_directory_drops_its_stale_metrics(tmp_path, tiny_model_dir):
+def test_fresh_start_in_an_unfinished_run_directory_drops_its_stale_metrics(tmp_path, tiny_model_dir, run_main):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(32, seed=4))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text('{"event": "step", "step": 5, "loss": 9.9}\n{"event": "ep')
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--validation_file", train,
-                      "--epochs", 1, "--batch_size", 8, "--max_length", 32, "--checkpoint_dir", tmp_path, "--run_name", "r",
-                      "--resume", "auto", "--log_every", 1)
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--validation_file", train,
+                    "--epochs", 1, "--batch_size", 8, "--max_length", 32, "--checkpoint_dir", tmp_path, "--run_name", "r",
+                    "--resume", "auto", "--log_every", 1)
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoint in" in proc.stdout
     assert [r["step"] for r in records(tmp_path / "r", "step")] == [1, 2, 3, 4]  # 32 / 8: none kept from before

@@ -8,7 +8,7 @@ import termios
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, on_cpu, synthetic_rows, write_rows
 
 
 def _args(tmp_path, tiny_model_dir, *extra):
@@ -41,8 +41,8 @@ def _run_with_tty_stderr(args) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_progress_bar_only_on_a_terminal_and_not_with_no_progress(tmp_path, tiny_model_dir):
-    piped = run_script("train_single.py", *_args(tmp_path / "a", tiny_model_dir, "--epochs", 1))
+def test_progress_bar_only_on_a_terminal_and_not_with_no_progress(tmp_path, tiny_model_dir, run_main):
+    piped = run_main("train_single.py", *_args(tmp_path / "a", tiny_model_dir, "--epochs", 1))
     assert piped.returncode == 0, piped.stderr
     assert "epoch 1/1:" not in piped.stderr and "step/s" not in piped.stderr and "\r" not in piped.stderr
     shown = _run_with_tty_stderr(_args(tmp_path / "b", tiny_model_dir, "--epochs", 1))
@@ -51,11 +51,11 @@ def test_progress_bar_only_on_a_terminal_and_not_with_no_progress(tmp_path, tiny
     assert "epoch 1/1:" not in hidden
 
 
-def test_tensorboard_events_hold_step_and_epoch_scalars(tmp_path, tiny_model_dir):
+def test_tensorboard_events_hold_step_and_epoch_scalars(tmp_path, tiny_model_dir, run_main):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 2, "--tensorboard",
-                                                "--run_name", "tb"))
+    proc = run_main("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 2, "--tensorboard",
+                                              "--run_name", "tb"))
     assert proc.returncode == 0, proc.stderr
     acc = EventAccumulator(str(tmp_path / "ck" / "tb" / "tensorboard"))
     acc.Reload()
@@ -67,10 +67,10 @@ def test_tensorboard_events_hold_step_and_epoch_scalars(tmp_path, tiny_model_dir
     assert len(acc.Scalars("epoch/val_accuracy")) == 2
 
 
-def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_model_dir):
+def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_model_dir, run_main):
     # a learning rate this small leaves predictions unchanged: accuracy never improves after epoch 1
-    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
-                                                "--early_stopping_patience", 2, "--run_name", "es"))
+    proc = run_main("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
+                                              "--early_stopping_patience", 2, "--run_name", "es"))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "ck" / "es" / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["stopped_early"] is True and summary["best_epoch"] == 1
@@ -80,21 +80,21 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_m
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert (tmp_path / "ck" / "es" / "best" / "model.safetensors").is_file()
     # resuming (or restarting) an early-stopped run trains nothing more
-    again = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
-                                                 "--early_stopping_patience", 2, "--run_name", "es",
-                                                 "--resume", "auto"))
+    again = run_main("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 6, "--learning_rate", 1e-12,
+                                               "--early_stopping_patience", 2, "--run_name", "es",
+                                               "--resume", "auto"))
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "ck" / "es" / "summary.json").read_text())["epochs_run"] == 3
     assert "epoch 4/6" not in again.stdout
 
 
-def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir):
+def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir, run_main):
     from transformers import AutoModelForSequenceClassification
     import torch
     from safetensors.torch import load_file
 
-    proc = run_script("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 4, "--learning_rate", 3e-3,
-                                                "--metric_for_best", "loss", "--run_name", "best"))
+    proc = run_main("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 4, "--learning_rate", 3e-3,
+                                              "--metric_for_best", "loss", "--run_name", "best"))
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "ck" / "best"
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
