@@ -206,9 +206,12 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
     from test_tasks import score_rows, write_csv
     if shape == "pair regression":
         train, extra, metric = write_csv(tmp_path / "t.csv", score_rows(160, seed=3, pair=True)), [], "val_pearson"
-    elif shape == "multi label":
-        from test_tasks import topic_rows, write_topic_files
-        train, extra, metric = write_topic_files(tmp_path, topic_rows(160, seed=5))["lists"][0], [], "val_micro_f1"
+    elif shape == "multi label":  # a tuned threshold, which the recorded steps read from device memory
+        from test_tasks import noisy_topic_rows
+        train = tmp_path / "t.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in noisy_topic_rows(480, seed=21)))
+        extra, metric = ["--threshold", "tune", "--class_weights", "15,15,15", "--epochs", 4,
+                         "--learning_rate", 5e-3], "val_micro_f1"
     else:
         rows = synthetic_rows(200, seed=4)
         rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:40]
@@ -230,3 +233,11 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
     ea, eb = records(tmp_path / "on", "epoch")[-1], records(tmp_path / "off", "epoch")[-1]
     assert abs(ea[metric] - eb[metric]) < 1e-3, (ea, eb)
+    if shape == "multi label":
+        # the training sums after a tuned evaluation decide at the new threshold, replayed or not (a
+        # threshold frozen into the graphs at 0.5 moves subset accuracy by ~0.1 here)
+        on, off = records(tmp_path / "on", "epoch"), records(tmp_path / "off", "epoch")
+        assert [r["val_threshold"] for r in on] == [r["val_threshold"] for r in off]
+        assert any(r["val_threshold"] != 0.5 for r in on[:-1]), on
+        for r, q in zip(on, off):
+            assert abs(r["train_subset_accuracy"] - q["train_subset_accuracy"]) < 0.01, (on, off)

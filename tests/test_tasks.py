@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FILLER, NEGATIVE, POSITIVE, run_script, synthetic_rows, write_rows
+from test_resume import hooks  # noqa: F401 (a fixture: the STOP_AT_STEP hook)
 from training import data, tasks
 from training.utils import UserError
 
@@ -93,14 +94,14 @@ def test_a_pair_task_learns_what_needs_both_texts(pair_run):
     assert _summary(run)["best_val_accuracy"] >= 0.95, out
 
 
-def test_pair_checkpoint_in_predict_evaluate_and_pipeline_agree(pair_run, tmp_path):
+def test_pair_checkpoint_in_predict_evaluate_and_pipeline_agree(pair_run, tmp_path, run_main):
     from transformers import pipeline
 
     run, _, train = pair_run
     pairs = [("the movie good great", "the plot excellent"), ("the movie good", "the plot awful dreadful"),
              ("bad film", "wonderful music")]
     args = [x for p in pairs for x in p]
-    proc = run_script("predict.py", "--checkpoint", run, "--pairs", *args, "--output", tmp_path / "p.jsonl")
+    proc = run_main("predict.py", "--checkpoint", run, "--pairs", *args, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [(r["text"], r["text_pair"]) for r in records] == pairs
@@ -112,17 +113,17 @@ def test_pair_checkpoint_in_predict_evaluate_and_pipeline_agree(pair_run, tmp_pa
         for label, p in record["probabilities"].items():
             assert abs(scores[label] - p) < 1e-5
     # evaluate on training's split: the accuracy training reported for the same examples
-    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
+    proc = run_main("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
     assert proc.returncode == 0, proc.stderr
     assert "the same examples the checkpoint's training run validated on" in proc.stdout
     assert abs(json.loads((tmp_path / "e.json").read_text())["accuracy"] - _summary(run)["final_val_accuracy"]) < 1e-9
     # a table with the two columns: predicted and scored
-    proc = run_script("predict.py", "--checkpoint", run, "--input", train)
+    proc = run_main("predict.py", "--checkpoint", run, "--input", train)
     assert proc.returncode == 0, proc.stderr
     assert " ||| " in proc.stdout and "accuracy " in proc.stdout
 
 
-def test_pair_input_mistakes_are_one_line_errors(pair_run, score_run):
+def test_pair_input_mistakes_are_one_line_errors(pair_run, score_run, run_main):
     pair_ckpt, score_ckpt = pair_run[0], score_run[0]
     cases = [
         (pair_ckpt, ["one text only"], "classifies pairs of texts (sentence1 + sentence2)"),
@@ -130,7 +131,7 @@ def test_pair_input_mistakes_are_one_line_errors(pair_run, score_run):
         (score_ckpt, ["--pairs", "a", "b"], "trained on single texts, not pairs"),
     ]
     for ckpt, args, expected in cases:
-        proc = run_script("predict.py", "--checkpoint", ckpt, *args)
+        proc = run_main("predict.py", "--checkpoint", ckpt, *args)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert expected in lines[0], lines[0]
@@ -171,7 +172,7 @@ def test_a_pair_with_a_blank_second_text_is_dropped_and_counted(tmp_path):
 
 # ---------------------------------------------------------------- regression
 
-def test_regression_learns_a_score_and_reports_correct_metrics(score_run, tmp_path):
+def test_regression_learns_a_score_and_reports_correct_metrics(score_run, tmp_path, run_main):
     from scipy import stats
     from transformers import pipeline
 
@@ -184,13 +185,13 @@ def test_regression_learns_a_score_and_reports_correct_metrics(score_run, tmp_pa
     assert config["problem_type"] == "regression" and config["id2label"] == {"0": "score"}
 
     # evaluate.py on training's split: the metrics training reported, and scipy's on predict's scores
-    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
+    proc = run_main("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
     assert proc.returncode == 0, proc.stderr
     ev = json.loads((tmp_path / "e.json").read_text())
     for key in ("pearson", "spearman", "mse", "mae"):
         assert abs(ev[key] - summary[f"final_val_{key}"]) < 1e-6, key
     rows = list(csv.DictReader(open(train, encoding="utf-8")))
-    proc = run_script("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
+    proc = run_main("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     y = [float(r["score"]) for r in rows]
@@ -272,7 +273,7 @@ def test_class_weight_flags_resolve_to_one_weight_per_label():
             tasks.resolve_class_weights(spec, names, counts)
 
 
-def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_path):
+def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_path, run_main):
     """The val loss a weighted run reports is the weighted mean cross-entropy of its own predictions."""
     rows = synthetic_rows(200, seed=6)
     rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:20]
@@ -282,7 +283,7 @@ def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_p
     n = sum(counts)
     weights = [n / (2 * c) for c in counts]
     assert f"class weights: negative {weights[0]:.4g}, positive {weights[1]:.4g}" in out
-    proc = run_script("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
+    proc = run_main("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
     # the held-out rows are the validation split: data.json names them by their hash; recompute on them
     splits = data.load_labelled_splits(data.DataSource.from_args(None, None, str(train), None, None, None),
@@ -297,31 +298,44 @@ def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_p
             num += -w * math.log(r["probabilities"][r["true_label"]])
             den += w
     assert abs(num / den - _summary(run)["final_val_loss"]) < 1e-4
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", tmp_path / "s.csv",
+    # the weights are kept with the model: evaluate.py reports the weighted loss training reported
+    assert json.loads((run / "final" / "config.json").read_text())["class_weights"] == weights
+    proc = run_main("evaluate.py", "--checkpoint", run, "--train_file", train, "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    assert abs(json.loads((tmp_path / "e.json").read_text())["loss"] - _summary(run)["final_val_loss"]) < 1e-6
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", tmp_path / "s.csv",
                       "--task", "regression", "--class_weights", "balanced")
     assert proc.returncode == 2 and "a regression (--task regression) has none" in proc.stderr
 
 
 # ---------------------------------------------------------------- under torchrun
 
-def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
-    """2 gloo processes x batch 4 train as 1 x 8, and evaluate each example once (Spearman from the
-    gathered predictions, Pearson from the reduced sums): an STS-B-shaped task, pairs and scores."""
-    from test_ddp import assert_same_run, epoch_record, torchrun
+def _one_process_and_two(model: Path, tmp_path: Path, train: Path, val: Path, *extra, lr=1e-3) -> tuple:
+    """The same run as 1 process at batch 8 and as 2 gloo processes at batch 4: their run directories and
+    the second's output."""
+    from test_ddp import torchrun
 
-    train = write_csv(tmp_path / "train.csv", score_rows(96, seed=7, pair=True))
-    val = write_csv(tmp_path / "val.csv", score_rows(41, seed=8, pair=True))  # odd: no example twice
-    # a learning rate at which the scores spread: Pearson of near-constant predictions amplifies rounding
-    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
-              "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
-              "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache"]
+    common = ["--model", model, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--learning_rate", lr, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
+              "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache", *extra]
     one = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
                      "--run_name", "r")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "two", "--run_name", "r")
     assert two.returncode == 0, two.stderr
-    assert "text pairs sentence1 + sentence2" in two.stdout and "task regression" in two.stdout
-    a, b = tmp_path / "one" / "r", tmp_path / "two" / "r"
+    return tmp_path / "one" / "r", tmp_path / "two" / "r", two.stdout
+
+
+def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+    """2 gloo processes x batch 4 train as 1 x 8, and evaluate each example once (Spearman from the
+    gathered predictions, Pearson from the reduced sums): an STS-B-shaped task, pairs and scores."""
+    from test_ddp import assert_same_run, epoch_record
+
+    train = write_csv(tmp_path / "train.csv", score_rows(96, seed=7, pair=True))
+    val = write_csv(tmp_path / "val.csv", score_rows(41, seed=8, pair=True))  # odd: no example twice
+    # a learning rate at which the scores spread: Pearson of near-constant predictions amplifies rounding
+    a, b, out = _one_process_and_two(tiny_model_dir, tmp_path, train, val, lr=2e-3)
+    assert "text pairs sentence1 + sentence2" in out and "task regression" in out
     # the same steps and weights; attention key biases aside: their gradient is zero in exact arithmetic
     # (softmax ignores a shift shared by all keys), so AdamW turns rounding noise into lr-sized steps there
     assert_same_run(a, b, skip=".attention.self.key.bias")
@@ -388,7 +402,7 @@ def test_the_three_label_formats_give_the_same_multi_label_data(tmp_path):
         assert {t: sorted(v) for t, v in got[name].items()} == {t: sorted(v) for t, v in truth.items()}, name
 
 
-def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tmp_path):
+def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tmp_path, run_main):
     from transformers import pipeline
 
     run, out, files = topic_run
@@ -400,13 +414,13 @@ def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tm
     assert config["problem_type"] == "multi_label_classification" and config["multi_label_threshold"] == 0.5
     # evaluate.py on training's split: the metrics training reported, and per-label counts that add up
     path, _ = files["lists"]
-    proc = run_script("evaluate.py", "--checkpoint", run, "--train_file", path, "--output", tmp_path / "e.json")
+    proc = run_main("evaluate.py", "--checkpoint", run, "--train_file", path, "--output", tmp_path / "e.json")
     assert proc.returncode == 0, proc.stderr
     ev = json.loads((tmp_path / "e.json").read_text())
     for key in ("micro_f1", "macro_f1", "subset_accuracy", "loss"):
         assert abs(ev[key] - summary[f"final_val_{key}"]) < 1e-6, key
     # micro-F1 recomputed from predict.py's decisions on every row, counted here
-    proc = run_script("predict.py", "--checkpoint", run, "--input", path, "--output", tmp_path / "p.jsonl")
+    proc = run_main("predict.py", "--checkpoint", run, "--input", path, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     truth = [json.loads(x)["labels"] for x in path.read_text().splitlines()]
@@ -427,14 +441,17 @@ def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tm
     (["--label_columns", "sports,chess"], "column(s) chess not found"),
     (["--threshold", "1.5"], "--threshold must be in (0, 1)"),
     (["--task", "multi_label", "--label_column", "label"], "--task multi_label needs several labels per row"),
-    (["--class_weights", "balanced"], "--class_weights applies to single-label classification"),
+    (["--threshold", "high"], "argument --threshold: a number in (0, 1) or 'tune', got 'high'"),
+    (["--class_weights", "1,2"], "--class_weights gives 2 weight(s) for 3 labels"),
+    (["--threshold", "tune", "--task", "single_label", "--label_column", "label"],
+     "--threshold applies to multi-label classification; this data is a single-label task"),
 ])
-def test_multi_label_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, flags, message):
+def test_multi_label_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, flags, message, run_main):
     files = write_topic_files(tmp_path, topic_rows(40, seed=11))
     train = files["columns"][0] if "--label_columns" in flags else files["lists"][0]
-    if "--task" in flags and "multi_label" in flags:
+    if "--task" in flags:
         train = write_rows(tmp_path / "single.csv", synthetic_rows(40))
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, *flags,
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", train, *flags,
                       "--checkpoint_dir", tmp_path / "ck")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -474,17 +491,139 @@ def test_a_nan_metric_never_holds_the_best_checkpoint():
 
 def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
     """Each rank's share of the weights differs: the step divides by the weight sum over all ranks."""
-    from test_ddp import assert_same_run, torchrun
+    from test_ddp import assert_same_run
 
-    rows = synthetic_rows(96, seed=13)
-    train = write_rows(tmp_path / "train.csv", rows)
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(96, seed=13))
     val = write_rows(tmp_path / "val.csv", synthetic_rows(41, seed=14))
-    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
-              "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
-              "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache", "--class_weights", "1,9"]
-    one = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
-                     "--run_name", "r")
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "two", "--run_name", "r")
-    assert two.returncode == 0, two.stderr
-    assert_same_run(tmp_path / "one" / "r", tmp_path / "two" / "r", skip=".attention.self.key.bias")
+    a, b, _ = _one_process_and_two(tiny_model_dir, tmp_path, train, val, "--class_weights", "1,9")
+    assert_same_run(a, b, skip=".attention.self.key.bias")
+
+# ---------------------------------------------------------------- tuned threshold, pos_weight
+
+def noisy_topic_rows(n: int, seed: int, flip: float = 0.1) -> list:
+    """``topic_rows`` with each label decision flipped with probability ``flip``: no threshold is perfect."""
+    rng = random.Random(seed + 1000)
+    rows = topic_rows(n, seed)
+    for r in rows:
+        r["labels"] = sorted(set(r["labels"]) ^ {t for t in TOPICS if rng.random() < flip})
+    return rows
+
+
+TUNED_FLAGS = ("--threshold", "tune", "--class_weights", "15,15,15", "--max_length", 24, "--log_every", 1,
+               "--learning_rate", 5e-3, "--warmup_ratio", 0, "--seed", 3)
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_model_dir, tmp_path_factory):
+    """With 10% of label decisions flipped, pos_weight 15 lifts a label's probability to about 0.6 where its
+    word is absent (15 x 0.1 / (15 x 0.1 + 0.9)): 0.5 over-predicts, and the tuned threshold sits higher."""
+    base = tmp_path_factory.mktemp("tuned")
+    train, val = base / "train.jsonl", base / "val.jsonl"
+    for path, rows in ((train, noisy_topic_rows(480, seed=21)), (val, noisy_topic_rows(120, seed=22))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--validation_file", val, *TUNED_FLAGS]
+    run, out = _train(tiny_model_dir, base, train, *args, epochs=4)
+    return run, out, train, val, args
+
+
+def _micro_f1(probs: list, truth: list, names: list, t: float) -> float:
+    tp = fp = fn = 0
+    for p, labels in zip(probs, truth):
+        for name in names:
+            pred, true = p[name] >= t, name in labels
+            tp, fp, fn = tp + (pred and true), fp + (pred and not true), fn + (true and not pred)
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_tuned_threshold_is_the_best_of_its_grid_and_every_tool_uses_it(tuned_run, tmp_path, run_main):
+    import math
+
+    run, out, _, val, _ = tuned_run
+    assert "threshold: tuned at each evaluation" in out and "pos_weight (positive term of each label's loss): " \
+        "food 15, music 15, sports 15" in out
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["event"] == "epoch"]
+    threshold = epochs[-1]["val_threshold"]
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["multi_label_threshold"] == threshold and config["pos_weight"] == [15.0, 15.0, 15.0]
+    assert f"threshold {threshold:.2f}" in out
+    # predict.py's probabilities on the validation rows: the recorded threshold is the grid's best micro-F1
+    proc = run_main("predict.py", "--checkpoint", run, "--input", val, "--output", tmp_path / "p.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    truth = [json.loads(x)["labels"] for x in val.read_text().splitlines()]
+    names = list(TOPICS)
+    f1 = {t: _micro_f1([p["probabilities"] for p in preds], truth, names, t) for t in tasks.TUNE_GRID}
+    assert f1[threshold] >= max(f1.values()) - 1e-9
+    assert abs(f1[threshold] - epochs[-1]["val_micro_f1"]) < 1e-6
+    assert threshold >= 0.6 and f1[threshold] > f1[0.5] + 0.03, (threshold, f1[threshold], f1[0.5])
+    for p in preds:  # predict.py decides at the recorded threshold
+        assert sorted(p["labels"]) == sorted(n for n, v in p["probabilities"].items() if v >= threshold)
+    # the val loss is pos_weight's BCE: recomputed from the probabilities, and evaluate.py reports it too
+    bce = -sum(15 * math.log(p["probabilities"][n]) if n in y else math.log(1 - p["probabilities"][n])
+               for p, y in zip(preds, truth) for n in names) / (len(preds) * len(names))
+    assert abs(bce - epochs[-1]["val_loss"]) < 1e-3
+    proc = run_main("evaluate.py", "--checkpoint", run, "--train_file", tuned_run[2], "--validation_file", val,
+                    "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["threshold"] == threshold
+    for key in ("micro_f1", "macro_f1", "subset_accuracy", "loss"):
+        assert abs(ev[key] - epochs[-1][f"val_{key}"]) < 1e-6, key
+
+
+def test_pos_weight_is_torchs_and_balanced_is_negatives_per_positive():
+    names = ["a", "b"]
+    assert tasks.resolve_class_weights("balanced", names, [10, 40], multi_label_examples=50) == [4.0, 0.25]
+    with pytest.raises(UserError, match="every training example has label\\(s\\) b"):
+        tasks.resolve_class_weights("balanced", names, [10, 50], multi_label_examples=50)
+    task = tasks.MultiLabelClassification(names, pos_weight=[3.0, 0.5])
+    logits, labels = torch.randn(6, 2), (torch.rand(6, 2) > 0.5).float()
+    want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 0.5]))(logits, labels)
+    assert torch.allclose(task.loss_sum(logits, labels) / (6 * 2), want, atol=1e-6)
+    # the tuned threshold's micro-F1 from gathered outputs equals the sums' count at that threshold
+    tuned = tasks.MultiLabelClassification(names, threshold=tasks.TUNE)
+    tuned.tune_on(torch.cat([logits, labels], dim=1))
+    sums = tuned.new_sums(torch.device("cpu"))
+    tuned.add_sums(sums, tuned.loss_sum(logits, labels), logits, labels)
+    from_outputs = tuned.metrics(sums, torch.cat([logits, labels], dim=1))
+    assert from_outputs["micro_f1"] == tuned.metrics(sums)["micro_f1"]
+
+
+def test_a_tuned_weighted_multi_label_run_resumes_bitwise(tuned_run, tiny_model_dir, hooks):
+    """Stopped in epoch 3, after epoch 2's evaluation tuned the threshold that epoch 3's training sums use."""
+    from test_resume import env_with, records, weights
+
+    run, _, train, _, args = tuned_run
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 4, "--batch_size", 16,
+              "--no_progress", "--checkpoint_dir", run.parent, "--run_name", "stopped", *args]
+    stopped = run_script("train_single.py", *common, env=env_with(hooks, STOP_AT_STEP=75))
+    assert stopped.returncode == 143, stopped.stderr
+    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 3, step 75 (batch 15 of the epoch)" in resumed.stdout
+    a, b = weights(run.parent / "stopped"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert [r["loss"] for r in records(run.parent / "stopped", "step")] == [r["loss"] for r in records(run, "step")]
+    ea, eb = records(run.parent / "stopped", "epoch"), records(run, "epoch")
+    for key in ("train_subset_accuracy", "val_threshold", "val_micro_f1", "val_loss"):
+        assert [r[key] for r in ea] == [r[key] for r in eb], key
+
+
+def test_tuned_weighted_multi_label_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+    """Balanced pos_weight from the whole training split on every rank; the threshold tuned on the logits
+    gathered from both ranks: the same threshold, metrics and weights as one process."""
+    from test_ddp import assert_same_run, epoch_record
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    for path, rows in ((train, noisy_topic_rows(96, seed=23)), (val, noisy_topic_rows(41, seed=24))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b, out = _one_process_and_two(tiny_model_dir, tmp_path, train, val, "--threshold", "tune",
+                                     "--class_weights", "balanced", lr=3e-3)
+    assert "pos_weight (positive term of each label's loss)" in out
+    assert_same_run(a, b, skip=".attention.self.key.bias")
+    ra, rb = epoch_record(a), epoch_record(b)
+    assert ra["val_examples"] == rb["val_examples"] == 41
+    for key in ("val_threshold", "val_micro_f1", "val_macro_f1", "val_subset_accuracy"):
+        assert ra[key] == rb[key], (key, ra[key], rb[key])
+    assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-5

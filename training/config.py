@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Optional, get_type_hints
+from typing import Optional, Union, get_type_hints
 
 from training.utils import HelpFormatter, ToolParser, UserError
 
@@ -55,8 +55,10 @@ class TrainConfig:
                    "--label_columns; regression when the labels are numbers with fractions (0.4, 3.8); else "
                    "single_label. Integer scores (ratings 1-5) need --task regression.",
                    cache=True, must_match=True, choices=("auto", "single_label", "multi_label", "regression"))
-    threshold: float = _f(0.5, "Multi-label: a label is predicted where its probability reaches this (recorded in "
-                          "the checkpoint for predict.py, evaluate.py).", must_match=True)
+    threshold: Union[float, str] = _f(0.5, "Multi-label: a label is predicted where its probability reaches "
+                                      "this, or 'tune': at each evaluation the one threshold (for every label) "
+                                      "of 0.01-0.99 that maximizes validation micro-F1. Recorded in the "
+                                      "checkpoint for predict.py and evaluate.py.", must_match=True)
     quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
                       "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
                       "'auto': standard quoting, but a file it cannot read while every line has the header's "
@@ -113,11 +115,13 @@ class TrainConfig:
                                "the exact next batch.")
     skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss is NaN or infinite (counted and reported) "
                               "instead of stopping. Costs a host sync per step.")
-    class_weights: Optional[str] = _f(None, "Weigh each class's examples in the loss (single-label): 'balanced' "
-                                      "(n_examples / (n_classes x n_class), as scikit-learn), or one weight per "
-                                      "label in the order the run prints its labels (1,3) or by name "
-                                      "(neg=1,pos=3; unnamed labels weigh 1). The loss and val loss are then "
-                                      "the weighted mean.", must_match=True)
+    class_weights: Optional[str] = _f(None, "Weigh each class's examples in the loss: 'balanced', or one weight "
+                                      "per label in the order the run prints its labels (1,3) or by name "
+                                      "(neg=1,pos=3; unnamed labels weigh 1). Single-label: class weights of "
+                                      "the cross-entropy ('balanced': n_examples / (n_classes x n_class), as "
+                                      "scikit-learn); the loss and val loss are then the weighted mean. "
+                                      "Multi-label: pos_weight, the factor on each label's positive term "
+                                      "('balanced': negatives / positives of the label).", must_match=True)
     metric_for_best: Optional[str] = _f(None, "Validation metric that picks the best checkpoint (saved as RUN/best). "
                                         "Default: accuracy (single-label), micro_f1 (multi-label), pearson "
                                         "(regression).",
@@ -190,8 +194,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
     if cfg.class_weights is not None and cfg.task == "regression":
         raise UserError("--class_weights weigh classes: a regression (--task regression) has none")
-    if not 0 < cfg.threshold < 1:
-        raise UserError(f"--threshold must be in (0, 1), got {cfg.threshold}")
+    if cfg.threshold != "tune" and not 0 < cfg.threshold < 1:
+        raise UserError(f"--threshold must be in (0, 1) or 'tune', got {cfg.threshold}")
     if cfg.label_separator is not None and cfg.label_columns is not None:
         raise UserError("give --label_separator (labels in one column) or --label_columns (one 0/1 column per "
                         "label), not both")
@@ -200,6 +204,15 @@ def _validate(cfg: TrainConfig) -> None:
     if (cfg.label_separator or cfg.label_columns) and cfg.task in ("single_label", "regression"):
         raise UserError(f"--label_separator and --label_columns give several labels per example: a multi-label "
                         f"task, not --task {cfg.task}")
+
+
+def _threshold(value: str):
+    if value == "tune":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in (0, 1) or 'tune', got {value!r}") from None
 
 
 def flag_type(name: str) -> type:
@@ -224,6 +237,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kwargs["metavar"] = "{auto,cpu,cuda,cuda:N,mps}"
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if f.name == "threshold":
+            kwargs["type"], kwargs["metavar"] = _threshold, "{0..1,tune}"
         if f.name == "metric_for_best":  # "f1", its earlier name, still accepted
             kwargs["type"] = lambda value: "macro_f1" if value == "f1" else value
         parser.add_argument(f"--{f.name}", **kwargs)

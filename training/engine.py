@@ -280,7 +280,8 @@ def _log_interval(sc, state: LoopState, log: RunLogger, bar, seconds: float) -> 
 
 def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> dict:
     """The task's metrics of the validation set: its sums over each rank's shard, all-reduced, and for a
-    task that needs them (``collects_outputs``: Spearman's ranks) every example's output, gathered once.
+    task that needs them (``collects_outputs``: Spearman's ranks, a tuned threshold) every example's output,
+    gathered once.
     The shards hold each example exactly once, so nothing is counted twice."""
     model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
     sums, outputs = task.new_sums(ctx.device), []
@@ -291,8 +292,9 @@ def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> dict:
     ctx.all_reduce_sum(sums)
     gathered = None
     if task.collects_outputs:
-        mine = torch.cat(outputs).cpu() if outputs else torch.empty(0, 2)
+        mine = torch.cat(outputs).cpu() if outputs else torch.empty(0, task.output_width)
         gathered = torch.cat(ctx.all_gather_object(mine))
+        task.tune_on(gathered)  # a decision chosen on validation (a tuned threshold), the same on every rank
     return task.metrics(sums, gathered)
 
 

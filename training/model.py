@@ -138,9 +138,16 @@ def load_model(name: str, task, text_columns=("text",)):
         raise _load_error(name, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    for key, value in {TEXT_COLUMNS_KEY: list(text_columns), **task.config_extras()}.items():
-        setattr(model.config, key, value)
+    setattr(model.config, TEXT_COLUMNS_KEY, list(text_columns))
+    record_task(model, task)
     return model
+
+
+def record_task(model, task) -> None:
+    """Keep in the model config what the task decides by beyond the standard keys (a threshold, class
+    weights), so the tools read it from any saved checkpoint."""
+    for key, value in task.config_extras().items():
+        setattr(model.config, key, value)
 
 
 def count_parameters(model) -> int:

@@ -26,6 +26,12 @@ import torch
 from training.metrics import macro_f1
 
 TASK_KINDS = ("auto", "single_label", "multi_label", "regression")
+TUNE = "tune"  # --threshold tune
+TUNE_GRID = tuple(i / 100 for i in range(1, 100))  # the thresholds a tuned multi-label run chooses from
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))  # sigmoid(x) >= p <=> x >= logit(p)
 
 
 def _sums_tensor(size: int, device: torch.device) -> torch.Tensor:
@@ -76,9 +82,18 @@ class Task:
         """Per-example (prediction, target) rows of an evaluation batch, for ``collects_outputs`` tasks."""
         return None
 
+    output_width = 2  # the columns of ``outputs``
+
+    def tune_on(self, outputs: Optional[torch.Tensor]) -> None:
+        """Choose what the task decides by from an evaluation's gathered outputs (a tuned threshold)."""
+
+    def restore(self, record: dict) -> None:
+        """Take back what ``tune_on`` chose, from a checkpoint's ``record()``."""
+
     def describe(self, stats: dict) -> str:
         """The metrics as the epoch line shows them."""
-        return " ".join(f"{short} {stats[key]:.4f}" for key, short in self._shown if key in stats)
+        return " ".join(f"{short} {stats[key]:{fmt[0] if fmt else '.4f'}}"
+                        for key, short, *fmt in self._shown if key in stats)
 
 
 class SingleLabelClassification(Task):
@@ -109,6 +124,10 @@ class SingleLabelClassification(Task):
 
     def record(self) -> dict:
         return {**super().record(), "class_weights": self.class_weights}
+
+    def config_extras(self) -> dict:
+        # kept with the model, so evaluate.py reports the loss training reported
+        return {"class_weights": self.class_weights} if self.class_weights is not None else {}
 
     # ------------------------------------------------------------ the loss
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,23 +197,50 @@ class MultiLabelClassification(Task):
     best_metrics = {"micro_f1": 1, "macro_f1": 1, "subset_accuracy": 1, "loss": -1}
     default_metric = "micro_f1"
     summary_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "loss")
-    _shown = (("loss", "loss"), ("micro_f1", "micro-f1"), ("macro_f1", "macro-f1"), ("subset_accuracy", "exact"))
+    _shown = (("loss", "loss"), ("micro_f1", "micro-f1"), ("macro_f1", "macro-f1"), ("subset_accuracy", "exact"),
+              ("threshold", "threshold", ".2f"))
     _LOSS, _COUNT, _EXACT = range(3)  # then tp, fp, fn per label
 
-    def __init__(self, label_names, threshold: float = 0.5):
+    def __init__(self, label_names, threshold=0.5, pos_weight: Optional[Sequence[float]] = None):
         super().__init__(label_names)
         self.num_labels = len(self.label_names)
+        # "tune": one threshold for every label, chosen at each evaluation as the one that maximizes the
+        # validation micro-F1 (the evaluation then gathers every example's logits)
+        self.tune = threshold == TUNE
+        self.collects_outputs = self.tune
+        self.threshold = 0.5 if self.tune else float(threshold)
+        # a device tensor, not a Python number: a recorded CUDA graph reads the current threshold
+        self._logit_threshold = torch.tensor(_logit(self.threshold))
+        self.pos_weight = None if pos_weight is None else [float(w) for w in pos_weight]
+        weight = None if pos_weight is None else torch.tensor(self.pos_weight, dtype=torch.float32)
+        self._criterion = torch.nn.BCEWithLogitsLoss(reduction="sum", pos_weight=weight)  # a module: tests wrap it
+
+    def to(self, device: torch.device) -> "MultiLabelClassification":
+        self._criterion.to(device)
+        self._logit_threshold = self._logit_threshold.to(device)
+        return self
+
+    def set_threshold(self, threshold: float) -> None:
+        """Decide at ``threshold`` from now on (in place: recorded graphs see it)."""
         self.threshold = float(threshold)
-        self._logit_threshold = math.log(self.threshold / (1 - self.threshold))  # sigmoid(x) >= t <=> x >= logit(t)
-        self._criterion = torch.nn.BCEWithLogitsLoss(reduction="sum")  # a module: tests wrap its forward
+        self._logit_threshold.fill_(_logit(self.threshold))
 
     def config_extras(self) -> dict:
-        return {"multi_label_threshold": self.threshold}
+        return {"multi_label_threshold": self.threshold,
+                **({"pos_weight": self.pos_weight} if self.pos_weight is not None else {})}
 
     def record(self) -> dict:
-        return {**super().record(), "threshold": self.threshold}
+        return {**super().record(), "threshold": self.threshold, "tuned": self.tune, "pos_weight": self.pos_weight}
+
+    def restore(self, record: dict) -> None:
+        if self.tune and "threshold" in record:  # the threshold the last evaluation chose
+            self.set_threshold(record["threshold"])
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed BCE; with ``pos_weight`` each label's positive term is multiplied by its weight (as
+        ``BCEWithLogitsLoss(pos_weight=...)``), so the mean still divides by examples x labels."""
+        if self._criterion.pos_weight is not None and self._criterion.pos_weight.device != logits.device:
+            self._criterion.to(logits.device)  # the tools evaluate on their own device
         return self._criterion(logits.float(), labels.float())
 
     def normalizer(self, batch) -> float:
@@ -208,7 +254,7 @@ class MultiLabelClassification(Task):
     def add_sums(self, sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor,
                  labels: torch.Tensor) -> None:
         k = self.num_labels
-        pred, true = logits >= self._logit_threshold, labels >= 0.5
+        pred, true = logits.float() >= self._logit_threshold.to(logits.device), labels >= 0.5
         sums[self._LOSS] += loss_sum.detach().to(sums.dtype)
         sums[self._COUNT] += labels.shape[0]
         sums[self._EXACT] += (pred == true).all(dim=-1).sum().to(sums.dtype)
@@ -222,16 +268,47 @@ class MultiLabelClassification(Task):
             return {"loss": float("nan"), "subset_accuracy": float("nan"), "count": 0}
         return {"loss": loss_sum / (count * self.num_labels), "subset_accuracy": exact / count, "count": int(count)}
 
+    @property
+    def output_width(self) -> int:
+        return 2 * self.num_labels  # the logits, then the 0/1 targets
+
+    def outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([logits.detach().float(), labels.float()], dim=1)
+
+    def tune_on(self, outputs: torch.Tensor) -> None:
+        """With ``--threshold tune``: the threshold of TUNE_GRID that maximizes micro-F1 over ``outputs``
+        (ties go to the one nearest 0.5). Every rank gathers the same outputs, so all choose the same."""
+        if not self.tune or outputs is None or not len(outputs):
+            return
+        logits, true = outputs[:, :self.num_labels], outputs[:, self.num_labels:] >= 0.5
+        scores = []
+        for t in TUNE_GRID:
+            pred = logits >= _logit(t)
+            tp = float((pred & true).sum())
+            den = 2 * tp + float((pred & ~true).sum()) + float((~pred & true).sum())
+            scores.append((2 * tp / den if den else 0.0, -abs(t - 0.5), t))
+        self.set_threshold(max(scores)[2])
+
     def metrics(self, sums: torch.Tensor, outputs=None) -> dict:
+        """From reduced sums; where the evaluation gathered every example's logits (a tuned threshold),
+        the decisions are counted again from them at the current threshold."""
         out = self.running(sums)
-        out.update(multi_label_metrics(sums[3:].reshape(3, self.num_labels).cpu().double(), self.label_names))
+        k = self.num_labels
+        counts = sums[3:].reshape(3, k).cpu().double()
+        if outputs is not None and len(outputs):
+            pred, true = outputs[:, :k] >= _logit(self.threshold), outputs[:, k:] >= 0.5
+            counts = torch.stack([(pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)]).double()
+            out["subset_accuracy"] = float((pred == true).all(dim=1).double().mean())
+        out.update(multi_label_metrics(counts, self.label_names))
         out.pop("per_label")
+        if self.tune:
+            out["threshold"] = self.threshold
         return out
 
     def decode(self, logits: torch.Tensor) -> tuple:
         """(a probability per label, the 0/1 decisions at the threshold)."""
         probs = logits.float().sigmoid()
-        return probs, (logits.float() >= self._logit_threshold).long()
+        return probs, (logits.float() >= self._logit_threshold.to(logits.device)).long()
 
 
 def multi_label_metrics(counts: torch.Tensor, label_names) -> dict:
@@ -334,9 +411,13 @@ def spearman(predictions, targets) -> float:
     return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
-def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], counts: Sequence[int]) -> Optional[list]:
-    """--class_weights as one weight per label: 'balanced' (n / (k * n_c), scikit-learn's rule, from the
-    training label counts), a list in label order, or name=weight pairs (other labels weigh 1)."""
+def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], counts: Sequence[int],
+                          multi_label_examples: Optional[int] = None) -> Optional[list]:
+    """--class_weights as one weight per label: 'balanced', a list in label order, or name=weight pairs
+    (other labels weigh 1), from the training label counts. Single-label 'balanced' is scikit-learn's
+    rule, n / (k * n_c). For a multi-label task (``multi_label_examples``: the training examples) the
+    weights are ``pos_weight``, the factor on each label's positive term, and 'balanced' is
+    (n - n_c) / n_c, negatives per positive, as torch's ``BCEWithLogitsLoss`` documents."""
     from training.utils import UserError
 
     if spec is None:
@@ -347,8 +428,14 @@ def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], count
         if absent:
             raise UserError(f"--class_weights balanced: label(s) {', '.join(absent)} have no training examples "
                             f"(a larger --num_samples, or explicit weights)")
-        n = sum(counts)
-        return [n / (k * c) for c in counts]
+        if multi_label_examples is None:
+            return [sum(counts) / (k * c) for c in counts]
+        n = multi_label_examples
+        always = [name for name, c in zip(names, counts) if c >= n]
+        if always:
+            raise UserError(f"--class_weights balanced: every training example has label(s) {', '.join(always)}, "
+                            f"so there are no negatives to balance against (explicit weights, or drop the label)")
+        return [(n - c) / c for c in counts]
     parts = [p.strip() for p in spec.split(",")]
     try:
         if all("=" in p for p in parts):
@@ -377,12 +464,14 @@ def default_metric(task_name: str) -> str:
 
 
 def choose_task(kind: str, label_names, class_weights: Optional[Sequence[float]] = None,
-                threshold: float = 0.5) -> Task:
-    """The task of a run: ``kind`` as the data path settled it ("single_label", "multi_label", "regression")."""
+                threshold=0.5) -> Task:
+    """The task of a run: ``kind`` as the data path settled it ("single_label", "multi_label", "regression").
+    ``class_weights`` are the loss's class weights, or a multi-label task's ``pos_weight``; ``threshold``
+    is a number or ``TUNE``."""
     if kind == "regression":
         return Regression(label_names)
     if kind == "multi_label":
-        return MultiLabelClassification(label_names, threshold)
+        return MultiLabelClassification(label_names, threshold, pos_weight=class_weights)
     return SingleLabelClassification(label_names, class_weights)
 
 
@@ -396,8 +485,9 @@ def task_from_model_config(config, label_names) -> Task:
                             f"handle one score per text")
         return Regression(label_names)
     if kind == MultiLabelClassification.problem_type:
-        return MultiLabelClassification(label_names, getattr(config, "multi_label_threshold", 0.5))
+        return MultiLabelClassification(label_names, getattr(config, "multi_label_threshold", 0.5),
+                                        pos_weight=getattr(config, "pos_weight", None))
     if kind not in (None, SingleLabelClassification.problem_type):
         from training.utils import UserError
         raise UserError(f"this checkpoint was trained for {kind}, which these tools do not handle yet")
-    return SingleLabelClassification(label_names)
+    return SingleLabelClassification(label_names, getattr(config, "class_weights", None))

@@ -182,12 +182,14 @@ class RunState:
     loop: engine.LoopState
     tracker: BestTracker
     run_record: dict  # what the checkpoint says about the run: config, world size, labels, tokenizer, task
+    task: tasks.Task  # its record is taken at each save: a tuned threshold changes during the run
 
     def payload(self, ctx: ProcessContext) -> dict:
         """The training state of a checkpoint. A collective: every rank is here."""
         loop = self.loop.reduce_for_checkpoint(ctx)
         rng = ctx.all_gather_object(checkpoint.rng_state())
-        return checkpoint.training_state(self.optimizer, self.scheduler, loop=loop, rng=rng, run=self.run_record,
+        return checkpoint.training_state(self.optimizer, self.scheduler, loop=loop, rng=rng,
+                                         run={**self.run_record, "task": self.task.record()},
                                          tracker=self.tracker.state_dict())
 
     def restore(self, saved: dict, ctx: ProcessContext, task) -> None:
@@ -195,6 +197,7 @@ class RunState:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
+        task.restore(saved.get("task") or {})
 
 
 class CheckpointHooks(engine.Hooks):
@@ -205,6 +208,7 @@ class CheckpointHooks(engine.Hooks):
         self.model, self.tokenizer = None, None  # set by the trainer before fit
 
     def save(self, name: str | None = None) -> Path:
+        model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
         payload = self.state.payload(self.ctx)
         if name:
             return self.writer.save(name, self.model, self.tokenizer, payload)
@@ -292,14 +296,22 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
-    if cfg.class_weights is not None and prepared.task != "single_label":
-        raise UserError(f"--class_weights applies to single-label classification; this data is a "
+    if cfg.class_weights is not None and prepared.task == "regression":
+        raise UserError("--class_weights weigh classes: this data is a regression task")
+    if cfg.threshold != 0.5 and prepared.task != "multi_label":  # 0.5 is the default: not given
+        raise UserError(f"--threshold applies to multi-label classification; this data is a "
                         f"{prepared.task.replace('_', '-')} task")
+    multi = prepared.task == "multi_label"
     weights = tasks.resolve_class_weights(cfg.class_weights, prepared.label_names,
-                                          prepared.info.get("train_label_counts", []))
+                                          prepared.info.get("train_label_counts", []),
+                                          multi_label_examples=len(prepared.train) if multi else None)
     task = tasks.choose_task(prepared.task, prepared.label_names, weights, cfg.threshold).to(ctx.device)
     if weights is not None:
-        log.print("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(task.label_names, weights)))
+        log.print(("pos_weight (positive term of each label's loss): " if multi else "class weights: ")
+                  + ", ".join(f"{n} {w:.4g}" for n, w in zip(task.label_names, weights)))
+    if multi and task.tune:
+        log.print("threshold: tuned at each evaluation, one for every label, the one of 0.01-0.99 that "
+                  "maximizes validation micro-F1")
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
                   "text_columns": prepared.info["text_columns"],
@@ -350,7 +362,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
                                        warmup_ratio=cfg.warmup_ratio)
     state = RunState(optimizer, scheduler, engine.LoopState(),
-                     BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record)
+                     BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record,
+                     task)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)
