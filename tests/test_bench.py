@@ -63,3 +63,30 @@ def test_loader_bench_reports_collate_times_and_padding():
         pad8, pad32 = float(r[5].rstrip("%")), float(r[6].rstrip("%"))
         assert 0 <= pad8 <= pad32 < 100  # a coarser multiple can only add padding
         assert float(r[2]) > 0 and float(r[3]) > 0
+
+
+def test_job_bench_runs_both_whole_jobs_on_the_same_settings(tmp_path, tiny_model_dir):
+    """bench/job.py: ours and the plain Trainer script on one pair task, each a whole process, same settings."""
+    from test_tasks import pair_rows, write_csv
+
+    train = write_csv(tmp_path / "train.csv", pair_rows(64, seed=1))
+    val = write_csv(tmp_path / "val.csv", pair_rows(24, seed=2))
+    out, work = tmp_path / "job.jsonl", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "job.py"), "--train_file", str(train),
+                           "--validation_file", str(val), "--task", "single_label", "--text_column", "sentence1",
+                           "--text_pair_column", "sentence2", "--model", str(tiny_model_dir), "--epochs", "2",
+                           "--learning_rate", "1e-3", "--max_length", "32", "--device", "cpu", "--work_dir", str(work),
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"ours", "trainer"}
+    for r in rows.values():
+        assert 0 < r["train_s"] < r["wall_s"] and 0 <= r["accuracy"] <= 1
+    # the same job: two epochs of the pair task at the given settings, on both sides
+    ours = json.loads((work / "ours" / "config.json").read_text())["config"]
+    assert (ours["epochs"], ours["learning_rate"], ours["text_pair_column"]) == (2, 1e-3, "sentence2")
+    assert json.loads((work / "ours" / "summary.json").read_text())["final_val_accuracy"] == rows["ours"]["accuracy"]
+    trainer = json.loads((work / "trainer" / "final" / "config.json").read_text())
+    assert trainer["problem_type"] == "single_label_classification" and sorted(trainer["label2id"]) == ["both", "not"]
+    ratio = rows["trainer"]["wall_s"] / rows["ours"]["wall_s"]
+    assert f"Trainer's wall time / ours: {ratio:.2f}x" in proc.stdout

@@ -38,7 +38,7 @@ class TrainConfig:
     text_pair_column: Optional[str] = _f(None, "Second text column of a pair task (entailment, paraphrase, "
                                          "relevance): the two texts are tokenized as a pair. Auto-detected from "
                                          "column pairs: sentence1/sentence2, question/sentence, premise/hypothesis, "
-                                         "text_a/text_b, question1/question2, text1/text2, query/passage, ... "
+                                         "text_a/text_b, question1/question2, text1/text2, query/passage, question/passage, ... "
                                          "'none' turns the detection off.", data=True, must_match=True)
     label_column: Optional[str] = _f(None, "Label column (auto-detected: label, labels, category, class, ...). "
                                      "Integer or string class labels, or numbers for a regression.",

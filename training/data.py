@@ -38,7 +38,8 @@ TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment
 # two text columns that make a pair task (GLUE's and SuperGLUE's names, and common ones): the first is the text
 PAIR_CANDIDATES = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"),
                    ("text_a", "text_b"), ("question1", "question2"), ("text1", "text2"),
-                   ("sentence_a", "sentence_b"), ("query", "passage"), ("query", "document"))
+                   ("sentence_a", "sentence_b"), ("query", "passage"), ("query", "document"),
+                   ("question", "passage"))  # the last: BoolQ
 NO_PAIR = "none"  # --text_pair_column none: one text per example even where pair columns exist
 LABEL_CANDIDATES = ("label", "labels", "category", "class", "sentiment", "target", "y", "score", "rating",
                     "similarity")
