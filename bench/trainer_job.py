@@ -80,7 +80,10 @@ def main(argv=None) -> int:
         args.task, "single_label_classification")
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=len(names), problem_type=problem, id2label=dict(enumerate(names)),
-        label2id=index, ignore_mismatched_sizes=True)  # a fresh head, whatever the checkpoint had
+        label2id=index, ignore_mismatched_sizes=True,  # a fresh head, whatever the checkpoint had
+        # fp32 master weights, as from an fp32 checkpoint; transformers 5 loads a bf16 copy as bf16 ("auto"),
+        # and AdamW steps of 2e-5 vanish in bf16 weights
+        dtype=torch.float32)
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     training_args = TrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
