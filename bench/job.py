@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,10 @@ METRIC = {"single_label": "accuracy", "regression": "pearson", "multi_label": "m
 
 
 def _run(cmd: list, log: Path) -> tuple:
+    # one GPU for both: a Trainer outside torchrun would otherwise spread over every visible GPU
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
     t0 = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
@@ -45,11 +48,12 @@ def run_ours(args, model: str, work: Path) -> dict:
            "--device", args.device]
     wall, out = _run(cmd, work / "ours.log")
     summary = json.loads((work / "ours" / "summary.json").read_text())
+    epochs = [r for r in map(json.loads, (work / "ours" / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "epoch"]
     metric = METRIC[args.task]
     return {"system": "ours", "wall_s": round(wall, 2), metric: summary[f"final_val_{metric}"],
-            "train_s": round(sum(json.loads(r)["epoch_time_s"] for r in (work / "ours" / "metrics.jsonl").read_text()
-                                 .splitlines() if json.loads(r)["event"] == "epoch"), 2),
-            "reported_total_s": summary["total_time_s"]}
+            "train_s": round(sum(r["epoch_time_s"] for r in epochs), 2),
+            "eval_s": round(sum(r["eval_time_s"] for r in epochs), 2), "reported_total_s": summary["total_time_s"]}
 
 
 def run_trainer(args, model: str, work: Path) -> dict:
@@ -57,13 +61,18 @@ def run_trainer(args, model: str, work: Path) -> dict:
            "--validation_file", args.validation_file, "--task", args.task, "--text_column", args.text_column,
            "--label_column", args.label_column, "--epochs", args.epochs, "--batch_size", args.batch_size,
            "--learning_rate", args.learning_rate, "--max_length", args.max_length, "--output_dir", work / "trainer"]
+    if args.device == "cpu":
+        cmd += ["--use_cpu"]
     if args.text_pair_column:
         cmd += ["--text_pair_column", args.text_pair_column]
     wall, out = _run(cmd, work / "trainer.log")
     result = json.loads(out.strip().splitlines()[-1])
     metric = METRIC[args.task]
+    eval_s = sum(e["runtime"] for e in result["epochs"])
+    # train(): its steps, evaluations and checkpoint saves; train_s leaves out the evaluations, as ours does
     return {"system": "trainer", "wall_s": round(wall, 2), metric: result["final"][metric],
-            "train_s": result["train_loop_s"], "reported_total_s": result["total_s"]}
+            "train_s": round(result["train_loop_s"] - eval_s, 2), "eval_s": round(eval_s, 2),
+            "reported_total_s": result["total_s"], "settings": result["settings"]}
 
 
 def main(argv=None) -> int:

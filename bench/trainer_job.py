@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max_length", type=int, default=128)
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--use_cpu", action="store_true", help="train on the CPU even where there is a GPU")
     args = ap.parse_args(argv)
 
     kind = "json" if args.train_file.endswith(".jsonl") else "csv"
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         warmup_steps=0.06,  # below 1: a fraction of the steps (transformers 5)
         lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=2, logging_strategy="epoch", bf16=bf16, report_to="none", seed=args.seed,
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+        disable_tqdm=True, use_cpu=args.use_cpu or not torch.cuda.is_available())
     trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metric_fn(args.task))
     t_train = time.perf_counter()
@@ -100,7 +101,11 @@ def main(argv=None) -> int:
     trainer.save_model(f"{args.output_dir}/final")
     epochs = [{k[5:]: v for k, v in r.items() if k.startswith("eval_")} for r in trainer.state.log_history
               if "eval_loss" in r]
-    print(json.dumps({"epochs": epochs, "final": epochs[-1], "train_loop_s": round(train_s, 2),
+    a = trainer.args
+    settings = {"epochs": a.num_train_epochs, "batch_size": a.per_device_train_batch_size, "learning_rate":
+                a.learning_rate, "weight_decay": a.weight_decay, "warmup_steps": a.get_warmup_steps(
+                    trainer.state.max_steps), "max_steps": trainer.state.max_steps, "device": str(a.device)}
+    print(json.dumps({"epochs": epochs, "final": epochs[-1], "settings": settings, "train_loop_s": round(train_s, 2),
                       "total_s": round(time.perf_counter() - T0, 2)}))
     return 0
 

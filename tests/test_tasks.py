@@ -489,14 +489,20 @@ def test_a_nan_metric_never_holds_the_best_checkpoint():
     assert not tracker.should_stop()
 
 
-def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_dir, tmp_path, run_main):
     """Each rank's share of the weights differs: the step divides by the weight sum over all ranks."""
-    from test_ddp import assert_same_run
+    from test_ddp import assert_same_run, epoch_record
 
     train = write_rows(tmp_path / "train.csv", synthetic_rows(96, seed=13))
     val = write_rows(tmp_path / "val.csv", synthetic_rows(41, seed=14))
     a, b, _ = _one_process_and_two(tiny_model_dir, tmp_path, train, val, "--class_weights", "1,9")
     assert_same_run(a, b, skip=".attention.self.key.bias")
+    # evaluate.py reads the weights from config.json: the weighted mean training reported (with 1,9 on
+    # these labels the plain mean differs by far more than the tolerance)
+    proc = run_main("evaluate.py", "--checkpoint", a, "--train_file", train, "--validation_file", val,
+                    "--output", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr
+    assert abs(json.loads((tmp_path / "e.json").read_text())["loss"] - epoch_record(a)["val_loss"]) < 1e-5
 
 # ---------------------------------------------------------------- tuned threshold, pos_weight
 
@@ -581,13 +587,22 @@ def test_pos_weight_is_torchs_and_balanced_is_negatives_per_positive():
     logits, labels = torch.randn(6, 2), (torch.rand(6, 2) > 0.5).float()
     want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([3.0, 0.5]))(logits, labels)
     assert torch.allclose(task.loss_sum(logits, labels) / (6 * 2), want, atol=1e-6)
-    # the tuned threshold's micro-F1 from gathered outputs equals the sums' count at that threshold
+    # as evaluate() runs it: sums at the old threshold, then tuning; the metrics count the decisions again
+    # at the new threshold from the outputs, and equal fresh sums taken at it
     tuned = tasks.MultiLabelClassification(names, threshold=tasks.TUNE)
-    tuned.tune_on(torch.cat([logits, labels], dim=1))
-    sums = tuned.new_sums(torch.device("cpu"))
-    tuned.add_sums(sums, tuned.loss_sum(logits, labels), logits, labels)
-    from_outputs = tuned.metrics(sums, torch.cat([logits, labels], dim=1))
-    assert from_outputs["micro_f1"] == tuned.metrics(sums)["micro_f1"]
+    logits = torch.tensor([[3.0, -3.0], [0.2, 0.1], [0.3, 2.0], [-2.0, 0.15]])  # near-zero logits: negatives
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    stale = tuned.new_sums(torch.device("cpu"))
+    tuned.add_sums(stale, tuned.loss_sum(logits, labels), logits, labels)
+    outputs = torch.cat([logits, labels], dim=1)
+    tuned.tune_on(outputs)
+    # sigmoid: the negatives 0.525-0.550, the lowest positive 0.574: 0.55-0.57 are perfect; 0.55 is nearest 0.5
+    assert tuned.threshold == 0.55
+    fresh = tuned.new_sums(torch.device("cpu"))
+    tuned.add_sums(fresh, tuned.loss_sum(logits, labels), logits, labels)
+    got = tuned.metrics(stale, outputs)
+    assert got["micro_f1"] == tuned.metrics(fresh)["micro_f1"] == 1.0 and got["subset_accuracy"] == 1.0
+    assert tuned.metrics(stale)["micro_f1"] < 1.0
 
 
 def test_a_tuned_weighted_multi_label_run_resumes_bitwise(tuned_run, tiny_model_dir, hooks):

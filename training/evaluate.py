@@ -221,7 +221,10 @@ def _classification_report(clf, logits, y_true, elapsed: float) -> tuple:
     from training.metrics import classification_metrics, confusion_matrix
 
     _, y_pred = clf.task.decode(logits)
-    loss = clf.task.loss_sum(logits, torch.from_numpy(y_true)).item() / len(y_true)
+    labels = torch.from_numpy(y_true)
+    sums = clf.task.new_sums(torch.device("cpu"))  # the task's own sums: a weighted mean with class weights
+    clf.task.add_sums(sums, clf.task.loss_sum(logits, labels), logits, labels)
+    loss = clf.task.running(sums)["loss"]
     cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
     metrics = {"loss": loss, **classification_metrics(cm, clf.label_names)}
     print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "

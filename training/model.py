@@ -146,6 +146,10 @@ def load_model(name: str, task, text_columns=("text",)):
 def record_task(model, task) -> None:
     """Keep in the model config what the task decides by beyond the standard keys (a threshold, class
     weights), so the tools read it from any saved checkpoint."""
+    from training.tasks import CONFIG_EXTRA_KEYS
+
+    for key in CONFIG_EXTRA_KEYS:  # a checkpoint fine-tuned again keeps none of its old task's settings
+        model.config.__dict__.pop(key, None)
     for key, value in task.config_extras().items():
         setattr(model.config, key, value)
 

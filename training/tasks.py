@@ -27,6 +27,7 @@ from training.metrics import macro_f1
 
 TASK_KINDS = ("auto", "single_label", "multi_label", "regression")
 TUNE = "tune"  # --threshold tune
+CONFIG_EXTRA_KEYS = ("class_weights", "pos_weight", "multi_label_threshold")  # every task's config_extras keys
 TUNE_GRID = tuple(i / 100 for i in range(1, 100))  # the thresholds a tuned multi-label run chooses from
 
 
