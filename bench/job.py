@@ -53,7 +53,8 @@ def run_ours(args, model: str, work: Path) -> dict:
     metric = METRIC[args.task]
     return {"system": "ours", "wall_s": round(wall, 2), metric: summary[f"final_val_{metric}"],
             "train_s": round(sum(r["epoch_time_s"] for r in epochs), 2),
-            "eval_s": round(sum(r["eval_time_s"] for r in epochs), 2), "reported_total_s": summary["total_time_s"]}
+            "eval_s": round(sum(r["eval_time_s"] for r in epochs), 2), "reported_total_s": summary["total_time_s"],
+            "breakdown_s": summary["time_breakdown_s"]}
 
 
 def run_trainer(args, model: str, work: Path) -> dict:
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
     print(f"\n{'data':<14} {'system':<8} {'wall s':>8} {'train s':>8} {metric:>9}")
     for r in rows:
         print(f"{r['data']:<14} {r['system']:<8} {r['wall_s']:>8.1f} {r['train_s']:>8.1f} {r[metric]:>9.4f}")
+    if "ours" in by:
+        b = by["ours"]["breakdown_s"]
+        print("ours: " + " | ".join(f"{k} {b[k]:.1f}s" for k in ("start-up", "data", "model", "training",
+                                                               "evaluation", "checkpoints", "other")))
     if len(by) == 2:
         print(f"Trainer's wall time / ours: {by['trainer']['wall_s'] / by['ours']['wall_s']:.2f}x")
     return 0

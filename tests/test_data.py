@@ -52,10 +52,14 @@ def test_columns_autodetected_and_named(tmp_path):
     assert splits.label_names == ["negative", "positive"]
 
 
-def test_split_is_deterministic_stratified_and_seeded():
-    a = load(split_seed=7)
-    b = load(split_seed=7)
-    c = load(split_seed=8)
+def test_split_is_deterministic_stratified_and_seeded(tmp_path):
+    # three classes of unequal size (the default data's split is read by the next test)
+    rows = synthetic_rows(1500, seed=3, labels=("a", "b", "c"))
+    rows = [r for r in rows if r["label"] != "c"] + [r for r in rows if r["label"] == "c"][:150]
+    path = str(write_rows(tmp_path / "t.csv", rows))
+    a = load(train_file=path, split_seed=7)
+    b = load(train_file=path, split_seed=7)
+    c = load(train_file=path, split_seed=8)
     assert list(a.validation["text"]) == list(b.validation["text"])
     assert a.info["validation_sha256"] == b.info["validation_sha256"] != c.info["validation_sha256"]
     # stratified: the class ratio of the held-out part matches the whole within one example

@@ -100,6 +100,8 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     assert "SIGTERM: stopping after the current step and saving a checkpoint..." in stopped.stderr  # said at once
     # 96 examples at 32: 3 steps an epoch; the end of epoch 1 saved step 3, the signal step 4
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+    before = torch.load(tmp_path / "a" / "checkpoints" / "step-00000004" / "training_state.pt",
+                        weights_only=False)["clock"]  # the stopped process's time, as its checkpoint keeps it
     resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 2, step 4 (batch 1 of the epoch)" in resumed.stdout
@@ -110,6 +112,13 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     assert [r["loss"] for r in records(tmp_path / "a", "step")] == [r["loss"] for r in records(tmp_path / "b", "step")]
     assert [r["step"] for r in records(tmp_path / "a", "step")] == list(range(1, 7))  # no step logged twice
     assert records(tmp_path / "a", "epoch")[-1]["val_accuracy"] == records(tmp_path / "b", "epoch")[-1]["val_accuracy"]
+    # the summary's time is the whole run's: the stopped process's up to its checkpoint, and the resumed one's
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    b = summary["time_breakdown_s"]
+    assert b["processes"] == 2 and before["processes"] == 1
+    assert summary["total_time_s"] > before["wall_s"] + b["training"] / 2  # more than either process alone
+    assert b["start-up"] > before["start-up"] and b["model"] > before["model"]  # both processes' start-ups
+    assert "over 2 processes (resumed)" in resumed.stdout
 
 
 @pytest.fixture(scope="module")

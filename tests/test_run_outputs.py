@@ -108,3 +108,30 @@ def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir, run
     same = all(torch.equal(a, b) for a, b in zip(load_file(run / "best" / "model.safetensors").values(),
                                                  load_file(run / "final" / "model.safetensors").values()))
     assert same == (best["epoch"] == 4)
+
+
+def test_every_run_says_where_its_time_went(tmp_path, tiny_model_dir, run_main):
+    """The breakdown adds up to the run's wall time, training is the epochs' own time, and checkpoints
+    written between steps count as checkpoints, not as training."""
+    import re
+    import time
+
+    t0 = time.perf_counter()
+    proc = run_main("train_single.py", *_args(tmp_path, tiny_model_dir, "--epochs", 2, "--save_every_steps", 1,
+                                              "--run_name", "r"))
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "ck" / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    b = summary["time_breakdown_s"]
+    phases = ("start-up", "data", "model", "training", "evaluation", "checkpoints", "other")
+    assert all(b[p] >= 0 for p in phases) and b["processes"] == 1
+    assert abs(sum(b[p] for p in phases) - b["total"]) < 0.05 and b["total"] == summary["total_time_s"]
+    assert b["total"] <= wall and b["total"] > 0.8 * wall  # the command's own time, not a part of it
+    epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+    assert abs(b["training"] - sum(r["epoch_time_s"] for r in epochs)) < 0.02
+    # 8 steps, a checkpoint after each (two of them also best/ candidates) and final/: checkpoints cost
+    # more than nothing, and are not in the training time (which would then exceed the loop's wall)
+    assert b["checkpoints"] > 0.05 and b["training"] + b["checkpoints"] <= b["total"]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("time: ")]
+    assert len(line) == 1 and re.search(r"\| total [\d.]+s$", line[0]), proc.stdout

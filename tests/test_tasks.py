@@ -56,10 +56,15 @@ def write_csv(path: Path, rows: list) -> Path:
     return path
 
 
+def _train_args(tiny_model_dir, ck: Path, train: Path, *extra, epochs=3, name="r") -> list:
+    return ["--model", tiny_model_dir, "--train_file", train, "--epochs", epochs, "--batch_size", 16,
+            "--learning_rate", 3e-3, "--max_length", 48, "--no_progress", "--checkpoint_dir", ck,
+            "--run_name", name, *extra]
+
+
 def _train(tiny_model_dir, base: Path, train: Path, *extra, epochs=3, name="r"):
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", epochs,
-                      "--batch_size", 16, "--learning_rate", 3e-3, "--max_length", 48, "--no_progress",
-                      "--checkpoint_dir", base / "ck", "--run_name", name, *extra)
+    proc = run_script("train_single.py", *_train_args(tiny_model_dir, base / "ck", train, *extra, epochs=epochs,
+                                                      name=name))
     assert proc.returncode == 0, proc.stderr
     return base / "ck" / name, proc.stdout
 
@@ -605,23 +610,30 @@ def test_pos_weight_is_torchs_and_balanced_is_negatives_per_positive():
     assert tuned.metrics(stale)["micro_f1"] < 1.0
 
 
-def test_a_tuned_weighted_multi_label_run_resumes_bitwise(tuned_run, tiny_model_dir, hooks):
-    """Stopped in epoch 3, after epoch 2's evaluation tuned the threshold that epoch 3's training sums use."""
+@pytest.mark.parametrize("shape, stop_at, resumes_at", [
+    ("score_run", 50, "epoch 2, step 50 (batch 16 of the epoch)"),
+    # after epoch 2's evaluation tuned the threshold that epoch 3's training sums decide at
+    ("tuned_run", 75, "epoch 3, step 75 (batch 15 of the epoch)"),
+])
+def test_each_task_shape_resumes_bitwise(request, tiny_model_dir, hooks, shape, stop_at, resumes_at):
+    """SIGTERM mid-epoch, then --resume auto: the uninterrupted run's steps, weights and epoch metrics."""
     from test_resume import env_with, records, weights
 
-    run, _, train, _, args = tuned_run
-    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 4, "--batch_size", 16,
-              "--no_progress", "--checkpoint_dir", run.parent, "--run_name", "stopped", *args]
-    stopped = run_script("train_single.py", *common, env=env_with(hooks, STOP_AT_STEP=75))
+    run, _, train, *rest = request.getfixturevalue(shape)
+    extra, epochs = (rest[1], 4) if shape == "tuned_run" else ((), 3)
+    args = _train_args(tiny_model_dir, run.parent, train, *extra, epochs=epochs, name="stopped")
+    stopped = run_script("train_single.py", *args, env=env_with(hooks, STOP_AT_STEP=stop_at))
     assert stopped.returncode == 143, stopped.stderr
-    resumed = run_script("train_single.py", *common, "--resume", "auto")
+    resumed = run_script("train_single.py", *args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at epoch 3, step 75 (batch 15 of the epoch)" in resumed.stdout
+    assert f"resuming at {resumes_at}" in resumed.stdout
     a, b = weights(run.parent / "stopped"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert [r["loss"] for r in records(run.parent / "stopped", "step")] == [r["loss"] for r in records(run, "step")]
     ea, eb = records(run.parent / "stopped", "epoch"), records(run, "epoch")
-    for key in ("train_subset_accuracy", "val_threshold", "val_micro_f1", "val_loss"):
+    keys = [k for k in eb[0] if k.startswith(("train_", "val_")) and not k.endswith("_s")]
+    assert len(ea) == len(eb) == epochs and "val_loss" in keys
+    for key in keys:
         assert [r[key] for r in ea] == [r[key] for r in eb], key
 
 

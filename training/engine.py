@@ -322,10 +322,14 @@ def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks
         _sync(ctx.device)
         t0 = time.perf_counter() - state.epoch_time_s
 
-        class Timed(Hooks):  # the epoch's training time so far, recorded before any checkpoint
+        class Timed(Hooks):  # the epoch's training time so far, without the checkpoints written between steps
             def after_step(self, s: LoopState, end_of_epoch: bool) -> bool:
-                s.epoch_time_s = time.perf_counter() - t0
-                return hooks.after_step(s, end_of_epoch)
+                nonlocal t0
+                now = time.perf_counter()
+                s.epoch_time_s = now - t0
+                stop = hooks.after_step(s, end_of_epoch)
+                t0 += time.perf_counter() - now
+                return stop
 
         if not train_epoch(runner, train_loader, loop, state, Timed(), log):
             return False

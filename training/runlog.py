@@ -5,6 +5,7 @@ is present but silent, so the engine calls it without asking who it is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -95,3 +96,61 @@ class RunLogger:
         if not self.show_progress:
             return _NoBar()
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+class RunClock:
+    """Where a run's wall time goes, by phase, over every process that worked on it.
+
+    This process's phases are laps from its start (start-up: imports, the process group, finding a
+    checkpoint; data: the tokenizer and the tokenized splits; model: loading it, the optimizer and a
+    checkpoint's state) and the time inside checkpoint writes. A resumed run adds what its earlier
+    processes had spent up to their last checkpoint (``state_dict`` is saved in each checkpoint).
+    Training and evaluation come from the epoch records, which cover the whole run already."""
+
+    PHASES = ("start-up", "data", "model", "checkpoints")
+
+    def __init__(self, started: float):
+        self.started = self._mark = started
+        self.phases = dict.fromkeys(self.PHASES, 0.0)
+        self.before = {"wall_s": 0.0, "processes": 0, **dict.fromkeys(self.PHASES, 0.0)}
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap (or the start) was spent on ``phase``."""
+        now = time.perf_counter()
+        self.phases[phase] += now - self._mark
+        self._mark = now
+
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.perf_counter() - t0
+
+    def state_dict(self) -> dict:
+        return {"wall_s": self.before["wall_s"] + time.perf_counter() - self.started,
+                "processes": self.before["processes"] + 1,
+                **{p: self.before[p] + self.phases[p] for p in self.PHASES}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.before = {**self.before, **saved}
+
+    def breakdown(self, results: list) -> dict:
+        """Seconds per phase over the whole run, and ``other`` for the rest (the end of training: the
+        summary, closing files), with ``total`` and the number of processes."""
+        now = self.state_dict()
+        out = {p: now[p] for p in self.PHASES[:3]}
+        out["training"] = sum(r["epoch_time_s"] for r in results)
+        out["evaluation"] = sum(r["eval_time_s"] for r in results)
+        out["checkpoints"] = now["checkpoints"]
+        out["other"] = now["wall_s"] - sum(out.values())
+        return {**{k: round(v, 2) for k, v in out.items()}, "total": round(now["wall_s"], 2),
+                "processes": now["processes"]}
+
+
+def format_breakdown(b: dict) -> str:
+    parts = " | ".join(f"{k} {b[k]:.1f}s" for k in ("start-up", "data", "model", "training", "evaluation",
+                                                    "checkpoints", "other"))
+    over = f" over {b['processes']} processes (resumed)" if b["processes"] > 1 else ""
+    return f"time: {parts} | total {b['total']:.1f}s{over}"

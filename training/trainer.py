@@ -24,7 +24,7 @@ from training import checkpoint, data, engine, model as model_lib, tasks
 from training import resume as resume_lib
 from training.config import TrainConfig
 from training.distributed import ProcessContext, StopSignal, process_context
-from training.runlog import RunLogger
+from training.runlog import RunClock, RunLogger, format_breakdown
 from training.step import EagerSteps, StepContext
 from training.utils import UserError, autocast_dtype, set_seed
 
@@ -183,13 +183,15 @@ class RunState:
     tracker: BestTracker
     run_record: dict  # what the checkpoint says about the run: config, world size, labels, tokenizer, task
     task: tasks.Task  # its record is taken at each save: a tuned threshold changes during the run
+    clock: RunClock   # where the wall time went, this process's and (restored) the earlier ones'
 
     def payload(self, ctx: ProcessContext) -> dict:
         """The training state of a checkpoint. A collective: every rank is here."""
         loop = self.loop.reduce_for_checkpoint(ctx)
         rng = ctx.all_gather_object(checkpoint.rng_state())
         return checkpoint.training_state(self.optimizer, self.scheduler, loop=loop, rng=rng,
-                                         run={**self.run_record, "task": self.task.record()},
+                                         run={**self.run_record, "task": self.task.record(),
+                                              "clock": self.clock.state_dict()},
                                          tracker=self.tracker.state_dict())
 
     def restore(self, saved: dict, ctx: ProcessContext, task) -> None:
@@ -198,6 +200,7 @@ class RunState:
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
         task.restore(saved.get("task") or {})
+        self.clock.load_state_dict(saved.get("clock") or {})
 
 
 class CheckpointHooks(engine.Hooks):
@@ -208,11 +211,12 @@ class CheckpointHooks(engine.Hooks):
         self.model, self.tokenizer = None, None  # set by the trainer before fit
 
     def save(self, name: str | None = None) -> Path:
-        model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
-        payload = self.state.payload(self.ctx)
-        if name:
-            return self.writer.save(name, self.model, self.tokenizer, payload)
-        return self.writer.save_step(self.model, self.tokenizer, payload)
+        with self.state.clock.timing("checkpoints"):
+            model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
+            payload = self.state.payload(self.ctx)
+            if name:
+                return self.writer.save(name, self.model, self.tokenizer, payload)
+            return self.writer.save_step(self.model, self.tokenizer, payload)
 
     def after_step(self, loop: engine.LoopState, end_of_epoch: bool) -> bool:
         every = self.cfg.save_every_steps
@@ -237,8 +241,8 @@ class CheckpointHooks(engine.Hooks):
         return stopping
 
 
-def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
-    t_start = time.perf_counter()
+def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None) -> int:
+    clock = RunClock(started if started is not None else time.perf_counter())
     _quiet_libraries()
     point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
     existing = point.run_dir if point and point.run_dir and point.run_dir.is_dir() else None
@@ -250,7 +254,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext) -> int:
         if cfg.tensorboard:
             log.open_tensorboard()
         with StopSignal(log) as stop:
-            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, t_start)
+            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock)
     except BaseException:
         if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
             # a failed start (bad data or model, interrupted preparation): leave no empty run directory,
@@ -289,13 +293,15 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
 
 
 def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: Path | None, stop: StopSignal,
-           t_start: float) -> int:
+           clock: RunClock) -> int:
+    clock.lap("start-up")
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
     set_seed(cfg.seed)
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
+    clock.lap("data")
     if cfg.class_weights is not None and prepared.task == "regression":
         raise UserError("--class_weights weigh classes: this data is a regression task")
     if cfg.threshold != 0.5 and prepared.task != "multi_label":  # 0.5 is the default: not given
@@ -363,7 +369,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                                        warmup_ratio=cfg.warmup_ratio)
     state = RunState(optimizer, scheduler, engine.LoopState(),
                      BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record,
-                     task)
+                     task, clock)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)
@@ -375,6 +381,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     else:
         log.truncate_records(after_step=0)  # a fresh start in a run directory that had no checkpoint yet
 
+    clock.lap("model")
     sc = StepContext(train_model, optimizer, scheduler, task, amp_dtype, cfg.max_grad_norm, ctx,
                      skip_nonfinite=cfg.skip_nonfinite)
     if use_graphs:
@@ -398,14 +405,14 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     if not finished:
         return 128 + (stop.signum or 15)
     final = hooks.save("final")
-    _finish(cfg, state, log, final, time.perf_counter() - t_start, task)
+    _finish(state, log, final, task)
     return 0
 
 
 _COLUMN_NAMES = {"macro_f1": "macro-F1"}
 
 
-def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elapsed: float, task) -> None:
+def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
     results, tracker = state.loop.results, state.tracker
     last = results[-1]
     best = next(r for r in results if r["epoch"] == tracker.best_epoch)
@@ -417,13 +424,16 @@ def _finish(cfg: TrainConfig, state: RunState, log: RunLogger, final: Path, elap
                **{f"best_val_{m}": best[f"val_{m}"] for m in shown},
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
                "skipped_nonfinite_steps": state.loop.skipped_nonfinite,
-               "total_time_s": round(elapsed, 2),
+               # the whole run: every process's time up to its last checkpoint (a resume adds them up)
+               "total_time_s": state.clock.breakdown(results)["total"],
                "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
                "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
+    summary["time_breakdown_s"] = state.clock.breakdown(results)
     log.write_json("summary.json", summary)
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
+    log.print(format_breakdown(summary["time_breakdown_s"]))
 
 
 def _summary_table(s: dict) -> str:
@@ -440,7 +450,9 @@ def _summary_table(s: dict) -> str:
             f"training throughput {s['train_samples_per_s']:.1f} samples/s")
 
 
-def train(cfg: TrainConfig, use_torchrun: bool) -> int:
-    """The whole run in its process context (the process group is always torn down)."""
+def train(cfg: TrainConfig, use_torchrun: bool, started: float | None = None) -> int:
+    """The whole run in its process context (the process group is always torn down); ``started``: when
+    the command began (its imports count as start-up)."""
+    started = time.perf_counter() if started is None else started
     with process_context(cfg.device, use_torchrun) as ctx:
-        return run(cfg, ctx)
+        return run(cfg, ctx, started)
