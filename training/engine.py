@@ -165,6 +165,9 @@ class Hooks:
     """What the trainer does around the loop. Every rank calls them with the same reduced values,
     so all ranks take the same decisions (checkpoint writers decide by themselves who writes)."""
 
+    # seconds spent so far on work that is not training (checkpoint writes): left out of the epoch's time
+    excluded_s = 0.0
+
     def after_step(self, state: LoopState, end_of_epoch: bool) -> bool:
         """After each optimizer step (a checkpoint, say, after ``state.check_finite``). True stops."""
         return False
@@ -325,10 +328,10 @@ def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks
         class Timed(Hooks):  # the epoch's training time so far, without the checkpoints written between steps
             def after_step(self, s: LoopState, end_of_epoch: bool) -> bool:
                 nonlocal t0
-                now = time.perf_counter()
-                s.epoch_time_s = now - t0
+                s.epoch_time_s = time.perf_counter() - t0
+                before = hooks.excluded_s
                 stop = hooks.after_step(s, end_of_epoch)
-                t0 += time.perf_counter() - now
+                t0 += hooks.excluded_s - before  # the write only: a host sync before it waits for the step
                 return stop
 
         if not train_epoch(runner, train_loader, loop, state, Timed(), log):

@@ -137,8 +137,8 @@ class RunClock:
         self.before = {**self.before, **saved}
 
     def breakdown(self, results: list) -> dict:
-        """Seconds per phase over the whole run, and ``other`` for the rest (the end of training: the
-        summary, closing files), with ``total`` and the number of processes."""
+        """Seconds per phase over the whole run, and ``other`` for the rest (logging, building the step
+        runner and loaders' iterators, the loop's own work), with ``total`` and the number of processes."""
         now = self.state_dict()
         out = {p: now[p] for p in self.PHASES[:3]}
         out["training"] = sum(r["epoch_time_s"] for r in results)

@@ -200,7 +200,12 @@ class RunState:
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
         task.restore(saved.get("task") or {})
-        self.clock.load_state_dict(saved.get("clock") or {})
+        if "clock" in saved:
+            self.clock.load_state_dict(saved["clock"])
+        else:  # a checkpoint from before the clock: its epochs' own times at least, and one earlier process
+            done = self.loop.results
+            self.clock.load_state_dict({"processes": 1, "wall_s": self.loop.epoch_time_s + sum(
+                r["epoch_time_s"] + r["eval_time_s"] for r in done)})
 
 
 class CheckpointHooks(engine.Hooks):
@@ -211,12 +216,16 @@ class CheckpointHooks(engine.Hooks):
         self.model, self.tokenizer = None, None  # set by the trainer before fit
 
     def save(self, name: str | None = None) -> Path:
-        with self.state.clock.timing("checkpoints"):
-            model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
-            payload = self.state.payload(self.ctx)
-            if name:
-                return self.writer.save(name, self.model, self.tokenizer, payload)
-            return self.writer.save_step(self.model, self.tokenizer, payload)
+        t0 = time.perf_counter()
+        try:
+            with self.state.clock.timing("checkpoints"):
+                model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
+                payload = self.state.payload(self.ctx)
+                if name:
+                    return self.writer.save(name, self.model, self.tokenizer, payload)
+                return self.writer.save_step(self.model, self.tokenizer, payload)
+        finally:
+            self.excluded_s += time.perf_counter() - t0
 
     def after_step(self, loop: engine.LoopState, end_of_epoch: bool) -> bool:
         every = self.cfg.save_every_steps
@@ -414,6 +423,7 @@ _COLUMN_NAMES = {"macro_f1": "macro-F1"}
 
 def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
     results, tracker = state.loop.results, state.tracker
+    breakdown = state.clock.breakdown(results)
     last = results[-1]
     best = next(r for r in results if r["epoch"] == tracker.best_epoch)
     train_time = sum(r["epoch_time_s"] for r in results)
@@ -425,10 +435,10 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
                "skipped_nonfinite_steps": state.loop.skipped_nonfinite,
                # the whole run: every process's time up to its last checkpoint (a resume adds them up)
-               "total_time_s": state.clock.breakdown(results)["total"],
+               "total_time_s": breakdown["total"],
                "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
                "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
-    summary["time_breakdown_s"] = state.clock.breakdown(results)
+    summary["time_breakdown_s"] = breakdown
     log.write_json("summary.json", summary)
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
