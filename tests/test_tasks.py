@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FILLER, NEGATIVE, POSITIVE, run_script, synthetic_rows, write_rows
+from conftest import FILLER, NEGATIVE, POSITIVE, made_once, run_script, synthetic_rows, write_rows
 from test_resume import hooks  # noqa: F401 (a fixture: the STOP_AT_STEP hook)
 from training import data, tasks
 from training.utils import UserError
@@ -73,20 +73,29 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
+def _once(tmp_path_factory, name: str, make) -> tuple:
+    """(the run, what it printed, the base directory): ``make(base)`` trains one run per test session,
+    shared by the workers of ``pytest -n`` (the tests read it; a resume test adds its runs beside it).
+    Every worker's tiny model is the same seeded one, so whichever worker trains, the run is the same."""
+    def made(base: Path) -> None:
+        (base / "out.txt").write_text(make(base))
+
+    base = made_once(tmp_path_factory, name, made)
+    return base / "ck" / "r", (base / "out.txt").read_text(), base
+
+
 @pytest.fixture(scope="module")
 def pair_run(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("pairs")
-    train = write_csv(base / "pairs.csv", pair_rows(600, seed=1))
-    run, out = _train(tiny_model_dir, base, train)
-    return run, out, train
+    run, out, base = _once(tmp_path_factory, "pair-run", lambda base: _train(
+        tiny_model_dir, base, write_csv(base / "pairs.csv", pair_rows(600, seed=1)))[1])
+    return run, out, base / "pairs.csv"
 
 
 @pytest.fixture(scope="module")
 def score_run(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("scores")
-    train = write_csv(base / "scores.csv", score_rows(600, seed=2))
-    run, out = _train(tiny_model_dir, base, train)
-    return run, out, train
+    run, out, base = _once(tmp_path_factory, "score-run", lambda base: _train(
+        tiny_model_dir, base, write_csv(base / "scores.csv", score_rows(600, seed=2)))[1])
+    return run, out, base / "scores.csv"
 
 
 # ---------------------------------------------------------------- text pairs
@@ -375,6 +384,11 @@ def write_topic_files(d: Path, rows: list) -> dict:
     (d / "lists.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_csv(d / "sep.csv", [{"text": r["text"], "tags": "|".join(r["labels"])} for r in rows])
     write_csv(d / "cols.csv", [{"text": r["text"], **{t: int(t in r["labels"]) for t in TOPICS}} for r in rows])
+    return topic_files(d)
+
+
+def topic_files(d: Path) -> dict:
+    """What ``write_topic_files`` wrote in ``d``: each format's file and the flags that read it."""
     return {"lists": (d / "lists.jsonl", []), "separator": (d / "sep.csv", ["--label_separator", "|",
                                                                            "--label_column", "tags"]),
             "columns": (d / "cols.csv", ["--label_columns", "sports,music,food"])}
@@ -382,10 +396,12 @@ def write_topic_files(d: Path, rows: list) -> dict:
 
 @pytest.fixture(scope="module")
 def topic_run(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("topics")
-    files = write_topic_files(base, topic_rows(600, seed=9))
-    run, out = _train(tiny_model_dir, base, files["lists"][0], "--max_length", 24, "--warmup_ratio", 0, epochs=6)
-    return run, out, files
+    def make(base: Path) -> str:
+        files = write_topic_files(base, topic_rows(600, seed=9))
+        return _train(tiny_model_dir, base, files["lists"][0], "--max_length", 24, "--warmup_ratio", 0, epochs=6)[1]
+
+    run, out, base = _once(tmp_path_factory, "topic-run", make)
+    return run, out, topic_files(base)
 
 
 def test_the_three_label_formats_give_the_same_multi_label_data(tmp_path):
@@ -528,13 +544,15 @@ TUNED_FLAGS = ("--threshold", "tune", "--class_weights", "15,15,15", "--max_leng
 def tuned_run(tiny_model_dir, tmp_path_factory):
     """With 10% of label decisions flipped, pos_weight 15 lifts a label's probability to about 0.6 where its
     word is absent (15 x 0.1 / (15 x 0.1 + 0.9)): 0.5 over-predicts, and the tuned threshold sits higher."""
-    base = tmp_path_factory.mktemp("tuned")
+    def make(base: Path) -> str:
+        train, val = base / "train.jsonl", base / "val.jsonl"
+        for path, rows in ((train, noisy_topic_rows(480, seed=21)), (val, noisy_topic_rows(120, seed=22))):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return _train(tiny_model_dir, base, train, "--validation_file", val, *TUNED_FLAGS, epochs=4)[1]
+
+    run, out, base = _once(tmp_path_factory, "tuned-run", make)
     train, val = base / "train.jsonl", base / "val.jsonl"
-    for path, rows in ((train, noisy_topic_rows(480, seed=21)), (val, noisy_topic_rows(120, seed=22))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--validation_file", val, *TUNED_FLAGS]
-    run, out = _train(tiny_model_dir, base, train, *args, epochs=4)
-    return run, out, train, val, args
+    return run, out, train, val, ["--validation_file", val, *TUNED_FLAGS]
 
 
 def _micro_f1(probs: list, truth: list, names: list, t: float) -> float:
