@@ -215,17 +215,17 @@ class CheckpointHooks(engine.Hooks):
         self.cfg, self.ctx, self.state, self.writer, self.stop, self.log = cfg, ctx, state, writer, stop, log
         self.model, self.tokenizer = None, None  # set by the trainer before fit
 
+    @property
+    def excluded_s(self) -> float:
+        return self.state.clock.phases["checkpoints"]  # the engine leaves checkpoint writes out of training
+
     def save(self, name: str | None = None) -> Path:
-        t0 = time.perf_counter()
-        try:
-            with self.state.clock.timing("checkpoints"):
-                model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
-                payload = self.state.payload(self.ctx)
-                if name:
-                    return self.writer.save(name, self.model, self.tokenizer, payload)
-                return self.writer.save_step(self.model, self.tokenizer, payload)
-        finally:
-            self.excluded_s += time.perf_counter() - t0
+        with self.state.clock.timing("checkpoints"):
+            model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
+            payload = self.state.payload(self.ctx)
+            if name:
+                return self.writer.save(name, self.model, self.tokenizer, payload)
+            return self.writer.save_step(self.model, self.tokenizer, payload)
 
     def after_step(self, loop: engine.LoopState, end_of_epoch: bool) -> bool:
         every = self.cfg.save_every_steps
