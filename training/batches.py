@@ -1,8 +1,8 @@
 """Texts -> token ids -> padded batches -> logits: the one path that training and the tools share.
 
 - ``encode``: tokenization (training's cache and the tools call it alike);
-- ``Batch``: what collation builds: the model inputs, the labels, and the example and token
-  counts; it moves to a device as one object and names the key a CUDA graph is recorded under;
+- ``Batch``: what collation builds: the model inputs, the labels, the example and token
+  counts, and for windows of long texts each row's document; it moves to a device as one object and names the key a CUDA graph is recorded under;
 - ``PadCollator``: rows of token ids -> a ``Batch`` padded to its longest row;
 - ``forward_logits``: the batched forward pass of evaluation, ``evaluate.py`` and ``predict.py``.
 """
@@ -34,16 +34,19 @@ class Batch:
     labels: Optional[torch.Tensor]
     num_examples: int
     num_tokens: int
+    docs: Optional[torch.Tensor] = None  # --long_texts windows: each row's document (training/long_texts.py)
+
+    def _map(self, fn) -> "Batch":
+        maybe = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(self, inputs={k: fn(v) for k, v in self.inputs.items()}, labels=maybe(self.labels),
+                       docs=maybe(self.docs))
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return replace(self, inputs={k: move(v) for k, v in self.inputs.items()},
-                       labels=None if self.labels is None else move(self.labels))
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pin-memory thread."""
-        return replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
-                       labels=None if self.labels is None else self.labels.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     def tensors(self) -> dict:
         """Every tensor by name (inputs and labels), for copying into a recorded graph's buffers."""
@@ -91,7 +94,8 @@ class PadCollator:
         labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
         if labels is not None and labels.is_floating_point():
             labels = labels.float()
-        return Batch({k: torch.from_numpy(v) for k, v in out.items()}, labels, len(rows), sum(lengths))
+        docs = torch.tensor([r["doc"] for r in rows]) if "doc" in rows[0] else None
+        return Batch({k: torch.from_numpy(v) for k, v in out.items()}, labels, len(rows), sum(lengths), docs)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype], *, cache: bool = True):

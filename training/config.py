@@ -13,6 +13,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_type_hints
 
+from training.long_texts import LongTexts
 from training.utils import HelpFormatter, ToolParser, UserError
 
 DEFAULT_MODEL = "default"
@@ -70,7 +71,23 @@ class TrainConfig:
                          "different seeds are validated on the same examples).", data=True, must_match=True)
     num_samples: Optional[int] = _f(None, "Use only N training examples and at most N validation examples "
                                     "(a seeded random subset), for quick tests.", data=True, must_match=True)
-    max_length: int = _f(128, "Truncate texts to this many tokens.", cache=True, must_match=True)
+    max_length: int = _f(128, "Tokens per model input; longer texts are handled as --long_texts says.",
+                         cache=True, must_match=True)
+    long_texts: str = _f("truncate", "Texts longer than --max_length: 'truncate' keeps their first tokens; "
+                         "'head_tail' their first --head_tokens and the last that fit; 'windows' reads all "
+                         "of them in overlapping windows of --max_length tokens, each trained with the text's "
+                         "label, and pools the windows' logits per text to evaluate and predict. For a pair, "
+                         "the first text is kept whole and the second is cut or windowed. Recorded in the "
+                         "checkpoint for predict.py and evaluate.py.",
+                         cache=True, must_match=True, choices=("truncate", "head_tail", "windows"))
+    head_tokens: Optional[int] = _f(None, "--long_texts head_tail: tokens kept from the start of a long text "
+                                    "(default: a quarter of --max_length); the rest come from its end.",
+                                    cache=True, must_match=True)
+    stride: Optional[int] = _f(None, "--long_texts windows: tokens two neighbouring windows share (default: a "
+                               "quarter of --max_length).", cache=True, must_match=True)
+    window_pooling: Optional[str] = _f(None, "--long_texts windows: how a text's window logits become its logits "
+                                       "at evaluation and prediction: mean (default) or max.",
+                                       must_match=True, choices=("mean", "max"))
     cache_dir: Optional[str] = _f(None, "Where tokenized datasets are cached (default: CHECKPOINT_DIR/cache).")
     # --- model ---
     model: str = _f(DEFAULT_MODEL, "Hugging Face model name or local directory (default: 'default', the "
@@ -199,6 +216,10 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.label_separator is not None and cfg.label_columns is not None:
         raise UserError("give --label_separator (labels in one column) or --label_columns (one 0/1 column per "
                         "label), not both")
+    for flag, mode in (("head_tokens", "head_tail"), ("stride", "windows"), ("window_pooling", "windows")):
+        if getattr(cfg, flag) is not None and cfg.long_texts != mode:
+            raise UserError(f"--{flag} applies to --long_texts {mode}, not --long_texts {cfg.long_texts}")
+    LongTexts.from_config(cfg).check(cfg.max_length)
     if cfg.label_separator == "":
         raise UserError("--label_separator must not be empty")
     if (cfg.label_separator or cfg.label_columns) and cfg.task in ("single_label", "regression"):

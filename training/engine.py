@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import get_linear_schedule_with_warmup
 
+from training import long_texts
 from training.batches import forward_logits
 from training.checkpoint import unwrap
 from training.distributed import ProcessContext
@@ -62,6 +63,8 @@ class LoopConfig:
     epochs: int
     grad_accum_steps: int = 1
     log_every: int = 50
+    pooling: str = "mean"                    # --long_texts windows: how evaluation pools a document's windows
+    train_documents: Optional[int] = None    # --long_texts windows: the documents the training windows come from
 
 
 @dataclass
@@ -184,23 +187,34 @@ class EpochResult:
     validation: dict     # the task's metrics of the validation set
     train_time_s: float
     eval_time_s: float
+    train_documents: Optional[int] = None  # windows of long texts: the training examples are windows of these
+
+    def _per_s(self, count: float) -> float:
+        return count / self.train_time_s if self.train_time_s > 0 else float("nan")
 
     @property
     def samples_per_s(self) -> float:
-        return self.train["count"] / self.train_time_s if self.train_time_s > 0 else float("nan")
+        """Training examples (windows, under --long_texts windows) per second."""
+        return self._per_s(self.train["count"])
 
     def line(self, epochs: int, task) -> str:
+        val = task.describe(self.validation)
+        speed = f"{self.samples_per_s:.1f} samples/s"
+        if "windows" in self.validation:
+            val += f" ({self.validation['count']} documents in {self.validation['windows']} windows)"
+        if self.train_documents is not None:
+            speed = f"{self.samples_per_s:.1f} windows/s ({self._per_s(self.train_documents):.1f} documents/s)"
         return (f"epoch {self.epoch}/{epochs} | train {task.describe(self.train)}"
-                f" | val {task.describe(self.validation)}"
-                f" | time {self.train_time_s:.1f}s (+{self.eval_time_s:.1f}s eval)"
-                f" | {self.samples_per_s:.1f} samples/s")
+                f" | val {val} | time {self.train_time_s:.1f}s (+{self.eval_time_s:.1f}s eval) | {speed}")
 
     def record(self) -> dict:
         def named(prefix: str, stats: dict) -> dict:
             return {f"{prefix}_{'examples' if k == 'count' else k}": v for k, v in stats.items()}
+        documents = {} if self.train_documents is None else {
+            "train_documents": self.train_documents, "documents_per_s": round(self._per_s(self.train_documents), 2)}
         return {"epoch": self.epoch, **named("train", self.train), **named("val", self.validation),
                 "epoch_time_s": round(self.train_time_s, 3), "eval_time_s": round(self.eval_time_s, 3),
-                "samples_per_s": round(self.samples_per_s, 2)}
+                "samples_per_s": round(self.samples_per_s, 2), **documents}
 
 
 def _optimizer_steps(loader, per_step: int, start: int) -> Iterator[tuple]:
@@ -281,24 +295,43 @@ def _log_interval(sc, state: LoopState, log: RunLogger, bar, seconds: float) -> 
     log.scalars("step", {k: v for k, v in record.items() if k not in ("step", "epoch")}, step=info.step)
 
 
-def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype) -> dict:
+def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype, pooling: str = "mean") -> dict:
     """The task's metrics of the validation set: its sums over each rank's shard, all-reduced, and for a
     task that needs them (``collects_outputs``: Spearman's ranks, a tuned threshold) every example's output,
     gathered once.
-    The shards hold each example exactly once, so nothing is counted twice."""
+    The shards hold each example exactly once, so nothing is counted twice. Batches of windows of long
+    texts (``batch.docs``) are pooled per document first (``pooling``: mean or max of the logits), and the
+    metrics are those of the documents; a rank's shard holds whole documents, so the pooling is local."""
     model = unwrap(model)  # no DDP forward hooks in eval: each rank runs its own shard
-    sums, outputs = task.new_sums(ctx.device), []
-    for batch, logits in forward_logits(model, loader, device=ctx.device, amp_dtype=amp_dtype):
-        task.add_sums(sums, task.loss_sum(logits, batch.labels), logits, batch.labels)
+    sums, outputs, windows = task.new_sums(ctx.device), [], []
+
+    def count(logits, labels):
+        task.add_sums(sums, task.loss_sum(logits, labels), logits, labels)
         if task.collects_outputs:
-            outputs.append(task.outputs(logits, batch.labels))
+            outputs.append(task.outputs(logits, labels))
+
+    for batch, logits in forward_logits(model, loader, device=ctx.device, amp_dtype=amp_dtype):
+        if batch.docs is None:
+            count(logits, batch.labels)
+        else:
+            windows.append((logits.float(), batch.docs, batch.labels))
+    num_windows = torch.zeros(1, device=ctx.device)
+    if windows:
+        logits, docs, labels = (torch.cat(parts) for parts in zip(*windows))
+        _, pooled, first = long_texts.pool(logits, docs, pooling)
+        count(pooled, labels[first])
+        num_windows += len(docs)
     ctx.all_reduce_sum(sums)
     gathered = None
     if task.collects_outputs:
         mine = torch.cat(outputs).cpu() if outputs else torch.empty(0, task.output_width)
         gathered = torch.cat(ctx.all_gather_object(mine))
         task.tune_on(gathered)  # a decision chosen on validation (a tuned threshold), the same on every rank
-    return task.metrics(sums, gathered)
+    metrics = task.metrics(sums, gathered)
+    if getattr(loader.sampler, "by_document", False):  # the same on every rank: each joins the reduction
+        ctx.all_reduce_sum(num_windows)
+        metrics["windows"] = int(num_windows.item())
+    return metrics
 
 
 def _sync(device: torch.device) -> None:
@@ -341,8 +374,9 @@ def fit(runner, loaders: tuple, loop: LoopConfig, state: LoopState, hooks: Hooks
         train_stats = task.running(state.epoch_sums)
         train_time = time.perf_counter() - t0  # running() synchronized with the device
         t1 = time.perf_counter()
-        validation = evaluate(sc.model, eval_loader, task, ctx=ctx, amp_dtype=sc.amp_dtype)
-        result = EpochResult(epoch, train_stats, validation, train_time, time.perf_counter() - t1)
+        validation = evaluate(sc.model, eval_loader, task, ctx=ctx, amp_dtype=sc.amp_dtype, pooling=loop.pooling)
+        result = EpochResult(epoch, train_stats, validation, train_time, time.perf_counter() - t1,
+                             loop.train_documents)
         log.print(result.line(loop.epochs, task))
         log.record("epoch", **result.record(), step=state.global_step)
         log.scalars("epoch", result.record(), step=state.global_step)

@@ -163,6 +163,7 @@ def run(args) -> int:
                         f"and the data has {'pairs' if got.pairs is not None else 'one text per row'}: name the "
                         f"columns with --text_column and --text_pair_column")
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
+    long_texts = inference.resolve_long_texts(args, clf, max_length)
     y_true = None if kind != "single_label" else map_labels(got.labels, clf.label2id, info.get("source", "the data"))
     if kind == "multi_label":
         map_labels([x for row in got.labels for x in row], clf.label2id, info.get("source", "the data"))
@@ -174,7 +175,8 @@ def run(args) -> int:
         print(f"note: {note}")
     shape = f"regression of {clf.label_names[0]!r}" if regression else f"labels {', '.join(clf.label_names)}"
     print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}")
+          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}, long texts: "
+          f"{long_texts.describe(max_length)}")
     split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
     if got.pairs is not None:
         split_line += " (text pairs)"
@@ -186,7 +188,8 @@ def run(args) -> int:
     print(split_line, flush=True)
 
     logits, elapsed = inference.logits_with_progress(clf, got.texts, desc="evaluating", batch_size=args.batch_size,
-                                                     max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs)
+                                                     max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs,
+                                                     long_texts=long_texts)
     if regression:
         metrics, cm = _regression_report(clf, logits, got.labels, elapsed), None
     elif kind == "multi_label":
@@ -196,7 +199,7 @@ def run(args) -> int:
 
     written = []
     if args.output:
-        record = {"checkpoint": str(clf.path), "max_length": max_length, **metrics,
+        record = {"checkpoint": str(clf.path), "max_length": max_length, "long_texts": long_texts.record(), **metrics,
                   "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
                                                           "validation_fraction", "num_samples", "rows_read")}
                   | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from training.long_texts import DOC, LongTexts
 from training.utils import HelpFormatter, ToolParser, UserError, autocast_dtype, detect_device  # noqa: F401
 
 DEFAULT_MAX_LENGTH = 512
@@ -49,6 +50,7 @@ class Classifier:
     max_positions: int  # the longest input the model takes, in tokens
     task: object        # training/tasks.py: decodes the logits, computes the loss
     text_columns: list = field(default_factory=lambda: ["text"])  # the training data's; two for a pair task
+    long_texts: LongTexts = LongTexts()  # what training did with texts over --max_length (config.json's long_texts)
 
     @property
     def label2id(self) -> dict:
@@ -176,7 +178,7 @@ def load_classifier(path, device: torch.device) -> Classifier:
     task = task_from_model_config(model.config, names)
     model.to(device).eval()
     return Classifier(model, tokenizer, names, ckpt, device, model_max_positions(model.config, tokenizer), task,
-                      checkpoint_text_columns(ckpt))
+                      checkpoint_text_columns(ckpt), LongTexts.from_record(getattr(model.config, "long_texts", None)))
 
 
 def trained_max_length(ckpt: Path) -> Optional[int]:
@@ -210,25 +212,28 @@ def _one_line(exc: BaseException) -> str:
 
 def predict_logits(clf: Classifier, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 512,
                    amp_dtype: Optional[torch.dtype] = None, on_batch: Optional[Callable[[int], None]] = None,
-                   pairs: Optional[Sequence[str]] = None) -> torch.Tensor:
+                   pairs: Optional[Sequence[str]] = None, long_texts: Optional[LongTexts] = None) -> torch.Tensor:
     """Float32 logits ``[len(texts), num_labels]`` on the CPU, row i for ``texts[i]`` (with ``pairs[i]``,
     the second text of a pair, tokenized as training tokenized pairs).
 
-    Texts are tokenized a chunk at a time (truncated to ``max_length``), sorted by length
-    inside the chunk, and padded per batch to the batch's longest text, so little compute
-    goes to padding; the rows are put back in input order. ``on_batch(n)`` is called after
-    each batch of ``n`` texts (for a progress bar).
+    Texts are tokenized a chunk at a time (texts over ``max_length`` tokens as ``long_texts`` says, by
+    default as the checkpoint was trained: under ``windows`` a text's row is its windows' logits, pooled),
+    sorted by length inside the chunk, and padded per batch to the batch's longest row, so little compute
+    goes to padding; the rows are put back in input order. ``on_batch(n)`` is called as ``n`` more texts
+    are done (for a progress bar).
     """
     import torch
 
     with torch.no_grad():
-        return _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch)
+        return _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch,
+                               long_texts or clf.long_texts)
 
 
-def _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch):
+def _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_batch, long_texts):
     import torch
 
-    from training.batches import PadCollator, encode, forward_logits
+    from training.batches import PadCollator, forward_logits
+    from training.long_texts import pool
 
     device = clf.device
     n = len(texts)
@@ -239,15 +244,24 @@ def _predict_logits(clf, texts, pairs, batch_size, max_length, amp_dtype, on_bat
     chunk = batch_size * 32
     for c0 in range(0, n, chunk):
         second = None if pairs is None else [str(t) for t in pairs[c0:c0 + chunk]]
-        enc = encode(clf.tokenizer, [str(t) for t in texts[c0:c0 + chunk]], max_length, second)
+        enc = long_texts.encode(clf.tokenizer, [str(t) for t in texts[c0:c0 + chunk]], max_length, second)
+        docs = enc.pop(DOC, None)  # windows: the text (in this chunk) of each row
         rows = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
         batches = [order[b0:b0 + batch_size] for b0 in range(0, len(order), batch_size)]
         collated = (collate([rows[i] for i in idx]) for idx in batches)
+        chunk_out = torch.empty(len(rows), clf.task.num_labels, dtype=torch.float32)
         for idx, (_, logits) in zip(batches, forward_logits(clf.model, collated, device=device, amp_dtype=amp_dtype)):
-            out[torch.tensor(idx) + c0] = logits.float().cpu()
-            if on_batch is not None:
+            chunk_out[torch.tensor(idx)] = logits.float().cpu()
+            if on_batch is not None and docs is None:
                 on_batch(len(idx))
+        if docs is None:
+            out[c0:c0 + len(rows)] = chunk_out
+            continue
+        ids, pooled, _ = pool(chunk_out, torch.tensor(docs), long_texts.pooling)
+        out[ids + c0] = pooled
+        if on_batch is not None:
+            on_batch(len(ids))
     return out
 
 
@@ -494,6 +508,16 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str
                         help="A fine-tuned checkpoint: a run's final/ directory (or the run directory).")
     parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass.")
     parser.add_argument("--max_length", type=int, default=None, help=max_length_help)
+    parser.add_argument("--long_texts", default=None, choices=("truncate", "head_tail", "windows"),
+                        help="Texts longer than --max_length (default: as the checkpoint was trained): truncate, "
+                             "head_tail (the first --head_tokens and the last that fit) or windows (overlapping "
+                             "windows, their logits pooled per text).")
+    parser.add_argument("--head_tokens", type=int, default=None,
+                        help="head_tail: tokens kept from the start (default: the checkpoint's, else a quarter).")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="windows: tokens neighbouring windows share (default: the checkpoint's, else a quarter).")
+    parser.add_argument("--window_pooling", default=None, choices=("mean", "max"),
+                        help="windows: mean or max of the windows' logits (default: the checkpoint's, else mean).")
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
                         help="auto: CUDA, then Apple MPS, then CPU.")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -525,13 +549,34 @@ def resolve_max_length(requested: Optional[int], clf: Classifier, fallback: Opti
     return min(fallback or DEFAULT_MAX_LENGTH, clf.max_positions)
 
 
+def resolve_long_texts(args, clf: Classifier, max_length: int) -> LongTexts:
+    """The checkpoint's long-text setting with the tool's flags over it. Another --long_texts than the
+    checkpoint's starts from that mode's defaults; a flag of another mode is an error, not ignored."""
+    from dataclasses import replace
+
+    recorded = clf.long_texts
+    mode = args.long_texts or recorded.mode
+    setting = recorded if mode == recorded.mode else LongTexts(mode)
+    for flag, field_name, needs in (("head_tokens", "head_tokens", "head_tail"), ("stride", "stride", "windows"),
+                                    ("window_pooling", "pooling", "windows")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if mode != needs:
+            raise UserError(f"--{flag} applies to --long_texts {needs}; this run uses --long_texts {mode}"
+                            + ("" if args.long_texts else " (the checkpoint's)"))
+        setting = replace(setting, **{field_name: value})
+    setting.check(max_length)
+    return setting
+
+
 def logits_with_progress(clf, texts: list, *, desc: str, batch_size: int, max_length: int, amp_dtype,
-                         pairs: Optional[list] = None):
+                         pairs: Optional[list] = None, long_texts: Optional[LongTexts] = None):
     """``predict_logits`` with a progress bar on a terminal; returns (logits, seconds)."""
     bar = progress_bar(len(texts), desc)
     t0 = time.perf_counter()
     logits = predict_logits(clf, texts, batch_size=batch_size, max_length=max_length, amp_dtype=amp_dtype,
-                            on_batch=bar.update if bar else None, pairs=pairs)
+                            on_batch=bar.update if bar else None, pairs=pairs, long_texts=long_texts)
     if bar:
         bar.close()
     return logits, time.perf_counter() - t0

@@ -270,17 +270,20 @@ def run(args) -> int:
     clf = inference.load_classifier(args.checkpoint, device)
     truth, label_notes = _truth(got, clf, args.input)
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
+    long_texts = inference.resolve_long_texts(args, clf, max_length)
     shape = "regression" if clf.task.name == "regression" else f"labels {', '.join(clf.label_names)}" + (
         f" (multi-label, threshold {clf.task.threshold:g})" if clf.task.name == "multi_label" else "")
     what = "pair(s)" if got.pairs is not None else "text(s)"
     for note in got.notes + label_notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | {len(texts)} {what}",
+          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}, long texts: "
+          f"{long_texts.describe(max_length)} | {len(texts)} {what}",
           file=sys.stderr, flush=True)
 
     logits, elapsed = inference.logits_with_progress(clf, texts, desc="classifying", batch_size=args.batch_size,
-                                                     max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs)
+                                                     max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs,
+                                                     long_texts=long_texts)
     table, records, scored, counts = _outputs(got, clf, logits, truth)
     # the scoring line goes with the summary: on stdout, except where stdout holds the JSON lines
     if args.output is None:

@@ -24,6 +24,7 @@ from training import checkpoint, data, engine, model as model_lib, tasks
 from training import resume as resume_lib
 from training.config import TrainConfig
 from training.distributed import ProcessContext, StopSignal, process_context
+from training.long_texts import LongTexts
 from training.runlog import RunClock, RunLogger, format_breakdown
 from training.step import EagerSteps, StepContext
 from training.utils import UserError, autocast_dtype, set_seed
@@ -283,7 +284,7 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
                                        label_separator=cfg.label_separator, label_columns=cfg.label_columns)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
-                                 cache_key=cfg.values_marked("cache"),
+                                 long_texts=LongTexts.from_config(cfg), cache_key=cfg.values_marked("cache"),
                                  validation_fraction=cfg.validation_fraction, split_seed=cfg.split_seed,
                                  num_samples=cfg.num_samples, task=cfg.task)
     for note in prepared.info.get("notes", []):
@@ -293,8 +294,11 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
              else f"labels {', '.join(map(str, prepared.label_names))}"
              + (" (multi-label)" if prepared.task == "multi_label" else ""))
     texts = " + ".join(info["text_columns"]) if len(info["text_columns"]) > 1 else None
-    log.print(f"data: {info['source']} | {len(prepared.train)} train, {len(prepared.validation)} validation"
-              f" | {shape}" + (f" | text pairs {texts}" if texts else ""))
+    counts = f"{len(prepared.train)} train, {len(prepared.validation)} validation"
+    if cfg.long_texts == "windows":
+        counts = (f"{info['train_examples']} train, {info['validation_examples']} validation texts in "
+                  f"{len(prepared.train)} and {len(prepared.validation)} windows")
+    log.print(f"data: {info['source']} | {counts} | {shape}" + (f" | text pairs {texts}" if texts else ""))
     if len(prepared.train) < ctx.world_size:
         raise UserError(f"{len(prepared.train)} training example(s) for {ctx.world_size} processes: "
                         f"each process needs at least one")
@@ -307,6 +311,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
     set_seed(cfg.seed)
+    long_texts = LongTexts.from_config(cfg)
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log)
@@ -319,7 +324,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     multi = prepared.task == "multi_label"
     weights = tasks.resolve_class_weights(cfg.class_weights, prepared.label_names,
                                           prepared.info.get("train_label_counts", []),
-                                          multi_label_examples=len(prepared.train) if multi else None)
+                                          multi_label_examples=prepared.info["train_examples"] if multi else None)
     task = tasks.choose_task(prepared.task, prepared.label_names, weights, cfg.threshold).to(ctx.device)
     if weights is not None:
         log.print(("pos_weight (positive term of each label's loss): " if multi else "class weights: ")
@@ -344,6 +349,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
     model = model_lib.load_model(str(resume_from) if saved and ctx.is_main else cfg.model, task,
                                  text_columns=prepared.info["text_columns"])
+    model.config.long_texts = long_texts.record()  # what predict.py and evaluate.py do with long texts by default
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "
@@ -400,7 +406,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         runner = EagerSteps(sc)
     hooks = CheckpointHooks(cfg, ctx, state, writer, stop, log)
     hooks.model, hooks.tokenizer = model, tokenizer
-    loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every)
+    loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
+                             train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
     stop.arm()
     try:
         # an early-stopped run that is resumed (or restarted) has nothing left to train

@@ -1,0 +1,151 @@
+"""Texts longer than --max_length: cut them, keep their head and tail, or read all of them in windows.
+
+- ``truncate``: the first ``max_length`` tokens (a pair loses tokens from its longer text first);
+- ``head_tail``: the first ``head_tokens`` and the last tokens that fit (Sun et al., 2019, "How to
+  Fine-Tune BERT for Text Classification?": on long reviews the head and the tail beat the head alone);
+- ``windows``: overlapping windows of ``max_length`` tokens, ``stride`` tokens shared by neighbours
+  (the tokenizer's own ``return_overflowing_tokens``); each window trains with its document's label,
+  and evaluation and prediction pool the windows' logits per document (``pool``: mean or max).
+
+For a text pair the first text (a question, a hypothesis) is kept whole in every window, and the
+second (the passage) is windowed or cut to its head and tail: a window of a pair is the whole first
+text with one stretch of the second.
+
+``LongTexts`` is one value that travels together: the data path encodes with it, the engine pools
+with it, and the checkpoint records it (``config.json``: ``long_texts``) for predict.py and evaluate.py.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from training.utils import UserError
+
+MODES = ("truncate", "head_tail", "windows")
+POOLINGS = ("mean", "max")
+DOC = "doc"  # the column of a window's document: its index in the split (or in the tool's input)
+
+
+@dataclass(frozen=True)
+class LongTexts:
+    mode: str = "truncate"
+    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of what fits)
+    stride: Optional[int] = None       # windows: tokens two neighbouring windows share (default: a quarter)
+    pooling: str = "mean"              # windows: how a document's window logits become its logits
+
+    @classmethod
+    def from_config(cls, cfg) -> "LongTexts":
+        return cls(cfg.long_texts, cfg.head_tokens, cfg.stride, cfg.window_pooling or "mean")
+
+    @classmethod
+    def from_record(cls, record: Optional[dict]) -> "LongTexts":
+        """The setting a checkpoint recorded; a checkpoint from before long texts had one truncated."""
+        if not isinstance(record, dict):
+            return cls()
+        return cls(**{k: record[k] for k in ("mode", "head_tokens", "stride", "pooling") if k in record})
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    @property
+    def windowed(self) -> bool:
+        return self.mode == "windows"
+
+    def describe(self, max_length: int) -> str:
+        if self.mode == "head_tail":
+            head = f"{self.head_tokens}" if self.head_tokens is not None else "a quarter of the"
+            return f"head_tail ({head} tokens from the start, the rest from the end)"
+        if self.windowed:
+            return f"windows of {max_length} tokens, {self.stride_for(max_length)} shared, {self.pooling} pooling"
+        return "truncate"
+
+    def head_for(self, max_length: int, specials: int) -> int:
+        return self.head_tokens if self.head_tokens is not None else (max_length - specials) // 4
+
+    def stride_for(self, max_length: int) -> int:
+        return self.stride if self.stride is not None else max_length // 4
+
+    def check(self, max_length: int) -> None:
+        """Flag values that cannot work with ``max_length`` (before any data is read)."""
+        if self.mode not in MODES:
+            raise UserError(f"--long_texts must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"--window_pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.head_tokens is not None and not 0 <= self.head_tokens < max_length:
+            raise UserError(f"--head_tokens must be from 0 to less than --max_length {max_length}, "
+                            f"got {self.head_tokens}")
+        if self.stride is not None and not 0 <= self.stride < max_length // 2:
+            raise UserError(f"--stride (the tokens neighbouring windows share) must be from 0 to less than half "
+                            f"of --max_length {max_length}, got {self.stride}")
+
+    def encode(self, tokenizer, texts: list, max_length: int, pairs: Optional[list] = None) -> dict:
+        """Token ids of ``texts`` (or of the pairs), as ``batches.encode`` gives them, each at most ``max_length``
+        tokens. Under ``windows`` a text may give several rows, and the ``DOC`` list names each row's text."""
+        from training import batches
+
+        if self.mode == "truncate":
+            return batches.encode(tokenizer, texts, max_length, pairs)
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError(f"--long_texts {self.mode} needs a fast tokenizer (tokenizer.json); "
+                            f"{type(tokenizer).__name__} is not one")
+        specials = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+        stride = self.stride_for(max_length) if self.windowed else 0
+        if pairs is not None:  # each row holds the whole first text, and a window the stride's shared tokens too
+            _check_first_texts(tokenizer, texts, max_length - stride, specials, self.mode, stride)
+        if self.windowed:
+            enc = tokenizer(texts, pairs, truncation="only_second" if pairs is not None else True,
+                            max_length=max_length, stride=stride, return_overflowing_tokens=True)
+            out = {k: v for k, v in enc.items() if k != "overflow_to_sample_mapping"}
+            out[DOC] = list(enc["overflow_to_sample_mapping"])
+            return out
+        enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+        head = self.head_for(max_length, specials)
+        out = {k: [] for k in enc.keys()}
+        for i in range(len(texts)):
+            keep = _head_and_tail(enc.sequence_ids(i), 1 if pairs is not None else 0, max_length, head)
+            for k in out:
+                row = enc[k][i]
+                out[k].append(row if keep is None else [row[j] for j in keep])
+        return out
+
+
+def _check_first_texts(tokenizer, texts, room: int, specials: int, mode: str, stride: int = 0) -> None:
+    longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]),
+                  default=0)
+    if longest + specials >= room:
+        shared = f" and --stride {stride}" if stride else ""
+        raise UserError(f"--long_texts {mode} keeps the first text of a pair whole: a first text of {longest} "
+                        f"tokens, with {specials} special tokens{shared}, leaves no room for the second text in "
+                        f"--max_length {room + stride}")
+
+
+def _head_and_tail(sequence_ids: list, target: int, max_length: int, head: int) -> Optional[list]:
+    """The positions to keep of one encoded row: every token outside sequence ``target``, its first ``head``
+    tokens and its last ones, ``max_length`` in all; None where the row fits."""
+    excess = len(sequence_ids) - max_length
+    if excess <= 0:
+        return None
+    positions = [j for j, s in enumerate(sequence_ids) if s == target]
+    kept = len(positions) - excess  # _check_first_texts made sure a pair's second text keeps at least one token
+    first = min(head, kept)
+    dropped = set(positions[first:first + excess])
+    return [j for j in range(len(sequence_ids)) if j not in dropped]
+
+
+def pool(logits, docs, mode: str) -> tuple:
+    """(documents, their logits, the index of each document's first window): the rows of ``logits`` (one a
+    window) pooled per document id in ``docs`` by ``mode`` (mean or max, per output), documents ascending."""
+    import torch
+
+    ids, inverse = torch.unique(docs, return_inverse=True)
+    n, width = len(ids), logits.shape[1]
+    logits = logits.float()
+    if mode == "max":
+        pooled = torch.full((n, width), float("-inf"), device=logits.device)
+        pooled.scatter_reduce_(0, inverse[:, None].expand_as(logits), logits, reduce="amax")
+    else:
+        pooled = torch.zeros(n, width, device=logits.device).index_add_(0, inverse, logits)
+        pooled /= torch.bincount(inverse, minlength=n)[:, None]
+    rows = torch.arange(len(docs), device=docs.device)
+    first = torch.full((n,), len(docs), device=docs.device).scatter_reduce_(0, inverse, rows, reduce="amin")
+    return ids, pooled, first
