@@ -153,7 +153,7 @@ def test_pool_is_the_mean_or_max_over_each_documents_windows():
             assert torch.allclose(row, reduce(logits[docs == d]), atol=1e-6)
 
 
-def test_head_tail_keeps_the_first_and_last_tokens_and_a_pairs_first_text_whole(tiny_model_dir):
+def test_head_tail_and_windows_cut_as_documented_and_keep_a_pairs_first_text_whole(tiny_model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     words = [f"w{i}" for i in range(40)]
@@ -175,6 +175,13 @@ def test_head_tail_keeps_the_first_and_last_tokens_and_a_pairs_first_text_whole(
     windows = LongTexts("windows", stride=2).encode(tok, ["is it w3"], 16, [text])
     assert len(windows["input_ids"]) > 3 and set(windows[DOC]) == {0}
     assert all(w[:len(q) + 2] == [tok.cls_token_id, *q, tok.sep_token_id] for w in windows["input_ids"])
+    # the windows are those of the tokenizer's return_overflowing_tokens (the pinned tokenizers), texts and pairs
+    for first, second, kw in ((text, None, {}), ("is it w3", text, {"truncation": "only_second"})):
+        ours = LongTexts("windows", stride=3).encode(tok, [first, "short"], 16, None if second is None else [second, "x"])
+        theirs = tok([first, "short"], None if second is None else [second, "x"], max_length=16, stride=3,
+                     return_overflowing_tokens=True, **{"truncation": True, **kw})
+        assert ours["input_ids"] == theirs["input_ids"] and ours["token_type_ids"] == theirs["token_type_ids"]
+        assert ours[DOC] == theirs["overflow_to_sample_mapping"] and len(ours[DOC]) > 4
     with pytest.raises(UserError, match="keeps the first text of a pair whole"):
         setting.encode(tok, [text], 20, ["a passage"])
 
@@ -237,7 +244,7 @@ def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks
     losses and per-document epoch metrics, bitwise."""
     base, runs = mode_runs
     run = runs["windows"][0]
-    args = [*_args(tiny_model_dir, base, "windows", name="stopped-windows"), "--log_every", 5]
+    args = _args(tiny_model_dir, base, "windows", name="stopped-windows")
     assert len(records(run, "step")) >= 2  # the uninterrupted run logged at steps 50, 100, ...
     stopped = run_script("train_single.py", *args, env=env_with(hooks, STOP_AT_STEP=55))
     assert stopped.returncode == 143, stopped.stderr
@@ -246,8 +253,7 @@ def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks
     assert "resuming at epoch 2, step 55" in resumed.stdout
     a, b = weights(base / "ck" / "stopped-windows"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in b)
-    steps = {r["step"]: r["loss"] for r in records(base / "ck" / "stopped-windows", "step")}
-    assert all(steps[r["step"]] == r["loss"] for r in records(run, "step"))
+    assert [r["loss"] for r in records(base / "ck" / "stopped-windows", "step")] == [r["loss"] for r in records(run, "step")]
     ea, eb = records(base / "ck" / "stopped-windows", "epoch"), records(run, "epoch")
     for key in ("train_loss", "val_loss", "val_accuracy", "val_examples", "val_windows", "train_examples"):
         assert [r[key] for r in ea] == [r[key] for r in eb], key

@@ -4,7 +4,7 @@
 - ``head_tail``: the first ``head_tokens`` and the last tokens that fit (Sun et al., 2019, "How to
   Fine-Tune BERT for Text Classification?": on long reviews the head and the tail beat the head alone);
 - ``windows``: overlapping windows of ``max_length`` tokens, ``stride`` tokens shared by neighbours
-  (the tokenizer's own ``return_overflowing_tokens``); each window trains with its document's label,
+  (what the tokenizer's ``return_overflowing_tokens`` gives, cut here: see ``_windows``); each window trains with its document's label,
   and evaluation and prediction pool the windows' logits per document (``pool``: mean or max).
 
 For a text pair the first text (a question, a hypothesis) is kept whole in every window, and the
@@ -90,33 +90,30 @@ class LongTexts:
                             f"{type(tokenizer).__name__} is not one")
         specials = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
         stride = self.stride_for(max_length) if self.windowed else 0
-        if pairs is not None:  # each row holds the whole first text, and a window the stride's shared tokens too
-            _check_first_texts(tokenizer, texts, max_length - stride, specials, self.mode, stride)
-        if self.windowed:
-            enc = tokenizer(texts, pairs, truncation="only_second" if pairs is not None else True,
-                            max_length=max_length, stride=stride, return_overflowing_tokens=True)
-            out = {k: v for k, v in enc.items() if k != "overflow_to_sample_mapping"}
-            out[DOC] = list(enc["overflow_to_sample_mapping"])
-            return out
         enc = tokenizer(texts, pairs, truncation=False, verbose=False)
-        head = self.head_for(max_length, specials)
+        if pairs is not None:  # each row holds the whole first text, and a window the stride's shared tokens too
+            longest = max(sum(1 for s in enc.sequence_ids(i) if s == 0) for i in range(len(texts)))
+            if longest + specials + stride >= max_length:
+                shared = f" and --stride {stride}" if stride else ""
+                raise UserError(f"--long_texts {self.mode} keeps the first text of a pair whole: a first text of "
+                                f"{longest} tokens, with {specials} special tokens{shared}, leaves no room for the "
+                                f"second text in --max_length {max_length}")
+        target = 1 if pairs is not None else 0  # the text that is windowed or cut: a pair's second
         out = {k: [] for k in enc.keys()}
+        if self.windowed:
+            out[DOC] = []
+        head = self.head_for(max_length, specials)
         for i in range(len(texts)):
-            keep = _head_and_tail(enc.sequence_ids(i), 1 if pairs is not None else 0, max_length, head)
-            for k in out:
-                row = enc[k][i]
-                out[k].append(row if keep is None else [row[j] for j in keep])
+            seq = enc.sequence_ids(i)
+            cuts = (_windows(seq, target, max_length, stride) if self.windowed
+                    else [_head_and_tail(seq, target, max_length, head)])
+            for keep in cuts:
+                for k in enc.keys():
+                    row = enc[k][i]
+                    out[k].append(row if keep is None else [row[j] for j in keep])
+                if self.windowed:
+                    out[DOC].append(i)
         return out
-
-
-def _check_first_texts(tokenizer, texts, room: int, specials: int, mode: str, stride: int = 0) -> None:
-    longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]),
-                  default=0)
-    if longest + specials >= room:
-        shared = f" and --stride {stride}" if stride else ""
-        raise UserError(f"--long_texts {mode} keeps the first text of a pair whole: a first text of {longest} "
-                        f"tokens, with {specials} special tokens{shared}, leaves no room for the second text in "
-                        f"--max_length {room + stride}")
 
 
 def _head_and_tail(sequence_ids: list, target: int, max_length: int, head: int) -> Optional[list]:
@@ -126,10 +123,31 @@ def _head_and_tail(sequence_ids: list, target: int, max_length: int, head: int) 
     if excess <= 0:
         return None
     positions = [j for j, s in enumerate(sequence_ids) if s == target]
-    kept = len(positions) - excess  # _check_first_texts made sure a pair's second text keeps at least one token
+    kept = len(positions) - excess  # encode made sure a pair's second text keeps at least one token
     first = min(head, kept)
     dropped = set(positions[first:first + excess])
     return [j for j in range(len(sequence_ids)) if j not in dropped]
+
+
+def _windows(sequence_ids: list, target: int, max_length: int, stride: int) -> list:
+    """The positions of each window of one encoded row: every token outside sequence ``target`` (the special
+    tokens, a pair's first text) and one stretch of ``target``'s tokens, ``max_length`` in all; neighbouring
+    stretches share ``stride`` tokens, and the last may be shorter. [None] where the row fits.
+
+    The tokenizer's own ``return_overflowing_tokens`` does the same, but tokenizers 0.23.2 returns only the
+    first two windows of a text (0.23.3 all of them): cut here from the whole encoding, the windows do not
+    depend on the library's version."""
+    if len(sequence_ids) <= max_length:
+        return [None]
+    positions = [j for j, s in enumerate(sequence_ids) if s == target]
+    prefix, suffix = list(range(positions[0])), list(range(positions[-1] + 1, len(sequence_ids)))
+    room = max_length - len(prefix) - len(suffix)  # target tokens per window (> stride: checked in encode)
+    windows, start = [], 0
+    while True:
+        windows.append(prefix + positions[start:start + room] + suffix)
+        if start + room >= len(positions):
+            return windows
+        start += room - stride
 
 
 def pool(logits, docs, mode: str) -> tuple:
