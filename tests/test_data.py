@@ -183,15 +183,20 @@ def test_wrong_columns_are_one_error_line_that_says_what_is_wrong(tmp_path, tiny
         assert "holds only numbers (first: 0)" in lines[0] and "--text_column" in lines[0]
 
 
-def test_the_truncation_count_is_exact(tmp_path, tiny_model_dir, run_main):
+@pytest.mark.parametrize("mode, note", [
+    ("truncate", "note: truncated 1 training and 1 validation text(s) to --max_length 8 tokens"),
+    ("head_tail", "note: 1 training and 1 validation text(s) longer than --max_length 8 tokens: kept their head"),
+])
+def test_the_truncation_count_is_exact(tmp_path, tiny_model_dir, run_main, mode, note):
     # [CLS] + 6 words + [SEP] is exactly --max_length 8: not truncated; 7 words is
     rows = [{"text": t, "label": lab} for t, lab in [("good film", "pos"), ("bad film", "neg")] * 19]
     rows += [{"text": "good " * 6, "label": "pos"}, {"text": "bad " * 7, "label": "neg"}]
     path = write_rows(tmp_path / "t.csv", rows)
     proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--validation_file", path,
-                    "--epochs", 1, "--max_length", 8, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r")
+                    "--epochs", 1, "--max_length", 8, "--checkpoint_dir", tmp_path / "ck", "--run_name", "r",
+                    "--long_texts", mode)
     assert proc.returncode == 0, proc.stderr
-    assert "note: truncated 1 training and 1 validation text(s) to --max_length 8 tokens" in proc.stdout
+    assert note in proc.stdout
     info = json.loads((tmp_path / "ck" / "r" / "data.json").read_text())
     assert info["train_tokens"]["truncated"] == 1 and info["train_tokens"]["max"] == 8
 

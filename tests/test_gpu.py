@@ -198,7 +198,7 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model
     assert not list(tmp_path.glob("run-*"))  # nothing was started
 
 
-@pytest.mark.parametrize("shape", ["pair regression", "class weights", "multi label"])
+@pytest.mark.parametrize("shape", ["pair regression", "class weights", "multi label", "windows"])
 def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model_dir, shape):
     """The task's loss, normalizer and metric sums recorded in the graphs: the same steps as eager ones
     (fp32: the same kernels), and the task's own validation metrics at the end."""
@@ -212,6 +212,10 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
         train.write_text("".join(json.dumps(r) + "\n" for r in noisy_topic_rows(480, seed=21)))
         extra, metric = ["--threshold", "tune", "--class_weights", "15,15,15", "--epochs", 4,
                          "--learning_rate", 5e-3], "val_micro_f1"
+    elif shape == "windows":  # long texts in windows: training on windows, evaluation pooled on the GPU
+        from test_long_texts import long_rows, write_jsonl
+        train = write_jsonl(tmp_path / "t.jsonl", long_rows(240, seed=8))
+        extra, metric = ["--long_texts", "windows", "--epochs", 4], "val_accuracy"
     else:
         rows = synthetic_rows(200, seed=4)
         rows = [r for r in rows if r["label"] == "negative"] + [r for r in rows if r["label"] == "positive"][:40]
@@ -232,8 +236,9 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
     lb = torch.tensor([r["loss"] for r in records(tmp_path / "off", "step")])
     # fp32, but graphs pad lengths to multiples of 32 and eager steps to the batch's longest text: the
     # reductions round differently, and the difference grows with the steps (4 epochs at 5e-3 with
-    # pos_weight 15 reach 3e-4 by the end; 2 epochs stay within 1e-4)
-    rtol = 1e-3 if shape == "multi label" else 1e-4
+    # pos_weight 15 reach 3e-4 by the end, and so may the windows' 4 epochs of ~150 steps; 2 epochs stay
+    # within 1e-4)
+    rtol = 1e-3 if shape in ("multi label", "windows") else 1e-4
     torch.testing.assert_close(la, lb, rtol=rtol, atol=1e-5)
     ea, eb = records(tmp_path / "on", "epoch")[-1], records(tmp_path / "off", "epoch")[-1]
     assert abs(ea[metric] - eb[metric]) < 1e-3, (ea, eb)
@@ -246,3 +251,11 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
         assert any(r["val_threshold"] != 0.5 for r in on[:-1]), on
         for r, q in zip(on, off):
             assert abs(r["train_subset_accuracy"] - q["train_subset_accuracy"]) < 0.01, (on, off)
+    if shape == "windows":  # the GPU's pooling in training's evaluation is evaluate.py's
+        assert ea["val_windows"] > 2 * ea["val_examples"] and ea["val_accuracy"] >= 0.8, ea
+        proc = run_script("evaluate.py", "--checkpoint", tmp_path / "on" / "final", "--train_file", train,
+                          "--device", "cuda", "--precision", "fp32", "--output", tmp_path / "eval.json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads((tmp_path / "eval.json").read_text())
+        assert got["examples"] == ea["val_examples"] and got["accuracy"] == ea["val_accuracy"]
+        assert abs(got["loss"] - ea["val_loss"]) < 1e-4

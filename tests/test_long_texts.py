@@ -187,7 +187,7 @@ def test_head_tail_and_windows_cut_as_documented_and_keep_a_pairs_first_text_who
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--stride", 4], "--stride applies to --long_texts windows, not --long_texts truncate"),
+    (["--stride", 4], "--stride applies to --long_texts windows, not --long_texts head_tail"),  # the default
     (["--long_texts", "windows", "--stride", 16], "--stride (the tokens neighbouring windows share) must be"),
     (["--long_texts", "windows", "--head_tokens", 4], "--head_tokens applies to --long_texts head_tail"),
     (["--long_texts", "head_tail", "--head_tokens", 32], "--head_tokens must be from 0 to less than"),
@@ -198,6 +198,7 @@ def test_long_text_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, flags,
     write_jsonl(tmp_path / "train.jsonl", long_rows(20, seed=3))
     write_jsonl(tmp_path / "val.jsonl", long_rows(6, seed=4))
     args = [a for a in _args(tiny_model_dir, tmp_path, "truncate", name="r") if a not in ("--long_texts", "truncate")]
+    assert "--long_texts" not in args
     proc = run_main("train_single.py", *args, *flags)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -257,3 +258,20 @@ def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks
     ea, eb = records(base / "ck" / "stopped-windows", "epoch"), records(run, "epoch")
     for key in ("train_loss", "val_loss", "val_accuracy", "val_examples", "val_windows", "train_examples"):
         assert [r[key] for r in ea] == [r[key] for r in eb], key
+
+
+def test_a_checkpoint_from_before_long_texts_resumes_only_truncating():
+    """Such a checkpoint truncated: resuming it under today's default (head_tail) would change its inputs."""
+    import dataclasses
+
+    from training.config import TrainConfig
+    from training.resume import check_compatible
+
+    config = dataclasses.asdict(TrainConfig())
+    old = {k: v for k, v in config.items() if k not in ("long_texts", "head_tokens", "stride", "window_pooling")}
+    tokenizer = {"class": "BertTokenizer", "name": "m", "vocab": 10, "hash": "h"}
+    state = {"loop": {"sums": None}, "config": old, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
+    run = {"config": config, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
+    with pytest.raises(UserError, match="trained with --long_texts truncate, this run has --long_texts head_tail"):
+        check_compatible(state, run, where="ckpt")
+    check_compatible(state, {**run, "config": {**config, "long_texts": "truncate"}}, where="ckpt")

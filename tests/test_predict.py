@@ -145,8 +145,11 @@ def test_batched_length_sorted_logits_equal_one_text_at_a_time(trained):
         assert logits.dtype == torch.float32 and logits.shape == (len(TEXTS), 3)
         torch.testing.assert_close(logits.softmax(-1), expected, atol=1e-5, rtol=1e-4)
     # truncation: max_length 4 keeps [CLS] + 2 tokens + [SEP], the same as truncating directly
+    from training.long_texts import LongTexts
+    assert clf.long_texts.mode == "head_tail"  # the checkpoint's, which the default run recorded
     short, _ = direct_probabilities(trained / "final", TEXTS, max_length=4)
-    torch.testing.assert_close(inference.predict_logits(clf, TEXTS, batch_size=4, max_length=4).softmax(-1),
+    torch.testing.assert_close(inference.predict_logits(clf, TEXTS, batch_size=4, max_length=4,
+                                                        long_texts=LongTexts("truncate")).softmax(-1),
                                short, atol=1e-5, rtol=1e-4)
     assert clf.max_positions == 128  # the tiny model's position table, below the tokenizer's 512
 

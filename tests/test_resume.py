@@ -359,7 +359,8 @@ def test_long_texts_are_truncated_with_a_count(tmp_path, tiny_model_dir, run_mai
     rows[0]["text"] = " ".join(["good"] * 500)
     path = write_rows(tmp_path / "t.csv", rows)
     proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", path, "--epochs", 1,
-                    "--max_length", 16, "--checkpoint_dir", tmp_path / "ck", "--validation_fraction", 0.25)
+                    "--max_length", 16, "--checkpoint_dir", tmp_path / "ck", "--validation_fraction", 0.25,
+                    "--long_texts", "truncate")
     assert proc.returncode == 0, proc.stderr
     assert "note: truncated" in proc.stdout and "to --max_length 16 tokens" in proc.stdout
 

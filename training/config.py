@@ -73,8 +73,9 @@ class TrainConfig:
                                     "(a seeded random subset), for quick tests.", data=True, must_match=True)
     max_length: int = _f(128, "Tokens per model input; longer texts are handled as --long_texts says.",
                          cache=True, must_match=True)
-    long_texts: str = _f("truncate", "Texts longer than --max_length: 'truncate' keeps their first tokens; "
-                         "'head_tail' their first --head_tokens and the last that fit; 'windows' reads all "
+    long_texts: str = _f("head_tail", "Texts longer than --max_length: 'head_tail' (default) keeps their first "
+                         "--head_tokens and the last that fit (as cheap as 'truncate', and more accurate on "
+                         "long texts: README); 'truncate' keeps their first tokens; 'windows' reads all "
                          "of them in overlapping windows of --max_length tokens, each trained with the text's "
                          "label, and pools the windows' logits per text to evaluate and predict. For a pair, "
                          "the first text is kept whole and the second is cut or windowed. Recorded in the "

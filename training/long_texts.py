@@ -28,7 +28,7 @@ DOC = "doc"  # the column of a window's document: its index in the split (or in 
 
 @dataclass(frozen=True)
 class LongTexts:
-    mode: str = "truncate"
+    mode: str = "truncate"             # LongTexts(): what a checkpoint from before --long_texts did
     head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of what fits)
     stride: Optional[int] = None       # windows: tokens two neighbouring windows share (default: a quarter)
     pooling: str = "mean"              # windows: how a document's window logits become its logits
@@ -97,7 +97,7 @@ class LongTexts:
                 shared = f" and --stride {stride}" if stride else ""
                 raise UserError(f"--long_texts {self.mode} keeps the first text of a pair whole: a first text of "
                                 f"{longest} tokens, with {specials} special tokens{shared}, leaves no room for the "
-                                f"second text in --max_length {max_length}")
+                                f"second text in --max_length {max_length} (--long_texts truncate cuts both texts)")
         target = 1 if pairs is not None else 0  # the text that is windowed or cut: a pair's second
         out = {k: [] for k in enc.keys()}
         if self.windowed:

@@ -107,12 +107,13 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     if list(state["label_names"]) != list(run["label_names"]):
         raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults["long_texts"] = "truncate"  # a checkpoint from before --long_texts truncated (today's default differs)
     for key in MUST_MATCH:
         if key in NO_DEFAULT_BEFORE and key not in saved:
             continue  # the data fingerprint below says whether the examples are the same
         # a flag newer than the checkpoint: it was trained with what is now that flag's default
         if saved.get(key, defaults[key]) != config.get(key):
-            raise UserError(f"{where} was trained with --{key} {saved.get(key)}, this run has "
+            raise UserError(f"{where} was trained with --{key} {saved.get(key, defaults[key])}, this run has "
                             f"--{key} {config.get(key)}: resume with the same value")
     before, now = state.get("data"), run.get("data")
     if before is not None and now is not None:
