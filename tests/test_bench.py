@@ -95,7 +95,7 @@ def test_job_bench_runs_both_whole_jobs_on_the_same_settings(tmp_path, tiny_mode
 
 
 def test_long_texts_bench_runs_each_mode_and_reports_its_runs(tmp_path, tiny_model_dir):
-    """bench/long_texts.py: one run per mode and seed, each through the training CLI; its JSON lines carry
+    """bench/long_texts.py: one run per mode (and seed), each through the training CLI; its JSON lines carry
     what the runs recorded (documents, windows, the last epoch's accuracy)."""
     from test_long_texts import long_rows, write_jsonl
     from transformers import AutoTokenizer
@@ -103,16 +103,16 @@ def test_long_texts_bench_runs_each_mode_and_reports_its_runs(tmp_path, tiny_mod
     train = write_jsonl(tmp_path / "train.jsonl", long_rows(60, seed=11))
     val = write_jsonl(tmp_path / "val.jsonl", long_rows(20, seed=12))
     cmd = [sys.executable, str(ROOT / "bench" / "long_texts.py"), "--train_file", str(train), "--validation_file",
-           str(val), "--modes", "truncate,windows", "--seeds", "1,2", "--output", str(tmp_path / "out.jsonl"), "--",
+           str(val), "--modes", "truncate,windows", "--seeds", "1", "--output", str(tmp_path / "out.jsonl"), "--",
            "--model", str(tiny_model_dir), "--max_length", "32", "--epochs", "1", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [(r["mode"], r["seed"]) for r in rows] == [("truncate", 1), ("truncate", 2), ("windows", 1), ("windows", 2)]
+    assert [(r["mode"], r["seed"]) for r in rows] == [("truncate", 1), ("windows", 1)]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = [json.loads(x)["text"] for x in train.read_text().splitlines()]
     windows = len(tok(texts, truncation=True, max_length=32, stride=8, return_overflowing_tokens=True)["input_ids"])
-    assert [r["train_windows"] for r in rows] == [60, 60, windows, windows] and windows > 120
+    assert [r["train_windows"] for r in rows] == [60, windows] and windows > 120
     assert all(r["val_documents"] == 20 and 0 <= r["value"] <= 1 and r["wall_s"] > r["train_s"] > 0 for r in rows)
     table = proc.stdout.splitlines()
     assert table[1].split()[0] == "mode" and [line.split()[0] for line in table[2:]] == ["truncate", "windows"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
 
 
 def torchrun(nproc: int, *args, extra=(), timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
@@ -44,35 +44,43 @@ def assert_same_run(a: Path, b: Path, rtol=1e-5, skip=None):
         assert torch.allclose(wa[k], wb[k], rtol=rtol, atol=1e-6), k
 
 
+def _task_args(d: Path, tiny_model_dir) -> list:
+    return ["--model", tiny_model_dir, "--train_file", d / "train.csv", "--validation_file", d / "val.csv",
+            "--epochs", 2, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
+            "--device", "cpu", "--no_progress", "--cache_dir", d / "cache"]
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, tiny_model_dir):
-    """Training data whose size divides by every batch and world size used below (no wrap-around padding)."""
-    d = tmp_path_factory.mktemp("ddp")
-    train = write_rows(d / "train.csv", synthetic_rows(96, seed=3))
-    val = write_rows(d / "val.csv", synthetic_rows(41, seed=4))  # odd: exact eval must count each once
-    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
-              "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
-              "--device", "cpu", "--no_progress", "--cache_dir", d / "cache"]
-    return d, common
+    """Training data whose size divides by every batch and world size used below (no wrap-around padding),
+    and the two runs that several tests compare with, made once per session (for all workers of pytest -n):
+    one process at batch 8 (``single/ref``) and two gloo processes at batch 4 (``ddp2/r``). The tests add
+    their own runs beside them, each in a directory of its own."""
+    def make(d: Path) -> None:
+        write_rows(d / "train.csv", synthetic_rows(96, seed=3))
+        write_rows(d / "val.csv", synthetic_rows(41, seed=4))  # odd: exact eval must count each once
+        common = _task_args(d, tiny_model_dir)
+        proc = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", d / "single",
+                          "--run_name", "ref")
+        assert proc.returncode == 0, proc.stderr
+        proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", d / "ddp2", "--run_name", "r")
+        assert proc.returncode == 0, proc.stderr
+        (d / "ddp2.out").write_text(proc.stdout)
+
+    d = made_once(tmp_path_factory, "ddp-task", make)
+    return d, _task_args(d, tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(task):
     """One process, batch 8: what the distributed runs must reproduce."""
-    d, common = task
-    proc = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", d / "single",
-                      "--run_name", "ref")
-    assert proc.returncode == 0, proc.stderr
-    return d / "single" / "ref"
+    return task[0] / "single" / "ref"
 
 
 @pytest.fixture(scope="module")
 def two_processes(task):
-    """Two gloo processes at batch 4 (the reference's global batch 8)."""
-    d, common = task
-    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", d / "ddp2", "--run_name", "r")
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    """Two gloo processes at batch 4 (the reference's global batch 8): what they printed."""
+    return subprocess.CompletedProcess([], 0, (task[0] / "ddp2.out").read_text(), "")
 
 
 def test_two_processes_at_half_batch_match_one_process(task, reference, two_processes):
@@ -82,7 +90,7 @@ def test_two_processes_at_half_batch_match_one_process(task, reference, two_proc
     assert_same_run(reference, d / "ddp2" / "r")
     # only rank 0 prints its epoch lines; one run directory, written once, with no temporaries
     assert proc.stdout.count("epoch 2/2 |") == 1
-    assert sorted(p.name for p in (d / "ddp2").iterdir()) == ["r"]
+    assert sorted(p.name for p in (d / "ddp2").iterdir()) == ["r"]  # (the tests write no other run there)
     assert sorted(p.name for p in (d / "ddp2" / "r").iterdir()) == [
         ".lock", "best", "checkpoints", "config.json", "data.json", "final", "metrics.jsonl", "summary.json"]
     assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2

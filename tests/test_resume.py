@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
 
 # Installed into the training processes through PYTHONPATH: after optimizer step STOP_AT_STEP, the chosen
 # rank sends itself STOP_SIGNAL (first launch only), or NAN_AT_CALL turns one loss into NaN.
@@ -122,23 +122,30 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     assert "over 2 processes (resumed)" in resumed.stdout
 
 
-@pytest.fixture(scope="module")
-def ddp_task(tmp_path_factory, tiny_model_dir):
-    d = tmp_path_factory.mktemp("resume-ddp")
-    train = write_rows(d / "train.csv", synthetic_rows(120, seed=7))
-    val = write_rows(d / "val.csv", synthetic_rows(31, seed=8))
-    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
-              "--batch_size", 4, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1, "--device", "cpu",
-              "--precision", "fp32", "--checkpoint_dir", d, "--cache_dir", d / "cache", "--save_every_steps", 4]
-    return d, common
+def _ddp_args(d: Path, tiny_model_dir) -> list:
+    return ["--model", tiny_model_dir, "--train_file", d / "train.csv", "--validation_file", d / "val.csv",
+            "--epochs", 2, "--batch_size", 4, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1,
+            "--device", "cpu", "--precision", "fp32", "--checkpoint_dir", d, "--cache_dir", d / "cache",
+            "--save_every_steps", 4]
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(ddp_task, hooks):
-    d, common = ddp_task
-    proc = torchrun(2, *common, "--run_name", "straight", env=env_with(hooks))
-    assert proc.returncode == 0, proc.stderr
-    return d / "straight"
+def ddp_task(tmp_path_factory, tiny_model_dir, hooks):
+    """The data of the DDP resume tests and their uninterrupted 2-process run (``straight``), made once per
+    session for all workers of pytest -n; each test adds its own runs beside it."""
+    def make(d: Path) -> None:
+        write_rows(d / "train.csv", synthetic_rows(120, seed=7))
+        write_rows(d / "val.csv", synthetic_rows(31, seed=8))
+        proc = torchrun(2, *_ddp_args(d, tiny_model_dir), "--run_name", "straight", env=env_with(hooks))
+        assert proc.returncode == 0, proc.stderr
+
+    d = made_once(tmp_path_factory, "resume-ddp", make)
+    return d, _ddp_args(d, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(ddp_task):
+    return ddp_task[0] / "straight"
 
 
 def _close(a: Path, b: Path, tol=1e-6):
