@@ -78,7 +78,6 @@ def test_a_word_past_max_length_is_learned_by_windows_and_head_tail_not_by_trunc
     assert last["windows"]["val_examples"] == 40 and last["windows"]["val_windows"] == len(windows) > 80
     assert last["windows"]["train_documents"] == 240 and last["windows"]["train_examples"] > 480
     out = runs["windows"][1]
-    assert f"40 validation texts in 240 and" not in out  # the counts are documents, then windows
     assert f"240 train, 40 validation texts in {last['windows']['train_examples']} and {len(windows)} windows" in out
     assert f"(40 documents in {len(windows)} windows)" in out and "documents/s" in out
     assert "note: 240 training and 40 validation text(s) longer than --max_length 32 tokens: kept" in runs["head_tail"][1]
@@ -184,10 +183,23 @@ def test_head_tail_and_windows_cut_as_documented_and_keep_a_pairs_first_text_who
         assert ours[DOC] == theirs["overflow_to_sample_mapping"] and len(ours[DOC]) > 4
     with pytest.raises(UserError, match="keeps the first text of a pair whole"):
         setting.encode(tok, [text], 20, ["a passage"])
+    # a pair that fits is not touched, however long its first text (only cut rows need room)
+    question = " ".join(words[:12])
+    fits = LongTexts("windows").encode(tok, [question, "is it w3"], 32, ["ok", text])  # 24 + 1 + 3 tokens
+    assert fits["input_ids"][0] == tok(question, "ok")["input_ids"] and fits[DOC][0] == 0 and len(fits[DOC]) > 2
+    # auto: head_tail for single texts, truncate (longest first) for pairs
+    auto = LongTexts("auto")
+    assert auto.encode(tok, [text], 20)["input_ids"] == LongTexts("head_tail").encode(tok, [text], 20)["input_ids"]
+    assert auto.encode(tok, [text], 20, [text])["input_ids"] == tok([text], [text], truncation=True, max_length=20)["input_ids"]
+    # no room for text, or for a tail: errors, not an endless loop or a silent truncation
+    with pytest.raises(UserError, match="--max_length 3 leaves no room for text beside 2 special tokens and --stride 1"):
+        LongTexts("windows", stride=1).encode(tok, [text], 3)
+    with pytest.raises(UserError, match="--head_tokens 18 leaves no tail"):
+        LongTexts("head_tail", head_tokens=18).encode(tok, [text], 20)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--stride", 4], "--stride applies to --long_texts windows, not --long_texts head_tail"),  # the default
+    (["--stride", 4], "--stride applies to --long_texts windows, not --long_texts auto"),  # the default
     (["--long_texts", "windows", "--stride", 16], "--stride (the tokens neighbouring windows share) must be"),
     (["--long_texts", "windows", "--head_tokens", 4], "--head_tokens applies to --long_texts head_tail"),
     (["--long_texts", "head_tail", "--head_tokens", 32], "--head_tokens must be from 0 to less than"),
@@ -272,6 +284,6 @@ def test_a_checkpoint_from_before_long_texts_resumes_only_truncating():
     tokenizer = {"class": "BertTokenizer", "name": "m", "vocab": 10, "hash": "h"}
     state = {"loop": {"sums": None}, "config": old, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
     run = {"config": config, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
-    with pytest.raises(UserError, match="trained with --long_texts truncate, this run has --long_texts head_tail"):
+    with pytest.raises(UserError, match="trained with --long_texts truncate, this run has --long_texts auto"):
         check_compatible(state, run, where="ckpt")
     check_compatible(state, {**run, "config": {**config, "long_texts": "truncate"}}, where="ckpt")

@@ -103,7 +103,9 @@ def score_run(tiny_model_dir, tmp_path_factory):
 def test_a_pair_task_learns_what_needs_both_texts(pair_run):
     run, out, _ = pair_run
     assert "text pairs sentence1 + sentence2" in out
-    assert json.loads((run / "final" / "config.json").read_text())["text_columns"] == ["sentence1", "sentence2"]
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["text_columns"] == ["sentence1", "sentence2"]
+    assert config["long_texts"]["mode"] == "truncate"  # --long_texts auto on pairs: cut longest first, as before
     # one text alone cannot pass 0.75: the model reads both
     assert _summary(run)["best_val_accuracy"] >= 0.95, out
 

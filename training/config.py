@@ -73,16 +73,18 @@ class TrainConfig:
                                     "(a seeded random subset), for quick tests.", data=True, must_match=True)
     max_length: int = _f(128, "Tokens per model input; longer texts are handled as --long_texts says.",
                          cache=True, must_match=True)
-    long_texts: str = _f("head_tail", "Texts longer than --max_length: 'head_tail' (default) keeps their first "
-                         "--head_tokens and the last that fit (as cheap as 'truncate', and more accurate on "
-                         "long texts: README); 'truncate' keeps their first tokens; 'windows' reads all "
-                         "of them in overlapping windows of --max_length tokens, each trained with the text's "
-                         "label, and pools the windows' logits per text to evaluate and predict. For a pair, "
-                         "the first text is kept whole and the second is cut or windowed. Recorded in the "
-                         "checkpoint for predict.py and evaluate.py.",
-                         cache=True, must_match=True, choices=("truncate", "head_tail", "windows"))
+    long_texts: str = _f("auto", "Texts longer than --max_length: 'head_tail' keeps their first --head_tokens "
+                         "and the last that fit (as cheap as 'truncate', and more accurate on long texts: "
+                         "README); 'truncate' keeps their first tokens (a pair loses tokens from its longer "
+                         "text first); 'windows' reads all of them in overlapping windows of --max_length "
+                         "tokens, each trained with the text's label, and pools the windows' logits per text "
+                         "to evaluate and predict. head_tail and windows keep a pair's first text whole and cut "
+                         "or window the second. 'auto': head_tail for single texts, truncate for pairs. "
+                         "Recorded in the checkpoint for predict.py and evaluate.py.",
+                         cache=True, must_match=True, choices=("auto", "truncate", "head_tail", "windows"))
     head_tokens: Optional[int] = _f(None, "--long_texts head_tail: tokens kept from the start of a long text "
-                                    "(default: a quarter of --max_length); the rest come from its end.",
+                                    "(default: a quarter of the text tokens that fit, 31 of --max_length 128 "
+                                    "with two special tokens); the rest come from its end.",
                                     cache=True, must_match=True)
     stride: Optional[int] = _f(None, "--long_texts windows: tokens two neighbouring windows share (default: a "
                                "quarter of --max_length).", cache=True, must_match=True)

@@ -1017,6 +1017,7 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
 def _build_cache(source, tokenizer, path: Path, **kw) -> None:
     max_length, long_texts = kw.pop("max_length"), kw.pop("long_texts")
     splits = load_labelled_splits(source, **kw)
+    long_texts = long_texts.for_pairs("text_pair" in splits.train.column_names)  # auto resolved
     tokenized = _tokenize(splits, tokenizer, max_length, long_texts)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -52,7 +52,7 @@ def build_parser() -> inference.ToolParser:
                             **({"choices": choices} if choices else {}))
     parser.add_argument("--data", metavar="FILE", help="Another name for --validation_file.")
     inference.add_inference_flags(
-        parser, max_length_help="Truncate texts to this many tokens (default: the --max_length the checkpoint "
+        parser, max_length_help="Tokens per model input, longer texts as --long_texts says (default: the --max_length the checkpoint "
                                 "was trained with if its run recorded it, else 512 or the model's limit).")
     parser.add_argument("--output", metavar="FILE.json", help="Write the metrics as JSON here.")
     parser.add_argument("--plot", metavar="FILE.png", help="Draw the confusion matrix as a PNG here.")

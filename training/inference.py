@@ -513,7 +513,8 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str
                              "head_tail (the first --head_tokens and the last that fit) or windows (overlapping "
                              "windows, their logits pooled per text).")
     parser.add_argument("--head_tokens", type=int, default=None,
-                        help="head_tail: tokens kept from the start (default: the checkpoint's, else a quarter).")
+                        help="head_tail: tokens kept from the start (default: the checkpoint's, else a quarter of "
+                             "those that fit).")
     parser.add_argument("--stride", type=int, default=None,
                         help="windows: tokens neighbouring windows share (default: the checkpoint's, else a quarter).")
     parser.add_argument("--window_pooling", default=None, choices=("mean", "max"),

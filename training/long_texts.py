@@ -7,21 +7,22 @@
   (what the tokenizer's ``return_overflowing_tokens`` gives, cut here: see ``_windows``); each window trains with its document's label,
   and evaluation and prediction pool the windows' logits per document (``pool``: mean or max).
 
-For a text pair the first text (a question, a hypothesis) is kept whole in every window, and the
-second (the passage) is windowed or cut to its head and tail: a window of a pair is the whole first
-text with one stretch of the second.
+Under ``head_tail`` and ``windows`` a text pair's first text (a question) is kept whole in every row,
+and the second (the passage) is windowed or cut to its head and tail: a window of a pair is the whole
+first text with one stretch of the second. ``auto`` (the training default) is ``head_tail`` for single
+texts and ``truncate`` for pairs (which one of a pair may be cut, only the user knows).
 
 ``LongTexts`` is one value that travels together: the data path encodes with it, the engine pools
 with it, and the checkpoint records it (``config.json``: ``long_texts``) for predict.py and evaluate.py.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from training.utils import UserError
 
-MODES = ("truncate", "head_tail", "windows")
+MODES = ("auto", "truncate", "head_tail", "windows")  # auto: head_tail for single texts, truncate for pairs
 POOLINGS = ("mean", "max")
 DOC = "doc"  # the column of a window's document: its index in the split (or in the tool's input)
 
@@ -29,7 +30,7 @@ DOC = "doc"  # the column of a window's document: its index in the split (or in 
 @dataclass(frozen=True)
 class LongTexts:
     mode: str = "truncate"             # LongTexts(): what a checkpoint from before --long_texts did
-    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of what fits)
+    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of those that fit)
     stride: Optional[int] = None       # windows: tokens two neighbouring windows share (default: a quarter)
     pooling: str = "mean"              # windows: how a document's window logits become its logits
 
@@ -51,13 +52,21 @@ class LongTexts:
     def windowed(self) -> bool:
         return self.mode == "windows"
 
+    def for_pairs(self, pairs: bool) -> "LongTexts":
+        """``auto`` resolved: ``head_tail`` for single texts; for pairs ``truncate``, whose longest-first cut
+        keeps some of both texts, where head_tail and windows keep the first text whole (which one of a
+        pair must stay whole, a question or a premise, only the user knows)."""
+        if self.mode != "auto":
+            return self
+        return replace(self, mode="truncate" if pairs else "head_tail")
+
     def describe(self, max_length: int) -> str:
         if self.mode == "head_tail":
             head = f"{self.head_tokens}" if self.head_tokens is not None else "a quarter of the"
-            return f"head_tail ({head} tokens from the start, the rest from the end)"
+            return f"head_tail ({head} tokens that fit from the start, the rest from the end)"
         if self.windowed:
             return f"windows of {max_length} tokens, {self.stride_for(max_length)} shared, {self.pooling} pooling"
-        return "truncate"
+        return self.mode
 
     def head_for(self, max_length: int, specials: int) -> int:
         return self.head_tokens if self.head_tokens is not None else (max_length - specials) // 4
@@ -83,35 +92,49 @@ class LongTexts:
         tokens. Under ``windows`` a text may give several rows, and the ``DOC`` list names each row's text."""
         from training import batches
 
-        if self.mode == "truncate":
+        setting = self.for_pairs(pairs is not None)
+        if setting.mode == "truncate":
             return batches.encode(tokenizer, texts, max_length, pairs)
-        if not getattr(tokenizer, "is_fast", False):
-            raise UserError(f"--long_texts {self.mode} needs a fast tokenizer (tokenizer.json); "
-                            f"{type(tokenizer).__name__} is not one")
         specials = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
-        stride = self.stride_for(max_length) if self.windowed else 0
+        stride = setting.stride_for(max_length) if setting.windowed else 0
+        room = max_length - specials  # the text tokens one input holds
+        if room <= stride:
+            raise UserError(f"--max_length {max_length} leaves no room for text beside {specials} special tokens"
+                            + (f" and --stride {stride}" if stride else ""))
+        if setting.head_tokens is not None and setting.head_tokens >= room:
+            raise UserError(f"--head_tokens {setting.head_tokens} leaves no tail: --max_length {max_length} holds "
+                            f"{room} text tokens beside {specials} special tokens")
         enc = tokenizer(texts, pairs, truncation=False, verbose=False)
-        if pairs is not None:  # each row holds the whole first text, and a window the stride's shared tokens too
-            longest = max(sum(1 for s in enc.sequence_ids(i) if s == 0) for i in range(len(texts)))
-            if longest + specials + stride >= max_length:
+        long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > max_length]
+        if long and not getattr(tokenizer, "is_fast", False):
+            raise UserError(f"--long_texts {setting.mode} needs a fast tokenizer (tokenizer.json) to cut texts longer "
+                            f"than --max_length; {type(tokenizer).__name__} is not one (--long_texts truncate works)")
+        if pairs is not None:  # a cut row holds the whole first text, and a window the stride's shared tokens too
+            firsts = [sum(1 for s in enc.sequence_ids(i) if s == 0) for i in long]
+            if firsts and max(firsts) + specials + stride >= max_length:
                 shared = f" and --stride {stride}" if stride else ""
-                raise UserError(f"--long_texts {self.mode} keeps the first text of a pair whole: a first text of "
-                                f"{longest} tokens, with {specials} special tokens{shared}, leaves no room for the "
-                                f"second text in --max_length {max_length} (--long_texts truncate cuts both texts)")
+                raise UserError(f"--long_texts {setting.mode} keeps the first text of a pair whole: a first text of "
+                                f"{max(firsts)} tokens, with {specials} special tokens{shared}, leaves no room for "
+                                f"the second text in --max_length {max_length} (--long_texts truncate cuts both "
+                                f"texts)")
         target = 1 if pairs is not None else 0  # the text that is windowed or cut: a pair's second
         out = {k: [] for k in enc.keys()}
-        if self.windowed:
+        if setting.windowed:
             out[DOC] = []
-        head = self.head_for(max_length, specials)
+        head = setting.head_for(max_length, specials)
+        cut = set(long)
         for i in range(len(texts)):
-            seq = enc.sequence_ids(i)
-            cuts = (_windows(seq, target, max_length, stride) if self.windowed
-                    else [_head_and_tail(seq, target, max_length, head)])
+            if i not in cut:
+                cuts = [None]
+            elif setting.windowed:
+                cuts = _windows(enc.sequence_ids(i), target, max_length, stride)
+            else:
+                cuts = [_head_and_tail(enc.sequence_ids(i), target, max_length, head)]
             for keep in cuts:
                 for k in enc.keys():
                     row = enc[k][i]
                     out[k].append(row if keep is None else [row[j] for j in keep])
-                if self.windowed:
+                if setting.windowed:
                     out[DOC].append(i)
         return out
 

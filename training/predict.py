@@ -62,7 +62,7 @@ def build_parser() -> inference.ToolParser:
                              "unless a stray quote says otherwise: see train_single.py --help).")
     parser.add_argument("--output", metavar="FILE",
                         help="Write JSON Lines here instead of printing a table (- for standard output).")
-    inference.add_inference_flags(parser, max_length_help="Truncate texts to this many tokens (default: the "
+    inference.add_inference_flags(parser, max_length_help="Tokens per model input, longer texts as --long_texts says (default: the "
                                                           "--max_length the checkpoint was trained with if its "
                                                           "run recorded it, else 512 or the model's limit).")
     return parser

@@ -107,7 +107,7 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     if list(state["label_names"]) != list(run["label_names"]):
         raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    defaults["long_texts"] = "truncate"  # a checkpoint from before --long_texts truncated (today's default differs)
+    defaults["long_texts"] = "truncate"  # a checkpoint from before --long_texts truncated (today's default: auto)
     for key in MUST_MATCH:
         if key in NO_DEFAULT_BEFORE and key not in saved:
             continue  # the data fingerprint below says whether the examples are the same

@@ -349,6 +349,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     set_seed(cfg.seed)  # the classifier head starts the same whatever happened above
     model = model_lib.load_model(str(resume_from) if saved and ctx.is_main else cfg.model, task,
                                  text_columns=prepared.info["text_columns"])
+    long_texts = long_texts.for_pairs(len(prepared.info["text_columns"]) == 2)  # auto resolved, as the data was
     model.config.long_texts = long_texts.record()  # what predict.py and evaluate.py do with long texts by default
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
