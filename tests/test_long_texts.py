@@ -31,6 +31,25 @@ def long_rows(n: int, seed: int, words=(40, 70)) -> list:
     return rows
 
 
+def window_ids(tok, text: str, max_length: int = MAX_LENGTH, stride: int = MAX_LENGTH // 4,
+               first: str | None = None) -> list:
+    """The windows of ``text`` (the second text of a pair with ``first``), built here from its tokens:
+    [CLS] (first [SEP]) stretch [SEP], each stretch as long as fits and starting ``stride`` tokens before the
+    previous one ends. Independent of the tokenizer's own ``return_overflowing_tokens``, which tokenizers
+    0.23.2 gets wrong (two windows a text at most); 0.23.3, the pinned version, gives these."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    head = [tok.cls_token_id]
+    if first is not None:
+        head += tok(first, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    room = max_length - len(head) - 1
+    out, start = [], 0
+    while True:
+        out.append(head + ids[start:start + room] + [tok.sep_token_id])
+        if start + room >= len(ids):
+            return out
+        start += room - stride
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -73,8 +92,7 @@ def test_a_word_past_max_length_is_learned_by_windows_and_head_tail_not_by_trunc
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(runs["windows"][0] / "final")
     texts = [json.loads(x)["text"] for x in (base / "val.jsonl").read_text().splitlines()]
-    windows = tok(texts, truncation=True, max_length=MAX_LENGTH, stride=MAX_LENGTH // 4,
-                  return_overflowing_tokens=True)["input_ids"]
+    windows = [w for t in texts for w in window_ids(tok, t)]
     assert last["windows"]["val_examples"] == 40 and last["windows"]["val_windows"] == len(windows) > 80
     assert last["windows"]["train_documents"] == 240 and last["windows"]["train_examples"] > 480
     out = runs["windows"][1]
@@ -113,10 +131,7 @@ def test_windows_pool_the_same_in_training_evaluate_and_predict(mode_runs, tmp_p
     direct = []
     with torch.no_grad():
         for text in texts:
-            enc = tok(text, truncation=True, max_length=MAX_LENGTH, stride=8, return_overflowing_tokens=True,
-                      padding=True, return_tensors="pt")
-            enc.pop("overflow_to_sample_mapping")
-            logits = model(**enc).logits
+            logits = model(**tok.pad({"input_ids": window_ids(tok, text)}, return_tensors="pt")).logits
             assert len(logits) >= 2
             direct.append(torch.softmax(logits.mean(dim=0), dim=-1))
     names = model.config.id2label
@@ -128,11 +143,9 @@ def test_windows_pool_the_same_in_training_evaluate_and_predict(mode_runs, tmp_p
                     "--window_pooling", "max", "--output", tmp_path / "max.jsonl")
     assert proc.returncode == 0, proc.stderr
     first = json.loads((tmp_path / "max.jsonl").read_text().splitlines()[0])["probabilities"]
-    enc = tok(texts[0], truncation=True, max_length=MAX_LENGTH, stride=8, return_overflowing_tokens=True,
-              padding=True, return_tensors="pt")
-    enc.pop("overflow_to_sample_mapping")
     with torch.no_grad():
-        want = torch.softmax(model(**enc).logits.max(dim=0).values, dim=-1)
+        logits = model(**tok.pad({"input_ids": window_ids(tok, texts[0])}, return_tensors="pt")).logits
+        want = torch.softmax(logits.max(dim=0).values, dim=-1)
     assert torch.allclose(torch.tensor([first[names[0]], first[names[1]]]), want, atol=1e-5)
     # the truncating tool on the windows checkpoint sees only the first 32 tokens: chance
     proc = run_main("evaluate.py", "--checkpoint", run / "final", "--validation_file", base / "val.jsonl",
@@ -174,13 +187,15 @@ def test_head_tail_and_windows_cut_as_documented_and_keep_a_pairs_first_text_who
     windows = LongTexts("windows", stride=2).encode(tok, ["is it w3"], 16, [text])
     assert len(windows["input_ids"]) > 3 and set(windows[DOC]) == {0}
     assert all(w[:len(q) + 2] == [tok.cls_token_id, *q, tok.sep_token_id] for w in windows["input_ids"])
-    # the windows are those of the tokenizer's return_overflowing_tokens (the pinned tokenizers), texts and pairs
-    for first, second, kw in ((text, None, {}), ("is it w3", text, {"truncation": "only_second"})):
-        ours = LongTexts("windows", stride=3).encode(tok, [first, "short"], 16, None if second is None else [second, "x"])
-        theirs = tok([first, "short"], None if second is None else [second, "x"], max_length=16, stride=3,
-                     return_overflowing_tokens=True, **{"truncation": True, **kw})
-        assert ours["input_ids"] == theirs["input_ids"] and ours["token_type_ids"] == theirs["token_type_ids"]
-        assert ours[DOC] == theirs["overflow_to_sample_mapping"] and len(ours[DOC]) > 4
+    # the windows, token ids, segment ids and documents, built independently: a text and a pair
+    ours = LongTexts("windows", stride=3).encode(tok, [text, "short"], 16)
+    assert ours["input_ids"] == window_ids(tok, text, 16, 3) + window_ids(tok, "short", 16, 3)
+    assert ours[DOC] == [0] * len(window_ids(tok, text, 16, 3)) + [1] and len(ours[DOC]) > 4
+    assert all(set(t) == {0} for t in ours["token_type_ids"])
+    ours = LongTexts("windows", stride=3).encode(tok, ["is it w3", "short"], 16, [text, "x"])
+    want = window_ids(tok, text, 16, 3, first="is it w3") + window_ids(tok, "x", 16, 3, first="short")
+    assert ours["input_ids"] == want and len(want) > 4
+    assert ours["token_type_ids"][0] == [0] * (len(q) + 2) + [1] * (16 - len(q) - 2)
     with pytest.raises(UserError, match="keeps the first text of a pair whole"):
         setting.encode(tok, [text], 20, ["a passage"])
     # a pair that fits is not touched, however long its first text (only cut rows need room)
@@ -226,8 +241,7 @@ def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
 
     def windows(rows):
-        return [len(w) for w in (tok(r["text"], truncation=True, max_length=MAX_LENGTH, stride=8,
-                                     return_overflowing_tokens=True)["input_ids"] for r in rows)]
+        return [len(window_ids(tok, r["text"])) for r in rows]
 
     train = long_rows(64, seed=5, words=(5, 80))
     while sum(windows(train)) % 3:  # no wrap-around padding of the last step: then 3 x 4 is exactly 1 x 12
