@@ -211,6 +211,13 @@ def test_head_tail_and_windows_cut_as_documented_and_keep_a_pairs_first_text_who
         LongTexts("windows", stride=1).encode(tok, [text], 3)
     with pytest.raises(UserError, match="--head_tokens 18 leaves no tail"):
         LongTexts("head_tail", head_tokens=18).encode(tok, [text], 20)
+    with pytest.raises(UserError, match="--head_tokens 13 leaves no tail: beside its first text"):  # 20 - 3 - 4 = 13
+        LongTexts("head_tail", head_tokens=13).encode(tok, ["is it w3"], 20, [text])
+    with pytest.raises(UserError, match="--max_length 3 leaves no room for text beside 3 special tokens"):
+        LongTexts("auto").encode(tok, [text], 3, [text])  # auto on pairs: truncate, which would not cut at all
+    # a pair's default head: a quarter of what its second text keeps (13: 3 from the start, 10 from the end)
+    pair = LongTexts("head_tail").encode(tok, ["is it w3"], 20, [text])["input_ids"][0]
+    assert len(q) == 4 and pair[len(q) + 2:] == [*ids[:3], *ids[-10:], tok.sep_token_id]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -298,6 +305,8 @@ def test_a_checkpoint_from_before_long_texts_resumes_only_truncating():
     tokenizer = {"class": "BertTokenizer", "name": "m", "vocab": 10, "hash": "h"}
     state = {"loop": {"sums": None}, "config": old, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
     run = {"config": config, "world_size": 1, "label_names": ["a", "b"], "tokenizer": tokenizer}
-    with pytest.raises(UserError, match="trained with --long_texts truncate, this run has --long_texts auto"):
+    # auto is head_tail on single texts: refused, and said as what it is
+    with pytest.raises(UserError, match="trained with --long_texts truncate, this run has --long_texts head_tail"):
         check_compatible(state, run, where="ckpt")
     check_compatible(state, {**run, "config": {**config, "long_texts": "truncate"}}, where="ckpt")
+    check_compatible(state, {**run, "text_columns": ["question", "passage"]}, where="ckpt")  # auto on pairs: truncate

@@ -83,8 +83,9 @@ class TrainConfig:
                          "Recorded in the checkpoint for predict.py and evaluate.py.",
                          cache=True, must_match=True, choices=("auto", "truncate", "head_tail", "windows"))
     head_tokens: Optional[int] = _f(None, "--long_texts head_tail: tokens kept from the start of a long text "
-                                    "(default: a quarter of the text tokens that fit, 31 of --max_length 128 "
-                                    "with two special tokens); the rest come from its end.",
+                                    "(default: a quarter of the text tokens kept, 31 of --max_length 128 "
+                                    "with two special tokens; of a pair's second text, a quarter of what it "
+                                    "keeps); the rest come from its end.",
                                     cache=True, must_match=True)
     stride: Optional[int] = _f(None, "--long_texts windows: tokens two neighbouring windows share (default: a "
                                "quarter of --max_length).", cache=True, must_match=True)
@@ -221,7 +222,8 @@ def _validate(cfg: TrainConfig) -> None:
                         "label), not both")
     for flag, mode in (("head_tokens", "head_tail"), ("stride", "windows"), ("window_pooling", "windows")):
         if getattr(cfg, flag) is not None and cfg.long_texts != mode:
-            raise UserError(f"--{flag} applies to --long_texts {mode}, not --long_texts {cfg.long_texts}")
+            raise UserError(f"--{flag} applies to --long_texts {mode}, not --long_texts {cfg.long_texts}: "
+                            f"pass --long_texts {mode}")
     LongTexts.from_config(cfg).check(cfg.max_length)
     if cfg.label_separator == "":
         raise UserError("--label_separator must not be empty")

@@ -315,7 +315,7 @@ def evaluate(model, loader, task, *, ctx: ProcessContext, amp_dtype, pooling: st
             count(logits, batch.labels)
         else:
             windows.append((logits.float(), batch.docs, batch.labels))
-    num_windows = torch.zeros(1, dtype=torch.float64, device=ctx.device)  # exact well past float32's 2**24
+    num_windows = torch.zeros(1, dtype=torch.long, device=ctx.device)  # exact (MPS has no float64)
     if windows:
         logits, docs, labels = (torch.cat(parts) for parts in zip(*windows))
         _, pooled, first = long_texts.pool(logits, docs, pooling)

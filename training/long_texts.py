@@ -30,7 +30,7 @@ DOC = "doc"  # the column of a window's document: its index in the split (or in 
 @dataclass(frozen=True)
 class LongTexts:
     mode: str = "truncate"             # LongTexts(): what a checkpoint from before --long_texts did
-    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of those that fit)
+    head_tokens: Optional[int] = None  # head_tail: tokens kept from the start (default: a quarter of those kept)
     stride: Optional[int] = None       # windows: tokens two neighbouring windows share (default: a quarter)
     pooling: str = "mean"              # windows: how a document's window logits become its logits
 
@@ -62,14 +62,11 @@ class LongTexts:
 
     def describe(self, max_length: int) -> str:
         if self.mode == "head_tail":
-            head = f"{self.head_tokens}" if self.head_tokens is not None else "a quarter of the"
-            return f"head_tail ({head} tokens that fit from the start, the rest from the end)"
+            head = f"{self.head_tokens} tokens" if self.head_tokens is not None else "a quarter of the tokens that fit"
+            return f"head_tail ({head} from the start, the rest from the end)"
         if self.windowed:
             return f"windows of {max_length} tokens, {self.stride_for(max_length)} shared, {self.pooling} pooling"
         return self.mode
-
-    def head_for(self, max_length: int, specials: int) -> int:
-        return self.head_tokens if self.head_tokens is not None else (max_length - specials) // 4
 
     def stride_for(self, max_length: int) -> int:
         return self.stride if self.stride is not None else max_length // 4
@@ -93,9 +90,11 @@ class LongTexts:
         from training import batches
 
         setting = self.for_pairs(pairs is not None)
+        specials = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+        if max_length <= specials:  # (the tokenizer itself would only warn and return the whole text)
+            raise UserError(f"--max_length {max_length} leaves no room for text beside {specials} special tokens")
         if setting.mode == "truncate":
             return batches.encode(tokenizer, texts, max_length, pairs)
-        specials = tokenizer.num_special_tokens_to_add(pair=pairs is not None)
         stride = setting.stride_for(max_length) if setting.windowed else 0
         room = max_length - specials  # the text tokens one input holds
         if room <= stride:
@@ -121,7 +120,6 @@ class LongTexts:
         out = {k: [] for k in enc.keys()}
         if setting.windowed:
             out[DOC] = []
-        head = setting.head_for(max_length, specials)
         cut = set(long)
         for i in range(len(texts)):
             if i not in cut:
@@ -129,7 +127,7 @@ class LongTexts:
             elif setting.windowed:
                 cuts = _windows(enc.sequence_ids(i), target, max_length, stride)
             else:
-                cuts = [_head_and_tail(enc.sequence_ids(i), target, max_length, head)]
+                cuts = [_head_and_tail(enc.sequence_ids(i), target, max_length, setting.head_tokens)]
             for keep in cuts:
                 for k in enc.keys():
                     row = enc[k][i]
@@ -139,15 +137,18 @@ class LongTexts:
         return out
 
 
-def _head_and_tail(sequence_ids: list, target: int, max_length: int, head: int) -> Optional[list]:
+def _head_and_tail(sequence_ids: list, target: int, max_length: int, head: Optional[int]) -> Optional[list]:
     """The positions to keep of one encoded row: every token outside sequence ``target``, its first ``head``
-    tokens and its last ones, ``max_length`` in all; None where the row fits."""
+    tokens (None: a quarter of those it keeps) and its last ones, ``max_length`` in all; None where the row fits."""
     excess = len(sequence_ids) - max_length
     if excess <= 0:
         return None
     positions = [j for j, s in enumerate(sequence_ids) if s == target]
     kept = len(positions) - excess  # encode made sure a pair's second text keeps at least one token
-    first = min(head, kept)
+    if head is not None and head >= kept:  # a pair's first text took the room (single texts: checked in encode)
+        raise UserError(f"--head_tokens {head} leaves no tail: beside its first text, a pair's second text keeps "
+                        f"{kept} tokens in --max_length {max_length}")
+    first = kept // 4 if head is None else head
     dropped = set(positions[first:first + excess])
     return [j for j in range(len(sequence_ids)) if j not in dropped]
 

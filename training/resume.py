@@ -16,6 +16,7 @@ from typing import Optional
 from training.checkpoint import TRAINING_STATE, CheckpointError, step_checkpoints, verify_checkpoint
 from training.config import TrainConfig, fields_marked
 from training.distributed import ProcessContext
+from training.long_texts import LongTexts
 from training.tasks import default_metric
 from training.utils import UserError
 
@@ -108,6 +109,9 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
         raise UserError(f"{where} was trained on labels {state['label_names']}, this data has {run['label_names']}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     defaults["long_texts"] = "truncate"  # a checkpoint from before --long_texts truncated (today's default: auto)
+    pairs = len(run.get("text_columns") or []) == 2  # auto resolved, as the data path resolves it
+    for cfg_ in (saved, config):
+        cfg_["long_texts"] = LongTexts(cfg_.get("long_texts", "truncate")).for_pairs(pairs).mode
     for key in MUST_MATCH:
         if key in NO_DEFAULT_BEFORE and key not in saved:
             continue  # the data fingerprint below says whether the examples are the same
