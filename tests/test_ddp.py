@@ -31,8 +31,10 @@ def epoch_record(run_dir: Path) -> dict:
     return [r for r in rows if r["event"] == "epoch"][-1]
 
 
-def assert_same_run(a: Path, b: Path, rtol=1e-5, skip=None):
-    """The same step losses and final weights (``skip``: a name part of weights not compared)."""
+def assert_same_run(a: Path, b: Path, rtol=1e-5, skip=None, stray=0.0):
+    """The same step losses and final weights (``skip``: a name part of weights not compared; ``stray``: the
+    share of a tensor's elements allowed outside the tolerance, for near-zero gradients that AdamW's
+    normalization turns into lr-sized steps of either sign under another summation order)."""
     la, lb = step_losses(a), step_losses(b)
     assert len(la) == len(lb) > 0
     assert torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=rtol, atol=1e-7), (la, lb)
@@ -41,7 +43,8 @@ def assert_same_run(a: Path, b: Path, rtol=1e-5, skip=None):
     compared = [k for k in wa if skip is None or skip not in k]
     assert len(compared) > len(wa) // 2
     for k in compared:
-        assert torch.allclose(wa[k], wb[k], rtol=rtol, atol=1e-6), k
+        off = ~torch.isclose(wa[k], wb[k], rtol=rtol, atol=1e-6)
+        assert off.float().mean() <= stray, (k, int(off.sum()), wa[k].numel())
 
 
 def _task_args(d: Path, tiny_model_dir) -> list:

@@ -264,7 +264,8 @@ def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, 
     three = torchrun(3, *common, "--batch_size", 4, "--run_name", "three")
     assert three.returncode == 0, three.stderr
     a, b = tmp_path / "ck" / "one", tmp_path / "ck" / "three"
-    assert_same_run(a, b, skip=".attention.self.key.bias")
+    # one element in 8,192 of a weight was seen 1.8e-6 off on a 2-core machine; a wrong step moves them all
+    assert_same_run(a, b, skip=".attention.self.key.bias", stray=1e-3)
     ra, rb = _records(a, "epoch")[-1], _records(b, "epoch")[-1]
     per_doc = windows(val)
     assert min(per_doc) == 1 and max(per_doc) >= 3
