@@ -224,6 +224,12 @@ def write_rows(path: Path, rows: list, text_key="text", label_key="label") -> Pa
     return path
 
 
+def disk_bytes(root: Path) -> int:
+    """The bytes of the files under ``root``, a file with several hard links counted once."""
+    files = {(st.st_dev, st.st_ino): st.st_size for st in (p.stat() for p in Path(root).rglob("*") if p.is_file())}
+    return sum(files.values())
+
+
 def made_once(tmp_path_factory, name: str, make) -> Path:
     """``make(directory)`` once per test session, also under ``pytest -n``: the workers share the directory.
 

@@ -84,3 +84,53 @@ def test_tools_find_the_training_max_length_for_step_checkpoints_too(tmp_path):
     (run / "config.json").write_text(json.dumps({"config": {"max_length": 77}}))
     assert trained_max_length(run / "final") == 77
     assert trained_max_length(run / "checkpoints" / "step-00000004") == 77
+
+
+def _writer(tmp_path, keep=3):
+    from training.distributed import ProcessContext
+    return checkpoint.CheckpointWriter(tmp_path / "run", ProcessContext(0, 0, 1, torch.device("cpu")), keep=keep)
+
+
+def test_best_and_final_share_the_step_checkpoints_weights_and_hold_no_training_state(tmp_path, tiny_model_dir):
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path)
+    step = writer.save_step(model, tok, {"global_step": 4, "optimizer": {"big": 1}, "loop": {}})
+    best = writer.save_model("best", model, tok, step=4)
+    assert not (best / checkpoint.TRAINING_STATE).exists()
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in step.iterdir() if p.name !=
+                                                            checkpoint.TRAINING_STATE)
+    assert (best / "model.safetensors").stat().st_ino == (step / "model.safetensors").stat().st_ino
+    with torch.no_grad():  # weights of another step: written, not linked
+        next(model.parameters()).add_(1.0)
+    final = writer.save_model("final", model, tok, step=5)
+    assert (final / "model.safetensors").stat().st_nlink == 1
+    reloaded = AutoModelForSequenceClassification.from_pretrained(final)
+    assert torch.equal(next(reloaded.parameters()), next(model.parameters()))
+
+
+def test_without_hard_links_the_files_are_copied(tmp_path, tiny_model_dir, monkeypatch):
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path)
+    step = writer.save_step(model, tok, {"global_step": 4})
+
+    def no_links(*_):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    best = writer.save_model("best", model, tok, step=4)
+    assert (best / "model.safetensors").stat().st_nlink == 1
+    assert (best / "model.safetensors").read_bytes() == (step / "model.safetensors").read_bytes()
+
+
+def test_a_finished_run_keeps_one_step_checkpoint_without_optimizer_state(tmp_path, tiny_model_dir):
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path)
+    for step in (2, 4, 6):
+        writer.save_step(model, tok, {"global_step": step, "optimizer": {"big": 1}, "scheduler": {}, "loop": {}})
+    writer.save_model("final", model, tok, step=6)
+    writer.finish({"global_step": 6, "optimizer": {"big": 2}, "scheduler": {}, "loop": {"epoch": 3}})
+    (kept,) = checkpoint.step_checkpoints(tmp_path / "run")
+    assert kept.name == "step-00000006"
+    state = checkpoint.load_training_state(kept)
+    assert state == {"global_step": 6, "loop": {"epoch": 3}, "finished": True}
+    assert not [p for p in kept.iterdir() if p.name.startswith(".")]  # no temporary left
+    assert (kept / "model.safetensors").stat().st_ino == (tmp_path / "run" / "final" / "model.safetensors").stat().st_ino

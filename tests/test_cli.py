@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import ROOT, cli_env, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, disk_bytes, run_script, synthetic_rows, write_rows
 from training.utils import UserError
 
 
@@ -36,7 +36,13 @@ def test_spec_quick_command_on_the_default_model_and_data(tmp_path):
     assert epoch["train_examples"] == 100 and epoch["val_examples"] == 100
     assert 0 <= epoch["train_accuracy"] <= 1 and epoch["train_loss"] > 0 and epoch["epoch_time_s"] > 0
     final = run_dir / "final"
-    assert (final / "model.safetensors").is_file() and (final / "training_state.pt").is_file()
+    assert (final / "model.safetensors").is_file() and not (final / "training_state.pt").exists()
+    # what the user deploys is the model and tokenizer; best/, final/ and the run's last step checkpoint share
+    # one copy of the weights, and a finished run keeps no optimizer state
+    (step,) = (run_dir / "checkpoints").iterdir()
+    weights = [d / "model.safetensors" for d in (final, run_dir / "best", step)]
+    assert len({w.stat().st_ino for w in weights}) == 1
+    assert disk_bytes(tmp_path / "checkpoints") < 1.1 * weights[0].stat().st_size
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["num_samples"] == 100 and config["versions"]["torch"]
     data_info = json.loads((run_dir / "data.json").read_text())

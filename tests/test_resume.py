@@ -2,6 +2,7 @@
 non-finite losses, and bad data."""
 import json
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -225,11 +226,11 @@ def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_t
     _close(d / "killed", ddp_reference)
 
 
-def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir, run_main):
+def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir, hooks, run_main):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=9))
     common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 4, "--max_length", 32,
               "--checkpoint_dir", tmp_path, "--run_name", "t", "--save_every_steps", 4, "--keep_checkpoints", 3]
-    assert run_main("train_single.py", *common).returncode == 0
+    assert run_script("train_single.py", *common, env=env_with(hooks, STOP_AT_STEP=10)).returncode == 143
     newest, older = sorted((tmp_path / "t" / "checkpoints").iterdir())[-1], \
         sorted((tmp_path / "t" / "checkpoints").iterdir())[-2]
     weights_file = newest / "model.safetensors"
@@ -380,21 +381,23 @@ def test_dataset_smaller_than_the_world_size_is_refused(tmp_path, tiny_model_dir
     assert "2 training example(s) for 3 processes" in proc.stderr
 
 
-def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, tiny_model_dir):
+def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, tiny_model_dir, hooks):
     train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=4))
     common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", train, "--epochs", 1,
               "--batch_size", 4, "--max_length", 32, "--checkpoint_dir", tmp_path, "--save_every_steps", 4,
               "--keep_checkpoints", 3]
-    assert run_script("train_single.py", *common, "--run_name", "a").returncode == 0
+    assert run_script("train_single.py", *common, "--run_name", "a",
+                      env=env_with(hooks, STOP_AT_STEP=14)).returncode == 143
     steps = lambda run: sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())  # noqa: E731
-    assert steps("a") == ["step-00000008", "step-00000012", "step-00000016"]
-    first = weights(tmp_path / "a")
+    assert steps("a") == ["step-00000008", "step-00000012", "step-00000014"]
     proc = run_script("train_single.py", *common, "--run_name", "a", "--keep_checkpoints", 1,
                       "--resume", tmp_path / "a" / "checkpoints" / "step-00000008")
     assert proc.returncode == 0, proc.stderr
     assert "resuming at epoch 1, step 8" in proc.stdout
-    assert steps("a") == ["step-00000016"]  # the newest write survives pruning
-    again = weights(tmp_path / "a")
+    # step 12 and 14 were of the abandoned continuation; a finished run keeps only its last step checkpoint
+    assert steps("a") == ["step-00000016"]
+    assert run_script("train_single.py", *common, "--run_name", "b").returncode == 0
+    first, again = weights(tmp_path / "b"), weights(tmp_path / "a")
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
@@ -408,3 +411,39 @@ def test_fresh_start_in_an_unfinished_run_directory_drops_its_stale_metrics(tmp_
     assert proc.returncode == 0, proc.stderr
     assert "no checkpoint in" in proc.stdout
     assert [r["step"] for r in records(tmp_path / "r", "step")] == [1, 2, 3, 4]  # 32 / 8: none kept from before
+
+
+def test_a_finished_run_resumed_has_nothing_to_train_and_keeps_its_models(tmp_path, tiny_model_dir, run_main):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=4))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 8, "--max_length", 32,
+              "--checkpoint_dir", tmp_path, "--run_name", "f", "--save_every_steps", 2, "--keep_checkpoints", 3]
+    assert run_main("train_single.py", *common).returncode == 0
+    run = tmp_path / "f"
+    (kept,) = (run / "checkpoints").iterdir()  # 8 steps an epoch: the last one, step 16, alone
+    assert kept.name == "step-00000016"
+    state = torch.load(kept / "training_state.pt", weights_only=False)
+    assert state["finished"] and "optimizer" not in state and state["epochs_completed"] == 2
+    before, metrics = weights(run), (run / "metrics.jsonl").read_text()
+    again = run_main("train_single.py", *common, "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    assert "resuming at epoch 3, step 16" in again.stdout and "epoch 1/2" not in again.stdout
+    assert all(torch.equal(before[k], v) for k, v in weights(run).items())
+    assert (run / "metrics.jsonl").read_text() == metrics
+    proc = run_main("train_single.py", *common, "--resume", run / "final")
+    assert proc.returncode == 2 and "that is a model alone" in proc.stderr and f"--resume {run}" in proc.stderr
+
+
+def test_best_is_linked_again_when_a_run_stopped_between_its_epochs_checkpoint_and_best(tmp_path, tiny_model_dir,
+                                                                                       hooks):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=4))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 8, "--max_length", 32,
+              "--checkpoint_dir", tmp_path, "--run_name", "b", "--save_every_steps", 2]
+    assert run_script("train_single.py", *common, env=env_with(hooks, STOP_AT_STEP=10)).returncode == 143
+    run = tmp_path / "b"
+    epoch_end, stopped = sorted((run / "checkpoints").iterdir())
+    assert epoch_end.name == "step-00000008" and stopped.name == "step-00000010"
+    shutil.rmtree(stopped)  # as if stopped after epoch 1's checkpoint was written and before best/ was
+    shutil.rmtree(run / "best")
+    resumed = run_script("train_single.py", *common, "--resume", "auto", env=env_with(hooks, STOP_AT_STEP=1))
+    assert resumed.returncode == 143 and "resuming at epoch 2, step 8" in resumed.stdout
+    assert (run / "best" / "model.safetensors").stat().st_ino == (epoch_end / "model.safetensors").stat().st_ino

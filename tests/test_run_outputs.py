@@ -8,6 +8,8 @@ import termios
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, cli_env, on_cpu, synthetic_rows, write_rows
 
 
@@ -102,8 +104,13 @@ def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir, run
     best = min(epochs, key=lambda e: e["val_loss"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_loss"] == best["val_loss"]
-    state = torch.load(run / "best" / "training_state.pt", weights_only=False)
-    assert state["epochs_completed"] == best["epoch"]
+    assert not (run / "best" / "training_state.pt").exists()  # a model to deploy: no optimizer state
+    # best/ holds the best epoch's weights: evaluated on the run's held-out split, it has that epoch's loss
+    proc = run_main("evaluate.py", "--checkpoint", run / "best", "--train_file", tmp_path / "train.csv",
+                    "--output", tmp_path / "best.json")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads((tmp_path / "best.json").read_text())
+    assert evaluated["loss"] == pytest.approx(best["val_loss"], rel=1e-5), (evaluated, epochs)
     AutoModelForSequenceClassification.from_pretrained(run / "best")
     same = all(torch.equal(a, b) for a, b in zip(load_file(run / "best" / "model.safetensors").values(),
                                                  load_file(run / "final" / "model.safetensors").values()))

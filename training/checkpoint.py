@@ -44,36 +44,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict) -> Path:
-    """Write model + tokenizer + training state to ``out_dir`` atomically (temp dir, then rename)."""
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Make the written ``tmp`` visible as ``out_dir``: every file fsynced, then renamed into place."""
+    for f in tmp.rglob("*"):  # every file on disk before the rename makes the checkpoint visible
+        if f.is_file() and f.stat().st_nlink == 1:  # a hard link is to a file already on disk, with its mode
+            os.chmod(f, FILE_MODE)  # safetensors writes 0600: teammates on a shared disk could not read it
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if out_dir.exists():  # replace: move the old one aside first, so the swap is two renames
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+
+
+def _write_atomically(out_dir: Path, fill) -> Path:
+    """``fill(tmp)`` writes the checkpoint's files into a temporary directory, which then replaces ``out_dir``."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        buf = io.BytesIO()
-        torch.save(training_state, buf)
-        (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
-        for f in tmp.rglob("*"):  # every file on disk before the rename makes the checkpoint visible
-            if f.is_file():
-                os.chmod(f, FILE_MODE)  # safetensors writes 0600: teammates on a shared disk could not read it
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out_dir.exists():  # replace: move the old one aside first, so the swap is two renames
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fill(tmp)
+        _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict | None) -> Path:
+    """Write model + tokenizer (+ the training state, unless None) to ``out_dir`` atomically."""
+    def fill(tmp: Path) -> None:
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if training_state is not None:
+            buf = io.BytesIO()
+            torch.save(training_state, buf)
+            (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
+    return _write_atomically(out_dir, fill)
+
+
+def link_checkpoint(out_dir: Path, source: Path) -> Path:
+    """``out_dir`` as the model and tokenizer of the checkpoint ``source``, without its training state:
+    hard links to its files, so the weights are on disk once (copies where the filesystem has no links)."""
+    def fill(tmp: Path) -> None:
+        for f in Path(source).iterdir():
+            if f.is_file() and f.name != TRAINING_STATE:
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+    return _write_atomically(out_dir, fill)
+
+
+def write_state(checkpoint_dir: Path, training_state: dict) -> None:
+    """Replace a checkpoint's training state alone, atomically (a temporary file, fsynced, renamed)."""
+    path = Path(checkpoint_dir) / TRAINING_STATE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buf = io.BytesIO()
+    torch.save(training_state, buf)
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 STEP_DIR = "checkpoints"  # RUN/checkpoints/step-00000123: resumable states, the newest K kept
@@ -148,29 +189,57 @@ def step_checkpoints(run_dir: Path) -> list:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on the main process only; every rank may call it, others do nothing."""
+    """Writes checkpoints on the main process only; every rank may call it, others do nothing.
+
+    ``RUN/checkpoints/step-N`` are resumable (model, tokenizer, training state); ``RUN/best`` and
+    ``RUN/final`` are what a user deploys: the model and tokenizer alone, sharing the files of the step
+    checkpoint of the same step (hard links), so a model is on disk once however many names it has."""
 
     def __init__(self, run_dir: Path, ctx: ProcessContext, keep: int = 2):
         self.run_dir = Path(run_dir)
         self.ctx = ctx
         self.keep = keep
+        self.newest = None  # (global step, path): the step checkpoint written last, or resumed from
 
-    def save(self, name: str, model, tokenizer, state: dict) -> Path:
-        path = self.run_dir / name
-        if self.ctx.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(path, model, tokenizer, state)
-        # Others wait here so nobody reads or exits before the checkpoint exists.
-        self.ctx.barrier()
-        return path
+    def adopt(self, path: Path, step: int) -> None:
+        """On resume: the checkpoint resumed from holds the weights of ``step``."""
+        self.newest = (step, Path(path))
 
     def save_step(self, model, tokenizer, state: dict) -> Path:
         """A resumable checkpoint named by its step; only the newest ``keep`` stay."""
-        path = self.save(f"{STEP_DIR}/step-{state['global_step']:08d}", model, tokenizer, state)
+        path = self.run_dir / STEP_DIR / f"step-{state['global_step']:08d}"
         if self.ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(path, model, tokenizer, state)
             for old in [p for p in step_checkpoints(self.run_dir) if p != path][self.keep - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
+        self.ctx.barrier()  # nobody reads or exits before the checkpoint exists
+        self.newest = (state["global_step"], path)
         return path
+
+    def save_model(self, name: str, model, tokenizer, step: int) -> Path:
+        """``RUN/name``: the model and tokenizer at ``step``, linked to its step checkpoint where one exists."""
+        path = self.run_dir / name
+        if self.ctx.is_main:
+            if self.newest and self.newest[0] == step and (self.newest[1] / "model.safetensors").is_file():
+                link_checkpoint(path, self.newest[1])
+            else:
+                save_checkpoint(path, model, tokenizer, None)
+        self.ctx.barrier()
+        return path
+
+    def finish(self, state: dict) -> None:
+        """A finished run has nothing left to resume: the older step checkpoints go, and the newest keeps
+        its model (shared with final/) and a training state without the optimizer's, which is what
+        ``--resume auto`` needs to say the run is complete."""
+        ours = self.newest and self.newest[1].parent.resolve() == (self.run_dir / STEP_DIR).resolve()
+        if self.ctx.is_main and ours and self.newest[0] == state["global_step"]:
+            for old in step_checkpoints(self.run_dir):
+                if old != self.newest[1]:
+                    shutil.rmtree(old, ignore_errors=True)
+            slim = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+            write_state(self.newest[1], {**slim, "finished": True})
+        self.ctx.barrier()
 
     def discard_after(self, step: int) -> None:
         """On resume: step checkpoints past the resume point belong to a continuation now abandoned."""

@@ -70,6 +70,9 @@ def _locate(resume: str, checkpoint_dir: Path, run_name: Optional[str]) -> Resum
             raise UserError(f"--resume {resume}: {exc}") from None
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return ResumePoint(run_dir, path, notes)
+    if (path / "model.safetensors").is_file():
+        raise UserError(f"--resume {resume}: that is a model alone (final/ and best/ keep no training state): "
+                        f"resume the run, --resume {path.parent}")
     found = _newest_valid(path, notes)
     if found is None:
         raise UserError(f"--resume {resume}: no checkpoint in that run directory")

@@ -196,8 +196,9 @@ class RunState:
                                          tracker=self.tracker.state_dict())
 
     def restore(self, saved: dict, ctx: ProcessContext, task) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        if not saved.get("finished"):  # a finished run keeps no optimizer state: it has no step left to take
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
         task.restore(saved.get("task") or {})
@@ -221,12 +222,19 @@ class CheckpointHooks(engine.Hooks):
         return self.state.clock.phases["checkpoints"]  # the engine leaves checkpoint writes out of training
 
     def save(self, name: str | None = None) -> Path:
+        """A resumable step checkpoint, or (``name``: best, final) the model and tokenizer alone."""
         with self.state.clock.timing("checkpoints"):
             model_lib.record_task(self.model, self.state.task)  # what the task decided since (a tuned threshold)
-            payload = self.state.payload(self.ctx)
             if name:
-                return self.writer.save(name, self.model, self.tokenizer, payload)
-            return self.writer.save_step(self.model, self.tokenizer, payload)
+                return self.writer.save_model(name, self.model, self.tokenizer, self.state.loop.global_step)
+            return self.writer.save_step(self.model, self.tokenizer, self.state.payload(self.ctx))
+
+    def finish(self) -> Path:
+        """final/, and the step checkpoints trimmed to what a finished run needs."""
+        final = self.save("final")
+        with self.state.clock.timing("checkpoints"):
+            self.writer.finish(self.state.payload(self.ctx))
+        return final
 
     def after_step(self, loop: engine.LoopState, end_of_epoch: bool) -> bool:
         every = self.cfg.save_every_steps
@@ -245,9 +253,9 @@ class CheckpointHooks(engine.Hooks):
         tracker = self.state.tracker
         improved = tracker.improved(result.validation, result.epoch)
         stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
-        if improved:
-            self.save("best")
         self.save()  # the start of the next epoch: resumable
+        if improved:  # after it, so that best/ shares its files
+            self.save("best")
         return stopping
 
 
@@ -391,6 +399,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         state.restore(saved, ctx, task)
         log.truncate_records(after_step=state.loop.global_step)  # what ran after the checkpoint runs again
         writer.discard_after(state.loop.global_step)  # checkpoints of the abandoned continuation
+        writer.adopt(resume_from, state.loop.global_step)
         checkpoint.set_rng_state(saved["rng"][ctx.rank])  # last: nothing below draws from the RNG before training
         log.print(f"resuming at epoch {state.loop.epoch}, step {state.loop.global_step} "
                   f"(batch {state.loop.next_batch} of the epoch)")
@@ -409,6 +418,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     hooks.model, hooks.tokenizer = model, tokenizer
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
                              train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
+    if saved and state.loop.next_batch == 0 and state.tracker.best_epoch == len(state.loop.results):
+        hooks.save("best")  # the epoch's best/ follows its checkpoint: a run stopped between them gets it here
     stop.arm()
     try:
         # an early-stopped run that is resumed (or restarted) has nothing left to train
@@ -421,7 +432,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         log.print(runner.summary())
     if not finished:
         return 128 + (stop.signum or 15)
-    final = hooks.save("final")
+    final = hooks.finish()
     _finish(state, log, final, task)
     return 0
 
