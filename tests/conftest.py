@@ -46,7 +46,7 @@ def cli_env(**extra) -> dict:
     return env
 
 
-DEVICE_SCRIPTS = ("train_single.py", "train_ddp.py", "predict.py", "evaluate.py")
+DEVICE_SCRIPTS = ("train_single.py", "train_ddp.py", "predict.py", "evaluate.py", "sweep.py")
 
 
 def on_cpu(script: str, args) -> list:

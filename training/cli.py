@@ -15,12 +15,20 @@ from training.utils import UserError
 
 def main(argv=None, *, use_torchrun: bool, description: str = "") -> int:
     started = time.perf_counter()  # the run's start-up counts from here: the heavy imports come below
-    rank = os.environ.get("RANK", "0") if use_torchrun else "0"
-    try:
+
+    def body() -> int:
         cfg = parse_config(argv, description)
         from training.trainer import train  # the heavy imports, once the flags are known to be good
 
         return train(cfg, use_torchrun, started=started)
+    return guarded(body, use_torchrun=use_torchrun)
+
+
+def guarded(body, *, use_torchrun: bool) -> int:
+    """``body()``'s exit code; bad input is one line and exit code 2, on one rank or under torchrun."""
+    rank = os.environ.get("RANK", "0") if use_torchrun else "0"
+    try:
+        return body()
     except UserError as exc:
         # Every rank finds a bad flag or bad data by itself; rank 0 says it, and each rank says what only
         # it can know (its GPU, say), so the job's message is that one line.

@@ -271,9 +271,58 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
+# where a run writes and whether it continues one are the command's own, never a config file's
+NOT_FROM_FILE = ("run_name", "resume")
+
+
+def config_file_flags(path: str) -> list:
+    """A config file (JSON: flag names and values, or a run's own config.json) as the flags it stands for."""
+    import json
+
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--config {path}: not a readable JSON file ({' '.join(str(exc).split())[:120]})") from None
+    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+        values = values["config"]  # a run's config.json: the resolved config is under "config"
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a JSON object of flag names and values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    flags = []
+    for name, value in values.items():
+        if name in NOT_FROM_FILE or value is None or value is False:
+            continue
+        flags += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return flags
+
+
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """Parse and validate command-line flags into a frozen TrainConfig (UserError on bad values)."""
-    args = build_parser(description).parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    """Parse and validate command-line flags into a frozen TrainConfig (UserError on bad values).
+
+    ``--config FILE`` gives values first; flags on the command line override them."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(description)
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="Take the settings from a JSON file of flag names and values, or a run's own "
+                             "config.json (RUN/config.json), to re-run it; flags given here override the file's. "
+                             f"{' and '.join('--' + n for n in NOT_FROM_FILE)} are not read from it.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        file_flags = config_file_flags(known.config)
+        try:
+            parser.parse_args(file_flags)
+        except UserError as exc:
+            raise UserError(f"--config {known.config}: {exc}".replace(" (see --help)", "")) from None
+        argv = file_flags + argv
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    cfg = TrainConfig(**args)
     _validate(cfg)
     return cfg

@@ -426,8 +426,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         finished = state.tracker.stopped_early or engine.fit(runner, loaders, loop, state.loop, hooks, log)
     except engine.NonFiniteLoss as exc:
         kept = checkpoint.step_checkpoints(log.run_dir)
-        raise UserError(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
-                        f"checkpoint: {kept[0] if kept else 'none'}") from None
+        raise Diverged(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
+                       f"checkpoint: {kept[0] if kept else 'none'}") from None
     if runner.summary():
         log.print(runner.summary())
     if not finished:
@@ -435,6 +435,10 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     final = hooks.finish()
     _finish(state, log, final, task)
     return 0
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: the run stops (a sweep records the trial and goes on)."""
 
 
 _COLUMN_NAMES = {"macro_f1": "macro-F1"}

@@ -1,0 +1,136 @@
+"""training/sweep.py through its command line: a grid over one prepared data set, resumed, under DDP,
+and a trial re-run from its own config.json (--config)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
+from test_resume import env_with, hooks  # noqa: F401 (hooks: the STOP_AT_STEP fixture)
+
+
+def _data(d: Path) -> list:
+    train = write_rows(d / "train.csv", synthetic_rows(240, seed=1))
+    val = write_rows(d / "val.csv", synthetic_rows(80, seed=2))
+    return ["--train_file", train, "--validation_file", val, "--max_length", 32, "--batch_size", 16,
+            "--warmup_ratio", 0, "--no_progress"]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_model_dir, tmp_path_factory):
+    """A 4-trial grid of learning rates: 1e-5 is too small to learn the task in 3 epochs, 3e-3 learns it."""
+    def make(d: Path) -> None:
+        proc = run_script("sweep.py", "--model", tiny_model_dir, *_data(d), "--epochs", 3,
+                          "--learning_rate", "1e-5,1e-4,1e-3,3e-3", "--seed", 1, "--sweep_dir", d / "sw")
+        assert proc.returncode == 0, proc.stderr
+        (d / "out.txt").write_text(proc.stdout)
+    return made_once(tmp_path_factory, "sweep-grid", make)
+
+
+def test_a_grid_finds_the_learning_rate_the_task_needs(grid):
+    sw = grid / "sw"
+    record = json.loads((sw / "sweep.json").read_text())
+    assert [t["flags"] for t in record["trials"]] == [{"learning_rate": lr} for lr in ("1e-5", "1e-4", "1e-3", "3e-3")]
+    for trial in record["trials"]:  # sweep.json is what each trial's own run says
+        summary = _summary(sw / trial["name"])
+        assert trial["status"] == "done" and trial["value"] == summary["best_val_accuracy"]
+        assert trial["epochs_run"] == 3 and trial["time_s"] == summary["total_time_s"]
+        config = json.loads((sw / trial["name"] / "config.json").read_text())["config"]
+        assert config["learning_rate"] == float(trial["flags"]["learning_rate"])
+        assert config["seed"] == 1
+    value = {t["flags"]["learning_rate"]: t["value"] for t in record["trials"]}
+    assert value["1e-5"] < 0.6 and value["3e-3"] > 0.9, value
+    assert record["best"] in ("trial-003", "trial-004") and max(value.values()) == value[
+        record["trials"][int(record["best"][-3:]) - 1]["flags"]["learning_rate"]]
+    assert (sw / "best").resolve() == (sw / record["best"] / "best").resolve()
+    assert (sw / "best" / "model.safetensors").is_file()
+    # the table: sorted by the metric, best first
+    out = (grid / "out.txt").read_text()
+    table = out[out.index("trial      learning_rate"):].splitlines()[1:5]
+    values = [float(line.split()[2]) for line in table]
+    assert values == sorted(values, reverse=True) and table[0].startswith(record["best"])
+    assert out.count("data: ") == 4 and (sw / "cache").is_dir()
+    assert len([p for p in (sw / "cache").iterdir() if p.is_dir()]) == 1  # tokenized once for every trial
+
+
+def test_config_of_a_trial_reproduces_its_metric_exactly(grid, tmp_path):
+    trial = grid / "sw" / "trial-004"
+    proc = run_script("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
+                      "--run_name", "again")
+    assert proc.returncode == 0, proc.stderr
+    a, b = _summary(trial), _summary(tmp_path / "again")
+    assert (a["best_val_accuracy"], a["best_val_loss"], a["final_val_loss"]) == \
+        (b["best_val_accuracy"], b["best_val_loss"], b["final_val_loss"])
+    # a flag on the command line overrides the file's value
+    proc = run_script("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
+                      "--run_name", "lower", "--learning_rate", 1e-5, "--epochs", 1)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "lower" / "config.json").read_text())["config"]
+    assert (config["learning_rate"], config["epochs"], config["seed"]) == (1e-5, 1, 1)
+
+
+def test_bad_config_files_are_one_line_errors(tmp_path):
+    cases = {"nope.json": None, "list.json": "[1, 2]", "unknown.json": '{"epoch": 3}',
+             "type.json": '{"epochs": 1.5}'}
+    expected = {"nope.json": "no such file", "list.json": "expected a JSON object",
+                "unknown.json": "unknown setting(s) epoch", "type.json": "invalid int value: '1.5'"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        proc = run_script("train_single.py", "--config", tmp_path / name)
+        assert proc.returncode == 2 and proc.stderr == f"error: --config {tmp_path / name}: " \
+            f"{proc.stderr.split(': ', 2)[2]}" and expected[name] in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_an_interrupted_sweep_continues_where_it_stopped(tiny_model_dir, tmp_path, hooks):
+    args = ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 1, "--learning_rate", "1e-4,1e-3",
+            "--sweep_dir", tmp_path / "sw"]
+    # 240 training examples at 16: 15 steps a trial; SIGTERM after step 17, the second of trial 2
+    stopped = run_script("sweep.py", *args, env=env_with(hooks, STOP_AT_STEP=17))
+    assert stopped.returncode == 143, stopped.stderr
+    assert "sweep stopped in trial-002: run the same command again to continue" in stopped.stdout
+    first = (tmp_path / "sw" / "trial-001" / "summary.json").read_text()
+    again = run_script("sweep.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert "== trial-001" not in again.stdout and "resuming at epoch 1, step 2" in again.stdout, again.stdout
+    assert (tmp_path / "sw" / "trial-001" / "summary.json").read_text() == first
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [t["status"] for t in record["trials"]] == ["done", "done"]
+    other = run_script("sweep.py", *args[:-4], "--learning_rate", "1e-4,1e-2", *args[-2:])
+    assert other.returncode == 2 and "holds another sweep" in other.stderr and other.stderr.count("\n") == 1
+
+
+def test_bad_sweep_flags_are_one_line_errors(tmp_path):
+    cases = {("--learning_rate", "1e-5"): "nothing to sweep",
+             ("--learning_rate", "1e-5,1e-5"): "give distinct values",
+             ("--learning_rate", "1e-5,2e-5", "--run_name", "x"): "--run_name is the sweep's to set",
+             ("--epochs", "1,x"): "invalid int value: 'x'"}
+    for args, expected in cases.items():
+        proc = run_script("sweep.py", *args, "--sweep_dir", tmp_path / "sw")
+        assert proc.returncode == 2 and expected in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "sw").exists()
+
+
+def test_under_two_gloo_processes_both_ranks_run_the_same_trials(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "training" / "sweep.py"),
+           *on_cpu("sweep.py", ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 1,
+                                "--learning_rate", "1e-4,1e-3", "--sweep_dir", tmp_path / "sw"])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [t["status"] for t in record["trials"]] == ["done", "done"]
+    for trial in record["trials"]:
+        config = json.loads((tmp_path / "sw" / trial["name"] / "config.json").read_text())
+        assert config["world_size"] == 2
+        epoch = [json.loads(x) for x in (tmp_path / "sw" / trial["name"] / "metrics.jsonl").read_text()
+                 .splitlines() if '"epoch"' in x][-1]
+        assert epoch["val_examples"] == 80  # both ranks evaluated, every example counted once
+    assert proc.stdout.count("sweep of 2 trial(s)") == 1  # rank 0 alone reports
