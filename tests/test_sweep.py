@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, assert_real_png, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
 from test_resume import env_with, hooks  # noqa: F401 (hooks: the STOP_AT_STEP fixture)
 
 
@@ -50,6 +50,7 @@ def test_a_grid_finds_the_learning_rate_the_task_needs(grid):
         record["trials"][int(record["best"][-3:]) - 1]["flags"]["learning_rate"]]
     assert (sw / "best").resolve() == (sw / record["best"] / "best").resolve()
     assert (sw / "best" / "model.safetensors").is_file()
+    assert_real_png(sw / "sweep.png")
     # the table: sorted by the metric, best first
     out = (grid / "out.txt").read_text()
     table = out[out.index("trial      learning_rate"):].splitlines()[1:5]

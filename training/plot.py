@@ -253,6 +253,25 @@ def plot_runs(run_args: list, output: Path) -> list:
         raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from None
 
 
+def plot_sweep(trials: list, metric: str, path: Path) -> Path:
+    """A sweep's finished trials: the validation metric against the learning rate, one colour per epochs value.
+
+    ``trials``: dicts with ``learning_rate``, ``epochs`` and ``value``."""
+    fig = _new_figure(1, "sweep")
+    ax = fig.subplots()
+    for i, epochs in enumerate(sorted({t["epochs"] for t in trials})):
+        points = sorted((t["learning_rate"], t["value"]) for t in trials if t["epochs"] == epochs)
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=_color(i), marker="o", markersize=7,
+                linewidth=1.5, label=f"{epochs} epoch(s)")
+    rates = [t["learning_rate"] for t in trials]
+    if min(rates) > 0 and max(rates) >= 10 * min(rates):
+        ax.set_xscale("log")
+    _style_axes(ax, f"best validation {metric} of each trial", "learning rate", f"val {metric}")
+    ax.legend(fontsize=10, framealpha=0.85)
+    fig.savefig(path)
+    return path
+
+
 def plot_confusion_matrix(cm, label_names, path, title: str = "") -> Path:
     """A confusion-matrix PNG: counts in the cells, colour = share of the true class (row)."""
     import numpy as np

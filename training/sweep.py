@@ -9,8 +9,9 @@ trial is an ordinary run directory, SWEEP_DIR/trial-NNN, trained in this process
 data is tokenized once (the cache under SWEEP_DIR/cache) and the imports and the process group are paid
 once. The same command again continues an interrupted sweep: finished trials are read back, an
 interrupted one resumes at its exact next batch. At the end: a table sorted by the validation metric
-(--metric_for_best, else the task's default), SWEEP_DIR/sweep.json with every trial, and SWEEP_DIR/best,
-a link to the winning trial's best/ checkpoint. Under torchrun every rank runs the same trials, as rank 0
+(--metric_for_best, else the task's default), SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png
+(the metric against the learning rate, one colour per epochs value) and SWEEP_DIR/best, a link to the
+winning trial's best/ checkpoint. Under torchrun every rank runs the same trials, as rank 0
 decides them.
 """
 from __future__ import annotations
@@ -104,9 +105,11 @@ def _outcome(run_dir: Path, trial: dict) -> dict:
     if not summary.is_file():
         return {"status": trial.get("status") if trial.get("status") == "diverged" else "to do"}
     s = json.loads(summary.read_text())
+    config = json.loads((run_dir / "config.json").read_text())["config"]
     metric = s["metric_for_best"]
     return {"status": "done", "metric": metric, "value": s[f"best_val_{metric}"], "best_epoch": s["best_epoch"],
-            "epochs_run": s["epochs_run"], "time_s": s["total_time_s"], "checkpoint": str(run_dir / "best")}
+            "epochs_run": s["epochs_run"], "time_s": s["total_time_s"], "checkpoint": str(run_dir / "best"),
+            "learning_rate": config["learning_rate"], "epochs": config["epochs"]}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -150,6 +153,8 @@ def _finish(sweep_dir: Path, record: dict, wall_s: float) -> None:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(Path(order[0]["name"]) / "best", target_is_directory=True)  # relative: the sweep may move
         os.replace(tmp, link)
+        from training.plot import plot_sweep
+        plot_sweep(order, order[0]["metric"], sweep_dir / "sweep.png")
     print(f"\nsweep of {len(record['trials'])} trial(s) in {sweep_dir}\n{table(record)}")
     if order:
         print(f"best: {order[0]['name']} ({' '.join(f'--{k} {v}' for k, v in order[0]['flags'].items())}), "
