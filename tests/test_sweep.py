@@ -26,7 +26,8 @@ def _summary(run: Path) -> dict:
 def grid(tiny_model_dir, tmp_path_factory):
     """A 4-trial grid of learning rates: 1e-5 is too small to learn the task in 3 epochs, 3e-3 learns it."""
     def make(d: Path) -> None:
-        proc = run_script("sweep.py", "--model", tiny_model_dir, *_data(d), "--epochs", 3,
+        test = write_rows(d / "test.csv", synthetic_rows(60, seed=3))
+        proc = run_script("sweep.py", "--model", tiny_model_dir, *_data(d), "--epochs", 3, "--test_file", test,
                           "--learning_rate", "1e-5,1e-4,1e-3,3e-3", "--seed", 1, "--sweep_dir", d / "sw")
         assert proc.returncode == 0, proc.stderr
         (d / "out.txt").write_text(proc.stdout)
@@ -56,8 +57,21 @@ def test_a_grid_finds_the_learning_rate_the_task_needs(grid):
     table = out[out.index("trial      learning_rate"):].splitlines()[1:5]
     values = [float(line.split()[2]) for line in table]
     assert values == sorted(values, reverse=True) and table[0].startswith(record["best"])
-    assert out.count("data: ") == 4 and (sw / "cache").is_dir()
+    assert out[:out.index("sweep of")].count("data: ") == 4 and (sw / "cache").is_dir()
     assert len([p for p in (sw / "cache").iterdir() if p.is_dir()]) == 1  # tokenized once for every trial
+
+
+def test_the_chosen_trial_is_tested_once_on_the_test_file(grid, tmp_path):
+    out = (grid / "out.txt").read_text()
+    record = json.loads((grid / "sw" / "sweep.json").read_text())
+    assert f"test set {grid / 'test.csv'}: {record['best']}, chosen on the validation split alone" in out
+    assert out.index("test set") > out.index("sweep of 4 trial(s)")  # after the choice
+    proc = run_script("evaluate.py", "--checkpoint", grid / "sw" / "best", "--data", grid / "test.csv",
+                      "--output", tmp_path / "direct.json")
+    assert proc.returncode == 0, proc.stderr
+    tested, direct = (json.loads(p.read_text()) for p in (grid / "sw" / "test.json", tmp_path / "direct.json"))
+    assert tested["examples"] == direct["examples"] == 60
+    assert (tested["accuracy"], tested["loss"]) == (direct["accuracy"], direct["loss"])
 
 
 def test_config_of_a_trial_reproduces_its_metric_exactly(grid, tmp_path):
@@ -112,7 +126,8 @@ def test_bad_sweep_flags_are_one_line_errors(tmp_path):
     cases = {("--learning_rate", "1e-5"): "nothing to sweep",
              ("--learning_rate", "1e-5,1e-5"): "give distinct values",
              ("--learning_rate", "1e-5,2e-5", "--run_name", "x"): "--run_name is the sweep's to set",
-             ("--epochs", "1,x"): "invalid int value: 'x'"}
+             ("--epochs", "1,x"): "invalid int value: 'x'",
+             ("--epochs", "1,2", "--test_file", tmp_path / "none.csv"): "--test_file"}
     for args, expected in cases.items():
         proc = run_script("sweep.py", *args, "--sweep_dir", tmp_path / "sw")
         assert proc.returncode == 2 and expected in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -11,8 +11,8 @@ once. The same command again continues an interrupted sweep: finished trials are
 interrupted one resumes at its exact next batch. At the end: a table sorted by the validation metric
 (--metric_for_best, else the task's default), SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png
 (the metric against the learning rate, one colour per epochs value) and SWEEP_DIR/best, a link to the
-winning trial's best/ checkpoint. Under torchrun every rank runs the same trials, as rank 0
-decides them.
+winning trial's best/ checkpoint. --test_file FILE then evaluates that checkpoint on a held-out test
+set, once (SWEEP_DIR/test.json). Under torchrun every rank runs the same trials, as rank 0 decides them.
 """
 from __future__ import annotations
 
@@ -35,21 +35,21 @@ FORMAT = 1  # of sweep.json
 
 
 def split_args(argv: list) -> tuple:
-    """(sweep directory, the grid {flag: [values as given]}, the other training flags), from the command line."""
-    sweep_dir, grid, rest = "sweep", {}, []
+    """(sweep directory, test file or None, the grid {flag: [values as given]}, the other training flags)."""
+    own, grid, rest = {"sweep_dir": "sweep", "test_file": None}, {}, []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in ("sweep_dir", *SWEPT, *OWNED):
+        if name in (*own, *SWEPT, *OWNED):
             if eq:
                 value = inline
             elif i + 1 < len(argv):
                 value, i = argv[i + 1], i + 1
             else:
                 raise UserError(f"argument --{name}: expected one argument (see --help)")
-            if name == "sweep_dir":
-                sweep_dir = value
+            if name in own:
+                own[name] = value
             elif name in OWNED:
                 raise UserError(f"--{name} is the sweep's to set (each trial is SWEEP_DIR/trial-NNN): "
                                 f"give --sweep_dir instead")
@@ -64,7 +64,7 @@ def split_args(argv: list) -> tuple:
         else:
             rest.append(arg)
         i += 1
-    return Path(sweep_dir), grid, rest
+    return Path(own["sweep_dir"]), own["test_file"], grid, rest
 
 
 def trials(grid: dict) -> list:
@@ -168,7 +168,9 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
-    sweep_dir, grid, rest = split_args(argv)
+    sweep_dir, test_file, grid, rest = split_args(argv)
+    if test_file is not None and not Path(test_file).is_file():
+        raise UserError(f"--test_file {test_file}: no such file")
     if not grid:
         raise UserError(f"nothing to sweep: give a comma list of values to one of "
                         f"{', '.join('--' + n for n in SWEPT)} (e.g. --learning_rate 2e-5,5e-5)")
@@ -197,9 +199,27 @@ def main(argv=None) -> int:
                     print(f"sweep stopped in {trial['name']}: run the same command again to continue", flush=True)
                 return code
             trial.update(ctx.run_on_main(lambda: _outcome(sweep_dir / trial["name"], trial)))
-        if ctx.is_main:
+        main_process = ctx.is_main
+        if main_process:
             _finish(sweep_dir, record, time.perf_counter() - started)
+    if main_process and test_file and record.get("best"):
+        return _test(sweep_dir, record, configs[0], test_file)
     return 0
+
+
+# the column flags of the training data, which the test file shares
+COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "label_separator", "label_columns", "quoting")
+
+
+def _test(sweep_dir: Path, record: dict, cfg, test_file: str) -> int:
+    """The chosen trial on the held-out test set, once, after the choice (evaluate.py's report)."""
+    from training import evaluate
+
+    print(f"\ntest set {test_file}: {record['best']}, chosen on the validation split alone (the test set played "
+          f"no part in the choice)", flush=True)
+    columns = [x for n in COLUMN_FLAGS if getattr(cfg, n) is not None for x in (f"--{n}", str(getattr(cfg, n)))]
+    return evaluate.main(["--checkpoint", str(sweep_dir / record["best"] / "best"), "--data", test_file,
+                          *columns, "--device", cfg.device, "--output", str(sweep_dir / "test.json")])
 
 
 if __name__ == "__main__":
