@@ -423,14 +423,19 @@ def test_a_finished_run_resumed_has_nothing_to_train_and_keeps_its_models(tmp_pa
     assert kept.name == "step-00000016"
     state = torch.load(kept / "training_state.pt", weights_only=False)
     assert state["finished"] and "optimizer" not in state and state["epochs_completed"] == 2
-    before, metrics = weights(run), (run / "metrics.jsonl").read_text()
+    kept_files = ("metrics.jsonl", "summary.json", "checkpoints/step-00000016/training_state.pt",
+                  "final/model.safetensors")
+    before = {f: (run / f).read_bytes() for f in kept_files}
     again = run_main("train_single.py", *common, "--resume", "auto")
     assert again.returncode == 0, again.stderr
-    assert "resuming at epoch 3, step 16" in again.stdout and "epoch 1/2" not in again.stdout
-    assert all(torch.equal(before[k], v) for k, v in weights(run).items())
-    assert (run / "metrics.jsonl").read_text() == metrics
+    assert f"{run} has finished: nothing left to train" in again.stdout and "epoch 1/2" not in again.stdout
+    assert {f: (run / f).read_bytes() for f in kept_files} == before  # nothing rewritten, not even the clock
     proc = run_main("train_single.py", *common, "--resume", run / "final")
     assert proc.returncode == 2 and "that is a model alone" in proc.stderr and f"--resume {run}" in proc.stderr
+    # a finish cut short before its summary: the resume writes it
+    (run / "summary.json").unlink()
+    assert run_main("train_single.py", *common, "--resume", "auto").returncode == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 2
 
 
 def test_best_is_linked_again_when_a_run_stopped_between_its_epochs_checkpoint_and_best(tmp_path, tiny_model_dir,

@@ -54,6 +54,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     _fsync_dir(tmp)
     if out_dir.exists():  # replace: move the old one aside first, so the swap is two renames
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)  # left by a process of the same pid that died deleting it
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
@@ -94,7 +95,7 @@ def link_checkpoint(out_dir: Path, source: Path) -> Path:
     hard links to its files, so the weights are on disk once (copies where the filesystem has no links)."""
     def fill(tmp: Path) -> None:
         for f in Path(source).iterdir():
-            if f.is_file() and f.name != TRAINING_STATE:
+            if f.is_file() and f.name != TRAINING_STATE and not f.name.startswith("."):  # no temporaries
                 try:
                     os.link(f, tmp / f.name)
                 except OSError:
@@ -202,8 +203,10 @@ class CheckpointWriter:
         self.newest = None  # (global step, path): the step checkpoint written last, or resumed from
 
     def adopt(self, path: Path, step: int) -> None:
-        """On resume: the checkpoint resumed from holds the weights of ``step``."""
-        self.newest = (step, Path(path))
+        """On resume: the checkpoint resumed from holds the weights of ``step`` (one of this run's step
+        checkpoints only: best/ and final/ are never linked to anything outside them, or to themselves)."""
+        if self.ctx.is_main and Path(path).parent.resolve() == (self.run_dir / STEP_DIR).resolve():
+            self.newest = (step, Path(path))
 
     def save_step(self, model, tokenizer, state: dict) -> Path:
         """A resumable checkpoint named by its step; only the newest ``keep`` stay."""
@@ -232,8 +235,7 @@ class CheckpointWriter:
         """A finished run has nothing left to resume: the older step checkpoints go, and the newest keeps
         its model (shared with final/) and a training state without the optimizer's, which is what
         ``--resume auto`` needs to say the run is complete."""
-        ours = self.newest and self.newest[1].parent.resolve() == (self.run_dir / STEP_DIR).resolve()
-        if self.ctx.is_main and ours and self.newest[0] == state["global_step"]:
+        if self.ctx.is_main and self.newest and self.newest[0] == state["global_step"]:
             for old in step_checkpoints(self.run_dir):
                 if old != self.newest[1]:
                     shutil.rmtree(old, ignore_errors=True)

@@ -70,7 +70,7 @@ def _locate(resume: str, checkpoint_dir: Path, run_name: Optional[str]) -> Resum
             raise UserError(f"--resume {resume}: {exc}") from None
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return ResumePoint(run_dir, path, notes)
-    if (path / "model.safetensors").is_file():
+    if path.name in ("final", "best") and (path / "model.safetensors").is_file():
         raise UserError(f"--resume {resume}: that is a model alone (final/ and best/ keep no training state): "
                         f"resume the run, --resume {path.parent}")
     found = _newest_valid(path, notes)

@@ -418,6 +418,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     hooks.model, hooks.tokenizer = model, tokenizer
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
                              train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
+    if saved and saved.get("finished") and (log.run_dir / "summary.json").is_file():
+        log.print(f"{log.run_dir} has finished: nothing left to train (its models: final/ and best/)")
+        return 0  # and nothing rewritten: a finished run resumed is left as it was
     if saved and state.loop.next_batch == 0 and state.tracker.best_epoch == len(state.loop.results):
         hooks.save("best")  # the epoch's best/ follows its checkpoint: a run stopped between them gets it here
     stop.arm()
