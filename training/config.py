@@ -297,7 +297,9 @@ def config_file_flags(path: str) -> list:
     for name, value in values.items():
         if name in NOT_FROM_FILE or value is None or value is False:
             continue
-        flags += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        if isinstance(value, (list, dict)):
+            raise UserError(f"--config {path}: {name} must be a single value, got {json.dumps(value)}")
+        flags += [f"--{name}"] if value is True else [f"--{name}={value}"]  # = : a value may start with -
     return flags
 
 

@@ -50,6 +50,8 @@ def split_args(argv: list) -> tuple:
                 raise UserError(f"argument --{name}: expected one argument (see --help)")
             if name in own:
                 own[name] = value
+            elif name == "config":
+                raise UserError("--config is not taken by the sweep: give the flags themselves")
             elif name in OWNED:
                 raise UserError(f"--{name} is the sweep's to set (each trial is SWEEP_DIR/trial-NNN): "
                                 f"give --sweep_dir instead")
@@ -85,10 +87,11 @@ def _plan(sweep_dir: Path, grid: dict, rest: list) -> dict:
     record = {"format": FORMAT, "grid": grid, "flags": rest,
               "trials": [{"name": f"trial-{i:03d}", "flags": v} for i, v in enumerate(trials(grid), 1)]}
     path = sweep_dir / "sweep.json"
-    if path.is_file():
+    started = path.is_file() and any((sweep_dir / t["name"] / "config.json").is_file() for t in record["trials"])
+    if started:  # a sweep that failed before its first trial began may be started again with other flags
         old = json.loads(path.read_text())
         if (old.get("grid"), old.get("flags")) != (grid, rest):
-            raise UserError(f"{sweep_dir} holds another sweep (grid {old.get('grid')}, flags "
+            raise UserError(f"{sweep_dir} holds another sweep ({path}: grid {old.get('grid')}, flags "
                             f"{' '.join(old.get('flags') or []) or 'none'}): give another --sweep_dir")
         record = old
     else:
@@ -110,6 +113,17 @@ def _outcome(run_dir: Path, trial: dict) -> dict:
     return {"status": "done", "metric": metric, "value": s[f"best_val_{metric}"], "best_epoch": s["best_epoch"],
             "epochs_run": s["epochs_run"], "time_s": s["total_time_s"], "checkpoint": str(run_dir / "best"),
             "learning_rate": config["learning_rate"], "epochs": config["epochs"]}
+
+
+def _release_memory() -> None:
+    """What a trial left behind (model, optimizer, graph pools) goes before the next one starts."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -159,6 +173,8 @@ def _finish(sweep_dir: Path, record: dict, wall_s: float) -> None:
     if order:
         print(f"best: {order[0]['name']} ({' '.join(f'--{k} {v}' for k, v in order[0]['flags'].items())}), "
               f"val {order[0]['metric']} {order[0]['value']:.4f}: {link} -> {order[0]['name']}/best")
+    else:
+        print("no trial finished (every one diverged): lower the learning rates")
     print(f"{record['wall_s']:.1f}s of sweeping in all")
 
 
@@ -169,7 +185,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     sweep_dir, test_file, grid, rest = split_args(argv)
-    if test_file is not None and not Path(test_file).is_file():
+    if test_file is not None and os.environ.get("RANK", "0") == "0" and not Path(test_file).is_file():
         raise UserError(f"--test_file {test_file}: no such file")
     if not grid:
         raise UserError(f"nothing to sweep: give a comma list of values to one of "
@@ -193,12 +209,17 @@ def main(argv=None) -> int:
                 trial["status"] = "diverged"
                 if ctx.is_main:
                     print(f"{trial['name']} diverged: {exc}", flush=True)
+                    _write_json(sweep_dir / "sweep.json", record)  # kept, should the sweep stop before its end
                 continue
+            finally:
+                _release_memory()
             if code != 0:  # stopped by a signal: the trial has its checkpoint; the same command continues
                 if ctx.is_main:
                     print(f"sweep stopped in {trial['name']}: run the same command again to continue", flush=True)
                 return code
             trial.update(ctx.run_on_main(lambda: _outcome(sweep_dir / trial["name"], trial)))
+            if ctx.is_main:
+                _write_json(sweep_dir / "sweep.json", record)
         main_process = ctx.is_main
         if main_process:
             _finish(sweep_dir, record, time.perf_counter() - started)
