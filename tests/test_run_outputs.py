@@ -76,7 +76,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, tiny_m
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "ck" / "es" / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["stopped_early"] is True and summary["best_epoch"] == 1
-    assert "early stopping" in proc.stdout and "(stopped early)" in proc.stdout
+    assert "early stopping" in proc.stdout and "(stopped early: patience)" in proc.stdout
     epochs = [json.loads(x) for x in (tmp_path / "ck" / "es" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]

@@ -1,6 +1,8 @@
-"""training/sweep.py through its command line: a grid over one prepared data set, resumed, under DDP,
-and a trial re-run from its own config.json (--config)."""
+"""training/sweep.py through its command line: a grid over one prepared data set, a sampled search that
+prunes, trials side by side (--parallel_trials), resumed, under DDP, and a trial re-run from its own
+config.json (--config)."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,10 @@ def _data(d: Path) -> list:
 
 def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
+
+
+def _epochs(run: Path) -> list:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +133,16 @@ def test_bad_sweep_flags_are_one_line_errors(tmp_path):
              ("--learning_rate", "1e-5,1e-5"): "give distinct values",
              ("--learning_rate", "1e-5,2e-5", "--run_name", "x"): "--run_name is the sweep's to set",
              ("--epochs", "1,x"): "invalid int value: 'x'",
-             ("--epochs", "1,2", "--test_file", tmp_path / "none.csv"): "--test_file"}
+             ("--epochs", "1,2", "--test_file", tmp_path / "none.csv"): "--test_file",
+             ("--learning_rate", "1e-5:1e-3"): "is a range: say how many trials to sample",
+             ("--learning_rate", "1e-3:1e-5", "--trials", "4"): "a range needs LOW < HIGH",
+             ("--learning_rate", "0:1e-3:log", "--trials", "4"): "LOW > 0 on a log scale",
+             ("--epochs", "1:x", "--trials", "4"): "invalid int bound",
+             ("--learning_rate", "1e-5:1e-3:lin", "--trials", "4"): "LOW:HIGH or LOW:HIGH:log",
+             ("--learning_rate", "1e-5,2e-5", "--trials", "0"): "--trials 0: give a whole number",
+             ("--learning_rate", "1e-5,2e-5", "--pruner", "top"): "--pruner top: choose from median, none",
+             ("--learning_rate", "1e-5,2e-5", "--parallel_trials", "x"): "--parallel_trials x",
+             ("--learning_rate", "-1:1e-3", "--trials", "2"): "--learning_rate"}
     for args, expected in cases.items():
         proc = run_script("sweep.py", *args, "--sweep_dir", tmp_path / "sw")
         assert proc.returncode == 2 and expected in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
@@ -138,7 +153,7 @@ def test_under_two_gloo_processes_both_ranks_run_the_same_trials(tiny_model_dir,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "training" / "sweep.py"),
            *on_cpu("sweep.py", ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 1,
-                                "--learning_rate", "1e-4,1e-3", "--sweep_dir", tmp_path / "sw"])]
+                                "--learning_rate", "1e-4:1e-2:log", "--trials", 2, "--sweep_dir", tmp_path / "sw"])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
@@ -150,3 +165,67 @@ def test_under_two_gloo_processes_both_ranks_run_the_same_trials(tiny_model_dir,
                  .splitlines() if '"epoch"' in x][-1]
         assert epoch["val_examples"] == 80  # both ranks evaluated, every example counted once
     assert proc.stdout.count("sweep of 2 trial(s)") == 1  # rank 0 alone reports
+    # rank 0 sampled each learning rate and both ranks trained with it: one run, one config per trial
+    rates = [float(t["flags"]["learning_rate"]) for t in record["trials"]]
+    assert all(1e-4 <= r <= 1e-2 for r in rates) and rates[0] != rates[1]
+    assert [json.loads((tmp_path / "sw" / t["name"] / "config.json").read_text())["config"]["learning_rate"]
+            for t in record["trials"]] == rates
+
+
+def test_a_sampled_search_prunes_the_poor_trials(tiny_model_dir, tmp_path):
+    # by the validation loss (lower is better: the study's values are signed), which has no ties
+    args = ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 3, "--learning_rate", "1e-5:1e-2:log",
+            "--seed", 1, "--metric_for_best", "loss", "--sweep_dir", tmp_path / "sw"]
+    proc = run_script("sweep.py", *args, "--trials", 8)
+    assert proc.returncode == 0, proc.stderr
+    sw = tmp_path / "sw"
+    record = json.loads((sw / "sweep.json").read_text())
+    assert record["search"].startswith("sampled") and record["pruner"] == "median"
+    assert [t["name"] for t in record["trials"]] == [f"trial-{i:03d}" for i in range(1, 9)]
+    rates = [float(t["flags"]["learning_rate"]) for t in record["trials"]]
+    assert all(1e-5 <= r <= 1e-2 for r in rates) and len(set(rates)) == 8
+    pruned = [t for t in record["trials"] if t["status"] == "pruned"]
+    assert pruned, [(t["flags"], t["value"], t["status"]) for t in record["trials"]]
+    for t in pruned:  # stopped before its last epoch, worse than the median of the trials finished before it
+        run = sw / t["name"]
+        summary = _summary(run)
+        assert summary["stopped_early"] and summary["stop_reason"].startswith("pruned by the sweep")
+        assert t["epochs_run"] == summary["epochs_run"] == len(_epochs(run)) < 3 and (run / "final").is_dir()
+        epoch = t["epochs_run"]
+        earlier = [_epochs(sw / u["name"])[epoch - 1]["val_loss"]
+                   for u in record["trials"][:int(t["name"][-3:]) - 1] if u["status"] == "done"]
+        assert len(earlier) >= 3 and min(e["val_loss"] for e in _epochs(run)) > statistics.median(earlier), \
+            (t, earlier)
+    best = next(t for t in record["trials"] if t["name"] == record["best"])
+    assert best["status"] == "done" and best["epochs_run"] == 3
+    assert best["value"] == min(t["value"] for t in record["trials"] if t["status"] == "done")
+    assert best["value"] < 0.68  # it learned: a guess is ln 2 = 0.693
+    assert "pruned" in proc.stdout[proc.stdout.index("sweep of 8 trial(s)"):]
+    # a larger --trials goes on with the same study: the finished trials are kept as they are
+    before = {t["name"]: (sw / t["name"] / "summary.json").read_text() for t in record["trials"]}
+    more = run_script("sweep.py", *args, "--trials", 10)
+    assert more.returncode == 0, more.stderr
+    assert more.stdout.count("\n== trial-") == 2 and "== trial-009 of 10" in more.stdout
+    again = json.loads((sw / "sweep.json").read_text())
+    assert len(again["trials"]) == 10 and all((sw / n / "summary.json").read_text() == v for n, v in before.items())
+
+
+def test_parallel_trials_share_the_grid_and_match_trials_run_one_by_one(grid, tiny_model_dir, tmp_path):
+    """The grid fixture's trials again, two at a time in two worker processes on the CPU."""
+    proc = run_script("sweep.py", "--model", tiny_model_dir, *_data(tmp_path), "--epochs", 3, "--seed", 1,
+                      "--learning_rate", "1e-5,1e-4,1e-3,3e-3", "--parallel_trials", 2, "--sweep_dir", tmp_path / "sw")
+    assert proc.returncode == 0, proc.stderr
+    sw = tmp_path / "sw"
+    record, alone = (json.loads((d / "sweep.json").read_text()) for d in (sw, grid / "sw"))
+    assert {t["worker"] for t in record["trials"]} == {"0", "1"}  # both workers took trials
+    for t, u in zip(record["trials"], alone["trials"]):
+        assert (t["name"], t["flags"], t["status"]) == (u["name"], u["flags"], "done")
+        assert len(_epochs(sw / t["name"])) == 3  # each trial trained once, by one worker
+        a, b = _summary(sw / t["name"]), _summary(grid / "sw" / u["name"])
+        assert a["best_val_accuracy"] == b["best_val_accuracy"]
+        assert abs(a["best_val_loss"] - b["best_val_loss"]) < 1e-5 * b["best_val_loss"]
+    assert record["best"] == alone["best"] and (sw / "best" / "model.safetensors").is_file()
+    assert proc.stdout.count("data: ") == 1  # tokenized once, by the parent, before the workers start
+    for k in (0, 1):
+        assert f"worker {k} on cpu: log {sw / f'worker-{k}.log'}" in proc.stdout
+        assert "== trial-" in (sw / f"worker-{k}.log").read_text()

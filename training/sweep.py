@@ -1,24 +1,35 @@
-"""Find the recipe: train one grid of hyperparameters over the same prepared data, and rank the trials.
+"""Find the recipe: many trainings over one prepared data set, searched by grid or by Optuna, and ranked.
 
     python training/sweep.py --learning_rate 2e-5,5e-5,1e-4 --epochs 3,5 --sweep_dir sweeps/lr
+    python training/sweep.py --learning_rate 1e-5:2e-4:log --epochs 3,5 --trials 12 --sweep_dir sweeps/tpe
+    python training/sweep.py --learning_rate 2e-5,5e-5,1e-4,2e-4 --parallel_trials 4 --sweep_dir sweeps/4gpu
     torchrun --standalone --nproc_per_node=8 training/sweep.py --learning_rate 2e-5,5e-5 --sweep_dir sweeps/lr
 
-Every training flag is taken as train_single.py takes it; a comma list of values for --learning_rate,
---epochs, --batch_size, --warmup_ratio, --weight_decay or --seed makes it a dimension of the grid. Each
-trial is an ordinary run directory, SWEEP_DIR/trial-NNN, trained in this process one after another: the
-data is tokenized once (the cache under SWEEP_DIR/cache) and the imports and the process group are paid
-once. The same command again continues an interrupted sweep: finished trials are read back, an
-interrupted one resumes at its exact next batch. At the end: a table sorted by the validation metric
-(--metric_for_best, else the task's default), SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png
-(the metric against the learning rate, one colour per epochs value) and SWEEP_DIR/best, a link to the
-winning trial's best/ checkpoint. --test_file FILE then evaluates that checkpoint on a held-out test
-set, once (SWEEP_DIR/test.json). Under torchrun every rank runs the same trials, as rank 0 decides them.
+Every training flag is taken as train_single.py takes it. --learning_rate, --epochs, --batch_size,
+--warmup_ratio, --weight_decay and --seed may be searched: a comma list of values, or a range LOW:HIGH
+(LOW:HIGH:log on a log scale). Lists alone make a grid of every combination; a range, or --trials N,
+makes Optuna's TPE sampler propose N trials. --pruner median (the default of a sampled search; a grid
+trains every combination to its end unless given it) stops a trial at an epoch's end when it is worse
+than the median of the finished trials at that epoch; --pruner none never does.
+
+Each trial is an ordinary run directory, SWEEP_DIR/trial-NNN. The data is tokenized once (the cache
+under SWEEP_DIR/cache), and the imports and the process group are paid once: trials run one after
+another in this process, or, with --parallel_trials N, in N worker processes side by side, one per
+GPU (or sharing the CPU's cores). Under torchrun every rank runs the same trials, as rank 0 decides
+them. The same command again continues an interrupted sweep: finished trials are kept, an interrupted
+one resumes at its exact next batch, and a sampled search may be given a larger --trials.
+
+At the end: a table sorted by the validation metric (--metric_for_best, else the task's default),
+SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png (the metric against the learning rate, one
+colour per epochs value) and SWEEP_DIR/best, a link to the winning trial's best/ checkpoint.
+--test_file FILE then evaluates that checkpoint on a held-out test set, once (SWEEP_DIR/test.json).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,17 +37,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from training.config import parse_config  # noqa: E402
+from training.search import SWEPT, Dimension, Space  # noqa: E402
 from training.utils import UserError  # noqa: E402
 
-SWEPT = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
+OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, "parallel_trials": None}
 OWNED = ("checkpoint_dir", "run_name", "resume", "config")  # the sweep decides where each trial writes
-LOWER_IS_BETTER = ("loss", "mse", "mae")
-FORMAT = 1  # of sweep.json
+WORKER_ENV = "SWEEP_WORKER"  # set by --parallel_trials on the worker processes it starts: their number
+FORMAT = 2  # of sweep.json
+PRUNED = "pruned by the sweep: worse than the median of the finished trials at this epoch"
 
 
 def split_args(argv: list) -> tuple:
-    """(sweep directory, test file or None, the grid {flag: [values as given]}, the other training flags)."""
-    own, grid, rest = {"sweep_dir": "sweep", "test_file": None}, {}, []
+    """(the sweep's own flags, {flag: Dimension}, the other training flags)."""
+    own, dims, rest = dict(OWN), {}, []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -56,63 +69,48 @@ def split_args(argv: list) -> tuple:
                 raise UserError(f"--{name} is the sweep's to set (each trial is SWEEP_DIR/trial-NNN): "
                                 f"give --sweep_dir instead")
             else:
-                values = [v.strip() for v in value.split(",")]
-                if "" in values or len(set(values)) != len(values):
-                    raise UserError(f"--{name} {value}: give distinct values separated by commas")
-                if len(values) > 1:
-                    grid[name] = values
+                dim = Dimension.parse(name, value)
+                if isinstance(dim, Dimension):
+                    dims[name] = dim
                 else:  # one value: an ordinary flag of every trial
-                    rest += [f"--{name}", values[0]]
+                    rest += [f"--{name}", dim]
         else:
             rest.append(arg)
         i += 1
-    return Path(own["sweep_dir"]), own["test_file"], grid, rest
+    return own, dims, rest
 
 
-def trials(grid: dict) -> list:
-    """Every combination, as {flag: value}, the first flag varying slowest."""
-    names = [n for n in SWEPT if n in grid]
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-
-
-def trial_argv(sweep_dir: Path, index: int, values: dict, rest: list) -> list:
+def trial_argv(sweep_dir: Path, name: str, flags: dict, rest: list) -> list:
     cache = [] if any(a == "--cache_dir" or a.startswith("--cache_dir=") for a in rest) else \
         ["--cache_dir", str(sweep_dir / "cache")]  # one tokenization for every trial
-    return [*rest, *(x for n, v in values.items() for x in (f"--{n}", v)), *cache,
-            "--checkpoint_dir", str(sweep_dir), "--run_name", f"trial-{index:03d}", "--resume", "auto"]
+    return [*rest, *(x for n, v in flags.items() for x in (f"--{n}", v)), *cache,
+            "--checkpoint_dir", str(sweep_dir), "--run_name", name, "--resume", "auto"]
 
 
-def _plan(sweep_dir: Path, grid: dict, rest: list) -> dict:
-    """Rank 0: the sweep's record, new or (the same command again) the one on disk; which trials are done."""
-    record = {"format": FORMAT, "grid": grid, "flags": rest,
-              "trials": [{"name": f"trial-{i:03d}", "flags": v} for i, v in enumerate(trials(grid), 1)]}
-    path = sweep_dir / "sweep.json"
-    started = path.is_file() and any((sweep_dir / t["name"] / "config.json").is_file() for t in record["trials"])
-    if started:  # a sweep that failed before its first trial began may be started again with other flags
-        old = json.loads(path.read_text())
-        if (old.get("grid"), old.get("flags")) != (grid, rest):
-            raise UserError(f"{sweep_dir} holds another sweep ({path}: grid {old.get('grid')}, flags "
-                            f"{' '.join(old.get('flags') or []) or 'none'}): give another --sweep_dir")
-        record = old
+def _check(sweep_dir: Path, space: Space, rest: list):
+    """Every trial's flags are valid before anything starts: each grid combination, or each range's ends.
+    Returns the first trial's config (what every trial shares: the device, the columns)."""
+    if space.grid:
+        plans = space.combinations()
     else:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(path, record)
-    for trial in record["trials"]:
-        trial.update(_outcome(sweep_dir / trial["name"], trial))
-    return record
+        first = {d.name: d.extremes()[0] for d in space.dimensions}
+        plans = [first] + [{**first, d.name: v} for d in space.dimensions for v in d.extremes()]
+    return [parse_config(trial_argv(sweep_dir, "trial-000", p, rest)) for p in plans][0]
 
 
-def _outcome(run_dir: Path, trial: dict) -> dict:
-    """What a trial's run directory says about it: its summary once it has finished."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return {"status": trial.get("status") if trial.get("status") == "diverged" else "to do"}
-    s = json.loads(summary.read_text())
+def _outcome(run_dir: Path) -> dict:
+    """What a finished trial's run directory says about it (its summary and its config)."""
+    s = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())["config"]
     metric = s["metric_for_best"]
-    return {"status": "done", "metric": metric, "value": s[f"best_val_{metric}"], "best_epoch": s["best_epoch"],
-            "epochs_run": s["epochs_run"], "time_s": s["total_time_s"], "checkpoint": str(run_dir / "best"),
+    return {"metric": metric, "value": s[f"best_val_{metric}"], "higher_is_better": s.get("higher_is_better", True),
+            "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"], "time_s": s["total_time_s"],
+            "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(run_dir / "best"),
             "learning_rate": config["learning_rate"], "epochs": config["epochs"]}
+
+
+def _signed(outcome: dict) -> float:
+    return outcome["value"] if outcome["higher_is_better"] else -outcome["value"]
 
 
 def _release_memory() -> None:
@@ -132,50 +130,134 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def ranked(record: dict) -> list:
-    done = [t for t in record["trials"] if t["status"] == "done"]
-    if not done:
-        return []
-    sign = -1 if done[0]["metric"] in LOWER_IS_BETTER else 1
-    return sorted(done, key=lambda t: (t["value"] != t["value"], -sign * t["value"] if t["value"] == t["value"]
+class Sweep:
+    """The sweep on its main process (the one process, rank 0, or a parallel worker): its study, and the
+    record it writes after each trial."""
+
+    def __init__(self, sweep_dir: Path, space: Space, rest: list, *, first: bool):
+        from training.search import Study
+
+        if sweep_dir.exists() and not sweep_dir.is_dir():
+            raise UserError(f"--sweep_dir {sweep_dir} is a file, not a directory")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.dir, self.space, self.rest, self.lock = sweep_dir, space, rest, None
+        if first:  # one launch at a time: a second one on a live sweep is refused at once
+            from training.trainer import RunLock
+
+            self.lock = RunLock(sweep_dir)
+        self.study = Study(sweep_dir, space, rest, int(os.environ.get(WORKER_ENV, 0)))
+        if first:
+            self.study.begin()
+
+    def record(self) -> dict:
+        trials = self.study.trials()
+        for t in trials:
+            if t["status"] in ("done", "pruned"):
+                t.update(_outcome(self.dir / t["name"]))
+        return {"format": FORMAT, **self.space.record(), "trials_asked": self.space.trials, "flags": self.rest,
+                "trials": trials}
+
+    def tell(self, job: dict, diverged: bool = False) -> None:
+        """A trial has ended: the study learns how (from its run directory), and sweep.json is rewritten."""
+        if diverged:
+            self.study.tell(job["number"], "diverged")
+        else:
+            outcome = _outcome(self.dir / job["name"])
+            self.study.tell(job["number"], "pruned" if outcome["pruned"] else "done", _signed(outcome))
+        _write_json(self.dir / "sweep.json", self.record())
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def ranked(record: dict, status: str = "done") -> list:
+    done = [t for t in record["trials"] if t["status"] == status]
+    return sorted(done, key=lambda t: (t["value"] != t["value"], -_signed(t) if t["value"] == t["value"]
                                        else 0))  # NaN last
 
 
 def table(record: dict) -> str:
-    order = ranked(record) + [t for t in record["trials"] if t["status"] != "done"]
-    names = [n for n in SWEPT if n in record["grid"]]
-    metric = next((t["metric"] for t in order if t["status"] == "done"), "metric")
-    rows = [("trial", *names, f"val {metric}", "best epoch", "epochs run", "time")]
+    order = ranked(record) + ranked(record, "pruned") + [t for t in record["trials"]
+                                                         if t["status"] not in ("done", "pruned")]
+    names = list(record["space"])
+    finished = [t for t in order if t["status"] in ("done", "pruned")]
+    metric = finished[0]["metric"] if finished else "metric"
+    rows = [("trial", *names, f"val {metric}", "best epoch", "epochs run", "time", "")]
     for t in order:
-        done = t["status"] == "done"
-        rows.append((t["name"], *(t["flags"][n] for n in names),
-                     f"{t['value']:.4f}" if done else t["status"], str(t["best_epoch"]) if done else "",
-                     str(t["epochs_run"]) if done else "", f"{t['time_s']:.1f}s" if done else ""))
+        ran = t["status"] in ("done", "pruned")
+        rows.append((t["name"], *(str(t["flags"].get(n, "")) for n in names),
+                     f"{t['value']:.4f}" if ran else t["status"], str(t["best_epoch"]) if ran else "",
+                     str(t["epochs_run"]) if ran else "", f"{t['time_s']:.1f}s" if ran else "",
+                     "pruned" if t["status"] == "pruned" else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _finish(sweep_dir: Path, record: dict, wall_s: float) -> None:
-    """Rank 0: sweep.json, the best link and the table."""
+def _flags_text(flags: dict) -> str:
+    return " ".join(f"--{k} {v}" for k, v in flags.items())
+
+
+def _finish(sweep: Sweep, wall_s: float) -> dict:
+    """The main process, once every trial has run: sweep.json, the best link, the plot and the table."""
+    record = sweep.record()
     order = ranked(record)
     record["best"] = order[0]["name"] if order else None
-    record["wall_s"] = round(record.get("wall_s", 0) + wall_s, 1)  # every launch of the sweep, added up
-    _write_json(sweep_dir / "sweep.json", record)
-    link = sweep_dir / "best"
+    record["wall_s"] = round(sweep.study.user_attr("wall_s", 0.0) + wall_s, 1)  # every launch, added up
+    sweep.study.set_user_attr("wall_s", record["wall_s"])
+    record["tested"] = sweep.study.user_attr("tested")
+    _write_json(sweep.dir / "sweep.json", record)
+    link = sweep.dir / "best"
     if order:
-        tmp = sweep_dir / f".best.tmp{os.getpid()}"
+        tmp = sweep.dir / f".best.tmp{os.getpid()}"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(Path(order[0]["name"]) / "best", target_is_directory=True)  # relative: the sweep may move
         os.replace(tmp, link)
         from training.plot import plot_sweep
-        plot_sweep(order, order[0]["metric"], sweep_dir / "sweep.png")
-    print(f"\nsweep of {len(record['trials'])} trial(s) in {sweep_dir}\n{table(record)}")
+        plot_sweep(order + ranked(record, "pruned"), order[0]["metric"], sweep.dir / "sweep.png")
+    print(f"\nsweep of {len(record['trials'])} trial(s) in {sweep.dir}\n{table(record)}")
     if order:
-        print(f"best: {order[0]['name']} ({' '.join(f'--{k} {v}' for k, v in order[0]['flags'].items())}), "
-              f"val {order[0]['metric']} {order[0]['value']:.4f}: {link} -> {order[0]['name']}/best")
+        print(f"best: {order[0]['name']} ({_flags_text(order[0]['flags'])}), val {order[0]['metric']} "
+              f"{order[0]['value']:.4f}: {link} -> {order[0]['name']}/best")
     else:
-        print("no trial finished (every one diverged): lower the learning rates")
+        print("no trial finished (every one diverged or was stopped): lower the learning rates")
     print(f"{record['wall_s']:.1f}s of sweeping in all")
+    return record
+
+
+def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
+    """Take trials from the study until none is left; 0, or the exit code of a trial stopped by a signal.
+    ``sweep`` is the main process's (None on the other ranks, which are told each trial by rank 0)."""
+    from training import trainer
+
+    worker = os.environ.get(WORKER_ENV)
+    while True:
+        job = ctx.run_on_main(lambda: sweep.study.next_trial(worker))
+        if job is None:
+            return 0
+        cfg = parse_config(trial_argv(sweep_dir, job["name"], job["flags"], rest))
+        if ctx.is_main:
+            print(f"\n== {job['name']}{'' if sweep.space.grid else f' of {sweep.space.trials}'}: "
+                  f"{_flags_text(job['flags'])}", flush=True)
+
+        def judge(epoch: int, value: float, last: int = cfg.epochs) -> str | None:
+            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], epoch, value))
+            return PRUNED if prune and epoch < last else None  # the last epoch has nothing left to save
+
+        try:
+            code = trainer.run(cfg, ctx, time.perf_counter(), judge=judge)
+        except trainer.Diverged as exc:  # a learning rate too high for the model: an outcome, not an error
+            if ctx.is_main:
+                print(f"{job['name']} diverged: {exc}", flush=True)
+            ctx.run_on_main(lambda: sweep.tell(job, diverged=True))
+            continue
+        finally:
+            _release_memory()
+        if code != 0:  # stopped by a signal: the trial has its checkpoint; the same command continues it
+            if ctx.is_main:
+                print(f"sweep stopped in {job['name']}: run the same command again to continue", flush=True)
+            return code
+        ctx.run_on_main(lambda: sweep.tell(job))
 
 
 def main(argv=None) -> int:
@@ -184,63 +266,145 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
-    sweep_dir, test_file, grid, rest = split_args(argv)
-    if test_file is not None and os.environ.get("RANK", "0") == "0" and not Path(test_file).is_file():
-        raise UserError(f"--test_file {test_file}: no such file")
-    if not grid:
-        raise UserError(f"nothing to sweep: give a comma list of values to one of "
-                        f"{', '.join('--' + n for n in SWEPT)} (e.g. --learning_rate 2e-5,5e-5)")
-    plan = trials(grid)
-    configs = [parse_config(trial_argv(sweep_dir, i, v, rest)) for i, v in enumerate(plan, 1)]  # all valid first
-    from training import trainer
+    own, dims, rest = split_args(argv)
+    sweep_dir, test_file, workers = Path(own["sweep_dir"]), own["test_file"], own["parallel_trials"]
+    space = Space.from_flags(dims, own["trials"], own["pruner"])
     from training.distributed import launched_by_torchrun, process_context
 
-    with process_context(configs[0].device, launched_by_torchrun()) as ctx:
-        record = ctx.run_on_main(lambda: _plan(sweep_dir, grid, rest))
-        for cfg, trial in zip(configs, record["trials"]):
-            if trial["status"] != "to do":
-                continue
-            if ctx.is_main:
-                print(f"\n== {trial['name']} of {len(configs)}: "
-                      f"{' '.join(f'--{k} {v}' for k, v in trial['flags'].items())}", flush=True)
-            try:
-                code = trainer.run(cfg, ctx, time.perf_counter())
-            except trainer.Diverged as exc:  # a learning rate too high for the model: an outcome, not an error
-                trial["status"] = "diverged"
-                if ctx.is_main:
-                    print(f"{trial['name']} diverged: {exc}", flush=True)
-                    _write_json(sweep_dir / "sweep.json", record)  # kept, should the sweep stop before its end
-                continue
-            finally:
-                _release_memory()
-            if code != 0:  # stopped by a signal: the trial has its checkpoint; the same command continues
-                if ctx.is_main:
-                    print(f"sweep stopped in {trial['name']}: run the same command again to continue", flush=True)
+    if workers is not None:
+        if not workers.isdigit() or int(workers) < 1:
+            raise UserError(f"--parallel_trials {workers}: give a number of worker processes, 1 or more")
+        if launched_by_torchrun():
+            raise UserError("--parallel_trials runs single-process trials side by side: start it with python, "
+                            "not torchrun")
+    worker = os.environ.get(WORKER_ENV) is not None
+    if test_file is not None and os.environ.get("RANK", "0") == "0" and not Path(test_file).is_file():
+        raise UserError(f"--test_file {test_file}: no such file")
+    cfg = _check(sweep_dir, space, rest)
+    if workers is not None and int(workers) > 1 and not worker:
+        return _parallel(int(workers), argv, sweep_dir, space, rest, cfg, test_file, started)
+
+    holder = []
+    try:
+        with process_context(cfg.device, launched_by_torchrun()) as ctx:
+            ctx.run_on_main(lambda: holder.append(Sweep(sweep_dir, space, rest, first=not worker)))
+            code = run_trials(holder[0] if holder else None, ctx, sweep_dir, rest)
+            if code != 0 or worker or not ctx.is_main:
                 return code
-            trial.update(ctx.run_on_main(lambda: _outcome(sweep_dir / trial["name"], trial)))
-            if ctx.is_main:
-                _write_json(sweep_dir / "sweep.json", record)
-        main_process = ctx.is_main
-        if main_process:
-            _finish(sweep_dir, record, time.perf_counter() - started)
-    if main_process and test_file and record.get("best"):
-        return _test(sweep_dir, record, configs[0], test_file)
-    return 0
+            record = _finish(holder[0], time.perf_counter() - started)
+        # the test set after the process group has gone: rank 0 alone reads it
+        return _test(holder[0], record, cfg, test_file) if test_file and record["best"] else 0
+    finally:
+        if holder:
+            holder[0].close()
+
+
+def _devices(cfg, workers: int) -> list:
+    """One environment per worker: its GPU (CUDA_VISIBLE_DEVICES), or its share of the CPU's threads."""
+    import torch
+
+    if cfg.device == "mps" or (cfg.device == "auto" and not torch.cuda.is_available()
+                               and torch.backends.mps.is_available()):
+        raise UserError("--parallel_trials runs one trial per CUDA GPU, or on the CPU (--device cpu); "
+                        "an Apple GPU runs one trial at a time")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        return [{"OMP_NUM_THREADS": threads, "device": "cpu"} for _ in range(workers)]
+    if cfg.device.startswith("cuda:"):
+        raise UserError(f"--parallel_trials gives each worker its own GPU: leave --device {cfg.device} out")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if workers > len(gpus):
+        raise UserError(f"--parallel_trials {workers}: this machine shows {len(gpus)} CUDA GPU(s); run at most "
+                        f"one trial per GPU")
+    return [{"CUDA_VISIBLE_DEVICES": g, "device": f"GPU {g}"} for g in gpus[:workers]]
+
+
+def _parallel(workers: int, argv: list, sweep_dir: Path, space: Space, rest: list, cfg, test_file,
+              started: float) -> int:
+    """The parent of --parallel_trials: it holds the sweep, starts the workers, reports their trials as
+    they end, and writes the result once they have all stopped."""
+    envs = _devices(cfg, workers)
+    sweep = Sweep(sweep_dir, space, rest, first=True)
+    from training.trainer import prepare
+
+    prepare(parse_config(trial_argv(sweep_dir, "trial-000", {}, rest)))  # tokenized once, before the workers
+    own = [i for i, a in enumerate(argv) if a == "--parallel_trials" or a.startswith("--parallel_trials=")]
+    child_argv = [a for i, a in enumerate(argv) if i not in own and not (i - 1 in own and "=" not in argv[i - 1])]
+    procs, logs = [], []
+    stopping = []
+
+    def forward(signum, frame):  # SIGTERM to the parent stops every worker's trial with a checkpoint
+        stopping.append(signum)
+        for p in procs:
+            if p.poll() is None and signum == signal.SIGTERM:
+                p.send_signal(signal.SIGTERM)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}  # Ctrl-C reaches all
+    try:
+        for k, env in enumerate(envs):
+            log = sweep_dir / f"worker-{k}.log"
+            logs.append(log)
+            child_env = {**os.environ, WORKER_ENV: str(k), **{n: v for n, v in env.items() if n != "device"}}
+            with open(log, "a") as out:
+                procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child_argv],
+                                              stdout=out, stderr=subprocess.STDOUT, env=child_env))
+            print(f"worker {k} on {env['device']}: log {log}", flush=True)
+        seen = {}
+        while True:
+            running = any(p.poll() is None for p in procs)
+            for t in sweep.study.trials():  # each trial's start and end, as the workers report them
+                if seen.get(t["name"]) != t["status"] and t["status"] != "to do":
+                    seen[t["name"]] = t["status"]
+                    where = f" on worker {t['worker']}" if t["status"] == "running" else ""
+                    if t["status"] in ("done", "pruned"):
+                        outcome = _outcome(sweep_dir / t["name"])
+                        where = f" (val {outcome['metric']} {outcome['value']:.4f})"
+                    print(f"{t['name']} {t['status']}{where}: {_flags_text(t['flags'])}", flush=True)
+            if not running:
+                break
+            time.sleep(1)
+        codes = [p.returncode for p in procs]
+        if any(c != 0 for c in codes):
+            failed = [(k, c) for k, c in enumerate(codes) if c not in (0, 130, 143)]
+            for k, c in failed:
+                lines = logs[k].read_text(errors="replace").strip().splitlines() or ["(no output)"]
+                print(f"error: worker {k} exited with code {c}: {lines[-1]} (see {logs[k]})", file=sys.stderr)
+            if not failed or stopping:
+                print("sweep stopped: run the same command again to continue", flush=True)
+                return 128 + (stopping[0] if stopping else signal.SIGTERM)
+            return 2 if all(c == 2 for _, c in failed) else 1
+        record = _finish(sweep, time.perf_counter() - started)
+        return _test(sweep, record, cfg, test_file) if test_file and record["best"] else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for p in procs:
+            if p.poll() is None:  # the parent failed: its workers do not go on alone
+                p.terminate()
+                p.wait()
+        sweep.close()
 
 
 # the column flags of the training data, which the test file shares
 COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "label_separator", "label_columns", "quoting")
 
 
-def _test(sweep_dir: Path, record: dict, cfg, test_file: str) -> int:
+def _test(sweep: Sweep, record: dict, cfg, test_file: str) -> int:
     """The chosen trial on the held-out test set, once, after the choice (evaluate.py's report)."""
     from training import evaluate
 
+    if record["tested"] == record["best"] and (sweep.dir / "test.json").is_file():
+        print(f"\ntest set: {record['best']} was tested already ({sweep.dir / 'test.json'}); the test set is "
+              f"looked at once for each choice")
+        return 0
     print(f"\ntest set {test_file}: {record['best']}, chosen on the validation split alone (the test set played "
           f"no part in the choice)", flush=True)
     columns = [x for n in COLUMN_FLAGS if getattr(cfg, n) is not None for x in (f"--{n}", str(getattr(cfg, n)))]
-    return evaluate.main(["--checkpoint", str(sweep_dir / record["best"] / "best"), "--data", test_file,
-                          *columns, "--device", cfg.device, "--output", str(sweep_dir / "test.json")])
+    code = evaluate.main(["--checkpoint", str(sweep.dir / record["best"] / "best"), "--data", test_file,
+                          *columns, "--device", cfg.device, "--output", str(sweep.dir / "test.json")])
+    if code == 0:
+        sweep.study.set_user_attr("tested", record["best"])
+    return code
 
 
 if __name__ == "__main__":

@@ -147,14 +147,19 @@ class BestTracker:
                             f"(choose from: {', '.join(task.best_metrics)})")
         self.metric, self.sign, self.patience, self.log = metric, task.best_metrics[metric], patience, log
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
+        self.stop_reason = None  # why it stopped early: "patience", or what a sweep's judge said
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "stop_reason": self.stop_reason}
 
     def load_state_dict(self, saved: dict) -> None:
         self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
         self.stopped_early = saved.get("stopped_early", False)
+        self.stop_reason = saved.get("stop_reason", "patience" if self.stopped_early else None)
+
+    def stop(self, reason: str) -> None:
+        self.stopped_early, self.stop_reason = True, reason
 
     def improved(self, validation: dict, epoch: int) -> bool:
         value = validation[self.metric]
@@ -168,7 +173,7 @@ class BestTracker:
 
     def should_stop(self) -> bool:
         if self.patience and self.stale >= self.patience:
-            self.stopped_early = True
+            self.stop("patience")
             self.log.print(f"early stopping: no better val {self.metric} than {self.best:.4f} (epoch "
                            f"{self.best_epoch}) for {self.stale} epoch(s)")
         return self.stopped_early
@@ -216,6 +221,7 @@ class CheckpointHooks(engine.Hooks):
     def __init__(self, cfg: TrainConfig, ctx: ProcessContext, state: RunState, writer, stop: StopSignal, log):
         self.cfg, self.ctx, self.state, self.writer, self.stop, self.log = cfg, ctx, state, writer, stop, log
         self.model, self.tokenizer = None, None  # set by the trainer before fit
+        self.judge = None  # a sweep's pruner: (epoch, signed metric) -> why to stop, or None; same on all ranks
 
     @property
     def excluded_s(self) -> float:
@@ -253,13 +259,21 @@ class CheckpointHooks(engine.Hooks):
         tracker = self.state.tracker
         improved = tracker.improved(result.validation, result.epoch)
         stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
+        if not stopping and self.judge is not None:
+            reason = self.judge(result.epoch, tracker.sign * result.validation[tracker.metric])
+            if reason:
+                tracker.stop(reason)
+                self.log.print(f"stopping after epoch {result.epoch}: {reason}")
+                stopping = True
         self.save()  # the start of the next epoch: resumable
         if improved:  # after it, so that best/ shares its files
             self.save("best")
         return stopping
 
 
-def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None) -> int:
+def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, judge=None) -> int:
+    """One run in a process context that exists; ``judge``: a sweep's say at each epoch's end
+    (``CheckpointHooks.judge``)."""
     clock = RunClock(started if started is not None else time.perf_counter())
     _quiet_libraries()
     point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
@@ -272,7 +286,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None) -> 
         if cfg.tensorboard:
             log.open_tensorboard()
         with StopSignal(log) as stop:
-            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock)
+            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge)
     except BaseException:
         if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
             # a failed start (bad data or model, interrupted preparation): leave no empty run directory,
@@ -284,6 +298,14 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None) -> 
         log.close()
         if lock is not None:
             lock.release()
+
+
+def prepare(cfg: TrainConfig) -> None:
+    """The tokenized cache of ``cfg``'s data, made in this process: the processes started after it (a
+    sweep's parallel workers) all read it instead of each tokenizing the same texts."""
+    with process_context("cpu", False) as ctx:
+        _quiet_libraries()
+        _load_data(cfg, ctx, model_lib.load_tokenizer(cfg.model), RunLogger(None, ctx, show_progress=False))
 
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
@@ -314,7 +336,7 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
 
 
 def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: Path | None, stop: StopSignal,
-           clock: RunClock) -> int:
+           clock: RunClock, judge=None) -> int:
     clock.lap("start-up")
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
@@ -415,7 +437,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     else:
         runner = EagerSteps(sc)
     hooks = CheckpointHooks(cfg, ctx, state, writer, stop, log)
-    hooks.model, hooks.tokenizer = model, tokenizer
+    hooks.model, hooks.tokenizer, hooks.judge = model, tokenizer, judge
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
                              train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
     if saved and saved.get("finished") and (log.run_dir / "summary.json").is_file():
@@ -456,9 +478,10 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
     shown = tuple(dict.fromkeys(task.summary_metrics + ("loss",)))
     summary = {"task": task.name, "metrics": list(shown),
                **{f"final_val_{m}": last[f"val_{m}"] for m in shown},
-               "metric_for_best": tracker.metric, "best_epoch": best["epoch"],
+               "metric_for_best": tracker.metric, "higher_is_better": tracker.sign > 0, "best_epoch": best["epoch"],
                **{f"best_val_{m}": best[f"val_{m}"] for m in shown},
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
+               "stop_reason": tracker.stop_reason,
                "skipped_nonfinite_steps": state.loop.skipped_nonfinite,
                # the whole run: every process's time up to its last checkpoint (a resume adds them up)
                "total_time_s": breakdown["total"],
@@ -480,7 +503,7 @@ def _summary_table(s: dict) -> str:
             (f"last (epoch {s['epochs_run']})", *(f"{s[f'final_val_{m}']:.4f}" for m in shown), s["checkpoint"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    early = " (stopped early)" if s["stopped_early"] else ""
+    early = f" (stopped early: {s['stop_reason']})" if s["stopped_early"] else ""
     return ("\nvalidation summary\n" + "\n".join(lines) +
             f"\n{s['epochs_run']} epoch(s){early} in {s['total_time_s']:.1f}s | "
             f"training throughput {s['train_samples_per_s']:.1f} samples/s")
