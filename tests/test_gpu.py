@@ -260,3 +260,32 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
         got = json.loads((tmp_path / "eval.json").read_text())
         assert got["examples"] == ea["val_examples"] and got["accuracy"] == ea["val_accuracy"]
         assert abs(got["loss"] - ea["val_loss"]) < 1e-4
+
+
+def test_a_sweep_runs_graphed_trials_one_worker_per_gpu_and_each_trial_is_its_run_alone(tmp_path, tiny_model_dir):
+    from conftest import synthetic_rows, write_rows
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(240, seed=1))
+    val = write_rows(tmp_path / "val.csv", synthetic_rows(80, seed=2))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", val, "--epochs", 2,
+              "--batch_size", 16, "--max_length", 32, "--device", "cuda", "--no_progress"]
+    gpus = torch.cuda.device_count()
+    proc = run_script("sweep.py", *common, "--learning_rate", "1e-3,3e-3", "--parallel_trials", gpus,
+                      "--sweep_dir", tmp_path / "sw", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker 0 on GPU 0" in proc.stdout
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [t["status"] for t in record["trials"]] == ["done", "done"]
+    for k in range(gpus):
+        log = (tmp_path / "sw" / f"worker-{k}.log").read_text()
+        assert "device cuda" in log and "CUDA graphs: on" in log  # each worker sees its own GPU as cuda:0
+    alone = run_script("train_single.py", *common, "--learning_rate", "3e-3", "--cache_dir", tmp_path / "sw" / "cache",
+                       "--checkpoint_dir", tmp_path, "--run_name", "alone", timeout=900)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    a = json.loads((tmp_path / "sw" / "trial-002" / "summary.json").read_text())
+    b = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert a["best_val_accuracy"] == b["best_val_accuracy"]
+    assert abs(a["best_val_loss"] - b["best_val_loss"]) <= 1e-3 * b["best_val_loss"]
+    too_many = run_script("sweep.py", *common, "--learning_rate", "1e-3,3e-3", "--parallel_trials", gpus + 1,
+                          "--sweep_dir", tmp_path / "sw2")
+    assert too_many.returncode == 2 and f"this machine shows {gpus} CUDA GPU(s)" in too_many.stderr
+    assert too_many.stderr.count("\n") == 1

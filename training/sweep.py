@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if test_file is not None and os.environ.get("RANK", "0") == "0" and not Path(test_file).is_file():
         raise UserError(f"--test_file {test_file}: no such file")
     cfg = _check(sweep_dir, space, rest)
-    if workers is not None and int(workers) > 1 and not worker:
+    if workers is not None and not worker:  # 1 too: one worker process, on the first GPU
         return _parallel(int(workers), argv, sweep_dir, space, rest, cfg, test_file, started)
 
     holder = []
