@@ -55,7 +55,7 @@ MODELS = {
 LENGTHS = {"short": (20, 0.55, 4, 128), "long": (260, 0.6, 32, 512), "tiny": (12, 0.5, 3, 32)}
 TRAINERS = ("trainer", "trainer-fast")
 # levers a system name can turn on (+) or off (-): ours+graphs, ours-group, ...
-LEVERS = ("graphs", "compile", "group", "bf16")
+LEVERS = ("graphs", "compile", "group", "bf16", "ddp")
 
 
 def make_config(name: str):
@@ -123,17 +123,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: dict) -> list:
-    """This project's engine: the same functions ``fit`` calls, one epoch per window."""
+def one_process_group(device) -> ProcessContext:
+    """World size 1 through the DDP path (``+ddp``): a process group of this process alone, started once
+    (NCCL on CUDA, gloo on the CPU), as torchrun --nproc_per_node=1 would give it."""
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.mkstemp(prefix="bench-store-")[1], 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        import atexit
+        atexit.register(dist.destroy_process_group)
+    return ProcessContext(0, 0, 1, device, torchrun=True)
+
+
+def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: dict, ctx=None) -> list:
+    """This project's engine: the same functions ``fit`` calls, one epoch per window. ``ctx``: the process
+    context under torchrun (bench/scaling.py); else one process, or (``+ddp``) a one-process group."""
     from transformers import AutoModelForSequenceClassification
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
-    ctx = ProcessContext(0, 0, 1, device)
+    ctx = ctx or (one_process_group(device) if variant.get("ddp") else ProcessContext(0, 0, 1, device))
+    device = ctx.device
     data = TokenizedData(dataset.with_format("torch"), dataset.select(range(8)).with_format("torch"), ["0", "1"], {})
     loader, _ = make_loaders(data, tokenizer, ctx, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
                              num_workers=variant.get("num_workers"), group_by_length=variant.get("group", True),
                              pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
-    train_model = engine.prepare_for_training(model, ctx, compile_model=variant.get("compile", False))
+    # under DDP, recorded steps average the gradients themselves (training/graphs.py): no wrapper
+    train_model = engine.prepare_for_training(model, ctx, compile_model=variant.get("compile", False),
+                                              wrap_ddp=not variant.get("graphs"))
     optimizer = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     scheduler = engine.build_scheduler(optimizer, total_steps=len(loader) * (repeats + 2), warmup_ratio=0.06)
     amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
@@ -219,8 +238,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_sizes", default="32,256")
     p.add_argument("--systems", default=None,
                    help="comma list of: ours (and variants such as ours+compile, ours-group, ours-bf16, "
-                        "ours+workers0), trainer, trainer-fast (default: ours,ours+graphs,trainer,trainer-fast "
-                        "on CUDA; ours,trainer with --tiny)")
+                        "ours+workers0, ours+ddp+graphs: world size 1 through the DDP path), trainer, "
+                        "trainer-fast (default: ours,ours+graphs,trainer,trainer-fast on CUDA; ours,trainer "
+                        "with --tiny)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per timed window (= one epoch of data)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per system, after one warm-up window")
     p.add_argument("--tiny", action="store_true", help="tiny model and data on the CPU: a smoke test")

@@ -116,3 +116,31 @@ def test_long_texts_bench_runs_each_mode_and_reports_its_runs(tmp_path, tiny_mod
     assert all(r["val_documents"] == 20 and 0 <= r["value"] <= 1 and r["wall_s"] > r["train_s"] > 0 for r in rows)
     table = proc.stdout.splitlines()
     assert table[1].split()[0] == "mode" and [line.split()[0] for line in table[2:]] == ["truncate", "windows"]
+
+
+def test_scaling_bench_runs_one_and_two_gloo_processes_and_reports_efficiency(tmp_path):
+    out = tmp_path / "scaling.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), "--tiny", "--device", "cpu",
+                           "--world_sizes", "1,2", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = map(json.loads, out.read_text().splitlines())
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["backend"] == two["backend"] == "gloo"
+    assert two["examples"] == 2 * one["examples"] == 2 * 8 * 4  # weak scaling: the same share per rank
+    for r in (one, two):
+        assert len(r["window_s"]) == 2 and math.isclose(r["samples_per_s"], r["examples"] / (sum(r["window_s"]) / 2),
+                                                        rel_tol=1e-2)
+    assert one["efficiency"] == 1.0
+    assert math.isclose(two["efficiency"], two["samples_per_s"] / (2 * one["samples_per_s"]))
+    assert f"{100 * two['efficiency']:.1f}%" in proc.stdout
+
+
+def test_bench_ddp_lever_runs_ours_at_world_size_one_through_the_ddp_path(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--device", "cpu",
+                           "--systems", "ours,ours+ddp", "--output", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"ours", "ours+ddp"} and rows["ours+ddp"]["examples"] == rows["ours"]["examples"]
+    assert all(t > 0 for t in rows["ours+ddp"]["window_s"])

@@ -6,6 +6,7 @@ project (a ``sitecustomize`` on PYTHONPATH) at the learning-rate scheduler's ``s
 loop calls once per optimizer step from Python whether the step is eager or a graph replay.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,31 +156,55 @@ def _torchrun(nproc: int, *args, env=None, timeout=600):
 
 
 def test_torchrun_with_one_process_runs_nccl_ddp_checkpoints_and_resume(tmp_path, hooks, tiny_model_dir):
-    """World size 1 under torchrun is a real process group (NCCL) and a DDP wrap: the same run as one
-    plain process with eager steps, and a SIGTERM-then-resume that ends where the straight run does."""
+    """World size 1 under torchrun is a real process group (NCCL): eager steps in DDP's wrapper, and graphed
+    steps that record the NCCL all-reduce with them, each the same run as one plain process; a
+    SIGTERM-then-resume of the graphed run ends where the straight run does."""
     from conftest import synthetic_rows, write_rows
     train = write_rows(tmp_path / "train.csv", synthetic_rows(160, seed=2))
     args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 16, "--max_length", 32,
             "--learning_rate", 1e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp32",
             "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--no_progress"]
-    single = run_script("train_single.py", *args, "--cuda_graphs", "off", "--run_name", "single")
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _torchrun(1, *args, "--run_name", "ddp", "--save_every_steps", 3)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "device cuda:0 x 1 process(es)" in ddp.stdout and "CUDA graphs: off" in ddp.stdout
-    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
-    assert config["world_size"] == 1 and config["backend"] == "nccl"
-    la = torch.tensor([r["loss"] for r in records(tmp_path / "ddp", "step")])
-    lb = torch.tensor([r["loss"] for r in records(tmp_path / "single", "step")])
-    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)  # fp32, same kernels; DDP divides by 1
+
+    def losses(name):
+        return torch.tensor([r["loss"] for r in records(tmp_path / name, "step")])
+    for graphs in ("off", "auto"):
+        single = run_script("train_single.py", *args, "--cuda_graphs", graphs, "--run_name", f"single-{graphs}")
+        assert single.returncode == 0, single.stderr[-3000:]
+        ddp = _torchrun(1, *args, "--cuda_graphs", graphs, "--run_name", f"ddp-{graphs}", "--save_every_steps", 3)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        assert "device cuda:0 x 1 process(es)" in ddp.stdout
+        assert f"CUDA graphs: {'on' if graphs == 'auto' else 'off'}" in ddp.stdout  # auto: on under torchrun
+        config = json.loads((tmp_path / f"ddp-{graphs}" / "config.json").read_text())
+        assert config["world_size"] == 1 and config["backend"] == "nccl" and config["cuda_graphs"] == (graphs == "auto")
+        # fp32, same kernels; DDP and the recorded all-reduce divide by 1
+        torch.testing.assert_close(losses(f"ddp-{graphs}"), losses(f"single-{graphs}"), rtol=1e-4, atol=1e-5)
+    # the graphed DDP run recorded its steps and kept them (not given up: they replayed the all-reduce)
+    assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", ddp.stdout) and "given up" not in ddp.stdout
     stopped = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, env=env_with(hooks, STOP_AT_STEP=7))
     assert stopped.returncode != 0 and "stopped by SIGTERM after step 7" in stopped.stdout, stopped.stdout
     resumed = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, "--resume", "auto",
                         env=env_with(hooks, RESUMED=1))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at epoch 1, step 7" in resumed.stdout
-    lc = torch.tensor([r["loss"] for r in records(tmp_path / "sig", "step")])
-    torch.testing.assert_close(lc, la, rtol=1e-4, atol=1e-5)
+    assert "resuming at epoch 1, step 7" in resumed.stdout and "CUDA graphs: on" in resumed.stdout
+    torch.testing.assert_close(losses("sig"), losses("ddp-auto"), rtol=1e-4, atol=1e-5)
+
+
+def test_graphed_ddp_steps_with_class_weights_match_eager_ddp(tmp_path, tiny_model_dir):
+    """Class weights make the loss normalizer differ by rank: a device tensor summed over the ranks each step,
+    which the recorded step reads like the learning rate."""
+    from conftest import synthetic_rows, write_rows
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(160, seed=3))
+    args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 1, "--batch_size", 16, "--max_length", 32,
+            "--learning_rate", 1e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp32",
+            "--class_weights", "balanced", "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache",
+            "--no_progress"]
+    for graphs in ("off", "on"):
+        proc = _torchrun(1, *args, "--cuda_graphs", graphs, "--run_name", graphs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", proc.stdout), proc.stdout
+    a, b = (torch.tensor([r["loss"] for r in records(tmp_path / n, "step")]) for n in ("on", "off"))
+    assert len(a) == len(b) >= 8  # 144 training rows (the rest is the validation split) at 16 a step
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model_dir):

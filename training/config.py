@@ -114,8 +114,8 @@ class TrainConfig:
                         choices=("auto", "bf16", "fp32"))
     cuda_graphs: str = _f("auto", "Record each training step (forward, backward, clipping, AdamW) once per batch "
                           "shape as a CUDA graph and replay it: lengths are padded to multiples of 32 so there are "
-                          "few shapes. 'auto': on with one CUDA GPU (not under torchrun) and without "
-                          "--grad_accum_steps or --skip_nonfinite; 'on' fails where it cannot serve.",
+                          "few shapes; under torchrun the gradient all-reduce is recorded with the step. 'auto': on with "
+                          "CUDA, without --grad_accum_steps or --skip_nonfinite; 'on' fails where it cannot serve.",
                           choices=("auto", "on", "off"))
     compile: str = _f("auto", "torch.compile the model (dynamic shapes: one compile for every length; it takes "
                       "1.5-2.5 minutes on a GPU). 'auto': on together with CUDA graphs for runs of at least "

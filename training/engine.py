@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import get_linear_schedule_with_warmup
 
@@ -37,17 +38,24 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
-def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool) -> torch.nn.Module:
+def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool,
+                         wrap_ddp: bool = True) -> torch.nn.Module:
     """Move to the device, compile if asked, wrap in DDP under torchrun. Returns the module to train with.
 
     ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper.
+    ``wrap_ddp=False`` (CUDA graphs under torchrun, which average the gradients themselves): no wrapper,
+    but every rank starts from rank 0's weights and buffers, as DDP's wrapper would make them.
     """
     model.to(ctx.device)
+    if ctx.distributed and not wrap_ddp:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
     train_model = model
     if compile_model:
         # dynamic=True: one compile for every sequence length, instead of a recompile per padded shape.
         train_model = torch.compile(model, dynamic=True)
-    if ctx.distributed:
+    if ctx.distributed and wrap_ddp:
         ddp_args = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
         train_model = DDP(train_model, **ddp_args)
     return train_model

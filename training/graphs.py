@@ -30,7 +30,19 @@ normalizer is a device tensor (holding its reciprocal), refilled before each rep
 learning rate.
 
 One optimizer step per batch: no gradient accumulation, no skipped steps (the caller refuses
-those), one process (not under DDP).
+those).
+
+Under torchrun (NCCL), the model is not wrapped in DDP: DDP's reducer launches its bucketed
+all-reduces from autograd hooks on a side stream, which a capture does not take. Instead every
+gradient is a view into one flat buffer, and the step all-reduces that buffer once, between the
+backward and the clipping (``FlatGradients``): inside the recording, where NCCL's kernel is
+captured like any other, and in the eager steps too. Every rank therefore issues exactly one
+all-reduce per step, whether it replays a graph, records one (a capture launches nothing: the
+replay that follows it does) or runs eagerly, so ranks that see batch shapes in a different order,
+drop their graphs or give them up still pair their collectives. The average is DDP's: the sum over
+ranks divided by the world size. The one decision a rank cannot take alone is to run a step again
+after it has issued its all-reduce: running out of memory after that point (AdamW's state at the
+very first step, say) stops the run instead.
 """
 from __future__ import annotations
 
@@ -48,13 +60,44 @@ from training.step import StepContext, StepOutput, train_step
 MAX_RELEASES = 3  # memory too tight for graphs beside eager first steps: stop recording after this
 
 
+class FlatGradients:
+    """Every trainable parameter's gradient as a view into one flat buffer per dtype, averaged over the
+    ranks by one all-reduce each (``__call__``). The views stay: gradients are zeroed in place, never
+    set to None (the step's ``recording`` mode)."""
+
+    def __init__(self, model: torch.nn.Module, world_size: int):
+        import torch.distributed as dist
+
+        self.dist, self.world_size, self.buffers, self.issued = dist, world_size, [], 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            group = [p for p in params if p.dtype == dtype]
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
+            offset = 0
+            for p in group:
+                p.grad = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.buffers.append(flat)
+
+    def __call__(self) -> None:
+        for flat in self.buffers:
+            flat.div_(self.world_size)
+            self.dist.all_reduce(flat)
+        self.issued += 1  # counted on the host, also while recording (the replay that follows runs it)
+
+
 class StepGraphs:
     """Runs training steps, each on one batch; replays a recorded CUDA graph from a shape's second batch on."""
 
     def __init__(self, sc: StepContext):
         if sc.skip_nonfinite:
             raise ValueError("a recorded step cannot be skipped: it needs a host sync to know")
-        self.sc = dataclasses.replace(sc, recording=True)
+        self.flat = None
+        if sc.ctx.distributed:
+            if isinstance(sc.model, torch.nn.parallel.DistributedDataParallel):
+                raise ValueError("recorded steps average the gradients themselves: pass the model unwrapped")
+            self.flat = FlatGradients(sc.model, sc.ctx.world_size)
+        self.sc = dataclasses.replace(sc, recording=True, grad_sync=self.flat)
         device = self.device = sc.ctx.device
         self.optimizer = sc.optimizer
         self.stream = torch.cuda.Stream(device)
@@ -88,11 +131,12 @@ class StepGraphs:
                 g["lr"], g["capturable"] = lr, capturable
 
     def _eager(self, batch: Batch, normalizer: torch.Tensor) -> StepOutput:
+        issued = self.flat.issued if self.flat else 0
         try:
             return self._run(batch, normalizer)
         except torch.OutOfMemoryError:
-            if not self.graphs:
-                raise
+            if not self.graphs or (self.flat and self.flat.issued != issued):
+                raise  # (under DDP, once this step's all-reduce is out, running it again would issue another)
         # Out of the except block, so the failed attempt's tensors (held by its traceback) are freed.
         self._release("out of memory")  # the graphs' memory plus this step's did not fit
         return self._run(batch, normalizer)
@@ -175,18 +219,25 @@ class StepGraphs:
             raise ValueError("a recorded step takes one micro-batch (no gradient accumulation)")
         host = micro_batches[0]
         key = host.key
+        # the step multiplies by 1/normalizer: a host number is filled in (no copy from the host, no sync);
+        # a device tensor is the reciprocal already (class weights under DDP: engine._global_reciprocal)
+        on_device = torch.is_tensor(normalizer)
         if self.given_up:
             self.seen.add(key)
-            return self._run(host.to(self.device), float(normalizer))
+            return self._run(host.to(self.device), normalizer if on_device else float(normalizer))
         entry = self.graphs.get(key)
         if entry is not None:
             graph, static, static_norm, out = entry
             for name, tensor in host.tensors().items():
                 static.tensors()[name].copy_(tensor, non_blocking=True)
-            static_norm.fill_(1.0 / normalizer)
+            if on_device:
+                static_norm.copy_(normalizer)
+            else:
+                static_norm.fill_(1.0 / normalizer)
         else:
             static = host.to(self.device)
-            static_norm = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=self.device)
+            static_norm = normalizer.clone() if on_device else torch.full(
+                (), 1.0 / normalizer, dtype=torch.float32, device=self.device)
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):

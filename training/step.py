@@ -1,6 +1,6 @@
 """One optimizer step, written once: the eager runner runs it, the CUDA-graph recorder records it.
 
-    zero gradients -> for each micro-batch: forward, loss, metric sums, backward -> clip -> AdamW
+    zero gradients -> for each micro-batch: forward, loss, metric sums, backward -> [all-reduce] -> clip -> AdamW
 
 The step's loss is the task's summed loss divided by the step's normalizer (for classification,
 its example count), so k accumulated micro-batches give exactly the gradient of one batch of all
@@ -30,6 +30,7 @@ class StepContext:
     ctx: ProcessContext
     skip_nonfinite: bool = False    # check each micro-batch's loss on the host (a sync) and skip bad steps
     recording: bool = False         # inside a CUDA graph: gradients kept in place, no autocast cache
+    grad_sync: Optional[object] = None  # graphs under DDP: averages the gradients over the ranks (one collective)
 
 
 @dataclass
@@ -67,6 +68,8 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
             # A graph gets 1/normalizer in a device tensor and multiplies: what CUDA does for a Python divisor.
             scaled = loss_sum * normalizer if torch.is_tensor(normalizer) else loss_sum / normalizer
             scaled.backward()                                         # 3. backward
+    if sc.grad_sync is not None:  # once per step on every rank, whatever the step did: the collectives pair up
+        sc.grad_sync()                                                # 3b. gradients averaged over the ranks
     if applied:
         if sc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)

@@ -40,11 +40,10 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
     """(compile, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
 
     A graph replays one whole optimizer step: a step of several micro-batches (accumulation) or one
-    that may be skipped (a non-finite loss, which needs a host sync to know) does not fit it, and
-    under DDP the gradient all-reduce would have to be recorded too (not done here).
+    that may be skipped (a non-finite loss, which needs a host sync to know) does not fit it. Under
+    torchrun the step's gradient all-reduce is recorded with it (NCCL; training/graphs.py).
     """
     unfit = ("a CUDA device" if ctx.device.type != "cuda" else
-             "torchrun (DDP)" if ctx.distributed else
              "--grad_accum_steps above 1" if cfg.grad_accum_steps > 1 else
              "--skip_nonfinite" if cfg.skip_nonfinite else None)
     if cfg.cuda_graphs == "on" and unfit:
@@ -408,7 +407,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)
 
-    train_model = engine.prepare_for_training(model, ctx, compile_model=compile_model)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=compile_model, wrap_ddp=not use_graphs)
     optimizer = engine.build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=ctx.device)
     steps_per_epoch = math.ceil(len(loaders[0]) / cfg.grad_accum_steps)
     scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
