@@ -243,7 +243,8 @@ def test_help_explains_every_flag():
     ("cuda", 1, 1, False, 1.5e8 - 1, (False, True)),  # too short for the compile to pay back; graphs cost ~nothing
     ("cuda", 1, 2, False, 1e12, (False, False)),  # a step of several micro-batches is not one replay
     ("cuda", 1, 1, True, 1e12, (False, False)),   # knowing whether to skip a step is a host sync
-    ("cuda", 2, 1, False, 1e12, (False, False)),  # DDP stays eager
+    ("cuda", 2, 1, False, 1e12, (True, True)),    # under DDP too: the all-reduce is recorded with the step
+    ("cuda", 2, 2, False, 1e12, (False, False)),  # DDP with accumulation: no_sync micro-steps, eager
     ("cpu", 1, 1, False, 1e12, (False, False)),
 ])
 def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, tokens, expected):
@@ -258,7 +259,7 @@ def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum,
 @pytest.mark.parametrize("world, accum, skip, message", [
     (1, 1, True, "does not work with --skip_nonfinite"),
     (1, 4, False, "does not work with --grad_accum_steps above 1"),
-    (2, 1, False, r"does not work with torchrun \(DDP\)"),
+    (2, 4, False, "does not work with --grad_accum_steps above 1"),  # under DDP as on one process
 ])
 def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, message):
     from training.trainer import choose_speed
