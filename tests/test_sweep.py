@@ -25,7 +25,7 @@ def _summary(run: Path) -> dict:
 
 
 def _epochs(run: Path) -> list:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +142,23 @@ def test_bad_sweep_flags_are_one_line_errors(tmp_path):
              ("--learning_rate", "1e-5,2e-5", "--trials", "0"): "--trials 0: give a whole number",
              ("--learning_rate", "1e-5,2e-5", "--pruner", "top"): "--pruner top: choose from median, none",
              ("--learning_rate", "1e-5,2e-5", "--parallel_trials", "x"): "--parallel_trials x",
-             ("--learning_rate", "-1:1e-3", "--trials", "2"): "--learning_rate"}
+             ("--learning_rate", "-1:1e-3", "--trials", "2"): "--learning_rate must be positive, got -1.0",
+             ("--learning_rate", "1e-4,1e-3", "--trials", "3"): "--trials 3: the lists give 2 combination(s)",
+             ("--learning_rate", "1e-4,1e-3", "--parallel_trials", "99", "--device", "cuda"):
+                 "at most one trial per GPU" if _has_cuda() else "--device cuda: CUDA is not available"}
     for args, expected in cases.items():
         proc = run_script("sweep.py", *args, "--sweep_dir", tmp_path / "sw")
         assert proc.returncode == 2 and expected in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "sw").exists()
+    (tmp_path / "file").write_text("")
+    proc = run_script("sweep.py", "--learning_rate", "1e-4,1e-3", "--sweep_dir", tmp_path / "file" / "sw")
+    assert proc.returncode == 2 and proc.stderr == f"error: --sweep_dir {tmp_path / 'file' / 'sw'}: cannot create " \
+        f"it (Not a directory)\n", proc.stderr
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def test_under_two_gloo_processes_both_ranks_run_the_same_trials(tiny_model_dir, tmp_path):
@@ -226,6 +238,60 @@ def test_parallel_trials_share_the_grid_and_match_trials_run_one_by_one(grid, ti
         assert abs(a["best_val_loss"] - b["best_val_loss"]) < 1e-5 * b["best_val_loss"]
     assert record["best"] == alone["best"] and (sw / "best" / "model.safetensors").is_file()
     assert proc.stdout.count("data: ") == 1  # tokenized once, by the parent, before the workers start
+    assert len([p for p in (sw / "cache").iterdir() if p.is_dir()]) == 1
     for k in (0, 1):
         assert f"worker {k} on cpu: log {sw / f'worker-{k}.log'}" in proc.stdout
         assert "== trial-" in (sw / f"worker-{k}.log").read_text()
+
+
+def test_an_interrupted_sampled_search_resumes_its_trial_and_the_pruner_sees_every_epoch(tiny_model_dir, tmp_path,
+                                                                                      hooks):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    args = ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 3, "--learning_rate", "1e-4:1e-2:log",
+            "--trials", 3, "--seed", 1, "--sweep_dir", tmp_path / "sw"]
+    # 15 steps an epoch: SIGTERM after step 20, in trial-001's second epoch
+    stopped = run_script("sweep.py", *args, env=env_with(hooks, STOP_AT_STEP=20))
+    assert stopped.returncode == 143 and "sweep stopped in trial-001" in stopped.stdout, stopped.stdout
+    assert "resume with the same command again" in stopped.stdout  # the sweep's command, not the trial's flags
+    again = run_script("sweep.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming at epoch 2, step 20" in again.stdout and again.stdout.count("\n== trial-") == 3
+    sw = tmp_path / "sw"
+    record = json.loads((sw / "sweep.json").read_text())
+    assert [t["name"] for t in record["trials"]] == ["trial-001", "trial-002", "trial-003"]
+    assert [len(_epochs(sw / t["name"])) for t in record["trials"]] == [3, 3, 3]  # none trained twice
+    study = optuna.load_study(study_name="sweep", storage=JournalStorage(JournalFileBackend(str(sw / "study.log"))))
+    first = [t for t in study.trials if t.user_attrs["run_name"] == "trial-001"]
+    assert [t.state.name for t in first] == ["FAIL", "COMPLETE"]  # the interrupted trial, and its continuation
+    # the continuation reported epoch 1 too (from the run's records), so the pruner judges its whole run
+    assert sorted(first[1].intermediate_values) == [1, 2, 3]
+    assert first[1].intermediate_values[1] == _epochs(sw / "trial-001")[0]["val_accuracy"]
+
+
+def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    rows = write_rows(tmp_path / "big.csv", synthetic_rows(1200, seed=4))
+    args = on_cpu("sweep.py", ["--model", tiny_model_dir, *_data(tmp_path)[2:], "--train_file", rows, "--epochs", 3,
+                               "--learning_rate", "1e-4,1e-3,3e-3", "--parallel_trials", 2,
+                               "--sweep_dir", tmp_path / "sw"])
+    cmd = [sys.executable, str(ROOT / "training" / "sweep.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "sw").glob("trial-*/metrics.jsonl")):
+        time.sleep(0.2)  # until a trial trains
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (out, err)
+    assert "sweep stopped: run the same command again to continue" in out and "error" not in err, err
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert again.returncode == 0, again.stderr
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [t["status"] for t in record["trials"]] == ["done"] * 3
+    assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [3, 3, 3]
+    logs = "".join((tmp_path / "sw" / f"worker-{k}.log").read_text() for k in (0, 1))
+    assert "resuming at epoch" in logs  # a stopped trial went on from its checkpoint, not from the start

@@ -24,6 +24,7 @@ PRUNERS = ("median", "none")
 # the median pruner stops a trial at an epoch's end once this many trials have finished, when its best
 # value so far is worse than the median of theirs at the same epoch
 PRUNE_AFTER_TRIALS = 3
+MAX_ASKS = 100  # proposals of recipes already tried before a sampled search is taken to be exhausted
 SAMPLER_SEED = 0  # a sampled search run from scratch by one process proposes the same trials each time
 
 
@@ -108,6 +109,13 @@ class Space:
         if ranges and count is None:
             raise UserError(f"--{ranges[0].name} {ranges[0].spec} is a range: say how many trials to sample "
                             f"from it with --trials N")
+        if count is not None and not ranges:
+            size = 1
+            for d in dims:
+                size *= len(d.choices)
+            if count > size:
+                raise UserError(f"--trials {count}: the lists give {size} combination(s); leave --trials out to "
+                                f"train each of them (a grid), or ask for at most {size}")
         if pruner is not None and pruner not in PRUNERS:
             raise UserError(f"--pruner {pruner}: choose from {', '.join(PRUNERS)}")
         # a grid trains every combination to its end unless asked; a sampled search prunes by default
@@ -139,6 +147,8 @@ class Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna, self.space, self.dir = optuna, space, sweep_dir
         path = sweep_dir / "study.log"
+        with self._lock():
+            _cut_torn_tail(path)
         try:
             storage = JournalStorage(JournalFileBackend(str(path)))
             pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS)
@@ -159,57 +169,86 @@ class Study:
 
     def begin(self) -> None:
         """The first process of a launch: records the sweep (or checks that it is the same one) and puts
-        back the trials an earlier launch left running, to be resumed in their run directories."""
-        attrs = self.study.user_attrs
-        if not attrs:
-            for key, value in self.identity_items():
-                self.study.set_user_attr(key, value)
-            if self.space.grid:
-                for combo, name in zip(self.space.combinations(), self._names(len(self.space.combinations()))):
-                    self.study.enqueue_trial(combo, user_attrs={"run_name": name})
-        else:
-            mine = dict(self.identity_items())
-            theirs = {k: attrs.get(k) for k in mine}
-            if theirs != mine:
-                raise UserError(f"{self.dir} holds another sweep (space {theirs['space']}, flags "
-                                f"{' '.join(theirs['flags'] or []) or 'none'}): give another --sweep_dir")
+        back the trials an earlier launch left running, to be resumed in their run directories. Each
+        part may be interrupted and done again: it only adds what is missing."""
+        mine = {"space": self.space.record(), "flags": self.flags}
+        theirs = self.study.user_attrs.get("identity")
+        if theirs is None:
+            self.study.set_user_attr("identity", mine)  # first, so that a launch stopped below is continued
+        elif theirs != mine:
+            raise UserError(f"{self.dir} holds another sweep (space {theirs['space']['space']}, flags "
+                            f"{' '.join(theirs['flags']) or 'none'}): give another --sweep_dir")
         state = self.optuna.trial.TrialState
-        for t in self.study.get_trials(deepcopy=False, states=(state.RUNNING,)):
-            # interrupted: failed without the diverged mark, and enqueued again to resume the same run
+        trials = self.study.get_trials(deepcopy=False)
+        named = {t.user_attrs.get("run_name") for t in trials}
+        if self.space.grid:
+            for combo, name in zip(self.space.combinations(), self._names(len(self.space.combinations()))):
+                if name not in named:
+                    self.study.enqueue_trial(combo, user_attrs={"run_name": name})
+        waiting = {t.user_attrs.get("run_name") for t in trials if t.state == state.WAITING}
+        for t in trials:
+            if t.state != state.RUNNING or "run_name" not in t.user_attrs:
+                continue  # (a trial asked for but never named has no run: it is left to fail below)
+            name = t.user_attrs["run_name"]
+            self._not_in_use(name)
+            if name not in waiting:  # put back first, then failed: stopped in between, it is not lost
+                self.study.enqueue_trial(t.params, user_attrs={"run_name": name})
+            # interrupted: failed without the diverged mark (trials() leaves it out); its copy resumes the run
             self.study.tell(t.number, state=state.FAIL)
-            self.study.enqueue_trial(t.params, user_attrs={"run_name": t.user_attrs["run_name"]})
+        for t in trials:
+            if t.state == state.RUNNING and "run_name" not in t.user_attrs:
+                self.study.tell(t.number, state=state.FAIL)
 
-    def identity_items(self) -> list:
-        return [("space", self.space.record()), ("flags", self.flags)]
+    def _not_in_use(self, name: str) -> None:
+        """A trial left running by an earlier launch may still be trained by a process of it (a worker whose
+        parent was killed): refused, rather than trained twice."""
+        run_dir = self.dir / name
+        if not run_dir.is_dir():
+            return
+        from training.trainer import RunLock
+
+        try:
+            RunLock(run_dir).release()
+        except UserError as exc:
+            raise UserError(f"{name} of this sweep is still running: {exc}") from None
 
     def next_trial(self, worker: str | None = None) -> dict | None:
         """The next trial to run, {number, name, flags}, or None when every one is taken. ``worker``: the
         parallel worker that runs it, recorded."""
-        state = self.optuna.trial.TrialState
         with self._lock():
-            trials = self.study.get_trials(deepcopy=False)
-            waiting = any(t.state == state.WAITING for t in trials)
-            names = {t.user_attrs.get("run_name") for t in trials}
-            if not waiting and (self.space.grid or len(names) >= self.space.trials):
+            known = self.trials()  # named trials only: a name is given under this lock, right after ask()
+            if not any(t["status"] == "to do" for t in known) and (self.space.grid or len(known) >= self.space.trials):
                 return None
-            trial = self.study.ask()
+            for _ in range(MAX_ASKS):
+                trial = self.study.ask()
+                flags = {d.name: d.suggest(trial) for d in self.space.dimensions}
+                if "run_name" in trial.user_attrs or all(t["flags"] != flags for t in known):
+                    break
+                # a sampled recipe already tried (a small discrete space): not trained twice
+                trial.set_user_attr("duplicate", True)
+                self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+            else:
+                return None  # every recipe this space holds has been tried
             if "run_name" not in trial.user_attrs:
-                trial.set_user_attr("run_name", self._names(len(names) + 1)[-1])
+                trial.set_user_attr("run_name", self._names(len(known) + 1)[-1])
             trial.set_user_attr("worker", worker)
-            flags = {d.name: d.suggest(trial) for d in self.space.dimensions}
-        self.live[trial.number] = trial
+        self.live[trial.number] = {"trial": trial, "reported": set()}
         return {"number": trial.number, "name": trial.user_attrs["run_name"], "flags": flags}
 
-    def report(self, number: int, epoch: int, value: float) -> bool:
-        """An epoch's signed validation value; True when the pruner says the trial should stop."""
-        trial = self.live[number]
-        trial.report(value, step=epoch)
-        return trial.should_prune()
+    def report(self, number: int, history: list) -> bool:
+        """The trial's signed validation values so far, [(epoch, value)] (a resumed run's earlier epochs
+        too, which its continuation did not report yet); True when the pruner says it should stop."""
+        live = self.live[number]
+        for epoch, value in history:
+            if epoch not in live["reported"]:
+                live["trial"].report(value, step=epoch)
+                live["reported"].add(epoch)
+        return live["trial"].should_prune()
 
     def tell(self, number: int, outcome: str, value: float | None = None) -> None:
         """done (with the trial's best signed value), pruned or diverged."""
         state = self.optuna.trial.TrialState
-        trial = self.live.pop(number)
+        trial = self.live.pop(number)["trial"]
         if outcome == "diverged":
             trial.set_user_attr("diverged", True)
         if value is not None and value != value:
@@ -225,8 +264,8 @@ class Study:
                   state.WAITING: "to do", state.FAIL: "diverged"}
         out = {}
         for t in self.study.get_trials(deepcopy=False):
-            if t.state == state.FAIL and not t.user_attrs.get("diverged"):
-                continue  # interrupted, and enqueued again
+            if "run_name" not in t.user_attrs or (t.state == state.FAIL and not t.user_attrs.get("diverged")):
+                continue  # not named yet (being asked for), a duplicate, or interrupted and enqueued again
             params = t.params or t.system_attrs.get("fixed_params", {})  # a waiting trial's are fixed ones
             flags = {d.name: (params[d.name] if d.choices else d.value(params[d.name]))
                      for d in self.space.dimensions if d.name in params}
@@ -249,3 +288,17 @@ class Study:
         with open(self.dir / ".study.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
             yield
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """A journal whose last record was cut (a full disk, a kill in mid-write): back to its last whole line,
+    so that it reads again and the next record starts on a line of its own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)

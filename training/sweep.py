@@ -139,7 +139,10 @@ class Sweep:
 
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise UserError(f"--sweep_dir {sweep_dir} is a file, not a directory")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--sweep_dir {sweep_dir}: cannot create it ({exc.strerror or exc})") from None
         self.dir, self.space, self.rest, self.lock = sweep_dir, space, rest, None
         if first:  # one launch at a time: a second one on a live sweep is refused at once
             from training.trainer import RunLock
@@ -230,8 +233,10 @@ def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
     ``sweep`` is the main process's (None on the other ranks, which are told each trial by rank 0)."""
     from training import trainer
 
-    worker = os.environ.get(WORKER_ENV)
+    worker, parent = os.environ.get(WORKER_ENV), os.getppid()
     while True:
+        if worker is not None and os.getppid() != parent:  # the parent is gone (killed): no new trial alone
+            return 128 + signal.SIGTERM
         job = ctx.run_on_main(lambda: sweep.study.next_trial(worker))
         if job is None:
             return 0
@@ -240,9 +245,9 @@ def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
             print(f"\n== {job['name']}{'' if sweep.space.grid else f' of {sweep.space.trials}'}: "
                   f"{_flags_text(job['flags'])}", flush=True)
 
-        def judge(epoch: int, value: float, last: int = cfg.epochs) -> str | None:
-            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], epoch, value))
-            return PRUNED if prune and epoch < last else None  # the last epoch has nothing left to save
+        def judge(history: list, last: int = cfg.epochs) -> str | None:
+            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], history))
+            return PRUNED if prune and history[-1][0] < last else None  # the last epoch has nothing left to save
 
         try:
             code = trainer.run(cfg, ctx, time.perf_counter(), judge=judge)
@@ -303,6 +308,9 @@ def _devices(cfg, workers: int) -> list:
     """One environment per worker: its GPU (CUDA_VISIBLE_DEVICES), or its share of the CPU's threads."""
     import torch
 
+    from training.utils import detect_device
+
+    detect_device(cfg.device)  # a device that is not there: one line here, not one from each worker
     if cfg.device == "mps" or (cfg.device == "auto" and not torch.cuda.is_available()
                                and torch.backends.mps.is_available()):
         raise UserError("--parallel_trials runs one trial per CUDA GPU, or on the CPU (--device cpu); "
@@ -331,48 +339,43 @@ def _parallel(workers: int, argv: list, sweep_dir: Path, space: Space, rest: lis
     prepare(parse_config(trial_argv(sweep_dir, "trial-000", {}, rest)))  # tokenized once, before the workers
     own = [i for i, a in enumerate(argv) if a == "--parallel_trials" or a.startswith("--parallel_trials=")]
     child_argv = [a for i, a in enumerate(argv) if i not in own and not (i - 1 in own and "=" not in argv[i - 1])]
-    procs, logs = [], []
-    stopping = []
+    procs, logs, stopping = [], [], []
 
-    def forward(signum, frame):  # SIGTERM to the parent stops every worker's trial with a checkpoint
+    def forward(signum, frame):  # a stop for the parent is a stop for each worker: after its step, saved
         stopping.append(signum)
         for p in procs:
-            if p.poll() is None and signum == signal.SIGTERM:
-                p.send_signal(signal.SIGTERM)
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}  # Ctrl-C reaches all
+            if p.poll() is None:
+                p.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for k, env in enumerate(envs):
             log = sweep_dir / f"worker-{k}.log"
             logs.append(log)
             child_env = {**os.environ, WORKER_ENV: str(k), **{n: v for n, v in env.items() if n != "device"}}
             with open(log, "a") as out:
+                # its own session, so that Ctrl-C reaches it once, through the parent; and it ends with it
                 procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child_argv],
-                                              stdout=out, stderr=subprocess.STDOUT, env=child_env))
+                                              stdout=out, stderr=subprocess.STDOUT, env=child_env,
+                                              start_new_session=True, preexec_fn=_end_with_parent))
             print(f"worker {k} on {env['device']}: log {log}", flush=True)
-        seen = {}
-        while True:
-            running = any(p.poll() is None for p in procs)
-            for t in sweep.study.trials():  # each trial's start and end, as the workers report them
-                if seen.get(t["name"]) != t["status"] and t["status"] != "to do":
-                    seen[t["name"]] = t["status"]
-                    where = f" on worker {t['worker']}" if t["status"] == "running" else ""
-                    if t["status"] in ("done", "pruned"):
-                        outcome = _outcome(sweep_dir / t["name"])
-                        where = f" (val {outcome['metric']} {outcome['value']:.4f})"
-                    print(f"{t['name']} {t['status']}{where}: {_flags_text(t['flags'])}", flush=True)
-            if not running:
-                break
-            time.sleep(1)
+        _follow(sweep, procs)
+        for s, handler in previous.items():  # the workers have ended: signals are the parent's own again
+            signal.signal(s, handler)
+        previous = {}
         codes = [p.returncode for p in procs]
+        stops = (0, 128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+        failed = [(k, c) for k, c in enumerate(codes) if c not in stops or (c < 0 and not stopping)]
+        if failed:
+            last = [(logs[k].read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+                    for k, _ in failed]
+            if all(c == 2 for _, c in failed) and len(set(last)) == 1 and last[0].startswith("error: "):
+                raise UserError(last[0][len("error: "):])  # the same bad input for every worker: said once
+            for (k, c), line in zip(failed, last):
+                print(f"error: worker {k} exited with code {c}: {line} (see {logs[k]})", file=sys.stderr)
+            return 1
         if any(c != 0 for c in codes):
-            failed = [(k, c) for k, c in enumerate(codes) if c not in (0, 130, 143)]
-            for k, c in failed:
-                lines = logs[k].read_text(errors="replace").strip().splitlines() or ["(no output)"]
-                print(f"error: worker {k} exited with code {c}: {lines[-1]} (see {logs[k]})", file=sys.stderr)
-            if not failed or stopping:
-                print("sweep stopped: run the same command again to continue", flush=True)
-                return 128 + (stopping[0] if stopping else signal.SIGTERM)
-            return 2 if all(c == 2 for _, c in failed) else 1
+            print("sweep stopped: run the same command again to continue", flush=True)
+            return 128 + (stopping[0] if stopping else signal.SIGTERM)
         record = _finish(sweep, time.perf_counter() - started)
         return _test(sweep, record, cfg, test_file) if test_file and record["best"] else 0
     finally:
@@ -383,6 +386,37 @@ def _parallel(workers: int, argv: list, sweep_dir: Path, space: Space, rest: lis
                 p.terminate()
                 p.wait()
         sweep.close()
+
+
+def _end_with_parent() -> None:
+    """In a worker, before it starts: Linux sends it SIGTERM when the parent dies, however it dies (on
+    other systems the worker checks between trials)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _follow(sweep: Sweep, procs: list) -> None:
+    """Until every worker has ended: each trial's start (once a worker has it) and end, as they come."""
+    seen = {}
+    while True:
+        running = any(p.poll() is None for p in procs)
+        for t in sweep.study.trials():
+            status = t["status"]
+            if status == "to do" or (status == "running" and t["worker"] is None) or seen.get(t["name"]) == status:
+                continue
+            seen[t["name"]] = status
+            where = f" on worker {t['worker']}" if status == "running" else ""
+            if status in ("done", "pruned"):
+                outcome = _outcome(sweep.dir / t["name"])
+                where = f" (val {outcome['metric']} {outcome['value']:.4f})"
+            print(f"{t['name']} {status}{where}: {_flags_text(t['flags'])}", flush=True)
+        if not running:
+            return
+        time.sleep(1)
 
 
 # the column flags of the training data, which the test file shares

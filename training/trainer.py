@@ -220,7 +220,8 @@ class CheckpointHooks(engine.Hooks):
     def __init__(self, cfg: TrainConfig, ctx: ProcessContext, state: RunState, writer, stop: StopSignal, log):
         self.cfg, self.ctx, self.state, self.writer, self.stop, self.log = cfg, ctx, state, writer, stop, log
         self.model, self.tokenizer = None, None  # set by the trainer before fit
-        self.judge = None  # a sweep's pruner: (epoch, signed metric) -> why to stop, or None; same on all ranks
+        # a sweep's pruner: [(epoch, signed metric)] so far -> why to stop, or None; the same on every rank
+        self.judge = None
 
     @property
     def excluded_s(self) -> float:
@@ -249,17 +250,18 @@ class CheckpointHooks(engine.Hooks):
             loop.check_finite(self.ctx)  # never write a checkpoint after a non-finite step
             path = self.save()
             if stopping:
+                again = ("the same command again" if self.cfg.resume == "auto" and self.cfg.run_name else
+                         f"the same command plus: --resume auto --run_name {self.writer.run_dir.name}")
                 self.log.print(f"stopped by {self.stop.name} after step {loop.global_step} (epoch {loop.epoch}); "
-                               f"checkpoint {path}\nresume with the same command plus: --resume auto --run_name "
-                               f"{self.writer.run_dir.name}")
+                               f"checkpoint {path}\nresume with {again}")
         return stopping
 
     def on_epoch_end(self, result: engine.EpochResult) -> bool:
         tracker = self.state.tracker
         improved = tracker.improved(result.validation, result.epoch)
         stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
-        if not stopping and self.judge is not None:
-            reason = self.judge(result.epoch, tracker.sign * result.validation[tracker.metric])
+        if not stopping and self.judge is not None:  # every epoch so far: a resumed run's earlier ones too
+            reason = self.judge([(r["epoch"], tracker.sign * r[f"val_{tracker.metric}"]) for r in self.state.loop.results])
             if reason:
                 tracker.stop(reason)
                 self.log.print(f"stopping after epoch {result.epoch}: {reason}")
@@ -304,7 +306,9 @@ def prepare(cfg: TrainConfig) -> None:
     sweep's parallel workers) all read it instead of each tokenizing the same texts."""
     with process_context("cpu", False) as ctx:
         _quiet_libraries()
-        _load_data(cfg, ctx, model_lib.load_tokenizer(cfg.model), RunLogger(None, ctx, show_progress=False))
+        tokenizer = model_lib.load_tokenizer(cfg.model)
+        model_lib.check_model(cfg.model, tokenizer, cfg.max_length)  # a model that cannot serve: said here, once
+        _load_data(cfg, ctx, tokenizer, RunLogger(None, ctx, show_progress=False))
 
 
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
