@@ -22,6 +22,7 @@ import gc
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -130,7 +131,9 @@ def one_process_group(device) -> ProcessContext:
     if device.type == "cuda":
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     if not dist.is_initialized():
-        store = dist.FileStore(tempfile.mkstemp(prefix="bench-store-")[1], 1)
+        fd, path = tempfile.mkstemp(prefix="bench-store-")
+        os.close(fd)
+        store = dist.FileStore(path, 1)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
                                 **({"device_id": device} if device.type == "cuda" else {}))
         import atexit
@@ -138,9 +141,11 @@ def one_process_group(device) -> ProcessContext:
     return ProcessContext(0, 0, 1, device, torchrun=True)
 
 
-def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: dict, ctx=None) -> list:
+def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: dict, ctx=None,
+             report=None) -> list:
     """This project's engine: the same functions ``fit`` calls, one epoch per window. ``ctx``: the process
-    context under torchrun (bench/scaling.py); else one process, or (``+ddp``) a one-process group."""
+    context under torchrun (bench/scaling.py); else one process, or (``+ddp``) a one-process group.
+    ``report``, a dict: filled with what the graphs did (recorded, released, given up)."""
     from transformers import AutoModelForSequenceClassification
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
@@ -175,8 +180,10 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
         task.running(state.epoch_sums)  # reads the sums: waits for the device
         times.append(time.perf_counter() - t0)
     if graphs is not None:
-        print(json.dumps({"event": "graphs", "recorded": graphs.recorded, "released": graphs.releases,
-                          "given_up": graphs.given_up}), flush=True)
+        done = {"recorded": graphs.recorded, "released": graphs.releases, "given_up": graphs.given_up}
+        print(json.dumps({"event": "graphs", **done}), flush=True)
+        if report is not None:
+            report.update(done)
     del model, train_model, optimizer, graphs, runner, sc
     return times  # the first is the warm-up window
 

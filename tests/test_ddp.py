@@ -200,3 +200,82 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_line(task, tmp_path,
     ours = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert ours == [expected], proc.stderr[-3000:]  # said by rank 0 alone: the others stop on the same input
     assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr
+
+
+FLAT_VS_DDP = '''
+import sys
+import torch
+import torch.distributed as dist
+from transformers import BertConfig, BertForSequenceClassification
+from training import engine, tasks
+from training.batches import Batch
+from training.distributed import ProcessContext
+from training.graphs import FlatGradients
+from training.step import StepContext, train_step
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ctx = ProcessContext(rank, rank, world, torch.device("cpu"), torchrun=True)
+weights = [1.0, 2.0, 0.5] if sys.argv[1] == "weights" else None
+
+def run(flat_steps):
+    torch.manual_seed(100 + rank)  # another start on each rank: rank 0's weights must reach the others
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3))
+    task = tasks.choose_task("single_label", ["a", "b", "c"], weights, 0.5)
+    train_model = engine.prepare_for_training(model, ctx, compile_model=False, wrap_ddp=not flat_steps)
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = engine.build_optimizer(model, lr=1e-2, weight_decay=0.01, device=ctx.device)
+    scheduler = engine.build_scheduler(optimizer, total_steps=10, warmup_ratio=0.1)
+    flat = FlatGradients(model, world) if flat_steps else None
+    sc = StepContext(train_model, optimizer, scheduler, task, None, 1.0, ctx, recording=flat_steps, grad_sync=flat)
+    data = torch.Generator().manual_seed(1000 + rank)  # each rank its own examples, sizes and lengths
+    torch.manual_seed(7 + rank)  # dropout: the same draws in both runs
+    train_model.train()
+    losses = []
+    for i in range(8):
+        size, length = 3 + rank + i % 2, 6 + 4 * (i % 3)
+        ids = torch.randint(5, 200, (size, length), generator=data)
+        batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      torch.randint(0, 3, (size,), generator=data), size, size * length)
+        norm = task.normalizer(batch)
+        if task.normalizer_differs_by_rank:
+            norm = engine._global_reciprocal(norm, ctx)
+        losses.append(float(train_step(sc, [batch], norm).loss_sum))
+        scheduler.step()
+    if flat is not None:  # every gradient is still a view into the buffer the all-reduce averages
+        base, end = flat.buffers[0].data_ptr(), flat.buffers[0].data_ptr() + 4 * flat.buffers[0].numel()
+        assert all(base <= p.grad.data_ptr() < end for p in model.parameters()), "a gradient left the buffer"
+        assert flat.issued == 8
+    return start, torch.cat([p.detach().flatten() for p in model.parameters()]), losses
+
+_, ddp, ddp_losses = run(False)
+start, flat, flat_losses = run(True)
+rank0 = flat.clone()
+dist.broadcast(rank0, 0)
+with open(f"{sys.argv[2]}/rank{rank}.txt", "w") as out:  # a file each: the ranks' stdout interleaves
+    out.write(f"rank {rank} ddp-vs-flat {(ddp - flat).abs().max().item():.3e} ranks "
+              f"{(flat - rank0).abs().max().item():.3e} moved {(flat - start).abs().max().item():.3e} "
+              f"losses {ddp_losses == flat_losses}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("weights", ["none", "weights"])
+def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(tmp_path, weights):
+    """The all-reduce recorded with CUDA graphs under torchrun, run eagerly on the CPU (the same code):
+    two ranks with their own examples and batch shapes, and different starting weights, train as DDP's
+    wrapper trains them, with class weights too (a normalizer summed over the ranks)."""
+    script = tmp_path / "flat_vs_ddp.py"
+    script.write_text(FLAT_VS_DDP)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), weights, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=cli_env(PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    for line in lines:
+        fields = line.split()
+        # the same weights as DDP's, the same on both ranks, after steps that moved them
+        assert float(fields[3]) <= 1e-6 and float(fields[5]) == 0.0 and float(fields[7]) > 1e-3, line
+        assert fields[-1] == "True", line  # and the same losses, step by step

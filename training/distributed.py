@@ -162,6 +162,10 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
                    "world_size": world_size}
     if backend == "nccl":
         init_kwargs["device_id"] = device  # eager NCCL init, bound to this GPU
+        # CUDA graphs record the gradient all-reduce, while another rank may run the same all-reduce eagerly
+        # (its first batch of a shape): NCCL must not register a captured call's buffers, which it requires
+        # of every rank or none
+        os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
     dist.init_process_group(**init_kwargs)
     try:
         yield ProcessContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, torchrun=True)

@@ -24,6 +24,7 @@ from training.batches import forward_logits
 from training.checkpoint import unwrap
 from training.distributed import ProcessContext
 from training.runlog import RunLogger
+from training.utils import UserError
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
@@ -48,8 +49,13 @@ def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile
     """
     model.to(ctx.device)
     if ctx.distributed and not wrap_ddp:
+        tensors = [*model.parameters(), *model.buffers()]
+        shapes = ctx.all_gather_object([tuple(t.shape) for t in tensors])  # DDP's own check, before it hangs
+        if any(other != shapes[0] for other in shapes):
+            raise UserError("the model differs between ranks (its parameter shapes): every node needs the same "
+                            "--model")
         with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
+            for tensor in tensors:
                 dist.broadcast(tensor, src=0)
     train_model = model
     if compile_model:
@@ -282,7 +288,8 @@ def _global_reciprocal(normalizer: float, ctx: ProcessContext) -> torch.Tensor:
     """world size / the step's normalizer summed over ranks, as a device tensor (no host sync): DDP averages
     the ranks' gradients, so each rank's summed loss times this is the global weighted mean's gradient.
     For normalizers that differ by rank (class weights); an example count is the same on every rank."""
-    total = torch.tensor(float(normalizer), dtype=torch.float32, device=ctx.device)
+    # a fill, not torch.tensor(): that copies from pageable host memory, which waits for the stream
+    total = torch.full((), float(normalizer), dtype=torch.float32, device=ctx.device)
     ctx.all_reduce_sum(total)
     return ctx.world_size / total
 

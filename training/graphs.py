@@ -63,7 +63,10 @@ MAX_RELEASES = 3  # memory too tight for graphs beside eager first steps: stop r
 class FlatGradients:
     """Every trainable parameter's gradient as a view into one flat buffer per dtype, averaged over the
     ranks by one all-reduce each (``__call__``). The views stay: gradients are zeroed in place, never
-    set to None (the step's ``recording`` mode)."""
+    set to None (the step's ``recording`` mode). So a parameter that the forward never uses gets a zero
+    gradient rather than none, and AdamW's weight decay still shrinks it, where DDP's wrapper would
+    refuse such a model unless told to look for unused parameters (none of the encoders' classifiers
+    has one: XLNet's mask embedding and relative-segment weights are the known cases)."""
 
     def __init__(self, model: torch.nn.Module, world_size: int):
         import torch.distributed as dist
@@ -205,6 +208,12 @@ class StepGraphs:
             except RuntimeError:  # the capture got as far as ending its allocation: nothing to undo
                 return
             release_pool(index, self.pool)  # the failed capture's hold on the pool, so its memory is freed
+
+    def close(self) -> None:
+        """The graphs go (under torchrun, with the NCCL calls they hold) before the process group does."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
 
     def summary(self) -> str:
         out = f"CUDA graphs: {len(self.seen)} batch shapes, {self.recorded} recorded at the end"

@@ -90,3 +90,6 @@ class EagerSteps:
 
     def summary(self) -> Optional[str]:
         return None
+
+    def close(self) -> None:
+        pass

@@ -456,8 +456,11 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         kept = checkpoint.step_checkpoints(log.run_dir)
         raise Diverged(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                        f"checkpoint: {kept[0] if kept else 'none'}") from None
-    if runner.summary():
-        log.print(runner.summary())
+    finally:
+        said = runner.summary()
+        runner.close()  # whatever ended the loop: recorded graphs go before the process group does
+    if said:
+        log.print(said)
     if not finished:
         return 128 + (stop.signum or 15)
     final = hooks.finish()
