@@ -162,3 +162,19 @@ def test_bad_input_through_the_script_has_no_traceback(tmp_path):
     proc = run_script("plot.py", tmp_path / "missing")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: run directory not found: {tmp_path / 'missing'}"
+
+
+def test_a_sweep_is_plotted_against_its_learning_rate_or_another_swept_flag(tmp_path):
+    from conftest import assert_real_png
+    from training.sweep import plot_axis
+
+    assert plot_axis(["learning_rate", "epochs"]) == "learning_rate"
+    assert plot_axis(["epochs", "weight_decay", "seed"]) == "weight_decay"
+    assert plot_axis(["epochs"]) == "epochs"
+    trials = [{"value": v, "epochs": e, "weight_decay": w, "learning_rate": 2e-5}
+              for v, e, w in ((0.8, 3, 0.0), (0.82, 3, 0.01), (0.81, 5, 0.1))]
+    for x in ("weight_decay", "epochs"):
+        assert_real_png(plot.plot_sweep(trials, "accuracy", tmp_path / f"{x}.png", x=x))
+    # the two drawings differ: the x axis is the flag asked for
+    a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in ("weight_decay", "epochs"))
+    assert a.shape != b.shape or (a != b).any()

@@ -253,21 +253,24 @@ def plot_runs(run_args: list, output: Path) -> list:
         raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from None
 
 
-def plot_sweep(trials: list, metric: str, path: Path) -> Path:
-    """A sweep's finished trials: the validation metric against the learning rate, one colour per epochs value.
+def plot_sweep(trials: list, metric: str, path: Path, x: str = "learning_rate") -> Path:
+    """A sweep's finished trials: the validation metric against one swept flag ``x`` (the learning rate
+    where it is swept), one colour per epochs value.
 
-    ``trials``: dicts with ``learning_rate``, ``epochs`` and ``value``."""
+    ``trials``: dicts with ``value``, ``epochs`` and ``x``'s value."""
     fig = _new_figure(1, "sweep")
     ax = fig.subplots()
-    for i, epochs in enumerate(sorted({t["epochs"] for t in trials})):
-        points = sorted((t["learning_rate"], t["value"]) for t in trials if t["epochs"] == epochs)
+    groups = sorted({t["epochs"] for t in trials}) if x != "epochs" else [None]
+    for i, epochs in enumerate(groups):
+        points = sorted((t[x], t["value"]) for t in trials if epochs is None or t["epochs"] == epochs)
         ax.plot([p[0] for p in points], [p[1] for p in points], color=_color(i), marker="o", markersize=7,
-                linewidth=1.5, label=f"{epochs} epoch(s)")
-    rates = [t["learning_rate"] for t in trials]
-    if min(rates) > 0 and max(rates) >= 10 * min(rates):
+                linewidth=1.5, label=f"{epochs} epoch(s)" if epochs is not None else None)
+    values = [t[x] for t in trials]
+    if min(values) > 0 and max(values) >= 10 * min(values):
         ax.set_xscale("log")
-    _style_axes(ax, f"best validation {metric} of each trial", "learning rate", f"val {metric}")
-    ax.legend(fontsize=10, framealpha=0.85)
+    _style_axes(ax, f"best validation {metric} of each trial", x.replace("_", " "), f"val {metric}")
+    if groups != [None]:
+        ax.legend(fontsize=10, framealpha=0.85)
     fig.savefig(path)
     return path
 

@@ -20,8 +20,8 @@ them. The same command again continues an interrupted sweep: finished trials are
 one resumes at its exact next batch, and a sampled search may be given a larger --trials.
 
 At the end: a table sorted by the validation metric (--metric_for_best, else the task's default),
-SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png (the metric against the learning rate, one
-colour per epochs value) and SWEEP_DIR/best, a link to the winning trial's best/ checkpoint.
+SWEEP_DIR/sweep.json with every trial, SWEEP_DIR/sweep.png (the metric against the learning rate, or
+another swept flag where it is not swept, one colour per epochs value) and SWEEP_DIR/best, a link to the winning trial's best/ checkpoint.
 --test_file FILE then evaluates that checkpoint on a held-out test set, once (SWEEP_DIR/test.json).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _outcome(run_dir: Path) -> dict:
     return {"metric": metric, "value": s[f"best_val_{metric}"], "higher_is_better": s.get("higher_is_better", True),
             "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"], "time_s": s["total_time_s"],
             "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(run_dir / "best"),
-            "learning_rate": config["learning_rate"], "epochs": config["epochs"]}
+            **{n: config[n] for n in SWEPT}}  # every searchable flag's value, swept or not
 
 
 def _signed(outcome: dict) -> float:
@@ -197,6 +197,12 @@ def table(record: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def plot_axis(swept: list) -> str:
+    """The flag the plot puts on its x axis: the learning rate where it is swept, else the first other
+    flag swept apart from the epochs (which are the colours), else the epochs."""
+    return "learning_rate" if "learning_rate" in swept else next((n for n in swept if n != "epochs"), "epochs")
+
+
 def _flags_text(flags: dict) -> str:
     return " ".join(f"--{k} {v}" for k, v in flags.items())
 
@@ -217,7 +223,8 @@ def _finish(sweep: Sweep, wall_s: float) -> dict:
         tmp.symlink_to(Path(order[0]["name"]) / "best", target_is_directory=True)  # relative: the sweep may move
         os.replace(tmp, link)
         from training.plot import plot_sweep
-        plot_sweep(order + ranked(record, "pruned"), order[0]["metric"], sweep.dir / "sweep.png")
+        plot_sweep(order + ranked(record, "pruned"), order[0]["metric"], sweep.dir / "sweep.png",
+                   x=plot_axis([d.name for d in sweep.space.dimensions]))
     print(f"\nsweep of {len(record['trials'])} trial(s) in {sweep.dir}\n{table(record)}")
     if order:
         print(f"best: {order[0]['name']} ({_flags_text(order[0]['flags'])}), val {order[0]['metric']} "
