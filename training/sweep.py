@@ -343,7 +343,7 @@ def _parallel(workers: int, argv: list, sweep_dir: Path, space: Space, rest: lis
     sweep = Sweep(sweep_dir, space, rest, first=True)
     from training.trainer import prepare
 
-    prepare(parse_config(trial_argv(sweep_dir, "trial-000", {}, rest)))  # tokenized once, before the workers
+    prepare(cfg)  # the first trial's data, tokenized once, before the workers: they all read that cache
     own = [i for i, a in enumerate(argv) if a == "--parallel_trials" or a.startswith("--parallel_trials=")]
     child_argv = [a for i, a in enumerate(argv) if i not in own and not (i - 1 in own and "=" not in argv[i - 1])]
     procs, logs, stopping = [], [], []
