@@ -1,3 +1,5 @@
+import math
+
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -134,3 +136,29 @@ def test_a_finished_run_keeps_one_step_checkpoint_without_optimizer_state(tmp_pa
     assert state == {"global_step": 6, "loop": {"epoch": 3}, "finished": True}
     assert not [p for p in kept.iterdir() if p.name.startswith(".")]  # no temporary left
     assert (kept / "model.safetensors").stat().st_ino == (tmp_path / "run" / "final" / "model.safetensors").stat().st_ino
+
+
+def test_the_schedule_is_transformers_linear_warmup_and_decay_and_resumes_from_its_state():
+    from transformers import get_linear_schedule_with_warmup
+
+    def rates(sched, steps):
+        out = []
+        for _ in range(steps):
+            out.append(sched.get_last_lr()[0])
+            sched.optimizer.step()
+            sched.step()
+        return out
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=3e-5)
+
+    for total, ratio in [(30, 0.06), (7, 0.0), (100, 0.5), (10, 0.99), (1, 0.0)]:
+        ours = build_scheduler(optimizer(), total_steps=total, warmup_ratio=ratio)
+        theirs = get_linear_schedule_with_warmup(optimizer(), math.ceil(total * ratio), total)
+        assert rates(ours, total + 2) == rates(theirs, total + 2), (total, ratio)
+    # a checkpoint's scheduler state carries on where it stopped
+    a = build_scheduler(optimizer(), total_steps=20, warmup_ratio=0.25)
+    rates(a, 8)
+    b = build_scheduler(optimizer(), total_steps=20, warmup_ratio=0.25)
+    b.load_state_dict(a.state_dict())
+    assert rates(b, 12) == rates(a, 12) and rates(b, 1) == [0.0]

@@ -9,6 +9,7 @@ read once per log interval and once per epoch.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import get_linear_schedule_with_warmup
 
 from training import long_texts
 from training.batches import forward_logits
@@ -67,8 +67,20 @@ def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile
     return train_model
 
 
+def linear_warmup_then_decay(step: int, *, warmup: int, total: int) -> float:
+    """The learning rate's factor at ``step``: linear from 0 to 1 over ``warmup`` steps, then linear to 0 at
+    ``total`` (the factors of transformers' ``get_linear_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def build_scheduler(optimizer, *, total_steps: int, warmup_ratio: float):
-    return get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * warmup_ratio), total_steps)
+    # torch's LambdaLR rather than transformers.optimization, whose import pulls in transformers.trainer_utils
+    # and, where installed, peft (7.8 s of start-up on a machine that has it, BENCHMARKS.md)
+    factor = functools.partial(linear_warmup_then_decay, warmup=math.ceil(total_steps * warmup_ratio),
+                               total=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass(frozen=True)
