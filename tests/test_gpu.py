@@ -137,14 +137,17 @@ def test_out_of_memory_beside_the_graphs_drops_them_and_the_run_goes_on(tmp_path
     assert len(records(tmp_path / "oom", "epoch")) == 2
 
 
-def test_compile_on_with_graphs_on_a_small_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("unpadded", ["off", "on"])
+def test_compile_on_with_graphs_on_a_small_model(tmp_path, tiny_model_dir, unpadded):
     from conftest import synthetic_rows, write_rows
     train = write_rows(tmp_path / "train.csv", synthetic_rows(300, seed=1))
     proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--epochs", 3,
                       "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--device", "cuda",
-                      "--compile", "on", "--checkpoint_dir", tmp_path, "--run_name", "c", timeout=900)
+                      "--compile", "on", "--unpadded", unpadded, "--checkpoint_dir", tmp_path, "--run_name", "c",
+                      timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compile: on | CUDA graphs: on" in proc.stdout
+    said = "unpadded" if unpadded == "on" else "padded"  # on: the compile traces the packed path
+    assert f"compile: on | CUDA graphs: on | batches: {said}" in proc.stdout, proc.stdout
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["final_val_accuracy"] >= 0.8  # the sentiment word decides the label: learned
 
@@ -314,3 +317,78 @@ def test_a_sweep_runs_graphed_trials_one_worker_per_gpu_and_each_trial_is_its_ru
                           "--sweep_dir", tmp_path / "sw2")
     assert too_many.returncode == 2 and f"this machine shows {gpus} CUDA GPU(s)" in too_many.stderr
     assert too_many.stderr.count("\n") == 1
+
+
+def _packed_against_padded(kind, *, offset=None):
+    """Loss and gradients of one bf16 training step, packed (the flash kernel) and padded (SDPA), for one model."""
+    from test_packing import TOKENIZER, _model, _rows
+
+    from training import packing
+    from training.batches import PadCollator
+
+    rows = _rows([9, 4, 17, 30, 6, 38, 12, 3, 35, 25], seed=2, pairs=kind == "bert")  # within 40 positions
+    if kind == "distilbert":  # no segment ids
+        rows = [{k: v for k, v in r.items() if k != "token_type_ids"} for r in rows]
+    model = _model(kind).cuda()
+
+    def step(batch):
+        model.zero_grad()
+        batch = batch.to(torch.device("cuda"))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(**batch.model_inputs()).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = step(PadCollator(TOKENIZER, 8)(rows))
+    packing.prepare(model)
+    off = packing.position_offset(model) if offset is None else offset
+    got = step(packing.PackCollator(TOKENIZER, max_length=64, position_offset=off)(rows))
+    return want, got
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_packed_steps_with_the_flash_kernel_match_padded_steps(kind):
+    """bf16 tolerance: the two paths round differently (flash vs cuDNN/efficient attention, other GEMM
+    shapes), so 2% of each gradient's norm; a RoBERTa-style model given positions from 0 is off by far more
+    (its position embeddings' gradient lands on the wrong rows)."""
+    (loss_a, grads_a), (loss_b, grads_b) = _packed_against_padded(kind)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-3)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        err = (grads_b[name] - grads_a[name]).norm() / grads_a[name].norm().clamp_min(1e-6)
+        assert err < 2e-2, (name, float(err))
+    if kind == "roberta":
+        (_, grads_a), (_, grads_wrong) = _packed_against_padded(kind, offset=0)
+        name = next(n for n in grads_a if "position_embeddings" in n)  # the rows used move by one
+        err = (grads_wrong[name] - grads_a[name]).norm() / grads_a[name].norm()
+        assert err > 0.5, float(err)
+
+
+def test_unpadded_training_under_graphs_learns_as_padded_training_does(tmp_path, tiny_model_dir):
+    """The CLI end to end: packed batches recorded as CUDA graphs (few shapes), the same losses as padded
+    batches within bf16 rounding, and the same validation accuracy."""
+    from conftest import synthetic_rows, write_rows
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(400, seed=5))
+    args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 3, "--batch_size", 16, "--max_length", 64,
+            "--learning_rate", 2e-3, "--log_every", 1, "--device", "cuda", "--checkpoint_dir", tmp_path,
+            "--cache_dir", tmp_path / "cache", "--no_progress"]
+    out = {}
+    for mode in ("on", "off"):
+        proc = run_script("train_single.py", *args, "--unpadded", mode, "--run_name", mode)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"batches: {'unpadded' if mode == 'on' else 'padded'}" in proc.stdout, proc.stdout
+        assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", proc.stdout), proc.stdout
+        assert "given up" not in proc.stdout
+        out[mode] = proc
+    shapes = int(re.search(r"CUDA graphs: (\d+) batch shapes", out["on"].stdout).group(1))
+    assert shapes <= 12, out["on"].stdout  # few row lengths
+    la = torch.tensor([r["loss"] for r in records(tmp_path / "on", "step")])
+    lb = torch.tensor([r["loss"] for r in records(tmp_path / "off", "step")])
+    assert len(la) == len(lb) and abs(float(la[:5].mean() - lb[:5].mean())) < 0.02 * float(lb[:5].mean())
+    ea, eb = records(tmp_path / "on", "epoch"), records(tmp_path / "off", "epoch")
+    for a, b in zip(ea, eb):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * b["train_loss"] + 0.01, (ea, eb)
+    assert ea[-1]["val_accuracy"] >= 0.9 and abs(ea[-1]["val_accuracy"] - eb[-1]["val_accuracy"]) <= 0.05, (ea, eb)
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert config["unpadded"] is True and json.loads((tmp_path / "off" / "config.json").read_text())["unpadded"] is False

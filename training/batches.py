@@ -35,6 +35,13 @@ class Batch:
     num_examples: int
     num_tokens: int
     docs: Optional[torch.Tensor] = None  # --long_texts windows: each row's document (training/long_texts.py)
+    max_length: Optional[int] = None     # packed batches (training/packing.py): the longest example there can be
+
+    def model_inputs(self) -> dict:
+        """What the model is called with: the inputs, and for a packed batch its attention's length bound."""
+        if self.max_length is None:
+            return self.inputs
+        return {**self.inputs, "max_length_q": self.max_length, "max_length_k": self.max_length}
 
     def _map(self, fn) -> "Batch":
         maybe = lambda t: None if t is None else fn(t)  # noqa: E731
@@ -55,7 +62,7 @@ class Batch:
     @property
     def key(self) -> tuple:
         """What a CUDA graph of a step on this batch depends on: each tensor's name, shape and dtype."""
-        return tuple((k, tuple(v.shape), v.dtype) for k, v in self.tensors().items())
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in self.tensors().items()) + (self.max_length,)
 
 
 class PadCollator:

@@ -122,6 +122,14 @@ class TrainConfig:
                       "150 million training tokens (epochs x examples x mean length), where the compile pays "
                       "back; else off.",
                       choices=("auto", "on", "off"))
+    unpadded: str = _f("off", "Train on unpadded batches: each batch's real tokens end to end in one row, attention "
+                       "by variable-length flash attention, so no pad token reaches a kernel (but a short tail that "
+                       "keeps the shapes few). Off by default: on an H200 it was no faster than length-grouped "
+                       "padded batches (BENCHMARKS.md); it pays where batches would carry much padding "
+                       "(--no_group_by_length). 'auto': on where it can run (a CUDA GPU, bf16, a BERT, RoBERTa, "
+                       "XLM-R, CamemBERT, ELECTRA or DistilBERT model), else padded batches, and the run says why; "
+                       "'on' fails where it cannot run. Evaluation stays padded.",
+                       choices=("auto", "on", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "
                                   "(grouping cuts padding; batches stay shuffled).", must_match=True)
     num_workers: Optional[int] = _f(None, "DataLoader worker processes (default: 0 on CPU, 2 on GPU).")

@@ -1189,8 +1189,9 @@ def _docs(ds: datasets.Dataset) -> Optional[list]:
 
 def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
                  seed: int, num_workers: Optional[int], group_by_length: bool = True, grad_accum_steps: int = 1,
-                 pad_multiple: Optional[int] = None):
-    """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader."""
+                 pad_multiple: Optional[int] = None, train_collate=None):
+    """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader.
+    ``train_collate``: the training batches' collator where it is not the padding one (packed batches)."""
     on_gpu = ctx.device.type == "cuda"
     workers = num_workers if num_workers is not None else (2 if on_gpu else 0)
     # Lengths padded to a multiple of 8 suit tensor cores; a coarser multiple bounds the number of
@@ -1205,7 +1206,8 @@ def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_s
     # Rows as plain lists (not per-row tensors): the collator builds each batch's tensors at once.
     train_rows = data.train.remove_columns(DOC) if DOC in data.train.column_names else data.train  # a window's own label
     train_loader = DataLoader(train_rows.with_format(None), batch_sampler=sampler,
-                              generator=torch.Generator().manual_seed(seed), **common)
+                              generator=torch.Generator().manual_seed(seed),
+                              **{**common, "collate_fn": train_collate or collate})
     eval_loader = DataLoader(data.validation.with_format(None), batch_size=eval_batch_size,
                              sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size,
                                                          _docs(data.validation)), **common)

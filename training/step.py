@@ -57,7 +57,7 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
         with sync:
             # cache off while recording: cached bf16 copies of the weights would outlive the capture
             with autocast(device, sc.amp_dtype, cache=not sc.recording):
-                logits = sc.model(**batch.inputs).logits              # 1. forward
+                logits = sc.model(**batch.model_inputs()).logits              # 1. forward
             loss_sum = sc.task.loss_sum(logits, batch.labels)         # 2. loss
             if sc.skip_nonfinite and not sc.ctx.all_agree(bool(torch.isfinite(loss_sum).item())):
                 applied = False  # asked for: a host sync per micro-step, agreed by every rank

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from training import checkpoint, data, engine, model as model_lib, tasks
+from training import checkpoint, data, engine, model as model_lib, packing, tasks
 from training import resume as resume_lib
 from training.config import TrainConfig
 from training.distributed import ProcessContext, StopSignal, process_context
@@ -52,6 +52,18 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
     graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and unfit is None)
     compile_model = cfg.compile == "on" or (cfg.compile == "auto" and graphs and planned_tokens >= COMPILE_MIN_TOKENS)
     return compile_model, graphs
+
+
+def choose_unpadded(cfg: TrainConfig, model, ctx: ProcessContext, amp_dtype) -> tuple[bool, str]:
+    """(train unpadded, what the run says about its batches): 'auto' resolved, 'on' refused where it cannot run."""
+    if cfg.unpadded == "off":
+        return False, "padded"
+    why = packing.unfit(model, ctx.device, amp_dtype)
+    if why is None:
+        return True, "unpadded"
+    if cfg.unpadded == "on":
+        raise UserError(f"--unpadded on needs {why}")
+    return False, f"padded (unpadded needs {why})"
 
 
 def _git_commit() -> str | None:
@@ -396,17 +408,24 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
               f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
               f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
-    log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'}")
+    unpadded, batches_said = choose_unpadded(cfg, model, ctx, amp_dtype)
+    log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'} | "
+              f"batches: {batches_said}")
+    if unpadded:
+        packing.prepare(model)
     loaders = data.make_loaders(
         prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
         seed=cfg.seed, num_workers=cfg.num_workers,
         group_by_length=not cfg.no_group_by_length, grad_accum_steps=cfg.grad_accum_steps,
-        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None)
+        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None,
+        train_collate=packing.PackCollator(tokenizer, max_length=cfg.max_length,
+                                           position_offset=packing.position_offset(model)) if unpadded else None)
     if not saved:
         log.write_json("config.json", {
             "config": cfg.to_dict(), "task": task.record(), "world_size": ctx.world_size, "backend": ctx.backend,
             "global_batch_size": global_batch, "device": str(ctx.device),
             "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model, "cuda_graphs": use_graphs,
+            "unpadded": unpadded,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)

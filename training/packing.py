@@ -1,0 +1,161 @@
+"""Unpadded training: each batch's real tokens packed into one row, attention by variable-length flash attention.
+
+A padded batch of short texts is mostly padding once its lengths are rounded for CUDA graphs (texts of
+about 20 tokens padded to 32), and every kernel works on the pads. Packed, a batch is one row of its
+examples' tokens end to end, with
+
+- ``position_ids`` restarting at each example (from ``padding_idx + 1`` for RoBERTa-style embeddings,
+  as those models count their positions),
+- ``cu_seq_lens_q``: where each example starts (int32, the examples' cumulative lengths), which the
+  attention below hands to PyTorch's flash-attention kernel in its variable-length form, so an example
+  attends to itself alone and no attention mask is needed,
+- a short tail of pad tokens that rounds the row to one of few lengths (at most one eighth more, so CUDA
+  graphs record few shapes). The tail is a segment of its own: it attends to itself only, stays finite
+  and reaches no example's output.
+
+The encoder's output is then cut down to each example's first token (the [CLS] / <s> position that the
+classifier heads of these families read), shaped as a padded batch's first column: the model's own
+pooler and head run unchanged, and so do the loss and the metrics.
+
+The attention is registered with transformers' ``AttentionInterface`` as ``ATTENTION``; without the packing
+arguments (evaluation, prediction) it is transformers' SDPA attention with its mask, unchanged.
+``torch.nn.attention.varlen.varlen_attn`` runs the same kernel but fixes its dropout at 0; the aten op
+beneath it takes the model's attention dropout, so training regularizes as the padded path does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from training.batches import Batch
+from training.utils import UserError
+
+ATTENTION = "packed_varlen"
+# Model types whose every attention layer goes through transformers' attention interface, whose embeddings
+# take position ids, and whose classifier reads the first token's output.
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra")
+MIN_ROUNDING = 64
+
+
+def packed_length(tokens: int, max_length: int) -> int:
+    """The row length for ``tokens`` real tokens: at least one more (the tail segment), rounded up to a
+    multiple of an eighth of the octave (at most ``max_length``, so the tail's positions stay in range)."""
+    step = max(MIN_ROUNDING, 1 << max(0, tokens.bit_length() - 4))
+    cap = 1 << (max_length.bit_length() - 1)  # the largest power of 2 within max_length
+    step = min(step, cap)
+    return -(-(tokens + 1) // step) * step
+
+
+class PackCollator:
+    """Tokenized rows (plain lists) -> a packed ``Batch`` (one row; see the module's docstring)."""
+
+    def __init__(self, tokenizer, *, max_length: int, position_offset: int = 0):
+        if tokenizer.pad_token_id is None:
+            raise UserError("the tokenizer has no padding token; packed batches need one for their tail")
+        self.pad_id, self.type_pad_id = tokenizer.pad_token_id, tokenizer.pad_token_type_id
+        self.max_length, self.offset = max_length, position_offset
+
+    def __call__(self, rows: list) -> Batch:
+        lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
+        real = int(lengths.sum())
+        total = packed_length(real, self.max_length)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.full(total, self.pad_id, dtype=np.int64)
+        ids[:real] = np.concatenate([r["input_ids"] for r in rows])
+        positions = np.empty(total, dtype=np.int64)
+        positions[:real] = np.arange(real) - np.repeat(starts[:-1], lengths)
+        positions[real:] = np.arange(total - real)
+        inputs = {"input_ids": ids, "position_ids": positions + self.offset}
+        if "token_type_ids" in rows[0]:
+            types = np.full(total, self.type_pad_id, dtype=np.int64)
+            types[:real] = np.concatenate([r["token_type_ids"] for r in rows])
+            inputs["token_type_ids"] = types
+        inputs = {k: torch.from_numpy(v)[None] for k, v in inputs.items()}
+        inputs["cu_seq_lens_q"] = torch.from_numpy(np.append(starts, total).astype(np.int32))
+        labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
+        if labels is not None and labels.is_floating_point():
+            labels = labels.float()
+        docs = torch.tensor([r["doc"] for r in rows]) if "doc" in rows[0] else None
+        return Batch(inputs, labels, len(rows), real, docs, max_length=self.max_length)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+               max_length_q=None, **kwargs):
+    """Variable-length flash attention for a packed batch; transformers' SDPA attention otherwise."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim), the kernel's layout
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen(q, k, v, cu_seq_lens_q, max_length_q, dropout=dropout, scale=scaling)
+    return out.unsqueeze(0), None  # (1, tokens, heads, head_dim): what the SDPA attention returns
+
+
+def varlen(q, k, v, cu_seq_lens: torch.Tensor, max_length: int, *, dropout: float, scale: Optional[float]):
+    """Each segment of ``cu_seq_lens`` attends to itself: (tokens, heads, head_dim) in and out."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length,
+                                                   dropout, False, False, scale=scale)[0]
+
+
+def register() -> None:
+    """Make ``ATTENTION`` known to transformers (its masks: SDPA's, for the padded batches)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _sequence_module(model) -> Optional[torch.nn.Module]:
+    """The module whose output is the encoder's last hidden states, before any pooler."""
+    base = model.base_model
+    return getattr(base, "encoder", None) or getattr(base, "transformer", None)
+
+
+def unfit(model, device: torch.device, amp_dtype) -> Optional[str]:
+    """Why this model cannot train unpadded here, or None."""
+    kind = getattr(model.config, "model_type", "unknown")
+    if device.type != "cuda":
+        return "a CUDA device"
+    if amp_dtype is None:
+        return "bf16 (flash attention has no fp32 kernel)"
+    if kind not in FAMILIES or _sequence_module(model) is None:
+        return f"a model of the families {', '.join(FAMILIES)} (this one is {kind})"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "a GPU of compute capability 8.0 or newer (flash attention)"
+    heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_heads", 1)
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "dim", 0)
+    if hidden // heads > 256 or (hidden // heads) % 8:
+        return "a head size of at most 256, a multiple of 8 (flash attention)"
+    return None
+
+
+def position_offset(model) -> int:
+    """Where a text's positions start: 0, or ``padding_idx + 1`` for RoBERTa-style embeddings."""
+    embeddings = model.base_model.embeddings
+    if hasattr(embeddings, "create_position_ids_from_input_ids"):
+        return int(embeddings.padding_idx) + 1
+    return 0
+
+
+def _first_tokens(module, args, kwargs, output):
+    """Forward hook on the encoder: for a packed batch, keep each example's first token, as a (examples, 1,
+    hidden) batch, so the pooler and the classifier see what a padded batch's first column gives them."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return output
+    hidden = output[0]
+    first = hidden[0].index_select(0, cu[:-2].long()).unsqueeze(1)
+    output["last_hidden_state"] = first
+    return output
+
+
+def prepare(model) -> None:
+    """Switch ``model`` to the packed attention (padded batches still run as before) and cut the encoder's
+    packed output to the examples' first tokens."""
+    register()
+    model.set_attn_implementation(ATTENTION)
+    _sequence_module(model).register_forward_hook(_first_tokens, with_kwargs=True)
