@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import engine  # noqa: E402
+from training import engine, packing  # noqa: E402
 from training.trainer import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
@@ -56,7 +56,7 @@ MODELS = {
 LENGTHS = {"short": (20, 0.55, 4, 128), "long": (260, 0.6, 32, 512), "tiny": (12, 0.5, 3, 32)}
 TRAINERS = ("trainer", "trainer-fast")
 # levers a system name can turn on (+) or off (-): ours+graphs, ours-group, ...
-LEVERS = ("graphs", "compile", "group", "bf16", "ddp")
+LEVERS = ("graphs", "compile", "group", "bf16", "ddp", "unpadded")
 
 
 def make_config(name: str):
@@ -152,9 +152,15 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
     ctx = ctx or (one_process_group(device) if variant.get("ddp") else ProcessContext(0, 0, 1, device))
     device = ctx.device
     data = TokenizedData(dataset.with_format("torch"), dataset.select(range(8)).with_format("torch"), ["0", "1"], {})
+    packed = None
+    if variant.get("unpadded"):  # packed batches, variable-length flash attention (training/packing.py)
+        packing.prepare(model)
+        longest = max(len(ids) for ids in dataset.with_format(None)["input_ids"])
+        packed = packing.PackCollator(tokenizer, max_length=longest, position_offset=packing.position_offset(model))
     loader, _ = make_loaders(data, tokenizer, ctx, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
                              num_workers=variant.get("num_workers"), group_by_length=variant.get("group", True),
-                             pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
+                             pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None,
+                             train_collate=packed)
     # under DDP, recorded steps average the gradients themselves (training/graphs.py): no wrapper
     train_model = engine.prepare_for_training(model, ctx, compile_model=variant.get("compile", False),
                                               wrap_ddp=not variant.get("graphs"))
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_sizes", default="32,256")
     p.add_argument("--systems", default=None,
                    help="comma list of: ours (and variants such as ours+compile, ours-group, ours-bf16, "
-                        "ours+workers0, ours+ddp+graphs: world size 1 through the DDP path), trainer, "
+                        "ours+workers0, ours+ddp+graphs: world size 1 through the DDP path, ours+graphs+unpadded: packed "
+                        "batches), trainer, "
                         "trainer-fast (default: ours,ours+graphs,trainer,trainer-fast on CUDA; ours,trainer "
                         "with --tiny)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per timed window (= one epoch of data)")
@@ -266,6 +273,8 @@ def main(argv=None) -> int:
     unknown = [s for s in systems if not s.startswith("ours") and s not in TRAINERS]
     if unknown:
         p.error(f"unknown system {unknown[0]!r}: choose ours[+LEVER|-LEVER...], trainer or trainer-fast")
+    if device.type != "cuda" and any(v.get("unpadded") for v in ours_variants.values()):
+        p.error("the +unpadded variants need a CUDA device (flash attention)")
     if device.type != "cuda" and any(v.get("graphs") for v in ours_variants.values()):
         p.error("the +graphs variants need a CUDA device (CUDA graphs)")
     peak = measure_matmul_tflops(device)

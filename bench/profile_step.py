@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as B  # noqa: E402
-from training import engine  # noqa: E402
+from training import engine, packing  # noqa: E402
 from training.data import TokenizedData, make_loaders  # noqa: E402
 from training.distributed import ProcessContext  # noqa: E402
 from training.graphs import StepGraphs  # noqa: E402
@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--pad_multiple", type=int, default=None, help="training pads to 32 with graphs on")
     p.add_argument("--sdpa", default="default", choices=("default", "cudnn", "efficient", "math"),
                    help="pin PyTorch's attention kernel (padding masks rule out flash attention)")
+    p.add_argument("--unpadded", default="off", choices=("on", "off"),
+                   help="packed batches and variable-length flash attention (training/packing.py)")
     p.add_argument("--kernels", type=int, default=10, help="rows of the CUDA kernel table")
     p.add_argument("--num_workers", type=int, default=None)
     args = p.parse_args()
@@ -59,9 +61,13 @@ def main() -> None:
     ds = B.make_dataset(lengths, cfg.vocab_size, 0)
     ctx = ProcessContext(0, 0, 1, device)
     data = TokenizedData(ds.with_format("torch"), ds.select(range(8)).with_format("torch"), ["0", "1"], {})
-    loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
-                             num_workers=args.num_workers, pad_multiple=args.pad_multiple)
     model = AutoModelForSequenceClassification.from_config(cfg)
+    packed = None
+    if args.unpadded == "on":
+        packing.prepare(model)
+        packed = packing.PackCollator(tok, max_length=int(lengths.max()), position_offset=packing.position_offset(model))
+    loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
+                             num_workers=args.num_workers, pad_multiple=args.pad_multiple, train_collate=packed)
     train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile == "on")
     peak = B.measure_matmul_tflops(device)
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
@@ -117,6 +123,7 @@ def main() -> None:
     step_ms = timed(steps_only)
     tflops = flops / args.steps / (step_ms / 1e3) / 1e12
     print(f"{args.model} {args.lengths} b{args.batch_size} compile={args.compile} graphs={args.graphs} sdpa={args.sdpa} pad={args.pad_multiple} "
+          f"unpadded={args.unpadded} "
           f"workers={args.num_workers}: warm-up {warm:.1f} s | loader {timed(loader_only):.2f} ms/step | "
           f"steps on GPU batches {step_ms:.2f} ms/step = {args.batch_size / step_ms * 1e3:.0f} samples/s, "
           f"{tflops:.0f} TFLOP/s, MFU {100 * tflops / peak:.1f}% (bf16 matmul {peak:.0f}) | "
