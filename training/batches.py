@@ -97,12 +97,18 @@ class PadCollator:
                 out["attention_mask"][i, cols] = row["attention_mask"] if "attention_mask" in row else 1
             if "token_type_ids" in out:
                 out["token_type_ids"][i, cols] = row["token_type_ids"]
-        # class ids as int64, regression targets as float32 (what the losses take)
-        labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
-        if labels is not None and labels.is_floating_point():
-            labels = labels.float()
-        docs = torch.tensor([r["doc"] for r in rows]) if "doc" in rows[0] else None
+        labels, docs = row_targets(rows)
         return Batch({k: torch.from_numpy(v) for k, v in out.items()}, labels, len(rows), sum(lengths), docs)
+
+
+def row_targets(rows: list) -> tuple:
+    """A batch's labels (class ids as int64, regression targets as float32: what the losses take) and its
+    rows' documents (--long_texts windows), each None where the rows have none."""
+    labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
+    if labels is not None and labels.is_floating_point():
+        labels = labels.float()
+    docs = torch.tensor([r["doc"] for r in rows]) if "doc" in rows[0] else None
+    return labels, docs
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype], *, cache: bool = True):

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from training.batches import Batch
+from training.batches import Batch, row_targets
 from training.utils import UserError
 
 ATTENTION = "packed_varlen"
@@ -74,10 +74,7 @@ class PackCollator:
             inputs["token_type_ids"] = types
         inputs = {k: torch.from_numpy(v)[None] for k, v in inputs.items()}
         inputs["cu_seq_lens_q"] = torch.from_numpy(np.append(starts, total).astype(np.int32))
-        labels = torch.tensor([r["labels"] for r in rows]) if "labels" in rows[0] else None
-        if labels is not None and labels.is_floating_point():
-            labels = labels.float()
-        docs = torch.tensor([r["doc"] for r in rows]) if "doc" in rows[0] else None
+        labels, docs = row_targets(rows)
         return Batch(inputs, labels, len(rows), real, docs, max_length=self.max_length)
 
 
