@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import io
 import json
@@ -148,7 +149,8 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
     ``report``, a dict: filled with what the graphs did (recorded, released, given up)."""
     from transformers import AutoModelForSequenceClassification
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
+    # a copy: +unpadded switches its model's config to the packed attention, which later systems must not inherit
+    model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
     ctx = ctx or (one_process_group(device) if variant.get("ddp") else ProcessContext(0, 0, 1, device))
     device = ctx.device
     data = TokenizedData(dataset.with_format("torch"), dataset.select(range(8)).with_format("torch"), ["0", "1"], {})

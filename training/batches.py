@@ -28,8 +28,8 @@ def encode(tokenizer, texts: list, max_length: int, pairs: Optional[list] = None
 
 @dataclass
 class Batch:
-    """One batch: the model's inputs as the model takes them (``model(**batch.inputs)``), the labels
-    (None for unlabelled texts), and how many examples and real (non-pad) tokens it holds."""
+    """One batch: the model's inputs (``model(**batch.model_inputs())``), the labels (None for unlabelled
+    texts), and how many examples and real (non-pad) tokens it holds."""
     inputs: dict
     labels: Optional[torch.Tensor]
     num_examples: int
@@ -61,7 +61,8 @@ class Batch:
 
     @property
     def key(self) -> tuple:
-        """What a CUDA graph of a step on this batch depends on: each tensor's name, shape and dtype."""
+        """What a CUDA graph of a step on this batch depends on: each tensor's name, shape and dtype, and
+        (packed batches) the attention's length bound, which the graph's kernels are recorded with."""
         return tuple((k, tuple(v.shape), v.dtype) for k, v in self.tensors().items()) + (self.max_length,)
 
 

@@ -126,8 +126,9 @@ class TrainConfig:
                        "by variable-length flash attention, so no pad token reaches a kernel (but a short tail that "
                        "keeps the shapes few). Off by default: on an H200 it was no faster than length-grouped "
                        "padded batches (BENCHMARKS.md); it pays where batches would carry much padding "
-                       "(--no_group_by_length). 'auto': on where it can run (a CUDA GPU, bf16, a BERT, RoBERTa, "
-                       "XLM-R, CamemBERT, ELECTRA or DistilBERT model), else padded batches, and the run says why; "
+                       "(--no_group_by_length). 'auto': on where it can run (a CUDA GPU of compute capability 8.0 or "
+                       "newer, bf16, a BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA or DistilBERT encoder with a "
+                       "head size of at most 256, a multiple of 8), else padded batches, and the run says why; "
                        "'on' fails where it cannot run. Evaluation stays padded.",
                        choices=("auto", "on", "off"))
     no_group_by_length: bool = _f(False, "Shuffle without grouping texts of similar length into batches "

@@ -9,9 +9,9 @@ examples' tokens end to end, with
 - ``cu_seq_lens_q``: where each example starts (int32, the examples' cumulative lengths), which the
   attention below hands to PyTorch's flash-attention kernel in its variable-length form, so an example
   attends to itself alone and no attention mask is needed,
-- a short tail of pad tokens that rounds the row to one of few lengths (at most one eighth more, so CUDA
-  graphs record few shapes). The tail is a segment of its own: it attends to itself only, stays finite
-  and reaches no example's output.
+- a short tail of pad tokens that rounds the row to one of few lengths (at most 64 tokens or an eighth
+  more, whichever is larger, so CUDA graphs record few shapes). The tail is a segment of its own: it
+  attends to itself only, stays finite and reaches no example's output.
 
 The encoder's output is then cut down to each example's first token (the [CLS] / <s> position that the
 classifier heads of these families read), shaped as a padded batch's first column: the model's own
@@ -41,7 +41,8 @@ MIN_ROUNDING = 64
 
 def packed_length(tokens: int, max_length: int) -> int:
     """The row length for ``tokens`` real tokens: at least one more (the tail segment), rounded up to a
-    multiple of an eighth of the octave (at most ``max_length``, so the tail's positions stay in range)."""
+    multiple of an eighth of the octave, or of ``MIN_ROUNDING`` for small batches; the multiple is at most
+    ``max_length``, so the tail's positions stay in range."""
     step = max(MIN_ROUNDING, 1 << max(0, tokens.bit_length() - 4))
     cap = 1 << (max_length.bit_length() - 1)  # the largest power of 2 within max_length
     step = min(step, cap)
@@ -119,9 +120,10 @@ def unfit(model, device: torch.device, amp_dtype) -> Optional[str]:
         return "a CUDA device"
     if amp_dtype is None:
         return "bf16 (flash attention has no fp32 kernel)"
-    if kind not in FAMILIES or _sequence_module(model) is None:
-        return f"a model of the families {', '.join(FAMILIES)} (this one is {kind})"
-    if torch.cuda.get_device_capability(device) < (8, 0):
+    if kind not in FAMILIES or _sequence_module(model) is None or getattr(model.config, "is_decoder", False):
+        return f"an encoder of the families {', '.join(FAMILIES)} (this one is {kind}" + (
+            ", configured as a decoder)" if getattr(model.config, "is_decoder", False) else ")")
+    if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(device) < (8, 0):
         return "a GPU of compute capability 8.0 or newer (flash attention)"
     heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_heads", 1)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "dim", 0)
@@ -155,4 +157,5 @@ def prepare(model) -> None:
     packed output to the examples' first tokens."""
     register()
     model.set_attn_implementation(ATTENTION)
-    _sequence_module(model).register_forward_hook(_first_tokens, with_kwargs=True)
+    if getattr(model, "_packing_hook", None) is None:  # once: a second call must not cut the output twice
+        model._packing_hook = _sequence_module(model).register_forward_hook(_first_tokens, with_kwargs=True)
