@@ -1,5 +1,7 @@
 import math
+import threading
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -74,6 +76,7 @@ def test_only_the_newest_step_checkpoints_are_kept(tmp_path, tiny_model_dir):
     writer = checkpoint.CheckpointWriter(tmp_path / "run", ProcessContext(0, 0, 1, torch.device("cpu")), keep=2)
     for step in (2, 4, 6):
         writer.save_step(model, tok, {"global_step": step})
+    writer.wait()
     assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-00000006", "step-00000004"]
 
 
@@ -98,6 +101,7 @@ def test_best_and_final_share_the_step_checkpoints_weights_and_hold_no_training_
     writer = _writer(tmp_path)
     step = writer.save_step(model, tok, {"global_step": 4, "optimizer": {"big": 1}, "loop": {}})
     best = writer.save_model("best", model, tok, step=4)
+    writer.wait()
     assert not (best / checkpoint.TRAINING_STATE).exists()
     assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in step.iterdir() if p.name !=
                                                             checkpoint.TRAINING_STATE)
@@ -119,6 +123,7 @@ def test_without_hard_links_the_files_are_copied(tmp_path, tiny_model_dir, monke
         raise OSError(95, "Operation not supported")
     monkeypatch.setattr(checkpoint.os, "link", no_links)
     best = writer.save_model("best", model, tok, step=4)
+    writer.wait()
     assert (best / "model.safetensors").stat().st_nlink == 1
     assert (best / "model.safetensors").read_bytes() == (step / "model.safetensors").read_bytes()
 
@@ -136,6 +141,63 @@ def test_a_finished_run_keeps_one_step_checkpoint_without_optimizer_state(tmp_pa
     assert state == {"global_step": 6, "loop": {"epoch": 3}, "finished": True}
     assert not [p for p in kept.iterdir() if p.name.startswith(".")]  # no temporary left
     assert (kept / "model.safetensors").stat().st_ino == (tmp_path / "run" / "final" / "model.safetensors").stat().st_ino
+
+
+def test_a_step_checkpoint_holds_the_state_it_was_asked_for_while_training_changes_it(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """Finished on the writer thread: what lands is the state at the call (model, optimizer moments, sums),
+    not what the training thread has made of it since; and it is visible only once whole."""
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
+    next(model.parameters()).sum().backward()
+    opt.step()
+    sums = torch.ones(3)
+    state = {"global_step": 7, "optimizer": opt.state_dict(), "loop": {"sums": sums, "results": [{"epoch": 1}]}}
+    want_moment = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    want_weight = next(model.parameters()).detach().clone()
+    writer = _writer(tmp_path)
+    release = threading.Event()
+    real_commit = checkpoint._commit
+    monkeypatch.setattr(checkpoint, "_commit", lambda tmp, out: (release.wait(10), real_commit(tmp, out)))
+    path = writer.save_step(model, tok, state)
+    assert not path.exists()  # not visible before it is whole
+    with torch.no_grad():  # training goes on: everything changes in place
+        next(model.parameters()).add_(1.0)
+    opt.step()
+    sums.add_(5)
+    state["loop"]["results"].append({"epoch": 2})
+    release.set()
+    writer.wait()
+    saved = checkpoint.load_training_state(path)
+    assert torch.equal(saved["loop"]["sums"], torch.ones(3)) and saved["loop"]["results"] == [{"epoch": 1}]
+    for k, moment in want_moment.items():
+        assert torch.equal(saved["optimizer"]["state"][k]["exp_avg"], moment)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(path)
+    assert torch.equal(next(reloaded.parameters()), want_weight)
+
+
+def test_a_failed_write_is_raised_by_wait_and_drops_what_was_queued_behind_it(tmp_path, tiny_model_dir,
+                                                                               monkeypatch):
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path)
+    writer.save_step(model, tok, {"global_step": 2})
+    writer.wait()
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "_save_state", full)
+    writer.save_step(model, tok, {"global_step": 4})
+    writer.save_model("best", model, tok, step=4)  # links to a checkpoint that will not exist: dropped
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    run = tmp_path / "run"
+    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000002"]  # the older one kept
+    assert not (run / "best").exists() and not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    writer.wait()  # raised once; the writer is usable again
+    monkeypatch.undo()
+    writer.save_step(model, tok, {"global_step": 6})
+    writer.wait()
+    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000006", "step-00000002"]
 
 
 def test_the_schedule_is_transformers_linear_warmup_and_decay_and_resumes_from_its_state():

@@ -3,7 +3,8 @@ loadable by ``transformers.pipeline``) plus a training-state file for resuming.
 
 A checkpoint directory is written under a temporary name and renamed into place,
 so a reader sees either the whole previous checkpoint or the whole new one.
-Only the main process writes; ``CheckpointWriter`` decides that by itself.
+Only the main process writes; ``CheckpointWriter`` decides that by itself, and finishes each step
+checkpoint (the training state, the fsyncs, the rename) on a thread of its own while training goes on.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,31 +65,68 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     _fsync_dir(out_dir.parent)
 
 
-def _write_atomically(out_dir: Path, fill) -> Path:
-    """``fill(tmp)`` writes the checkpoint's files into a temporary directory, which then replaces ``out_dir``."""
-    out_dir = Path(out_dir)
+def _temporary(out_dir: Path) -> Path:
+    """The empty temporary directory that becomes ``out_dir`` when committed."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def _filling(tmp: Path, fill) -> None:
+    """``fill(tmp)``; on any failure the temporary directory goes, so nothing half-written is left."""
     try:
         fill(tmp)
-        _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_atomically(out_dir: Path, fill) -> Path:
+    """``fill(tmp)`` writes the checkpoint's files into a temporary directory, which then replaces ``out_dir``."""
+    out_dir = Path(out_dir)
+    tmp = _temporary(out_dir)
+    _filling(tmp, lambda t: (fill(t), _commit(t, out_dir)))
     return out_dir
+
+
+def _save_model(tmp: Path, model, tokenizer) -> None:
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+
+
+def _save_state(tmp: Path, training_state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(training_state, buf)
+    (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict | None) -> Path:
     """Write model + tokenizer (+ the training state, unless None) to ``out_dir`` atomically."""
     def fill(tmp: Path) -> None:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_model(tmp, model, tokenizer)
         if training_state is not None:
-            buf = io.BytesIO()
-            torch.save(training_state, buf)
-            (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
+            _save_state(tmp, training_state)
     return _write_atomically(out_dir, fill)
+
+
+def to_host(obj):
+    """A copy of ``obj`` that training can no longer change: its tensors copied to CPU memory (views of one
+    tensor stay one tensor), its dicts, lists and tuples new; other values as they are."""
+    memo = {}
+
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            key = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
+            if key not in memo:
+                memo[key] = x.detach().to("cpu", copy=True)
+            return memo[key]
+        if isinstance(x, dict):
+            return type(x)((k, copy(v)) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    return copy(obj)
 
 
 def link_checkpoint(out_dir: Path, source: Path) -> Path:
@@ -194,13 +233,57 @@ class CheckpointWriter:
 
     ``RUN/checkpoints/step-N`` are resumable (model, tokenizer, training state); ``RUN/best`` and
     ``RUN/final`` are what a user deploys: the model and tokenizer alone, sharing the files of the step
-    checkpoint of the same step (hard links), so a model is on disk once however many names it has."""
+    checkpoint of the same step (hard links), so a model is on disk once however many names it has.
+
+    Off the training thread: a step checkpoint's model and tokenizer are written at once (transformers'
+    ``save_pretrained``, on the caller's thread), its training state is copied to host memory, and the
+    rest (the training state's file, the fsyncs, the rename that makes it visible, the older checkpoints'
+    deletion, the links of best/ and final/) runs on one writer thread, in the order asked, while training
+    goes on. At most one step checkpoint is in flight. ``wait`` (the end of a run, a stop) returns once all
+    of it is on disk, or raises the first write's error; a failed write drops the writes queued behind it,
+    so nothing links to or deletes for a checkpoint that does not exist."""
 
     def __init__(self, run_dir: Path, ctx: ProcessContext, keep: int = 2):
         self.run_dir = Path(run_dir)
         self.ctx = ctx
         self.keep = keep
         self.newest = None  # (global step, path): the step checkpoint written last, or resumed from
+        self._thread = None  # the writer thread (started by the first write, ended by each settle)
+        self._pending = []   # its jobs not yet known to be done
+        self._error = None   # the first failed job's error, raised by settle
+
+    def _submit(self, job, *args) -> None:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending.append(self._thread.submit(self._run, job, args))
+
+    def _run(self, job, args) -> None:
+        if self._error is None:  # behind a failed write, nothing runs
+            try:
+                job(*args)
+            except BaseException as exc:
+                self._error = exc
+
+    def settle(self, *, raising: bool = True) -> None:
+        """This process's writes asked for so far are on disk when it returns (or raises the first one's
+        error; ``raising=False``, while another error ends the run: says it on stderr instead)."""
+        for job in self._pending:
+            job.result()
+        self._pending = []
+        if self._thread is not None:
+            self._thread.shutdown()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            if raising:
+                raise error
+            print(f"note: a checkpoint write failed too: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def wait(self) -> None:
+        """Every write asked for so far is on disk, on every rank's word (a barrier)."""
+        if self.ctx.is_main:
+            self.settle()
+        self.ctx.barrier()  # nobody reads or exits before the checkpoints exist
 
     def adopt(self, path: Path, step: int) -> None:
         """On resume: the checkpoint resumed from holds the weights of ``step`` (one of this run's step
@@ -209,39 +292,48 @@ class CheckpointWriter:
             self.newest = (step, Path(path))
 
     def save_step(self, model, tokenizer, state: dict) -> Path:
-        """A resumable checkpoint named by its step; only the newest ``keep`` stay."""
+        """A resumable checkpoint named by its step; only the newest ``keep`` stay. Finished on the writer
+        thread: ``wait`` for it to be on disk."""
         path = self.run_dir / STEP_DIR / f"step-{state['global_step']:08d}"
         if self.ctx.is_main:
+            self.settle()  # the previous one first: one training state in host memory at a time
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(path, model, tokenizer, state)
-            for old in [p for p in step_checkpoints(self.run_dir) if p != path][self.keep - 1:]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.ctx.barrier()  # nobody reads or exits before the checkpoint exists
+            tmp = _temporary(path)
+            _filling(tmp, lambda t: _save_model(t, model, tokenizer))
+            self._submit(self._finish_step, tmp, path, to_host(state))
         self.newest = (state["global_step"], path)
         return path
 
+    def _finish_step(self, tmp: Path, path: Path, state: dict) -> None:
+        _filling(tmp, lambda t: (_save_state(t, state), _commit(t, path)))
+        for old in [p for p in step_checkpoints(self.run_dir) if p != path][self.keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def save_model(self, name: str, model, tokenizer, step: int) -> Path:
-        """``RUN/name``: the model and tokenizer at ``step``, linked to its step checkpoint where one exists."""
+        """``RUN/name``: the model and tokenizer at ``step``, linked to its step checkpoint where one exists
+        (on the writer thread, after that checkpoint's own write), else written at once."""
         path = self.run_dir / name
         if self.ctx.is_main:
-            if self.newest and self.newest[0] == step and (self.newest[1] / "model.safetensors").is_file():
-                link_checkpoint(path, self.newest[1])
+            if self.newest and self.newest[0] == step:
+                self._submit(link_checkpoint, path, self.newest[1])
             else:
                 save_checkpoint(path, model, tokenizer, None)
-        self.ctx.barrier()
         return path
 
     def finish(self, state: dict) -> None:
         """A finished run has nothing left to resume: the older step checkpoints go, and the newest keeps
         its model (shared with final/) and a training state without the optimizer's, which is what
-        ``--resume auto`` needs to say the run is complete."""
+        ``--resume auto`` needs to say the run is complete. Returns once everything is on disk."""
         if self.ctx.is_main and self.newest and self.newest[0] == state["global_step"]:
-            for old in step_checkpoints(self.run_dir):
-                if old != self.newest[1]:
-                    shutil.rmtree(old, ignore_errors=True)
             slim = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
-            write_state(self.newest[1], {**slim, "finished": True})
-        self.ctx.barrier()
+            self._submit(self._trim, self.newest[1], to_host({**slim, "finished": True}))
+        self.wait()
+
+    def _trim(self, newest: Path, state: dict) -> None:
+        for old in step_checkpoints(self.run_dir):
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+        write_state(newest, state)
 
     def discard_after(self, step: int) -> None:
         """On resume: step checkpoints past the resume point belong to a continuation now abandoned."""

@@ -262,6 +262,8 @@ class CheckpointHooks(engine.Hooks):
             loop.check_finite(self.ctx)  # never write a checkpoint after a non-finite step
             path = self.save()
             if stopping:
+                with self.state.clock.timing("checkpoints"):
+                    self.writer.wait()  # on disk before the process says so and exits
                 again = ("the same command again" if self.cfg.resume == "auto" and self.cfg.run_name else
                          f"the same command plus: --resume auto --run_name {self.writer.run_dir.name}")
                 self.log.print(f"stopped by {self.stop.name} after step {loop.global_step} (epoch {loop.epoch}); "
@@ -472,9 +474,13 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         # an early-stopped run that is resumed (or restarted) has nothing left to train
         finished = state.tracker.stopped_early or engine.fit(runner, loaders, loop, state.loop, hooks, log)
     except engine.NonFiniteLoss as exc:
+        writer.settle()
         kept = checkpoint.step_checkpoints(log.run_dir)
         raise Diverged(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                        f"checkpoint: {kept[0] if kept else 'none'}") from None
+    except BaseException:
+        writer.settle(raising=False)  # what was written before the failure still lands, whole
+        raise
     finally:
         said = runner.summary()
         runner.close()  # whatever ended the loop: recorded graphs go before the process group does
