@@ -157,8 +157,8 @@ def test_a_step_checkpoint_holds_the_state_it_was_asked_for_while_training_chang
     want_weight = next(model.parameters()).detach().clone()
     writer = _writer(tmp_path)
     release = threading.Event()
-    real_commit = checkpoint._commit
-    monkeypatch.setattr(checkpoint, "_commit", lambda tmp, out: (release.wait(10), real_commit(tmp, out)))
+    real_save_state = checkpoint._save_state
+    monkeypatch.setattr(checkpoint, "_save_state", lambda tmp, st: (release.wait(10), real_save_state(tmp, st)))
     path = writer.save_step(model, tok, state)
     assert not path.exists()  # not visible before it is whole
     with torch.no_grad():  # training goes on: everything changes in place
@@ -179,7 +179,7 @@ def test_a_step_checkpoint_holds_the_state_it_was_asked_for_while_training_chang
 def test_a_failed_write_is_raised_by_wait_and_drops_what_was_queued_behind_it(tmp_path, tiny_model_dir,
                                                                                monkeypatch):
     model, tok, _ = _save(tmp_path, tiny_model_dir)
-    writer = _writer(tmp_path)
+    writer = _writer(tmp_path, keep=1)  # keep one: the older checkpoint goes only once the new one is whole
     writer.save_step(model, tok, {"global_step": 2})
     writer.wait()
 
@@ -197,7 +197,32 @@ def test_a_failed_write_is_raised_by_wait_and_drops_what_was_queued_behind_it(tm
     monkeypatch.undo()
     writer.save_step(model, tok, {"global_step": 6})
     writer.wait()
-    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000006", "step-00000002"]
+    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000006"]
+
+
+def test_a_cancelled_write_leaves_the_checkpoint_before_it_and_nothing_half_written(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """A second Ctrl-C: the run stops at once, dropping the step checkpoint not yet committed."""
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path, keep=1)
+    writer.save_step(model, tok, {"global_step": 2})
+    writer.wait()
+    started, release = threading.Event(), threading.Event()
+    real_save_state = checkpoint._save_state
+    monkeypatch.setattr(checkpoint, "_save_state",
+                        lambda tmp, st: (started.set(), release.wait(10), real_save_state(tmp, st)))
+    writer.save_step(model, tok, {"global_step": 4})
+    writer.save_model("best", model, tok, step=4)
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()  # the interrupt arrives while the state is being written
+    writer.settle(raising=False, cancel=True)
+    run = tmp_path / "run"
+    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000002"]
+    assert not (run / "best").exists() and not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    writer.save_step(model, tok, {"global_step": 6})  # the writer works again afterwards
+    writer.wait()
+    assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000006"]
 
 
 def test_the_schedule_is_transformers_linear_warmup_and_decay_and_resumes_from_its_state():

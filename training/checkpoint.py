@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,8 +112,9 @@ def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict | None
 
 
 def to_host(obj):
-    """A copy of ``obj`` that training can no longer change: its tensors copied to CPU memory (views of one
-    tensor stay one tensor), its dicts, lists and tuples new; other values as they are."""
+    """A copy of ``obj`` that training can no longer change: its tensors copied to CPU memory (a tensor
+    found twice, as tied weights are, is copied once), its dicts, lists and tuples new; other values as
+    they are."""
     memo = {}
 
     def copy(x):
@@ -228,6 +230,10 @@ def step_checkpoints(run_dir: Path) -> list:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
+class _Cancelled(Exception):
+    """A write dropped before its commit (``CheckpointWriter.settle(cancel=True)``)."""
+
+
 class CheckpointWriter:
     """Writes checkpoints on the main process only; every rank may call it, others do nothing.
 
@@ -251,6 +257,7 @@ class CheckpointWriter:
         self._thread = None  # the writer thread (started by the first write, ended by each settle)
         self._pending = []   # its jobs not yet known to be done
         self._error = None   # the first failed job's error, raised by settle
+        self._cancel = threading.Event()  # set by settle(cancel=True): the job in flight stops short of its commit
 
     def _submit(self, job, *args) -> None:
         if self._thread is None:
@@ -258,21 +265,26 @@ class CheckpointWriter:
         self._pending.append(self._thread.submit(self._run, job, args))
 
     def _run(self, job, args) -> None:
-        if self._error is None:  # behind a failed write, nothing runs
+        if self._error is None and not self._cancel.is_set():  # behind a failed write, nothing runs
             try:
                 job(*args)
             except BaseException as exc:
                 self._error = exc
 
-    def settle(self, *, raising: bool = True) -> None:
+    def settle(self, *, raising: bool = True, cancel: bool = False) -> None:
         """This process's writes asked for so far are on disk when it returns (or raises the first one's
-        error; ``raising=False``, while another error ends the run: says it on stderr instead)."""
+        error; ``raising=False``, while another error ends the run: says it on stderr instead).
+        ``cancel`` (a second Ctrl-C, which stops at once): the writes not yet committed are dropped, their
+        temporaries deleted, so the newest checkpoint on disk is the one before."""
+        if cancel:
+            self._cancel.set()
         for job in self._pending:
             job.result()
         self._pending = []
         if self._thread is not None:
             self._thread.shutdown()
             self._thread = None
+        self._cancel.clear()
         error, self._error = self._error, None
         if error is not None:
             if raising:
@@ -297,15 +309,24 @@ class CheckpointWriter:
         path = self.run_dir / STEP_DIR / f"step-{state['global_step']:08d}"
         if self.ctx.is_main:
             self.settle()  # the previous one first: one training state in host memory at a time
+            host_state = to_host(state)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = _temporary(path)
             _filling(tmp, lambda t: _save_model(t, model, tokenizer))
-            self._submit(self._finish_step, tmp, path, to_host(state))
+            self._submit(self._finish_step, tmp, path, host_state)
         self.newest = (state["global_step"], path)
         return path
 
     def _finish_step(self, tmp: Path, path: Path, state: dict) -> None:
-        _filling(tmp, lambda t: (_save_state(t, state), _commit(t, path)))
+        def fill(t: Path) -> None:
+            _save_state(t, state)
+            if self._cancel.is_set():
+                raise _Cancelled
+            _commit(t, path)
+        try:
+            _filling(tmp, fill)
+        except _Cancelled:
+            return
         for old in [p for p in step_checkpoints(self.run_dir) if p != path][self.keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
 

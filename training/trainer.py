@@ -467,7 +467,20 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     if saved and saved.get("finished") and (log.run_dir / "summary.json").is_file():
         log.print(f"{log.run_dir} has finished: nothing left to train (its models: final/ and best/)")
         return 0  # and nothing rewritten: a finished run resumed is left as it was
-    if saved and state.loop.next_batch == 0 and state.tracker.best_epoch == len(state.loop.results):
+    try:
+        return _fit_and_finish(runner, loaders, loop, state, hooks, log, stop, resumed=bool(saved))
+    except BaseException as exc:
+        # the checkpoints asked for before the failure land whole before the run's lock is released; a second
+        # Ctrl-C (KeyboardInterrupt) stops at once: the write not yet committed is dropped instead
+        writer.settle(raising=False, cancel=isinstance(exc, KeyboardInterrupt))
+        raise
+
+
+def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHooks, log: RunLogger,
+                    stop: StopSignal, *, resumed: bool) -> int:
+    """Train to the end (or a stop), then final/, the trimmed checkpoints and the summary; the exit code."""
+    writer = hooks.writer
+    if resumed and state.loop.next_batch == 0 and state.tracker.best_epoch == len(state.loop.results):
         hooks.save("best")  # the epoch's best/ follows its checkpoint: a run stopped between them gets it here
     stop.arm()
     try:
@@ -478,9 +491,6 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         kept = checkpoint.step_checkpoints(log.run_dir)
         raise Diverged(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                        f"checkpoint: {kept[0] if kept else 'none'}") from None
-    except BaseException:
-        writer.settle(raising=False)  # what was written before the failure still lands, whole
-        raise
     finally:
         said = runner.summary()
         runner.close()  # whatever ended the loop: recorded graphs go before the process group does
@@ -489,7 +499,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     if not finished:
         return 128 + (stop.signum or 15)
     final = hooks.finish()
-    _finish(state, log, final, task)
+    _finish(state, log, final, state.task)
     return 0
 
 
