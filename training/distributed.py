@@ -20,7 +20,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from training.utils import UserError, detect_device
+from training.utils import UserError, detect_device, launched_by_torchrun  # noqa: F401 (re-exported)
 
 # A failure on one rank is caught by torchrun, which stops the others; this bounds
 # the wait anyway if a peer disappears while the others sit in a collective.
@@ -122,10 +122,6 @@ class ProcessContext:
         flag = torch.tensor([0 if ok else 1], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)
         return int(flag.item()) == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
 @contextlib.contextmanager

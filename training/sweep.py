@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from training.config import parse_config  # noqa: E402
 from training.search import SWEPT, Dimension, Space  # noqa: E402
-from training.utils import UserError  # noqa: E402
+from training.utils import UserError, launched_by_torchrun  # noqa: E402
 
 OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, "parallel_trials": None}
 OWNED = ("checkpoint_dir", "run_name", "resume", "config")  # the sweep decides where each trial writes
@@ -281,8 +281,6 @@ def main(argv=None) -> int:
     own, dims, rest = split_args(argv)
     sweep_dir, test_file, workers = Path(own["sweep_dir"]), own["test_file"], own["parallel_trials"]
     space = Space.from_flags(dims, own["trials"], own["pruner"])
-    from training.distributed import launched_by_torchrun, process_context
-
     if workers is not None:
         if not workers.isdigit() or int(workers) < 1:
             raise UserError(f"--parallel_trials {workers}: give a number of worker processes, 1 or more")
@@ -295,6 +293,8 @@ def main(argv=None) -> int:
     cfg = _check(sweep_dir, space, rest)
     if workers is not None and not worker:  # 1 too: one worker process, on the first GPU
         return _parallel(int(workers), argv, sweep_dir, space, rest, cfg, test_file, started)
+
+    from training.distributed import process_context  # torch: once the flags are known to be good
 
     holder = []
     try:
@@ -450,6 +450,5 @@ def _test(sweep: Sweep, record: dict, cfg, test_file: str) -> int:
 
 if __name__ == "__main__":
     from training.cli import guarded
-    from training.distributed import launched_by_torchrun
 
     sys.exit(guarded(main, use_torchrun=launched_by_torchrun()))

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from training.cli import main  # noqa: E402
-from training.distributed import launched_by_torchrun  # noqa: E402
+from training.utils import launched_by_torchrun  # noqa: E402
 
 if __name__ == "__main__":
     if not launched_by_torchrun():

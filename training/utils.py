@@ -16,6 +16,12 @@ from pathlib import Path
 # --help) before anything heavy loads.
 
 
+def launched_by_torchrun() -> bool:
+    """Started by torchrun (its environment variables are set): a check that needs no torch import, so the
+    entry points can say what is wrong with their flags at once."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback.
 
