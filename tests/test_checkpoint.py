@@ -225,6 +225,33 @@ def test_a_cancelled_write_leaves_the_checkpoint_before_it_and_nothing_half_writ
     assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-00000006"]
 
 
+def test_a_write_cancelled_before_it_starts_leaves_no_temporary(tmp_path, tiny_model_dir, monkeypatch):
+    model, tok, _ = _save(tmp_path, tiny_model_dir)
+    writer = _writer(tmp_path)
+    real_save_model = checkpoint._save_model
+
+    def then_interrupted(*args):  # the second Ctrl-C lands just after the model's files, before the thread starts
+        real_save_model(*args)
+        writer._cancel.set()
+    monkeypatch.setattr(checkpoint, "_save_model", then_interrupted)
+    writer.save_step(model, tok, {"global_step": 2})
+    writer.settle(raising=False, cancel=True)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    assert not writer._cancel.is_set()  # cleared once drained
+
+
+def test_the_host_copy_is_a_copy_of_every_container_and_tensor():
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "a b")
+    t = torch.ones(2)
+    obj = {"x": [t, t], "p": Pair(t, 3), "n": (1, "s")}
+    got = checkpoint.to_host(obj)
+    t.add_(1)
+    assert torch.equal(got["x"][0], torch.ones(2)) and got["x"][0] is got["x"][1]  # one tensor, copied once
+    assert isinstance(got["p"], Pair) and torch.equal(got["p"].a, torch.ones(2)) and got["p"].b == 3
+    assert got["n"] == (1, "s") and got["x"] is not obj["x"]
+
+
 def test_the_schedule_is_transformers_linear_warmup_and_decay_and_resumes_from_its_state():
     from transformers import get_linear_schedule_with_warmup
 

@@ -99,7 +99,7 @@ def _save_model(tmp: Path, model, tokenizer) -> None:
 def _save_state(tmp: Path, training_state: dict) -> None:
     buf = io.BytesIO()
     torch.save(training_state, buf)
-    (tmp / TRAINING_STATE).write_bytes(buf.getvalue())
+    (tmp / TRAINING_STATE).write_bytes(buf.getbuffer())  # the buffer itself, not a copy of it
 
 
 def save_checkpoint(out_dir: Path, model, tokenizer, training_state: dict | None) -> Path:
@@ -125,6 +125,8 @@ def to_host(obj):
             return memo[key]
         if isinstance(x, dict):
             return type(x)((k, copy(v)) for k, v in x.items())
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+            return type(x)(*(copy(v) for v in x))
         if isinstance(x, (list, tuple)):
             return type(x)(copy(v) for v in x)
         return x
@@ -259,17 +261,21 @@ class CheckpointWriter:
         self._error = None   # the first failed job's error, raised by settle
         self._cancel = threading.Event()  # set by settle(cancel=True): the job in flight stops short of its commit
 
-    def _submit(self, job, *args) -> None:
+    def _submit(self, job, *args, dropped=None) -> None:
+        """``job(*args)`` on the writer thread; ``dropped()`` instead if it does not run."""
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-        self._pending.append(self._thread.submit(self._run, job, args))
+        self._pending.append(self._thread.submit(self._run, job, args, dropped))
 
-    def _run(self, job, args) -> None:
-        if self._error is None and not self._cancel.is_set():  # behind a failed write, nothing runs
-            try:
-                job(*args)
-            except BaseException as exc:
-                self._error = exc
+    def _run(self, job, args, dropped) -> None:
+        if self._error is not None or self._cancel.is_set():  # behind a failed or cancelled write, nothing runs
+            if dropped is not None:
+                dropped()
+            return
+        try:
+            job(*args)
+        except BaseException as exc:
+            self._error = exc
 
     def settle(self, *, raising: bool = True, cancel: bool = False) -> None:
         """This process's writes asked for so far are on disk when it returns (or raises the first one's
@@ -278,13 +284,16 @@ class CheckpointWriter:
         temporaries deleted, so the newest checkpoint on disk is the one before."""
         if cancel:
             self._cancel.set()
-        for job in self._pending:
-            job.result()
-        self._pending = []
-        if self._thread is not None:
-            self._thread.shutdown()
-            self._thread = None
-        self._cancel.clear()
+        try:
+            for job in self._pending:
+                job.result()
+            self._pending = []
+            if self._thread is not None:
+                self._thread.shutdown()
+                self._thread = None
+        finally:
+            if not self._pending:
+                self._cancel.clear()
         error, self._error = self._error, None
         if error is not None:
             if raising:
@@ -313,16 +322,17 @@ class CheckpointWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = _temporary(path)
             _filling(tmp, lambda t: _save_model(t, model, tokenizer))
-            self._submit(self._finish_step, tmp, path, host_state)
+            self._submit(self._finish_step, tmp, path, host_state,
+                         dropped=lambda: shutil.rmtree(tmp, ignore_errors=True))
         self.newest = (state["global_step"], path)
         return path
 
     def _finish_step(self, tmp: Path, path: Path, state: dict) -> None:
         def fill(t: Path) -> None:
-            _save_state(t, state)
-            if self._cancel.is_set():
-                raise _Cancelled
-            _commit(t, path)
+            for part in (lambda: _save_state(t, state), lambda: _commit(t, path)):
+                if self._cancel.is_set():  # checked before each part: a commit begun is finished
+                    raise _Cancelled
+                part()
         try:
             _filling(tmp, fill)
         except _Cancelled:

@@ -487,7 +487,7 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
         # an early-stopped run that is resumed (or restarted) has nothing left to train
         finished = state.tracker.stopped_early or engine.fit(runner, loaders, loop, state.loop, hooks, log)
     except engine.NonFiniteLoss as exc:
-        writer.settle()
+        writer.settle(raising=False)  # a failed write is said on stderr: the divergence is the run's error
         kept = checkpoint.step_checkpoints(log.run_dir)
         raise Diverged(f"{exc}: lower --learning_rate, or pass --skip_nonfinite to skip such batches; last good "
                        f"checkpoint: {kept[0] if kept else 'none'}") from None
