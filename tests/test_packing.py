@@ -79,7 +79,7 @@ def _reference_varlen(q, k, v, cu, max_length, *, dropout, scale):
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
-        assert 1 <= b - a <= max_length, (a, b, max_length)  # the flash kernel's bound holds, the tail's too
+        assert 0 < b - a <= max_length, (a, b, max_length)  # the flash kernel's bound holds, the tail's too
         seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]  # (heads, length, dim)
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
     return out
