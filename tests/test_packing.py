@@ -9,6 +9,7 @@ import torch
 from tests.conftest import run_script
 from training import packing
 from training.batches import PadCollator
+from training.utils import UserError
 
 TOKENIZER = SimpleNamespace(pad_token_id=0, pad_token_type_id=0, padding_side="right",
                             model_input_names=["input_ids", "token_type_ids", "attention_mask"])
@@ -36,8 +37,12 @@ def test_packed_rows_restart_positions_and_end_in_a_tail_segment():
     assert batch.inputs["cu_seq_lens_q"].dtype == torch.int32 and batch.labels.tolist() == [0, 1, 2]
     assert "attention_mask" not in batch.inputs
     assert batch.model_inputs()["max_length_q"] == 128 and batch.key[-1] == 128
-    # a max_length of 16 keeps the rounding (and the tail) within 16 tokens
-    assert packing.PackCollator(TOKENIZER, max_length=16)(rows).inputs["input_ids"].shape == (1, 16)
+    # a max_length of 16: the same rounding, the tail in segments of at most 16 tokens, positions from 0 in each
+    short = packing.PackCollator(TOKENIZER, max_length=16)(rows)
+    assert short.inputs["input_ids"].shape == (1, 64)
+    assert short.inputs["cu_seq_lens_q"].tolist() == [0, 5, 8, 15, 25, 35, 45, 55, 64]
+    assert short.inputs["position_ids"][0, 15:].tolist() == [*range(10)] * 4 + [*range(9)]
+    assert short.model_inputs()["packed_examples"] == 3
 
 
 def test_prepare_twice_cuts_the_output_once():
@@ -62,15 +67,31 @@ def test_unfit_refuses_a_bert_configured_as_a_decoder(monkeypatch):
     assert packing.unfit(model, torch.device("cuda"), torch.bfloat16) is None
 
 
-def test_packed_lengths_round_up_by_at_most_an_eighth_and_keep_the_tail_within_max_length():
-    for max_length in (128, 200, 512):
+def test_packed_layouts_round_up_by_at_most_an_eighth_and_split_the_tail_within_max_length():
+    for max_length in (2, 3, 16, 40, 128, 200, 512):
         cap = 1 << (max_length.bit_length() - 1)
-        for tokens in list(range(1, 3000, 7)) + [16383, 16384, 30000]:
-            total = packing.packed_length(tokens, max_length)
-            assert tokens < total <= max(tokens + 1 + min(cap, packing.MIN_ROUNDING), -(-tokens * 9 // 8) + 1)
-            assert total - tokens <= cap  # the tail's positions never pass max_length
-    # few shapes: batches of 32 texts of 20-40 tokens give a handful of row lengths
-    assert len({packing.packed_length(t, 128) for t in range(640, 1281)}) <= 10
+        for tokens in list(range(1, 3000, 7)) + [1023, 1024, 16383, 16384, 30000]:
+            total, tail = packing.packed_layout(tokens, max_length)
+            step = max(packing.MIN_ROUNDING, 1 << max(0, tokens.bit_length() - 4))
+            assert total % step == 0 and sum(tail) == total - tokens, (tokens, max_length)
+            assert all(1 <= n <= cap for n in tail), (tokens, max_length, tail)  # the kernel's bound, positions
+            assert max(tail) - min(tail) <= 1  # split evenly
+            assert total - tokens < step + len(tail)  # the rounding: one step at most, beside a token a segment
+            if cap >= 16:
+                assert len(tail) == -(-(step - 1) // (cap - 1))  # the fewest segments of at most cap
+    # few shapes: about eight row lengths an octave of token counts, at short and at long lengths alike
+    def shapes(tokens, max_length):  # what a graph is keyed on: the row's length and its number of segments
+        return {(total, len(tail)) for total, tail in (packing.packed_layout(t, max_length) for t in tokens)}
+    for max_length in (128, 512):
+        assert len(shapes(range(640, 1281), max_length)) <= 10
+        assert len(shapes(range(2048, 4096), max_length)) <= 9  # before the split: 16 at max_length 128
+    # 3,000 tokens: steps of 256, a tail of 72 (3,072 - 3,000) in 3 segments, as 2 of 128 could overflow
+    assert packing.packed_layout(3000, 128) == (3072, [24, 24, 24])
+
+
+def test_unpadded_needs_a_max_length_of_two():
+    with pytest.raises(UserError, match="--unpadded needs a --max_length of at least 2"):
+        packing.PackCollator(TOKENIZER, max_length=1)
 
 
 def _reference_varlen(q, k, v, cu, max_length, *, dropout, scale):

@@ -38,10 +38,12 @@ class Batch:
     max_length: Optional[int] = None     # packed batches (training/packing.py): the longest example there can be
 
     def model_inputs(self) -> dict:
-        """What the model is called with: the inputs, and for a packed batch its attention's length bound."""
+        """What the model is called with: the inputs, and for a packed batch its attention's length bound and
+        how many of its segments are examples (the rest are its tail's)."""
         if self.max_length is None:
             return self.inputs
-        return {**self.inputs, "max_length_q": self.max_length, "max_length_k": self.max_length}
+        return {**self.inputs, "max_length_q": self.max_length, "max_length_k": self.max_length,
+                "packed_examples": self.num_examples}
 
     def _map(self, fn) -> "Batch":
         maybe = lambda t: None if t is None else fn(t)  # noqa: E731

@@ -9,9 +9,11 @@ examples' tokens end to end, with
 - ``cu_seq_lens_q``: where each example starts (int32, the examples' cumulative lengths), which the
   attention below hands to PyTorch's flash-attention kernel in its variable-length form, so an example
   attends to itself alone and no attention mask is needed,
-- a short tail of pad tokens that rounds the row to one of few lengths (at most 64 tokens or an eighth
-  more, whichever is larger, so CUDA graphs record few shapes). The tail is a segment of its own: it
-  attends to itself only, stays finite and reaches no example's output.
+- a short tail of pad tokens that rounds the row to one of few lengths (by at most 64 tokens or an eighth
+  more, whichever is larger, so CUDA graphs record few shapes: about eight an octave of token counts). The
+  tail is split into as few segments as keep each within ``max_length`` (one, unless the rounding is
+  larger than ``max_length``), so its positions stay in range and the kernel's length bound holds. Its
+  segments attend to themselves only, stay finite and reach no example's output.
 
 The encoder's output is then cut down to each example's first token (the [CLS] / <s> position that the
 classifier heads of these families read), shaped as a padded batch's first column: the model's own
@@ -39,14 +41,20 @@ FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electr
 MIN_ROUNDING = 64
 
 
-def packed_length(tokens: int, max_length: int) -> int:
-    """The row length for ``tokens`` real tokens: at least one more (the tail segment), rounded up to a
-    multiple of an eighth of the octave, or of ``MIN_ROUNDING`` for small batches; the multiple is at most
-    ``max_length``, so the tail's positions stay in range."""
+def packed_layout(tokens: int, max_length: int) -> tuple:
+    """(row length, tail segments' lengths) for ``tokens`` real tokens.
+
+    The row is rounded up to a multiple of an eighth of the octave of ``tokens`` (of ``MIN_ROUNDING`` for
+    small batches), leaving room for at least one token per tail segment. The tail is split evenly into
+    the fewest segments of at most the largest power of 2 within ``max_length`` each: the number of
+    segments depends on the rounding step alone, so a row length has one layout (one graph shape)."""
     step = max(MIN_ROUNDING, 1 << max(0, tokens.bit_length() - 4))
-    cap = 1 << (max_length.bit_length() - 1)  # the largest power of 2 within max_length
-    step = min(step, cap)
-    return -(-(tokens + 1) // step) * step
+    cap = 1 << (max_length.bit_length() - 1)  # the largest power of 2 within max_length (>= 2)
+    # a tail of up to step + pieces - 1 tokens in `pieces` segments of at most `cap`
+    pieces = -(-(step - 1) // (cap - 1))
+    total = -(-(tokens + pieces) // step) * step
+    short, extra = divmod(total - tokens, pieces)
+    return total, [short + 1] * extra + [short] * (pieces - extra)
 
 
 class PackCollator:
@@ -55,26 +63,27 @@ class PackCollator:
     def __init__(self, tokenizer, *, max_length: int, position_offset: int = 0):
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has no padding token; packed batches need one for their tail")
+        if max_length < 2:
+            raise UserError(f"--unpadded needs a --max_length of at least 2 (got {max_length})")
         self.pad_id, self.type_pad_id = tokenizer.pad_token_id, tokenizer.pad_token_type_id
         self.max_length, self.offset = max_length, position_offset
 
     def __call__(self, rows: list) -> Batch:
         lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
         real = int(lengths.sum())
-        total = packed_length(real, self.max_length)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
+        total, tail = packed_layout(real, self.max_length)
+        segments = np.concatenate([lengths, tail])
+        starts = np.concatenate([[0], np.cumsum(segments)])  # each example's start, the tail's, then the end
         ids = np.full(total, self.pad_id, dtype=np.int64)
         ids[:real] = np.concatenate([r["input_ids"] for r in rows])
-        positions = np.empty(total, dtype=np.int64)
-        positions[:real] = np.arange(real) - np.repeat(starts[:-1], lengths)
-        positions[real:] = np.arange(total - real)
+        positions = np.arange(total) - np.repeat(starts[:-1], segments)  # from 0 in every segment
         inputs = {"input_ids": ids, "position_ids": positions + self.offset}
         if "token_type_ids" in rows[0]:
             types = np.full(total, self.type_pad_id, dtype=np.int64)
             types[:real] = np.concatenate([r["token_type_ids"] for r in rows])
             inputs["token_type_ids"] = types
         inputs = {k: torch.from_numpy(v)[None] for k, v in inputs.items()}
-        inputs["cu_seq_lens_q"] = torch.from_numpy(np.append(starts, total).astype(np.int32))
+        inputs["cu_seq_lens_q"] = torch.from_numpy(starts.astype(np.int32))
         labels, docs = row_targets(rows)
         return Batch(inputs, labels, len(rows), real, docs, max_length=self.max_length)
 
@@ -143,11 +152,11 @@ def position_offset(model) -> int:
 def _first_tokens(module, args, kwargs, output):
     """Forward hook on the encoder: for a packed batch, keep each example's first token, as a (examples, 1,
     hidden) batch, so the pooler and the classifier see what a padded batch's first column gives them."""
-    cu = kwargs.get("cu_seq_lens_q")
+    cu, examples = kwargs.get("cu_seq_lens_q"), kwargs.get("packed_examples")
     if cu is None:
         return output
     hidden = output[0]
-    first = hidden[0].index_select(0, cu[:-2].long()).unsqueeze(1)
+    first = hidden[0].index_select(0, cu[:examples].long()).unsqueeze(1)  # the tail's segments come after
     output["last_hidden_state"] = first
     return output
 
