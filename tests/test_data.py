@@ -69,6 +69,29 @@ def test_split_is_deterministic_stratified_and_seeded(tmp_path):
         assert abs(count - total[k] * n_val / sum(total)) <= 1
 
 
+@pytest.mark.parametrize("n,classes,fraction,seed", [(1500, 3, 0.1, 7), (57, 3, 0.25, 0), (1001, 5, 0.5, 42)])
+def test_the_split_holds_out_the_rows_datasets_stratified_split_does(n, classes, fraction, seed):
+    """The labels are read in one go, but the split is datasets' own: the same rows, in the same order (what
+    the seeded runs, their results and resume's data check rest on)."""
+    import datasets
+    gen = torch.Generator().manual_seed(seed)
+    labels = list(range(classes)) * 2 + torch.randint(classes, (n - 2 * classes,), generator=gen).tolist()
+    ds = datasets.Dataset.from_dict({"text": [f"text {i}" for i in range(n)], "labels": labels})
+    ds = ds.cast_column("labels", datasets.ClassLabel(names=[str(k) for k in range(classes)]))
+    want = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="labels")
+    train, test = data._stratified_split(ds, fraction, seed)
+    assert data.column(train, "text") == list(want["train"]["text"])
+    assert data.column(test, "text") == list(want["test"]["text"])
+
+
+def test_column_reads_selected_and_formatted_datasets_as_their_rows_do():
+    import datasets
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * (i % 7 + 1) for i in range(50)], "labels": list(range(50))})
+    picked = ds.select([9, 3, 41, 3]).with_format("torch")  # an indices mapping, a torch format
+    assert data.column(picked, "labels") == [9, 3, 41, 3]
+    assert data.column(picked, "input_ids") == [[1] * 3, [1] * 4, [1] * 7, [1] * 4]
+
+
 def test_default_dataset_is_fresh_vs_rotten_deduplicated():
     splits = load()
     assert splits.label_names == ["fresh", "rotten"]

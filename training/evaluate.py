@@ -84,7 +84,7 @@ def load_validation(args, kind: str = "single_label", text_columns: Optional[lis
     reads one text even where the data has pair columns."""
     import datasets
 
-    from training.data import NO_PAIR, DataSource, LabelledFile, load_labelled_file, load_labelled_splits
+    from training.data import NO_PAIR, DataSource, LabelledFile, column, load_labelled_file, load_labelled_splits
 
     datasets.disable_progress_bars()
     if getattr(args, "data", None) and not args.validation_file:
@@ -108,15 +108,15 @@ def load_validation(args, kind: str = "single_label", text_columns: Optional[lis
     splits = load_labelled_splits(source, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
                                   num_samples=args.num_samples, task=kind)
     val = splits.validation
-    pairs = list(val["text_pair"]) if "text_pair" in val.column_names else None
+    pairs = column(val, "text_pair") if "text_pair" in val.column_names else None
     if kind == "regression":
-        labels = list(val["labels"])
+        labels = column(val, "labels")
     elif kind == "multi_label":
-        labels = [[n for n, on in zip(splits.label_names, row) if on] for row in val["labels"]]
+        labels = [[n for n, on in zip(splits.label_names, row) if on] for row in column(val, "labels")]
     else:
         names = [str(n) for n in splits.label_names]
-        labels = [names[i] for i in val["labels"]]
-    return LabelledFile(list(val["text"]), pairs, labels, splits.info)
+        labels = [names[i] for i in column(val, "labels")]
+    return LabelledFile(column(val, "text"), pairs, labels, splits.info)
 
 
 def map_labels(labels: list, label2id: dict, where: str):
