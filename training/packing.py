@@ -46,8 +46,9 @@ def packed_layout(tokens: int, max_length: int) -> tuple:
 
     The row is rounded up to a multiple of an eighth of the octave of ``tokens`` (of ``MIN_ROUNDING`` for
     small batches), leaving room for at least one token per tail segment. The tail is split evenly into
-    the fewest segments of at most the largest power of 2 within ``max_length`` each: the number of
-    segments depends on the rounding step alone, so a row length has one layout (one graph shape)."""
+    the fewest segments of at most the largest power of 2 within ``max_length`` each. The number of
+    segments depends on the rounding step alone; a graph's key holds it with the row length (the shape of
+    ``cu_seq_lens_q``), so a row length reached with two counts (tiny ``max_length`` only) is two shapes."""
     step = max(MIN_ROUNDING, 1 << max(0, tokens.bit_length() - 4))
     cap = 1 << (max_length.bit_length() - 1)  # the largest power of 2 within max_length (>= 2)
     # a tail of up to step + pieces - 1 tokens in `pieces` segments of at most `cap`
