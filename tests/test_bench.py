@@ -144,3 +144,59 @@ def test_bench_ddp_lever_runs_ours_at_world_size_one_through_the_ddp_path(tmp_pa
     rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"ours", "ours+ddp"} and rows["ours+ddp"]["examples"] == rows["ours"]["examples"]
     assert all(t > 0 for t in rows["ours+ddp"]["window_s"])
+
+
+def test_sst2_sized_set_resamples_training_rows_only_and_keeps_validation_apart(tmp_path):
+    import csv
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "public_data.py"), "--sets", "reviews_67k",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def read(split):
+        with open(tmp_path / "reviews_67k" / f"{split}.csv", newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    train, validation = read("train"), read("validation")
+    assert len(train) == 67_349  # SST-2's training size, drawn with replacement
+    texts = {r["text"] for r in validation}
+    assert len(texts) == len(validation) > 1000  # the validation rows are distinct reviews, each once
+    unique_train = {r["text"] for r in train}
+    assert not texts & unique_train  # no review is in both
+    assert len(unique_train) < len(train)  # drawn with replacement: repeats
+    assert 8 * len(texts) <= len(unique_train) <= 9 * len(texts) + 9  # about all of the other 90% drawn at least once
+    assert {r["label"] for r in train} == {r["label"] for r in validation} == {"fresh", "rotten"}
+
+
+def test_profile_kernel_kinds_sort_kernels_and_rate_the_gemms():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import types
+
+    import profile_step as P
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [("flash_fwd_kernel<cutlass::bfloat16_t>", cuda, 3000), ("nvjet_tst_128x256_h_bz", cuda, 8000),
+              ("sm90_xmma_gemm_bf16bf16", cuda, 2000), ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", cuda, 1000),
+              ("Memcpy DtoD (Device -> Device)", cuda, 500), ("at::native::copy_kernel", cuda, 1500),
+              ("vectorized_elementwise_kernel", cuda, 4000), ("aten::mm", cpu, 99000), ("idle", cuda, 0)]
+    prof = types.SimpleNamespace(key_averages=lambda: [
+        types.SimpleNamespace(key=k, device_type=d, self_device_time_total=us) for k, d, us in events])
+    kinds = P.kernel_kinds(prof, steps=2)  # microseconds over 2 steps -> ms a step
+    assert kinds == {"attention": 1.5, "GEMM": 5.0, "optimizer": 0.5, "copies": 1.0, "the rest": 2.0}
+    line = P.kinds_line(kinds, gemm_flops=2.5e12, attention_flops=0.15e12, peak=800.0)
+    # 2.5 TFLOP in 5 ms: 500 TFLOP/s; 0.15 TFLOP in 1.5 ms: 100 TFLOP/s; together 2.65 TFLOP in 6.5 ms of 800
+    assert "GPU 10.00 ms a step" in line and "GEMMs 500 TFLOP/s" in line and "attention 100 TFLOP/s" in line
+    assert f"MFU if nothing else took time: {100 * 2.65 / 6.5e-3 / 800:.1f}%" in line
+    # which operations launched them: an op's own kernels, keyed by its chain of parents
+    K = lambda name, us: types.SimpleNamespace(name=name, duration=us)  # noqa: E731
+    step = types.SimpleNamespace(name="train_step", cpu_parent=None, kernels=[])
+    bwd = types.SimpleNamespace(name="autograd::engine::evaluate_function: IndexSelectBackward0", cpu_parent=None,
+                                kernels=[])
+    ops = [types.SimpleNamespace(name="aten::copy_", cpu_parent=types.SimpleNamespace(
+               name="aten::contiguous", cpu_parent=step, kernels=[]), kernels=[K("direct_copy_kernel", 300)] * 2),
+           types.SimpleNamespace(name="aten::index_add_", cpu_parent=bwd, kernels=[K("indexFuncLargeIndex", 100)]),
+           types.SimpleNamespace(name="aten::mm", cpu_parent=step, kernels=[K("nvjet_tst_64x8", 900)])]
+    table = P.callers(types.SimpleNamespace(events=lambda: [step, bwd] + ops), steps=2)
+    assert [(kind, chain, round(ms, 3)) for (kind, chain), (ms, _) in table] == [
+        ("GEMM", "train_step > aten::mm", 0.45), ("copies", "train_step > aten::contiguous > aten::copy_", 0.3),
+        ("the rest", "bwd:IndexSelectBackward0 > aten::index_add_", 0.05)]
