@@ -166,3 +166,35 @@ def test_unfit_says_why_and_the_cli_refuses_unpadded_on_where_it_cannot_run(tmp_
     proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", synthetic_csv, "--epochs", "1",
                       "--num_samples", "40", "--unpadded", "auto", "--checkpoint_dir", tmp_path / "runs")
     assert proc.returncode == 0 and "batches: padded (unpadded needs a CUDA device)" in proc.stdout, proc.stdout
+
+
+def test_the_packed_attention_hands_the_kernel_views_and_copies_nothing_back(monkeypatch):
+    """The projections' layout as transformers makes it ((1, tokens, heads x dim) viewed and transposed to (1,
+    heads, tokens, dim)) reaches the kernel as views of the same memory, and the backward through the glue
+    neither allocates the whole input (select's backward) nor clones it (the projection's reshape): on an H200
+    these copies were 1.5 of 26 ms of a BERT-base step."""
+    seen = []
+
+    def kernel(q, k, v, cu, max_length, *, dropout, scale):  # copy-free stand-in: records what it is handed
+        seen.append((q, k, v))
+        return q * k + v
+
+    monkeypatch.setattr(packing, "varlen", kernel)
+    tokens, heads, dim = 12, 2, 4
+    proj = [torch.randn(1, tokens, heads * dim, requires_grad=True) for _ in range(3)]
+    query, key, value = (p.view(1, tokens, heads, dim).transpose(1, 2) for p in proj)
+    cu = torch.tensor([0, 5, tokens], dtype=torch.int32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, _ = packing._attention(None, query, key, value, None, scaling=1.0, cu_seq_lens_q=cu, max_length_q=7)
+        out.reshape(1, tokens, heads * dim).sum().backward()
+    for t, p in zip(seen[0], proj):
+        assert t.shape == (tokens, heads, dim) and t.data_ptr() == p.data_ptr() and t.is_contiguous()
+    def inside(event, name):
+        return event is not None and (name in event.name or inside(event.cpu_parent, name))
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::select_backward")
+              and not inside(e, "AccumulateGrad")]  # (storing a .grad may copy: not the glue's doing)
+    assert copies == [], copies
+    q, k, _ = (p.detach().view(tokens, heads, dim) for p in proj)
+    torch.testing.assert_close(proj[0].grad.view(tokens, heads, dim), k)  # d(q*k+v)/dq = k, in the projection's layout
+    torch.testing.assert_close(proj[1].grad.view(tokens, heads, dim), q)
+    torch.testing.assert_close(proj[2].grad, torch.ones_like(proj[2]))

@@ -96,8 +96,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim), the kernel's layout
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim), the kernel's layout: a view of the projections'
+    # own memory, and so are the gradients back through it (indexing [0] instead made the backward allocate
+    # the whole input and copy into it, and the projection's reshape then clone it: 6% of a BERT-base step)
+    q, k, v = (t.transpose(1, 2).squeeze(0) for t in (query, key, value))
     out = varlen(q, k, v, cu_seq_lens_q, max_length_q, dropout=dropout, scale=scaling)
     return out.unsqueeze(0), None  # (1, tokens, heads, head_dim): what the SDPA attention returns
 
@@ -157,7 +159,7 @@ def _first_tokens(module, args, kwargs, output):
     if cu is None:
         return output
     hidden = output[0]
-    first = hidden[0].index_select(0, cu[:examples].long()).unsqueeze(1)  # the tail's segments come after
+    first = hidden.squeeze(0).index_select(0, cu[:examples].long()).unsqueeze(1)  # the tail's segments come after
     output["last_hidden_state"] = first
     return output
 
