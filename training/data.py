@@ -700,7 +700,7 @@ def strip_labels(labels: list, where: str, notes: list) -> list:
         shown = "; ".join(groups[:5]) + (" ..." if len(groups) > 5 else "")
         notes.append(f"labels of {where} that differ only by surrounding whitespace are merged, stripped: "
                      f"{shown} ({changed} row(s))")
-    return stripped
+    return stripped if changed else labels  # the same list: the caller need not rewrite the column
 
 
 def _clean(ds: datasets.Dataset, where: str, notes: list, columns: tuple, all_columns,
