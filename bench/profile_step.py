@@ -35,7 +35,8 @@ from training.tasks import SingleLabelClassification  # noqa: E402
 
 
 # kernel names -> kinds, first match wins: attention first (flash, cuDNN and memory-efficient kernels, whose
-# names may hold CUTLASS types), then cuBLAS/CUTLASS GEMMs
+# names may hold CUTLASS types), then cuBLAS/CUTLASS GEMMs; "optimizer" holds the gradient clipping's foreach kernels
+# too. By kernel name: for eager and graphed steps, not compiled ones (Triton kernels are named after what they fuse)
 KERNEL_KINDS = (("attention", r"flash|fmha|attention|cudnn|sdpa"), ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas"),
                 ("optimizer", r"adam|multi_tensor"), ("copies", r"copy|memcpy"), ("the rest", r""))
 
