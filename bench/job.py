@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 METRIC = {"single_label": "accuracy", "regression": "pearson", "multi_label": "micro_f1"}
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown system {unknown[0]!r} (choose from ours, trainer)")
 
-    from training.model import resolve_model_path
+    from encoderfit.modeling.model import resolve_model_path
     model = str(resolve_model_path(args.model))  # both systems load the same local files
     name = args.name or Path(args.train_file).resolve().parent.name
     rows = []

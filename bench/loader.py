@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's package
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as B  # noqa: E402
-from training.batches import PadCollator  # noqa: E402
-from training.data import TrainBatchSampler  # noqa: E402
+from encoderfit.data.batches import PadCollator  # noqa: E402
+from encoderfit.data.loaders import TrainBatchSampler  # noqa: E402
 
 
 def ms_per_batch(dataset, collate, batch_size: int, batches: int) -> float:

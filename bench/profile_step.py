@@ -19,19 +19,22 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's package
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as B  # noqa: E402
-from training import engine, packing  # noqa: E402
-from training.data import TokenizedData, make_loaders  # noqa: E402
-from training.distributed import ProcessContext  # noqa: E402
-from training.graphs import StepGraphs  # noqa: E402
-from training.runlog import RunLogger  # noqa: E402
-from training.step import EagerSteps, StepContext  # noqa: E402
-from training.tasks import SingleLabelClassification  # noqa: E402
+from encoderfit.engine import loop as engine  # noqa: E402
+from encoderfit.modeling import packing  # noqa: E402
+from encoderfit.data.cache import TokenizedData  # noqa: E402
+from encoderfit.data.loaders import make_loaders  # noqa: E402
+from encoderfit.engine.distributed import ProcessContext  # noqa: E402
+from encoderfit.engine.graphs import StepGraphs  # noqa: E402
+from encoderfit.run.runlog import RunLogger  # noqa: E402
+from encoderfit.engine.step import EagerSteps, StepContext  # noqa: E402
+from encoderfit.tasks.single_label import SingleLabelClassification  # noqa: E402
 
 
 # kernel names -> kinds, first match wins: attention first (flash, cuDNN and memory-efficient kernels, whose

@@ -23,16 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's package
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
 
 def worker(args) -> int:
-    from training.distributed import process_context
+    from encoderfit.engine.distributed import process_context
 
     with process_context(args.device, True) as ctx, tempfile.TemporaryDirectory() as tmp:
         config = bench.make_config(args.models)

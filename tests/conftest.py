@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's package, installed or not
 
 # pytest -n 2 on two cores: two workers, each training in this process or in commands of two OpenMP threads
 # (four or more threads for two cores). OpenMP's default has an idle thread spin, holding a core that
@@ -259,7 +260,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from training.model import default_model_dir
+    from encoderfit.modeling.model import default_model_dir
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

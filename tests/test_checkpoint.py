@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from training import checkpoint
-from training.engine import build_optimizer, build_scheduler
-from training.model import load_model
-from training.tasks import SingleLabelClassification
+from encoderfit.run import checkpoint
+from encoderfit.engine.loop import build_optimizer, build_scheduler
+from encoderfit.modeling.model import load_model
+from encoderfit.tasks.single_label import SingleLabelClassification
 
 
 def _save(tmp_path, tiny_model_dir, name="ck"):
@@ -71,7 +71,7 @@ def test_rng_state_round_trip_replays_the_same_numbers():
 
 
 def test_only_the_newest_step_checkpoints_are_kept(tmp_path, tiny_model_dir):
-    from training.distributed import ProcessContext
+    from encoderfit.engine.distributed import ProcessContext
     model, tok, _ = _save(tmp_path, tiny_model_dir)
     writer = checkpoint.CheckpointWriter(tmp_path / "run", ProcessContext(0, 0, 1, torch.device("cpu")), keep=2)
     for step in (2, 4, 6):
@@ -82,7 +82,7 @@ def test_only_the_newest_step_checkpoints_are_kept(tmp_path, tiny_model_dir):
 
 def test_tools_find_the_training_max_length_for_step_checkpoints_too(tmp_path):
     import json
-    from training.inference import trained_max_length
+    from encoderfit.serve.inference import trained_max_length
     run = tmp_path / "run"
     for sub in ("final", "checkpoints/step-00000004"):
         (run / sub).mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_tools_find_the_training_max_length_for_step_checkpoints_too(tmp_path):
 
 
 def _writer(tmp_path, keep=3):
-    from training.distributed import ProcessContext
+    from encoderfit.engine.distributed import ProcessContext
     return checkpoint.CheckpointWriter(tmp_path / "run", ProcessContext(0, 0, 1, torch.device("cpu")), keep=keep)
 
 

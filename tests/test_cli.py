@@ -7,7 +7,7 @@ import torch
 from transformers import pipeline
 
 from conftest import ROOT, cli_env, disk_bytes, run_script, synthetic_rows, write_rows
-from training.utils import UserError
+from encoderfit.utils import UserError
 
 
 def read_metrics(run_dir: Path, event: str) -> list:
@@ -232,7 +232,7 @@ def test_files_keep_the_umask_mode(tmp_path, tiny_model_dir):
 def test_help_explains_every_flag():
     proc = run_script("train_single.py", "--help")
     assert proc.returncode == 0
-    from training.config import TrainConfig
+    from encoderfit.config import TrainConfig
     import dataclasses
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in proc.stdout
@@ -248,9 +248,9 @@ def test_help_explains_every_flag():
     ("cpu", 1, 1, False, 1e12, (False, False)),
 ])
 def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, tokens, expected):
-    from training.trainer import choose_speed
-    from training.config import TrainConfig
-    from training.distributed import ProcessContext
+    from encoderfit.run.trainer import choose_speed
+    from encoderfit.config import TrainConfig
+    from encoderfit.engine.distributed import ProcessContext
     cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
     ctx = ProcessContext(0, 0, world, torch.device(device))
     assert choose_speed(cfg, ctx, planned_tokens=tokens) == expected
@@ -262,18 +262,18 @@ def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum,
     (2, 4, False, "does not work with --grad_accum_steps above 1"),  # under DDP as on one process
 ])
 def test_explicit_cuda_graphs_refuse_what_they_cannot_serve(world, accum, skip, message):
-    from training.trainer import choose_speed
-    from training.config import TrainConfig
-    from training.distributed import ProcessContext
+    from encoderfit.run.trainer import choose_speed
+    from encoderfit.config import TrainConfig
+    from encoderfit.engine.distributed import ProcessContext
     cfg = TrainConfig(cuda_graphs="on", grad_accum_steps=accum, skip_nonfinite=skip)
     with pytest.raises(UserError, match=message):
         choose_speed(cfg, ProcessContext(0, 0, world, torch.device("cuda")), planned_tokens=10)
 
 
 def test_explicit_settings_win_over_auto():
-    from training.trainer import choose_speed
-    from training.config import TrainConfig
-    from training.distributed import ProcessContext
+    from encoderfit.run.trainer import choose_speed
+    from encoderfit.config import TrainConfig
+    from encoderfit.engine.distributed import ProcessContext
     ctx = ProcessContext(0, 0, 1, torch.device("cuda"))
     assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_tokens=10) == (True, False)
     assert choose_speed(TrainConfig(compile="off"), ctx, planned_tokens=1e12) == (False, True)

@@ -4,10 +4,10 @@ import json
 import pytest
 
 from conftest import synthetic_rows, write_rows
-from training import data
-from training.batches import PadCollator
-from training.distributed import ProcessContext
-from training.utils import UserError
+from encoderfit import data
+from encoderfit.data.batches import PadCollator
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.utils import UserError
 
 import torch
 

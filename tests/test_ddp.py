@@ -199,7 +199,7 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_line(task, tmp_path,
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert ours == [expected], proc.stderr[-3000:]  # said by rank 0 alone: the others stop on the same input
-    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr
+    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and ("/training/" in ln or "/encoderfit/" in ln)], proc.stderr
 
 
 FLAT_VS_DDP = '''
@@ -207,11 +207,12 @@ import sys
 import torch
 import torch.distributed as dist
 from transformers import BertConfig, BertForSequenceClassification
-from training import engine, tasks
-from training.batches import Batch
-from training.distributed import ProcessContext
-from training.graphs import FlatGradients
-from training.step import StepContext, train_step
+from encoderfit import tasks
+from encoderfit.data.batches import Batch
+from encoderfit.engine import loop as engine
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.engine.graphs import FlatGradients
+from encoderfit.engine.step import StepContext, train_step
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -271,7 +272,7 @@ def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(
     script.write_text(FLAT_VS_DDP)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), weights, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=cli_env(PYTHONPATH=str(ROOT)))
+                          timeout=300, env=cli_env(PYTHONPATH=str(ROOT / "src")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     for line in lines:

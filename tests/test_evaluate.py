@@ -11,8 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import conftest  # noqa: E402
 from conftest import THREE_LABELS, run_script, synthetic_rows, write_rows
 
-from training import evaluate, inference
-from training.metrics import classification_metrics, confusion_matrix
+from encoderfit.cli import evaluate
+from encoderfit.serve import inference
+from encoderfit.metrics import classification_metrics, confusion_matrix
 
 LABELS = THREE_LABELS
 
@@ -181,7 +182,7 @@ def test_metrics_of_many_classes_against_counting():
 
 
 def test_confusion_matrix_plot_of_many_long_labels(tmp_path):
-    from training.plot import plot_confusion_matrix
+    from encoderfit.cli.plot import plot_confusion_matrix
 
     k = 12
     cm = np.random.default_rng(1).integers(0, 30, (k, k)) + np.eye(k, dtype=int) * 100
@@ -190,7 +191,7 @@ def test_confusion_matrix_plot_of_many_long_labels(tmp_path):
 
 
 def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
-    from training.model import default_model_dir
+    from encoderfit.modeling.model import default_model_dir
 
     train = trained.parent.parent / "train.csv"
     ck = ["--checkpoint", str(trained / "final")]

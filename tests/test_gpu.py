@@ -222,7 +222,7 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model
     # every rank that gets that far says it (torchrun may stop the slower ones first, so count at least one)
     assert errors and all(want in ln for ln in errors), proc.stderr[-3000:]
     # no traceback from our processes (torchrun prints its own when a worker fails)
-    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and "/training/" in ln], proc.stderr
+    assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and ("/training/" in ln or "/encoderfit/" in ln)], proc.stderr
     assert not list(tmp_path.glob("run-*"))  # nothing was started
 
 
@@ -323,8 +323,8 @@ def _packed_against_padded(kind, *, offset=None):
     """Loss and gradients of one bf16 training step, packed (the flash kernel) and padded (SDPA), for one model."""
     from test_packing import TOKENIZER, _model, _rows
 
-    from training import packing
-    from training.batches import PadCollator
+    from encoderfit.modeling import packing
+    from encoderfit.data.batches import PadCollator
 
     rows = _rows([9, 4, 17, 30, 6, 38, 12, 3, 35, 25], seed=2, pairs=kind == "bert")  # within 40 positions
     if kind == "distilbert":  # no segment ids

@@ -5,13 +5,13 @@ import warnings
 import pytest
 import torch
 
-from training import engine
-from training.batches import Batch
-from training.distributed import ProcessContext
-from training.graphs import StepGraphs
-from training.runlog import RunLogger
-from training.step import EagerSteps, StepContext
-from training.tasks import SingleLabelClassification
+from encoderfit.engine import loop as engine
+from encoderfit.data.batches import Batch
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.engine.graphs import StepGraphs
+from encoderfit.run.runlog import RunLogger
+from encoderfit.engine.step import EagerSteps, StepContext
+from encoderfit.tasks.single_label import SingleLabelClassification
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")]

@@ -11,8 +11,8 @@ import torch
 
 from conftest import FILLER, NEGATIVE, POSITIVE, made_once, run_script
 from test_resume import env_with, hooks, records, weights  # noqa: F401 (hooks: the STOP_AT_STEP fixture)
-from training.long_texts import DOC, LongTexts, pool
-from training.utils import UserError
+from encoderfit.modeling.long_texts import DOC, LongTexts, pool
+from encoderfit.utils import UserError
 
 MAX_LENGTH = 32
 
@@ -298,8 +298,8 @@ def test_a_checkpoint_from_before_long_texts_resumes_only_truncating():
     """Such a checkpoint truncated: resuming it under today's default (head_tail) would change its inputs."""
     import dataclasses
 
-    from training.config import TrainConfig
-    from training.resume import check_compatible
+    from encoderfit.config import TrainConfig
+    from encoderfit.run.resume import check_compatible
 
     config = dataclasses.asdict(TrainConfig())
     old = {k: v for k, v in config.items() if k not in ("long_texts", "head_tokens", "stride", "window_pooling")}

@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from training.metrics import macro_f1
-from training.tasks import SingleLabelClassification
+from encoderfit.metrics import macro_f1
+from encoderfit.tasks.single_label import SingleLabelClassification
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from training import packing
-from training.batches import PadCollator
-from training.utils import UserError
+from encoderfit.modeling import packing
+from encoderfit.data.batches import PadCollator
+from encoderfit.utils import UserError
 
 TOKENIZER = SimpleNamespace(pad_token_id=0, pad_token_type_id=0, padding_side="right",
                             model_input_names=["input_ids", "token_type_ids", "attention_mask"])

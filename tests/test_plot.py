@@ -10,7 +10,7 @@ from PIL import Image
 import conftest  # noqa: E402
 from conftest import run_script
 
-from training import plot
+from encoderfit.cli import plot
 
 FIGURES = ("loss.png", "accuracy.png", "throughput.png")
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first and second run
@@ -166,7 +166,7 @@ def test_bad_input_through_the_script_has_no_traceback(tmp_path):
 
 def test_a_sweep_is_plotted_against_its_learning_rate_or_another_swept_flag(tmp_path):
     from conftest import assert_real_png
-    from training.sweep import plot_axis
+    from encoderfit.cli.sweep import plot_axis
 
     assert plot_axis(["learning_rate", "epochs"]) == "learning_rate"
     assert plot_axis(["epochs", "weight_decay", "seed"]) == "weight_decay"

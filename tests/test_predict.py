@@ -9,8 +9,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ROOT, THREE_LABELS, cli_env, run_script, synthetic_rows, write_rows
 
-from training import inference, predict
-from training.utils import UserError
+from encoderfit.serve import inference
+from encoderfit.cli import predict
+from encoderfit.utils import UserError
 
 LABELS = THREE_LABELS
 TEXTS = ["topic2 was quite good", "the movie topic0", "topic1",
@@ -145,7 +146,7 @@ def test_batched_length_sorted_logits_equal_one_text_at_a_time(trained):
         assert logits.dtype == torch.float32 and logits.shape == (len(TEXTS), 3)
         torch.testing.assert_close(logits.softmax(-1), expected, atol=1e-5, rtol=1e-4)
     # truncation: max_length 4 keeps [CLS] + 2 tokens + [SEP], the same as truncating directly
-    from training.long_texts import LongTexts
+    from encoderfit.modeling.long_texts import LongTexts
     assert clf.long_texts.mode == "head_tail"  # the checkpoint's, which the default run recorded
     short, _ = direct_probabilities(trained / "final", TEXTS, max_length=4)
     torch.testing.assert_close(inference.predict_logits(clf, TEXTS, batch_size=4, max_length=4,
@@ -182,7 +183,7 @@ def test_output_dash_writes_json_lines_to_stdout(trained, capsys):
 
 
 def _bad_inputs(tmp: Path, trained: Path) -> dict:
-    from training.model import default_model_dir
+    from encoderfit.modeling.model import default_model_dir
 
     ck = ["--checkpoint", str(trained / "final")]
     (tmp / "empty_dir").mkdir()

@@ -4,8 +4,10 @@ import json
 import pytest
 
 from conftest import run_script, synthetic_rows, write_rows
-from training import data, evaluate, predict
-from training.utils import UserError
+from encoderfit import data
+from encoderfit.cli import evaluate
+from encoderfit.cli import predict
+from encoderfit.utils import UserError
 
 N = 200
 
@@ -144,7 +146,7 @@ def test_duplicate_header_names_are_an_error(tmp_path):
 
 
 def test_the_quoting_flag_is_training_s_everywhere():
-    from training.config import TrainConfig, build_parser, fields_marked
+    from encoderfit.config import TrainConfig, build_parser, fields_marked
 
     assert "quoting" in fields_marked("data") and "quoting" in fields_marked("must_match")
     assert TrainConfig().quoting == "auto"

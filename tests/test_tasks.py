@@ -12,8 +12,9 @@ import torch
 
 from conftest import FILLER, NEGATIVE, POSITIVE, made_once, run_script, synthetic_rows, write_rows
 from test_resume import hooks  # noqa: F401 (a fixture: the STOP_AT_STEP hook)
-from training import data, tasks
-from training.utils import UserError
+from encoderfit import data
+from encoderfit import tasks
+from encoderfit.utils import UserError
 
 
 def _sentence(rng, positive: bool) -> str:
@@ -265,7 +266,7 @@ def test_score_labels_choose_the_task_and_refuse_what_does_not_fit(tmp_path):
 # ---------------------------------------------------------------- class weights
 
 def test_class_weights_are_torch_weighted_cross_entropy():
-    from training.batches import Batch
+    from encoderfit.data.batches import Batch
 
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(12, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
@@ -500,7 +501,7 @@ def test_balanced_weights_refuse_a_label_without_examples():
 
 
 def test_a_nan_metric_never_holds_the_best_checkpoint():
-    from training.trainer import BestTracker
+    from encoderfit.run.trainer import BestTracker
 
     class Log:
         def print(self, *a):

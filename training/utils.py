@@ -1,137 +1,20 @@
-"""Small helpers the rest of the engine shares: user errors, device detection, seeding, atomic writes.
+"""The specification's helpers (metrics, checkpointing, device detection), as the package provides them.
 
-Metrics live in ``training/metrics.py`` and checkpoints in ``training/checkpoint.py``;
-this module holds the primitives they build on.
+    import sys; sys.path.insert(0, "src")   # in a checkout without `pip install`
+    from training.utils import detect_device, set_seed, classification_metrics, save_checkpoint
+
+Each name is the package's own function, re-exported here so that the specification's path keeps working;
+new code imports from ``encoderfit`` directly.
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import random
-import tempfile
+import sys
 from pathlib import Path
 
-# torch and numpy are imported where they are used: the command lines read their flags (and answer
-# --help) before anything heavy loads.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from encoderfit.metrics import classification_metrics, confusion_matrix, macro_f1  # noqa: E402,F401
+from encoderfit.run.checkpoint import save_checkpoint, verify_checkpoint  # noqa: E402,F401
+from encoderfit.utils import (UserError, autocast_dtype, detect_device, launched_by_torchrun,  # noqa: E402,F401
+                              set_seed)
 
-def launched_by_torchrun() -> bool:
-    """Started by torchrun (its environment variables are set): a check that needs no torch import, so the
-    entry points can say what is wrong with their flags at once."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback.
-
-    Under DDP every rank sees the same config and data, so the main process alone
-    reports; ``rank_local=True`` marks an error only this rank may have (its GPU, say).
-    """
-
-    def __init__(self, message: str, rank_local: bool = False):
-        super().__init__(message)
-        self.rank_local = rank_local
-
-
-def detect_device(preference: str = "auto"):
-    """CUDA, then Apple MPS, then CPU; an explicit preference is checked, not trusted."""
-    import torch
-
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {preference}: CUDA is not available on this machine")
-        index = int(preference.split(":")[1]) if ":" in preference else 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {preference}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if preference == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple MPS is not available on this machine")
-    return torch.device(preference)
-
-
-def autocast_dtype(device, precision: str = "auto"):
-    """The autocast dtype for this device (torch.bfloat16), or None for plain fp32."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16":
-        if device.type == "cuda" and not bf16_ok:
-            raise UserError("--precision bf16: this GPU does not support bfloat16")
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_ok else None
-
-
-def set_seed(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-_UMASK = os.umask(0o022)  # read it (the call sets it) and put it back at once
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # what a new file gets under this umask (some writers make theirs 0600)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp makes it 0600: keep the mode any other new file gets
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
-
-
-class ToolParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``error: ...`` line (a UserError), like every other bad input."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except where there is none to show or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default:" in (action.help or "").lower():
-            return action.help
-        return super()._get_help_string(action)
-
-
-def run_tool(body) -> int:
-    """Run a command-line tool's body: a UserError is one line on stderr and exit code 2, never a traceback."""
-    import sys
-    try:
-        return body()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+__all__ = ["UserError", "autocast_dtype", "classification_metrics", "confusion_matrix", "detect_device",
+           "launched_by_torchrun", "macro_f1", "save_checkpoint", "set_seed", "verify_checkpoint"]

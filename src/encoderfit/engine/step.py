@@ -1,0 +1,95 @@
+"""One optimizer step, written once: the eager runner runs it, the CUDA-graph recorder records it.
+
+    zero gradients -> for each micro-batch: forward, loss, metric sums, backward -> [all-reduce] -> clip -> AdamW
+
+The step's loss is the task's summed loss divided by the step's normalizer (for classification,
+its example count), so k accumulated micro-batches give exactly the gradient of one batch of all
+of them. What a step needs travels together in a ``StepContext``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from encoderfit.data.batches import Batch, autocast
+from encoderfit.engine.distributed import ProcessContext
+
+
+@dataclass(frozen=True)
+class StepContext:
+    model: torch.nn.Module          # what to call: the DDP or compiled wrapper, or the plain model
+    optimizer: torch.optim.Optimizer
+    scheduler: object               # stepped by the loop after each optimizer step
+    task: object                    # training/tasks.py: the loss and the metric sums
+    amp_dtype: Optional[torch.dtype]
+    max_grad_norm: float
+    ctx: ProcessContext
+    skip_nonfinite: bool = False    # check each micro-batch's loss on the host (a sync) and skip bad steps
+    recording: bool = False         # inside a CUDA graph: gradients kept in place, no autocast cache
+    grad_sync: Optional[object] = None  # graphs under DDP: averages the gradients over the ranks (one collective)
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor          # device scalar: the step's summed loss (non-finite if any micro-batch was)
+    sums: torch.Tensor              # device: the task's metric sums of the step
+    applied: bool = True            # False: skipped for a non-finite loss (only with skip_nonfinite)
+
+
+def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, torch.Tensor]) -> StepOutput:
+    """One optimizer step over ``micro_batches`` (on the device). ``normalizer`` divides the summed loss:
+    a Python number, or a device tensor holding its reciprocal: inside a CUDA graph (refilled before each
+    replay), and under DDP with class weights (summed over ranks, engine._global_reciprocal)."""
+    device = sc.ctx.device
+    if sc.recording:  # inside a graph the gradients stay the same tensors between replays: zeroed, not freed
+        sc.optimizer.zero_grad(set_to_none=False)
+    sums = sc.task.new_sums(device)
+    loss_total = torch.zeros((), dtype=torch.float32, device=device)
+    applied = True
+    for j, batch in enumerate(micro_batches):
+        last = j + 1 == len(micro_batches)
+        # Skip DDP's gradient all-reduce on micro-steps that do not end the step.
+        sync = sc.model.no_sync() if isinstance(sc.model, DDP) and not last else contextlib.nullcontext()
+        with sync:
+            # cache off while recording: cached bf16 copies of the weights would outlive the capture
+            with autocast(device, sc.amp_dtype, cache=not sc.recording):
+                logits = sc.model(**batch.model_inputs()).logits              # 1. forward
+            loss_sum = sc.task.loss_sum(logits, batch.labels)         # 2. loss
+            if sc.skip_nonfinite and not sc.ctx.all_agree(bool(torch.isfinite(loss_sum).item())):
+                applied = False  # asked for: a host sync per micro-step, agreed by every rank
+                continue
+            # the outputs before backward: running out of memory can then only come before AdamW
+            sc.task.add_sums(sums, loss_sum, logits, batch.labels)
+            loss_total += loss_sum.detach()
+            # A graph gets 1/normalizer in a device tensor and multiplies: what CUDA does for a Python divisor.
+            scaled = loss_sum * normalizer if torch.is_tensor(normalizer) else loss_sum / normalizer
+            scaled.backward()                                         # 3. backward
+    if sc.grad_sync is not None:  # once per step on every rank, whatever the step did: the collectives pair up
+        sc.grad_sync()                                                # 3b. gradients averaged over the ranks
+    if applied:
+        if sc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
+        sc.optimizer.step()                                           # 4. optimizer step
+    if not sc.recording:  # freed at once, so evaluation and checkpoints do not hold a copy of them
+        sc.optimizer.zero_grad(set_to_none=True)                      # 5. zero gradients
+    return StepOutput(loss_total, sums, applied)
+
+
+class EagerSteps:
+    """Runs each step as it comes (no recording): every device, DDP, accumulation, skipped steps."""
+
+    def __init__(self, sc: StepContext):
+        self.sc = sc
+
+    def __call__(self, micro_batches: list, normalizer: float) -> StepOutput:
+        return train_step(self.sc, [b.to(self.sc.ctx.device) for b in micro_batches], normalizer)
+
+    def summary(self) -> Optional[str]:
+        return None
+
+    def close(self) -> None:
+        pass

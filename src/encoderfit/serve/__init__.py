@@ -1,0 +1,1 @@
+"""Using what a run trained: loading a checkpoint and predicting."""

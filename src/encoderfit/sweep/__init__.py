@@ -1,0 +1,1 @@
+"""Sweeps: the search space, the study and its pruner."""

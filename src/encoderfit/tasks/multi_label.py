@@ -1,0 +1,148 @@
+"""Any number of K labels per example: a sigmoid per label, binary cross-entropy, F1 at a threshold."""
+from __future__ import annotations
+from typing import Optional, Sequence
+import torch
+from encoderfit.tasks.base import TUNE, Task, _logit
+
+
+TUNE_GRID = tuple(i / 100 for i in range(1, 100))  # the thresholds a tuned multi-label run chooses from
+
+
+class MultiLabelClassification(Task):
+    """Any subset of K labels: one sigmoid per label and binary cross-entropy (the mean over examples and
+    labels, as ``BCEWithLogitsLoss``); a label is predicted where its probability reaches ``threshold``.
+    Metrics: micro-F1 (over every label decision), macro-F1 (the mean of per-label F1 over the labels that
+    occur or are predicted), subset accuracy (every label of the example right), per-label counts."""
+
+    name = "multi_label"
+    problem_type = "multi_label_classification"
+    best_metrics = {"micro_f1": 1, "macro_f1": 1, "subset_accuracy": 1, "loss": -1}
+    default_metric = "micro_f1"
+    summary_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "loss")
+    _shown = (("loss", "loss"), ("micro_f1", "micro-f1"), ("macro_f1", "macro-f1"), ("subset_accuracy", "exact"),
+              ("threshold", "threshold", ".2f"))
+    _LOSS, _COUNT, _EXACT = range(3)  # then tp, fp, fn per label
+
+    def __init__(self, label_names, threshold=0.5, pos_weight: Optional[Sequence[float]] = None):
+        super().__init__(label_names)
+        self.num_labels = len(self.label_names)
+        # "tune": one threshold for every label, chosen at each evaluation as the one that maximizes the
+        # validation micro-F1 (the evaluation then gathers every example's logits)
+        self.tune = threshold == TUNE
+        self.collects_outputs = self.tune
+        self.threshold = 0.5 if self.tune else float(threshold)
+        # a device tensor, not a Python number: a recorded CUDA graph reads the current threshold
+        self._logit_threshold = torch.tensor(_logit(self.threshold))
+        self.pos_weight = None if pos_weight is None else [float(w) for w in pos_weight]
+        weight = None if pos_weight is None else torch.tensor(self.pos_weight, dtype=torch.float32)
+        self._criterion = torch.nn.BCEWithLogitsLoss(reduction="sum", pos_weight=weight)  # a module: tests wrap it
+
+    def to(self, device: torch.device) -> "MultiLabelClassification":
+        self._criterion.to(device)
+        self._logit_threshold = self._logit_threshold.to(device)
+        return self
+
+    def set_threshold(self, threshold: float) -> None:
+        """Decide at ``threshold`` from now on (in place: recorded graphs see it)."""
+        self.threshold = float(threshold)
+        self._logit_threshold.fill_(_logit(self.threshold))
+
+    def config_extras(self) -> dict:
+        return {"multi_label_threshold": self.threshold,
+                **({"pos_weight": self.pos_weight} if self.pos_weight is not None else {})}
+
+    def record(self) -> dict:
+        return {**super().record(), "threshold": self.threshold, "tuned": self.tune, "pos_weight": self.pos_weight}
+
+    def restore(self, record: dict) -> None:
+        if self.tune and "threshold" in record:  # the threshold the last evaluation chose
+            self.set_threshold(record["threshold"])
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed BCE; with ``pos_weight`` each label's positive term is multiplied by its weight (as
+        ``BCEWithLogitsLoss(pos_weight=...)``), so the mean still divides by examples x labels."""
+        if self._criterion.pos_weight is not None and self._criterion.pos_weight.device != logits.device:
+            self._criterion.to(logits.device)  # the tools evaluate on their own device
+        return self._criterion(logits.float(), labels.float())
+
+    def normalizer(self, batch) -> float:
+        return batch.num_examples * self.num_labels  # BCEWithLogitsLoss's mean: over every label decision
+
+    @property
+    def sums_size(self) -> int:
+        return 3 + 3 * self.num_labels
+
+    @torch.no_grad()
+    def add_sums(self, sums: torch.Tensor, loss_sum: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        k = self.num_labels
+        pred, true = logits.float() >= self._logit_threshold.to(logits.device), labels >= 0.5
+        sums[self._LOSS] += loss_sum.detach().to(sums.dtype)
+        sums[self._COUNT] += labels.shape[0]
+        sums[self._EXACT] += (pred == true).all(dim=-1).sum().to(sums.dtype)
+        sums[3:3 + k] += (pred & true).sum(dim=0).to(sums.dtype)
+        sums[3 + k:3 + 2 * k] += (pred & ~true).sum(dim=0).to(sums.dtype)
+        sums[3 + 2 * k:] += (~pred & true).sum(dim=0).to(sums.dtype)
+
+    def running(self, sums: torch.Tensor) -> dict:
+        loss_sum, count, exact = sums[:3].tolist()
+        if count == 0:
+            return {"loss": float("nan"), "subset_accuracy": float("nan"), "count": 0}
+        return {"loss": loss_sum / (count * self.num_labels), "subset_accuracy": exact / count, "count": int(count)}
+
+    @property
+    def output_width(self) -> int:
+        return 2 * self.num_labels  # the logits, then the 0/1 targets
+
+    def outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([logits.detach().float(), labels.float()], dim=1)
+
+    def tune_on(self, outputs: torch.Tensor) -> None:
+        """With ``--threshold tune``: the threshold of TUNE_GRID that maximizes micro-F1 over ``outputs``
+        (ties go to the one nearest 0.5). Every rank gathers the same outputs, so all choose the same."""
+        if not self.tune or outputs is None or not len(outputs):
+            return
+        logits, true = outputs[:, :self.num_labels], outputs[:, self.num_labels:] >= 0.5
+        scores = []
+        for t in TUNE_GRID:
+            pred = logits >= _logit(t)
+            tp = float((pred & true).sum())
+            den = 2 * tp + float((pred & ~true).sum()) + float((~pred & true).sum())
+            scores.append((2 * tp / den if den else 0.0, -abs(t - 0.5), t))
+        self.set_threshold(max(scores)[2])
+
+    def metrics(self, sums: torch.Tensor, outputs=None) -> dict:
+        """From reduced sums; where the evaluation gathered every example's logits (a tuned threshold),
+        the decisions are counted again from them at the current threshold."""
+        out = self.running(sums)
+        k = self.num_labels
+        counts = sums[3:].reshape(3, k).cpu().double()
+        if outputs is not None and len(outputs):
+            pred, true = outputs[:, :k] >= _logit(self.threshold), outputs[:, k:] >= 0.5
+            counts = torch.stack([(pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)]).double()
+            out["subset_accuracy"] = float((pred == true).all(dim=1).double().mean())
+        out.update(multi_label_metrics(counts, self.label_names))
+        out.pop("per_label")
+        if self.tune:
+            out["threshold"] = self.threshold
+        return out
+
+    def decode(self, logits: torch.Tensor) -> tuple:
+        """(a probability per label, the 0/1 decisions at the threshold)."""
+        probs = logits.float().sigmoid()
+        return probs, (logits.float() >= self._logit_threshold.to(logits.device)).long()
+
+
+def multi_label_metrics(counts: torch.Tensor, label_names) -> dict:
+    """Micro- and macro-F1 and per-label precision, recall, F1 and support from per-label (tp, fp, fn) rows."""
+    tp, fp, fn = (counts[i] for i in range(3))
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    present = (tp + fp + fn) > 0  # labels that occur or are predicted, as macro-F1 of one label per example
+    micro_den = float(2 * tp.sum() + fp.sum() + fn.sum())
+    return {"micro_f1": float(2 * tp.sum()) / micro_den if micro_den else float("nan"),
+            "macro_f1": float(f1[present].mean()) if bool(present.any()) else float("nan"),
+            "per_label": {str(name): {"precision": float(tp[i] / (tp[i] + fp[i])) if tp[i] + fp[i] else 0.0,
+                                      "recall": float(tp[i] / (tp[i] + fn[i])) if tp[i] + fn[i] else 0.0,
+                                      "f1": float(f1[i]), "support": int(tp[i] + fn[i]),
+                                      "predicted": int(tp[i] + fp[i])}
+                          for i, name in enumerate(label_names)}}

@@ -1,1 +1,0 @@
-"""Fine-tune pretrained transformer encoders as text classifiers, on one device or many (DDP)."""
