@@ -13,9 +13,8 @@ import torch
 
 
 def load(tmp_path=None, **kw):
-    source = data.DataSource.from_args(kw.pop("dataset", None), None, kw.pop("train_file", None),
-                                       kw.pop("validation_file", None), kw.pop("text_column", None),
-                                       kw.pop("label_column", None))
+    source = data.DataSource.from_settings(**{k: kw.pop(k, None) for k in ("dataset", "train_file", "validation_file",
+                                                                     "text_column", "label_column")})
     args = {"validation_fraction": 0.1, "split_seed": 42, "num_samples": None, **kw}
     return data.load_labelled_splits(source, **args)
 
@@ -251,7 +250,7 @@ def test_prepare_data_tokenizes_once_and_reuses_the_cache(tmp_path, tiny_model_d
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     path = write_rows(tmp_path / "t.csv", synthetic_rows(80))
-    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    source = data.DataSource.from_settings(train_file=str(path))
     ctx = ProcessContext(0, 0, 1, torch.device("cpu"))
     kw = dict(cache_dir=tmp_path / "cache", max_length=16, cache_key={"max_length": 16}, validation_fraction=0.25,
               split_seed=1, num_samples=None)

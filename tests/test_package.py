@@ -17,7 +17,7 @@ def test_a_wheel_installed_in_a_fresh_virtualenv_gives_the_command(tmp_path):
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("encoderfit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "encoderfit/cli/train.py" in names and "encoderfit/tasks/registry.py" in names
+    assert "encoderfit/api.py" in names and "encoderfit/tasks/registry.py" in names
     assert not [n for n in names if n.startswith(("tests/", "training/", "bench/"))]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)

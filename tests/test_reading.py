@@ -115,7 +115,7 @@ def test_evaluate_reads_as_training_reads(tmp_path, trained, capsys):
 def test_integer_labels_stay_integers_sorted_numerically(tmp_path):
     rows = [{"text": r["text"], "label": [10, 2, 1][i % 3]} for i, r in enumerate(synthetic_rows(30))]
     path = plain_csv(tmp_path / "t.csv", rows)
-    splits = data.load_labelled_splits(data.DataSource.from_args(None, None, str(path), None, None, None),
+    splits = data.load_labelled_splits(data.DataSource.from_settings(train_file=str(path)),
                                        validation_fraction=0.2, split_seed=1, num_samples=None)
     assert splits.label_names == ["1", "2", "10"]  # not "1", "10", "2"
     assert splits.info["rows_read"] == {str(path): 30}

@@ -160,8 +160,8 @@ def test_pair_columns_are_found_named_or_turned_off(tmp_path):
                                           for r in rows])
 
     def load(**kw):
-        source = data.DataSource.from_args(None, None, str(path), None, kw.pop("text_column", None), None,
-                                           "auto", kw.pop("text_pair_column", None))
+        source = data.DataSource.from_settings(train_file=str(path), text_column=kw.pop("text_column", None),
+                                               text_pair_column=kw.pop("text_pair_column", None))
         return data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
 
     found = load()
@@ -181,7 +181,7 @@ def test_a_pair_with_a_blank_second_text_is_dropped_and_counted(tmp_path):
     rows = pair_rows(40, seed=4)
     rows[5]["sentence2"] = "  "
     path = write_csv(tmp_path / "p.csv", rows)
-    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    source = data.DataSource.from_settings(train_file=str(path))
     splits = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
     assert len(splits.train) + len(splits.validation) == 39
     assert any("dropped 1 row(s)" in n and "either text" in n for n in splits.info["notes"])
@@ -246,7 +246,7 @@ def test_score_labels_choose_the_task_and_refuse_what_does_not_fit(tmp_path):
     path = write_csv(tmp_path / "s.csv", rows)
 
     def load(task="auto", file=path):
-        source = data.DataSource.from_args(None, None, str(file), None, None, None)
+        source = data.DataSource.from_settings(train_file=str(file))
         return data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None, task=task)
 
     got = load()
@@ -303,7 +303,7 @@ def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_p
     proc = run_main("predict.py", "--checkpoint", run, "--input", train, "--output", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
     # the held-out rows are the validation split: data.json names them by their hash; recompute on them
-    splits = data.load_labelled_splits(data.DataSource.from_args(None, None, str(train), None, None, None),
+    splits = data.load_labelled_splits(data.DataSource.from_settings(train_file=str(train)),
                                        validation_fraction=0.1, split_seed=42, num_samples=None)
     held = set(splits.validation["text"])
     preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -413,9 +413,9 @@ def test_the_three_label_formats_give_the_same_multi_label_data(tmp_path):
     got = {}
     for name, (path, flags) in files.items():
         opts = dict(zip([f[2:] for f in flags[::2]], flags[1::2]))
-        source = data.DataSource.from_args(None, None, str(path), None, None, opts.get("label_column"),
-                                           label_separator=opts.get("label_separator"),
-                                           label_columns=opts.get("label_columns"))
+        source = data.DataSource.from_settings(train_file=str(path), label_column=opts.get("label_column"),
+                                               label_separator=opts.get("label_separator"),
+                                               label_columns=opts.get("label_columns"))
         splits = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None)
         assert splits.info["task"] == "multi_label"
         got[name] = {t: [n for n, on in zip(splits.label_names, y) if on]
@@ -489,7 +489,7 @@ def test_integer_labels_written_as_text_stay_classes(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": r["text"], "label": str(int(r["label"] == "positive"))}) + "\n"
                             for r in rows))
-    source = data.DataSource.from_args(None, None, str(path), None, None, None)
+    source = data.DataSource.from_settings(train_file=str(path))
     for task in ("auto", "single_label"):
         got = data.load_labelled_splits(source, validation_fraction=0.25, split_seed=1, num_samples=None, task=task)
         assert got.info["task"] == "single_label" and got.label_names == ["0", "1"]

@@ -163,6 +163,24 @@ class TrainConfig:
     log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
     no_progress: bool = _f(False, "Turn off the progress bar (it is also off when output is not a terminal).")
 
+    def __post_init__(self) -> None:
+        """Each value checked (and a whole number given for a decimal one made a float) when the config is
+        built, from flags or in Python alike: bad input is a UserError with the flag's one-line message."""
+        _check_types(self)
+        _validate(self)
+
+    def replace(self, **settings) -> "TrainConfig":
+        """A copy with ``settings`` changed (checked as a new config is), by flag name."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)} (see encoderfit train --help)")
+        return dataclasses.replace(self, **settings)
+
+    @classmethod
+    def from_settings(cls, **settings) -> "TrainConfig":
+        """A config from keyword settings named as the flags (the rest at their defaults)."""
+        return cls().replace(**settings)
+
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
@@ -181,6 +199,34 @@ def fields_marked(mark: str) -> tuple:
 
 
 SEED_RANGE = (0, 2 ** 32 - 1)  # what NumPy's seeding takes
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each field's value of the flag's type (``None`` where the default is None); paths may be ``PathLike``."""
+    import os
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue
+        typ = flag_type(f.name)
+        if f.name == "threshold":
+            if value == "tune" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                object.__setattr__(cfg, f.name, value if value == "tune" else float(value))
+                continue
+            raise UserError(f"--threshold must be a number in (0, 1) or 'tune', got {value!r}")
+        if typ is str and isinstance(value, os.PathLike):
+            object.__setattr__(cfg, f.name, os.fspath(value))
+        elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+        elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise UserError(f"--{f.name} must be {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and f.name != "device" and getattr(cfg, f.name) not in choices:  # device: cuda:N too
+            raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -256,6 +302,17 @@ def flag_type(name: str) -> type:
     if getattr(typ, "__origin__", None) is not None:
         typ = next(a for a in typ.__args__ if a is not type(None))
     return typ
+
+
+def flag_value(name: str, text: str):
+    """A flag's value from its text, as the command line reads it (a sweep's trial values)."""
+    typ = flag_type(name)
+    if name == "threshold":
+        return _threshold(text)
+    try:
+        return typ(text)
+    except ValueError:
+        raise UserError(f"argument --{name}: invalid {typ.__name__} value: {text!r}") from None
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -334,6 +391,4 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
         argv = file_flags + argv
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    cfg = TrainConfig(**args)
-    _validate(cfg)
-    return cfg
+    return TrainConfig(**args)  # checked as it is built

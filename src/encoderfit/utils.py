@@ -34,6 +34,13 @@ class UserError(Exception):
         self.rank_local = rank_local
 
 
+def root_message(exc: BaseException) -> str:
+    """The innermost cause's message, on one line (libraries wrap a parser's or a network's error)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def detect_device(preference: str = "auto"):
     """CUDA, then Apple MPS, then CPU; an explicit preference is checked, not trusted."""
     import torch

@@ -103,9 +103,7 @@ def load_validation(args, kind: str = "single_label", text_columns: Optional[lis
                                   text_pair_column=pair_column, regression=kind == "regression",
                                   multi_label=kind == "multi_label", label_separator=args.label_separator,
                                   label_columns=args.label_columns)
-    source = DataSource.from_args(args.dataset, args.dataset_config, args.train_file, args.validation_file,
-                                  text_column, args.label_column, args.quoting, pair_column,
-                                  label_separator=args.label_separator, label_columns=args.label_columns)
+    source = DataSource.from_settings(args, text_column=text_column, text_pair_column=pair_column)
     splits = load_labelled_splits(source, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
                                   num_samples=args.num_samples, task=kind)
     val = splits.validation
@@ -148,6 +146,27 @@ def _training_split_sha(ckpt: Path):
 
 def run(args) -> int:
     _check(args)
+    record, cm = evaluate_checkpoint(args, say=lambda line: print(line, flush=True))
+    written = []
+    if args.output:
+        written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
+    if args.plot:
+        from encoderfit.cli.plot import plot_confusion_matrix
+
+        ckpt = Path(record["checkpoint"])
+        title = (f"{_checkpoint_name(ckpt)}: accuracy {record['accuracy']:.3f}, "
+                 f"macro-F1 {record['macro_f1']:.3f} (n={record['examples']})")
+        written.append(_write(args.plot, lambda p: plot_confusion_matrix(cm, record["label_names"], p, title=title)))
+    if written:
+        print()
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+def evaluate_checkpoint(args, say=print) -> tuple:
+    """(the report: metrics, the data's description and the checkpoint's settings, as --output writes it; the
+    confusion matrix or None). ``say`` receives what the command prints."""
     device, amp_dtype = inference.setup_device(args)
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
     problem = inference.checkpoint_problem_type(ckpt)
@@ -173,11 +192,11 @@ def run(args) -> int:
     trained_sha = _training_split_sha(clf.path)
     same_split = None if trained_sha is None else sha == trained_sha
     for note in info.get("notes", []):
-        print(f"note: {note}")
+        say(f"note: {note}")
     shape = f"regression of {clf.label_names[0]!r}" if regression else f"labels {', '.join(clf.label_names)}"
-    print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
-          f"{long_texts.describe(max_length)}")
+    say(f"checkpoint {clf.path} | {shape} | device {device} | "
+        f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
+        f"{long_texts.describe(max_length)}")
     split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
     if got.pairs is not None:
         split_line += " (text pairs)"
@@ -186,39 +205,26 @@ def run(args) -> int:
     elif same_split is False:
         split_line += (" | note: not the examples the checkpoint's training run validated on"
                        " (other data flags than training's?)")
-    print(split_line, flush=True)
+    say(split_line)
 
     logits, elapsed = inference.logits_with_progress(clf, got.texts, desc="evaluating", batch_size=args.batch_size,
                                                      max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs,
                                                      long_texts=long_texts)
     if regression:
-        metrics, cm = _regression_report(clf, logits, got.labels, elapsed), None
+        metrics, cm = _regression_report(clf, logits, got.labels, elapsed, say), None
     elif kind == "multi_label":
-        metrics, cm = _multi_label_report(clf, logits, got.labels, elapsed), None
+        metrics, cm = _multi_label_report(clf, logits, got.labels, elapsed, say), None
     else:
-        metrics, cm = _classification_report(clf, logits, y_true, elapsed)
-
-    written = []
-    if args.output:
-        record = {"checkpoint": str(clf.path), "max_length": max_length, "long_texts": long_texts.record(), **metrics,
-                  "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
-                                                          "validation_fraction", "num_samples", "rows_read")}
-                  | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}
-        written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
-    if args.plot:
-        from encoderfit.cli.plot import plot_confusion_matrix
-
-        title = (f"{_checkpoint_name(clf.path)}: accuracy {metrics['accuracy']:.3f}, "
-                 f"macro-F1 {metrics['macro_f1']:.3f} (n={metrics['examples']})")
-        written.append(_write(args.plot, lambda p: plot_confusion_matrix(cm, clf.label_names, p, title=title)))
-    if written:
-        print()
-        for path in written:
-            print(f"wrote {path}")
-    return 0
+        metrics, cm = _classification_report(clf, logits, y_true, elapsed, say)
+    record = {"checkpoint": str(clf.path), "task": clf.task.name, "label_names": list(clf.label_names),
+              "max_length": max_length, "long_texts": long_texts.record(), **metrics,
+              "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
+                                                      "validation_fraction", "num_samples", "rows_read")}
+              | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}
+    return record, cm
 
 
-def _classification_report(clf, logits, y_true, elapsed: float) -> tuple:
+def _classification_report(clf, logits, y_true, elapsed: float, say) -> tuple:
     """(metrics, confusion matrix), printed: accuracy, macro-F1, loss, the per-class table, the matrix."""
     import torch
 
@@ -231,17 +237,17 @@ def _classification_report(clf, logits, y_true, elapsed: float) -> tuple:
     loss = clf.task.running(sums)["loss"]
     cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
     metrics = {"loss": loss, **classification_metrics(cm, clf.label_names)}
-    print(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
+    say(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
           f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")
-    print()
-    print(inference.format_report(metrics))
-    print()
-    print("confusion matrix (rows: true label, columns: predicted label)")
-    print(inference.format_confusion(metrics))
+    say("")
+    say(inference.format_report(metrics))
+    say("")
+    say("confusion matrix (rows: true label, columns: predicted label)")
+    say(inference.format_confusion(metrics))
     return metrics, cm
 
 
-def _multi_label_report(clf, logits, label_lists: list, elapsed: float) -> dict:
+def _multi_label_report(clf, logits, label_lists: list, elapsed: float, say) -> dict:
     """Multi-label metrics at the checkpoint's threshold, from the task's own sums, printed with a per-label table."""
     import torch
 
@@ -259,19 +265,19 @@ def _multi_label_report(clf, logits, label_lists: list, elapsed: float) -> dict:
     metrics = {"examples": len(label_lists), "threshold": task.threshold, "loss": m["loss"],
                "micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"],
                "per_label": per}
-    print(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy {m['subset_accuracy']:.4f} | "
+    say(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy {m['subset_accuracy']:.4f} | "
           f"loss {m['loss']:.4f} | threshold {task.threshold:g} | {len(label_lists)} examples in {elapsed:.1f}s")
-    print()
+    say("")
     width = max(9, *(len(n) for n in clf.label_names))
-    print(f"{'label':<{width}}  precision  recall      f1  support  predicted")
+    say(f"{'label':<{width}}  precision  recall      f1  support  predicted")
     for name in clf.label_names:
         r = per[name]
-        print(f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}"
+        say(f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}"
               f"  {r['predicted']:>9d}")
     return metrics
 
 
-def _regression_report(clf, logits, targets: list, elapsed: float) -> dict:
+def _regression_report(clf, logits, targets: list, elapsed: float, say) -> dict:
     """The regression metrics, from the task's own sums (as training's evaluation computes them), printed."""
     import torch
 
@@ -283,9 +289,9 @@ def _regression_report(clf, logits, targets: list, elapsed: float) -> dict:
     metrics = {"examples": len(targets), "loss": m["loss"], "mse": m["mse"], "mae": m["mae"],
                "pearson": m["pearson"], "spearman": m["spearman"],
                "mean_target": float(y.double().mean()), "mean_prediction": float(logits.double().mean())}
-    print(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
+    say(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
           f"{len(targets)} examples in {elapsed:.1f}s ({len(targets) / max(elapsed, 1e-9):.1f}/s)")
-    print(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
+    say(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
     return metrics
 
 

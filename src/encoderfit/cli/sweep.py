@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 
-from encoderfit.config import parse_config
+from encoderfit.config import TrainConfig, flag_value, parse_config
 from encoderfit.sweep.search import SWEPT, Dimension, Space
 from encoderfit.utils import UserError, launched_by_torchrun
 
@@ -82,32 +82,39 @@ def split_args(argv: list) -> tuple:
     return own, dims, rest
 
 
-def trial_argv(sweep_dir: Path, name: str, flags: dict, rest: list) -> list:
-    cache = [] if any(a == "--cache_dir" or a.startswith("--cache_dir=") for a in rest) else \
-        ["--cache_dir", str(sweep_dir / "cache")]  # one tokenization for every trial
-    return [*rest, *(x for n, v in flags.items() for x in (f"--{n}", v)), *cache,
-            "--checkpoint_dir", str(sweep_dir), "--run_name", name, "--resume", "auto"]
+def trial_config(base: TrainConfig, name: str, flags: dict) -> TrainConfig:
+    """A trial's settings: the shared ones with its own values of the swept flags, in its own run directory."""
+    return base.replace(run_name=name, **{n: flag_value(n, v) for n, v in flags.items()})
 
 
-def _check(sweep_dir: Path, space: Space, rest: list):
+def shared_config(sweep_dir: Path, rest: list, first_trial: dict) -> TrainConfig:
+    """What every trial shares: the other flags, each trial a run directory SWEEP_DIR/trial-NNN that it
+    resumes when there is one, and one tokenization for all (the cache under SWEEP_DIR, unless given)."""
+    cfg = parse_config([*rest, *(x for n, v in first_trial.items() for x in (f"--{n}", v))])
+    return cfg.replace(checkpoint_dir=str(sweep_dir), resume="auto", cache_dir=cfg.cache_dir or str(sweep_dir / "cache"))
+
+
+def _check(sweep_dir: Path, space: Space, rest: list) -> TrainConfig:
     """Every trial's flags are valid before anything starts: each grid combination, or each range's ends.
-    Returns the first trial's config (what every trial shares: the device, the columns)."""
+    Returns what every trial shares (the device, the columns, ...) with the first trial's values."""
     if space.grid:
         plans = space.combinations()
     else:
         first = {d.name: d.extremes()[0] for d in space.dimensions}
         plans = [first] + [{**first, d.name: v} for d in space.dimensions for v in d.extremes()]
-    return [parse_config(trial_argv(sweep_dir, "trial-000", p, rest)) for p in plans][0]
+    base = shared_config(sweep_dir, rest, plans[0])
+    for plan in plans[1:]:
+        trial_config(base, "trial-000", plan)
+    return base
 
 
-def _outcome(run_dir: Path) -> dict:
-    """What a finished trial's run directory says about it (its summary and its config)."""
-    s = json.loads((run_dir / "summary.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())["config"]
+def _outcome(result) -> dict:
+    """What a finished trial's run says about it (its RunResult: the summary and the resolved settings)."""
+    s, config = result.summary, result.config
     metric = s["metric_for_best"]
     return {"metric": metric, "value": s[f"best_val_{metric}"], "higher_is_better": s.get("higher_is_better", True),
             "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"], "time_s": s["total_time_s"],
-            "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(run_dir / "best"),
+            "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(result.run_dir / "best"),
             **{n: config[n] for n in SWEPT}}  # every searchable flag's value, swept or not
 
 
@@ -155,20 +162,18 @@ class Sweep:
             self.study.begin()
 
     def record(self) -> dict:
-        trials = self.study.trials()
-        for t in trials:
-            if t["status"] in ("done", "pruned"):
-                t.update(_outcome(self.dir / t["name"]))
+        trials = self.study.trials()  # with each finished trial's outcome, kept in the study as it was told
         return {"format": FORMAT, **self.space.record(), "trials_asked": self.space.trials, "flags": self.rest,
                 "trials": trials}
 
-    def tell(self, job: dict, diverged: bool = False) -> None:
-        """A trial has ended: the study learns how (from its run directory), and sweep.json is rewritten."""
-        if diverged:
+    def tell(self, job: dict, result=None) -> None:
+        """A trial has ended, with its RunResult (None: it diverged): the study learns how, and sweep.json is
+        rewritten."""
+        if result is None:
             self.study.tell(job["number"], "diverged")
         else:
-            outcome = _outcome(self.dir / job["name"])
-            self.study.tell(job["number"], "pruned" if outcome["pruned"] else "done", _signed(outcome))
+            outcome = _outcome(result)
+            self.study.tell(job["number"], "pruned" if outcome["pruned"] else "done", _signed(outcome), outcome)
         _write_json(self.dir / "sweep.json", self.record())
 
     def close(self) -> None:
@@ -237,7 +242,7 @@ def _finish(sweep: Sweep, wall_s: float) -> dict:
     return record
 
 
-def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
+def run_trials(sweep: Sweep | None, ctx, base: TrainConfig) -> int:
     """Take trials from the study until none is left; 0, or the exit code of a trial stopped by a signal.
     ``sweep`` is the main process's (None on the other ranks, which are told each trial by rank 0)."""
     from encoderfit.run import trainer
@@ -249,7 +254,7 @@ def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
         job = ctx.run_on_main(lambda: sweep.study.next_trial(worker))
         if job is None:
             return 0
-        cfg = parse_config(trial_argv(sweep_dir, job["name"], job["flags"], rest))
+        cfg = trial_config(base, job["name"], job["flags"])
         if ctx.is_main:
             print(f"\n== {job['name']}{'' if sweep.space.grid else f' of {sweep.space.trials}'}: "
                   f"{_flags_text(job['flags'])}", flush=True)
@@ -259,19 +264,19 @@ def run_trials(sweep: Sweep | None, ctx, sweep_dir: Path, rest: list) -> int:
             return PRUNED if prune and history[-1][0] < last else None  # the last epoch has nothing left to save
 
         try:
-            code = trainer.run(cfg, ctx, time.perf_counter(), judge=judge)
+            result = trainer.run(cfg, ctx, time.perf_counter(), judge=judge)  # what fit() runs, in this context
         except trainer.Diverged as exc:  # a learning rate too high for the model: an outcome, not an error
             if ctx.is_main:
                 print(f"{job['name']} diverged: {exc}", flush=True)
-            ctx.run_on_main(lambda: sweep.tell(job, diverged=True))
+            ctx.run_on_main(lambda: sweep.tell(job))
             continue
         finally:
             _release_memory()
-        if code != 0:  # stopped by a signal: the trial has its checkpoint; the same command continues it
+        if not result.completed:  # stopped by a signal: the trial has its checkpoint; the same command continues it
             if ctx.is_main:
                 print(f"sweep stopped in {job['name']}: run the same command again to continue", flush=True)
-            return code
-        ctx.run_on_main(lambda: sweep.tell(job))
+            return result.exit_code
+        ctx.run_on_main(lambda: sweep.tell(job, result))
 
 
 def main(argv=None) -> int:
@@ -309,7 +314,7 @@ def _sweep(argv=None) -> int:
     try:
         with process_context(cfg.device, launched_by_torchrun()) as ctx:
             ctx.run_on_main(lambda: holder.append(Sweep(sweep_dir, space, rest, first=not worker)))
-            code = run_trials(holder[0] if holder else None, ctx, sweep_dir, rest)
+            code = run_trials(holder[0] if holder else None, ctx, cfg)
             if code != 0 or worker or not ctx.is_main:
                 return code
             record = _finish(holder[0], time.perf_counter() - started)
@@ -428,8 +433,7 @@ def _follow(sweep: Sweep, procs: list) -> None:
             seen[t["name"]] = status
             where = f" on worker {t['worker']}" if status == "running" else ""
             if status in ("done", "pruned"):
-                outcome = _outcome(sweep.dir / t["name"])
-                where = f" (val {outcome['metric']} {outcome['value']:.4f})"
+                where = f" (val {t['metric']} {t['value']:.4f})"  # the outcome its worker told the study
             print(f"{t['name']} {status}{where}: {_flags_text(t['flags'])}", flush=True)
         if not running:
             return
@@ -441,8 +445,9 @@ COLUMN_FLAGS = ("text_column", "text_pair_column", "label_column", "label_separa
 
 
 def _test(sweep: Sweep, record: dict, cfg, test_file: str) -> int:
-    """The chosen trial on the held-out test set, once, after the choice (evaluate.py's report)."""
-    from encoderfit.cli import evaluate
+    """The chosen trial on the held-out test set, once, after the choice (evaluate's report)."""
+    from encoderfit.api import evaluate
+    from encoderfit.utils import atomic_write_json
 
     if record["tested"] == record["best"] and (sweep.dir / "test.json").is_file():
         print(f"\ntest set: {record['best']} was tested already ({sweep.dir / 'test.json'}); the test set is "
@@ -450,12 +455,12 @@ def _test(sweep: Sweep, record: dict, cfg, test_file: str) -> int:
         return 0
     print(f"\ntest set {test_file}: {record['best']}, chosen on the validation split alone (the test set played "
           f"no part in the choice)", flush=True)
-    columns = [x for n in COLUMN_FLAGS if getattr(cfg, n) is not None for x in (f"--{n}", str(getattr(cfg, n)))]
-    code = evaluate.main(["--checkpoint", str(sweep.dir / record["best"] / "best"), "--data", test_file,
-                          *columns, "--device", cfg.device, "--output", str(sweep.dir / "test.json")])
-    if code == 0:
-        sweep.study.set_user_attr("tested", record["best"])
-    return code
+    columns = {n: getattr(cfg, n) for n in COLUMN_FLAGS if getattr(cfg, n) is not None}
+    report = evaluate(sweep.dir / record["best"] / "best", test_file, device=cfg.device, verbose=True, **columns)
+    atomic_write_json(sweep.dir / "test.json", report)
+    print(f"\nwrote {sweep.dir / 'test.json'}")
+    sweep.study.set_user_attr("tested", record["best"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def main(argv=None, *, use_torchrun: bool | None = None, description: str = DESC
         cfg = parse_config(argv, description)
         from encoderfit.run.trainer import train
 
-        return train(cfg, use_torchrun, started=started)
+        return train(cfg, use_torchrun, started=started).exit_code
     return guarded(body, use_torchrun=use_torchrun)
 
 

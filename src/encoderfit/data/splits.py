@@ -13,7 +13,7 @@ from encoderfit.utils import UserError
 from encoderfit.data.columns import _pick_columns, _standardize, check_text_values, column, is_blank_text, is_missing
 from encoderfit.data.labels import LABEL_COLUMNS, _counts, _encode_labels, _label_kind, _label_lists, _label_names, _labels_from_columns, _multi_hot, _regression_targets, _sorted_names, _target_stats, _unique_labels, resolve_task, strip_labels
 from encoderfit.data.reader import _load_file
-from encoderfit.data.sources import DataSource, _load_default, _load_hub
+from encoderfit.data.sources import DataSource
 
 
 def content_fingerprint(ds: datasets.Dataset) -> str:
@@ -103,17 +103,8 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
     with label names, or float targets for a regression (``task``: "auto", "single_label", "regression";
     the one settled is ``info["task"]``)."""
     notes: list = []
-    files: dict = {}  # per local file: the rows read and how (data.json's rows_read, quoting)
-    if source.kind == "default":
-        train, validation, where = _load_default(), None, "the default dataset"
-    elif source.kind == "hub":
-        (train, validation), where = _load_hub(source.name, source.config), f"dataset {source.name}"
-    else:
-        where = source.train_file
-        train, files[where] = _load_file(where, source.quoting, notes)
-        validation = None
-        if source.validation_file:
-            validation, files[source.validation_file] = _load_file(source.validation_file, source.quoting, notes)
+    # files: per local file, the rows read and how (data.json's rows_read, quoting)
+    train, validation, where, files = source.load(notes)
     if len(train) == 0:
         raise UserError(f"no examples in {where}")
 
@@ -121,7 +112,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         train = _labels_from_columns(train, source.label_columns, where)
         if validation is not None:
             validation = _labels_from_columns(validation, source.label_columns,
-                                              source.validation_file or f"the validation split of {where}")
+                                              source.validation_name or f"the validation split of {where}")
         source = replace(source, label_column=LABEL_COLUMNS)
     columns = _pick_columns(train, source, where)
     label_feature = train.features[columns[2]]
@@ -159,7 +150,7 @@ def load_labelled_splits(source: DataSource, *, validation_fraction: float, spli
         train = _encode_labels(train, names, label_feature, where)
 
     if validation is not None:
-        vwhere = source.validation_file or f"the validation split of {where}"
+        vwhere = source.validation_name or f"the validation split of {where}"
         for col in columns:
             if col is not None and col not in validation.column_names:
                 raise UserError(f"column {col!r} not found in {vwhere} (columns: {', '.join(validation.column_names)})")

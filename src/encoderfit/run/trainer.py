@@ -30,6 +30,7 @@ from encoderfit.run import resume as resume_lib
 from encoderfit.config import TrainConfig
 from encoderfit.engine.distributed import ProcessContext, StopSignal, process_context
 from encoderfit.modeling.long_texts import LongTexts
+from encoderfit.run.result import RunResult
 from encoderfit.run.runlog import RunClock, RunLogger, format_breakdown
 from encoderfit.engine.step import EagerSteps, StepContext
 from encoderfit.utils import UserError, autocast_dtype, set_seed
@@ -291,7 +292,8 @@ class CheckpointHooks(engine.Hooks):
         return stopping
 
 
-def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, judge=None) -> int:
+def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, judge=None,
+        given=None) -> RunResult:
     """One run in a process context that exists; ``judge``: a sweep's say at each epoch's end
     (``CheckpointHooks.judge``)."""
     clock = RunClock(started if started is not None else time.perf_counter())
@@ -306,7 +308,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
         if cfg.tensorboard:
             log.open_tensorboard()
         with StopSignal(log) as stop:
-            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge)
+            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge, given)
     except BaseException:
         if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
             # a failed start (bad data or model, interrupted preparation): leave no empty run directory,
@@ -320,20 +322,19 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
             lock.release()
 
 
-def prepare(cfg: TrainConfig) -> None:
+def prepare(cfg: TrainConfig, given=None) -> None:
     """The tokenized cache of ``cfg``'s data, made in this process: the processes started after it (a
     sweep's parallel workers) all read it instead of each tokenizing the same texts."""
     with process_context("cpu", False) as ctx:
         _quiet_libraries()
         tokenizer = model_lib.load_tokenizer(cfg.model)
         model_lib.check_model(cfg.model, tokenizer, cfg.max_length)  # a model that cannot serve: said here, once
-        _load_data(cfg, ctx, tokenizer, RunLogger(None, ctx, show_progress=False))
+        _load_data(cfg, ctx, tokenizer, RunLogger(None, ctx, show_progress=False), given)
 
 
-def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger) -> data.TokenizedData:
-    source = data.DataSource.from_args(cfg.dataset, cfg.dataset_config, cfg.train_file, cfg.validation_file,
-                                       cfg.text_column, cfg.label_column, cfg.quoting, cfg.text_pair_column,
-                                       label_separator=cfg.label_separator, label_columns=cfg.label_columns)
+def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger,
+               given=None) -> data.TokenizedData:
+    source = data.DataSource.from_settings(cfg, given=given)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
                                  long_texts=LongTexts.from_config(cfg), cache_key=cfg.values_marked("cache"),
@@ -358,7 +359,7 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger)
 
 
 def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: Path | None, stop: StopSignal,
-           clock: RunClock, judge=None) -> int:
+           clock: RunClock, judge=None, given=None) -> RunResult:
     clock.lap("start-up")
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
@@ -366,7 +367,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     long_texts = LongTexts.from_config(cfg)
     tokenizer = model_lib.load_tokenizer(cfg.model)
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
-    prepared = _load_data(cfg, ctx, tokenizer, log)
+    prepared = _load_data(cfg, ctx, tokenizer, log, given)
     clock.lap("data")
     if cfg.class_weights is not None and prepared.task == "regression":
         raise UserError("--class_weights weigh classes: this data is a regression task")
@@ -469,9 +470,11 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     hooks.model, hooks.tokenizer, hooks.judge = model, tokenizer, judge
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
                              train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
-    if saved and saved.get("finished") and (log.run_dir / "summary.json").is_file():
+    if saved and saved.get("finished") and ctx.run_on_main(lambda: (log.run_dir / "summary.json").is_file()):
         log.print(f"{log.run_dir} has finished: nothing left to train (its models: final/ and best/)")
-        return 0  # and nothing rewritten: a finished run resumed is left as it was
+        # and nothing rewritten: a finished run resumed is left as it was; its result is what it wrote (read by
+        # the main process, which alone has the run directory where nodes do not share a disk)
+        return ctx.run_on_main(lambda: RunResult.read(log.run_dir))
     try:
         return _fit_and_finish(runner, loaders, loop, state, hooks, log, stop, resumed=bool(saved))
     except BaseException as exc:
@@ -482,8 +485,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
 
 
 def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHooks, log: RunLogger,
-                    stop: StopSignal, *, resumed: bool) -> int:
-    """Train to the end (or a stop), then final/, the trimmed checkpoints and the summary; the exit code."""
+                    stop: StopSignal, *, resumed: bool) -> RunResult:
+    """Train to the end (or a stop), then final/, the trimmed checkpoints and the summary."""
     writer = hooks.writer
     if resumed and state.loop.next_batch == 0 and state.tracker.best_epoch == len(state.loop.results):
         hooks.save("best")  # the epoch's best/ follows its checkpoint: a run stopped between them gets it here
@@ -502,10 +505,11 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
     if said:
         log.print(said)
     if not finished:
-        return 128 + (stop.signum or 15)
+        return RunResult(log.run_dir, False, list(state.loop.results), config=hooks.cfg.to_dict(),
+                         exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
-    _finish(state, log, final, state.task)
-    return 0
+    return RunResult(log.run_dir, True, list(state.loop.results), _finish(state, log, final, state.task),
+                     hooks.cfg.to_dict())
 
 
 class Diverged(UserError):
@@ -515,7 +519,8 @@ class Diverged(UserError):
 _COLUMN_NAMES = {"macro_f1": "macro-F1"}
 
 
-def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
+def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
+    """summary.json (written by the main process) and the end-of-run table; the summary, on every rank."""
     results, tracker = state.loop.results, state.tracker
     breakdown = state.clock.breakdown(results)
     last = results[-1]
@@ -539,6 +544,7 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> None:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
     log.print(format_breakdown(summary["time_breakdown_s"]))
+    return summary
 
 
 def _summary_table(s: dict) -> str:
@@ -555,9 +561,10 @@ def _summary_table(s: dict) -> str:
             f"training throughput {s['train_samples_per_s']:.1f} samples/s")
 
 
-def train(cfg: TrainConfig, use_torchrun: bool, started: float | None = None) -> int:
+def train(cfg: TrainConfig, use_torchrun: bool, started: float | None = None, *, given=None) -> RunResult:
     """The whole run in its process context (the process group is always torn down); ``started``: when
-    the command began (its imports count as start-up)."""
+    the command began (its imports count as start-up); ``given``: in-memory training and validation
+    data (``data.sources.GivenData``) in place of the config's data flags."""
     started = time.perf_counter() if started is None else started
     with process_context(cfg.device, use_torchrun) as ctx:
-        return run(cfg, ctx, started)
+        return run(cfg, ctx, started, given=given)

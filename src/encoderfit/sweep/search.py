@@ -245,10 +245,13 @@ class Study:
                 live["reported"].add(epoch)
         return live["trial"].should_prune()
 
-    def tell(self, number: int, outcome: str, value: float | None = None) -> None:
-        """done (with the trial's best signed value), pruned or diverged."""
+    def tell(self, number: int, outcome: str, value: float | None = None, record: dict | None = None) -> None:
+        """done (with the trial's best signed value), pruned or diverged; ``record``: what the sweep's table
+        shows of the trial (its metric, epochs, time), kept with it in the study."""
         state = self.optuna.trial.TrialState
         trial = self.live.pop(number)["trial"]
+        if record is not None:
+            trial.set_user_attr("outcome", record)
         if outcome == "diverged":
             trial.set_user_attr("diverged", True)
         if value is not None and value != value:
@@ -270,7 +273,8 @@ class Study:
             flags = {d.name: (params[d.name] if d.choices else d.value(params[d.name]))
                      for d in self.space.dimensions if d.name in params}
             out[t.user_attrs["run_name"]] = {"name": t.user_attrs["run_name"], "flags": flags,
-                                             "status": status[t.state], "worker": t.user_attrs.get("worker")}
+                                             "status": status[t.state], "worker": t.user_attrs.get("worker"),
+                                             **t.user_attrs.get("outcome", {})}
         return [out[n] for n in sorted(out)]
 
     def user_attr(self, key: str, default=None):

@@ -132,6 +132,17 @@ class MultiLabelClassification(Task):
         probs = logits.float().sigmoid()
         return probs, (logits.float() >= self._logit_threshold.to(logits.device)).long()
 
+    def predictions(self, logits: torch.Tensor) -> list:
+        """Per example: the labels at or above the threshold, their probabilities (in the same order), and
+        every label's probability."""
+        probs, chosen = self.decode(logits)
+        out = []
+        for row, on in zip(probs.tolist(), chosen.tolist()):
+            picked = [i for i, flag in enumerate(on) if flag]
+            out.append({"label": [self.label_names[i] for i in picked], "score": [row[i] for i in picked],
+                        "scores": dict(zip(self.label_names, row))})
+        return out
+
 
 def multi_label_metrics(counts: torch.Tensor, label_names) -> dict:
     """Micro- and macro-F1 and per-label precision, recall, F1 and support from per-label (tp, fp, fn) rows."""

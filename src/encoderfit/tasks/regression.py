@@ -69,6 +69,11 @@ class Regression(Task):
         scores = logits.float().squeeze(-1)
         return scores, scores
 
+    def predictions(self, logits: torch.Tensor) -> list:
+        """Per example: the predicted score (as ``label`` and ``score``), named after the target column."""
+        scores, _ = self.decode(logits)
+        return [{"label": v, "score": v, "scores": {self.label_names[0]: v}} for v in scores.tolist()]
+
 
 def _pearson_from_sums(n, sy, sp, syy, spp, syp) -> float:
     if n < 2:

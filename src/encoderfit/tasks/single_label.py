@@ -94,3 +94,9 @@ class SingleLabelClassification(Task):
         """(scores per label, predicted label id) of float32 logits: softmax and its argmax."""
         probs = logits.float().softmax(dim=-1)
         return probs, probs.argmax(dim=-1)
+
+    def predictions(self, logits: torch.Tensor) -> list:
+        """Per example: the predicted label, its probability, and every label's probability."""
+        probs, best = self.decode(logits)
+        return [{"label": self.label_names[k], "score": row[k], "scores": dict(zip(self.label_names, row))}
+                for row, k in zip(probs.tolist(), best.tolist())]

@@ -1,0 +1,86 @@
+"""The Python API: the engine the command lines run, called as functions.
+
+    from encoderfit import fit, Classifier, evaluate
+
+    result = fit(dataframe, epochs=3, learning_rate=5e-5)   # settings named as the training flags
+    result.best_metrics, result.best_checkpoint
+    Classifier.load(result.best_checkpoint).predict(["a text"])
+    evaluate(result.best_checkpoint, "test.csv")
+
+Bad input raises ``UserError`` with the one-line message the command line prints. Under torchrun every rank
+calls ``fit`` with the same arguments (DDP; rank 0 writes) and every rank gets the result.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Optional
+
+from encoderfit.config import TrainConfig
+from encoderfit.utils import UserError, launched_by_torchrun
+
+
+def _is_path(obj) -> bool:
+    return isinstance(obj, (str, os.PathLike))
+
+
+def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] = None, **settings):
+    """Fine-tune a model; returns a ``RunResult`` (per-epoch metrics, best and final metrics and checkpoints,
+    the time breakdown).
+
+    ``train_data``: a file path (.csv, .tsv, .jsonl/.json, .parquet), a pandas DataFrame or a
+    ``datasets.Dataset``, with a text column (and a second one for pairs) and a label column, found by name as
+    for files; None: the data settings of ``config``/``settings`` (``dataset=...``, ``train_file=...``) or the
+    bundled default. ``validation_data``: the same kinds (a path with a path); without it a seeded split of the
+    training data is held out. ``config``: a ``TrainConfig``; ``settings``: training flags by name, over it.
+    """
+    started = time.perf_counter()
+    cfg = (config or TrainConfig()).replace(**settings)
+    given = None
+    if train_data is not None:
+        if cfg.train_file or cfg.dataset:
+            raise UserError("give the training data once: as train_data, or as train_file or dataset")
+        if _is_path(train_data):
+            if validation_data is not None and not _is_path(validation_data):
+                raise UserError("validation_data must be a file path where train_data is one")
+            cfg = cfg.replace(train_file=os.fspath(train_data),
+                              validation_file=None if validation_data is None else os.fspath(validation_data))
+        else:
+            from encoderfit.data.sources import GivenData
+
+            given = GivenData.from_objects(train_data, validation_data)
+    elif validation_data is not None:
+        if not _is_path(validation_data):
+            raise UserError("validation_data in memory needs train_data in memory too")
+        cfg = cfg.replace(validation_file=os.fspath(validation_data))
+    from encoderfit.run.trainer import train
+
+    return train(cfg, launched_by_torchrun(), started, given=given)
+
+
+def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:
+    """Score ``checkpoint`` on labelled data; the report ``encoderfit evaluate --output`` writes (metrics,
+    per-label rows, the data's description).
+
+    ``data``: a labelled file (every row of it), or None with the data flags the checkpoint was trained with
+    (``train_file=...``, ``dataset=...``: their validation split, made as training made it). ``flags``: any
+    other flag of ``encoderfit evaluate`` by name (``max_length``, ``batch_size``, ``device``, ``text_column``,
+    ...). ``verbose``: print what the command prints."""
+    from encoderfit.cli.evaluate import _check, build_parser, evaluate_checkpoint
+
+    parser = build_parser()
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    unknown = sorted(set(flags) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)} (see encoderfit evaluate --help)")
+    for name in ("output", "plot"):
+        if flags.get(name):
+            raise UserError(f"--{name} writes a file from the command line: use the returned report instead")
+    if data is not None and not _is_path(data):
+        raise UserError("data must be a file path: a labelled .csv, .tsv, .jsonl/.json or .parquet file")
+    args = argparse.Namespace(**{**defaults, **flags, "checkpoint": os.fspath(checkpoint),
+                                 **({"validation_file": os.fspath(data)} if data is not None else {})})
+    _check(args)
+    record, _ = evaluate_checkpoint(args, say=print if verbose else (lambda line: None))
+    return record
