@@ -40,7 +40,7 @@ from encoderfit.engine import loop as engine  # noqa: E402
 from encoderfit.modeling import packing  # noqa: E402
 from encoderfit.run.trainer import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
 from encoderfit.data.cache import TokenizedData  # noqa: E402
-from encoderfit.data.loaders import make_loaders  # noqa: E402
+from encoderfit.data.loaders import Batching, make_loaders  # noqa: E402
 from encoderfit.engine.distributed import ProcessContext  # noqa: E402
 from encoderfit.engine.graphs import StepGraphs  # noqa: E402
 from encoderfit.run.runlog import RunLogger  # noqa: E402
@@ -162,10 +162,10 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
         packing.prepare(model)
         longest = max(len(ids) for ids in dataset.with_format(None)["input_ids"])
         packed = packing.PackCollator(tokenizer, max_length=longest, position_offset=packing.position_offset(model))
-    loader, _ = make_loaders(data, tokenizer, ctx, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
-                             num_workers=variant.get("num_workers"), group_by_length=variant.get("group", True),
-                             pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None,
-                             train_collate=packed)
+    batching = Batching(batch_size, batch_size, num_workers=variant.get("num_workers"),
+                        group_by_length=variant.get("group", True),
+                        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
+    loader, _ = make_loaders(data, tokenizer, ctx, batching, train_collate=packed)
     # under DDP, recorded steps average the gradients themselves (training/graphs.py): no wrapper
     train_model = engine.prepare_for_training(model, ctx, compile_model=variant.get("compile", False),
                                               wrap_ddp=not variant.get("graphs"))

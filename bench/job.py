@@ -24,7 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-METRIC = {"single_label": "accuracy", "regression": "pearson", "multi_label": "micro_f1"}
+from encoderfit.tasks.registry import TASKS  # noqa: E402
+
+# each task's default --metric_for_best: the metric both systems are compared on
+METRIC = {name: shape.default_metric for name, shape in TASKS.items()}
 
 
 def _run(cmd: list, log: Path) -> tuple:

@@ -29,7 +29,7 @@ import bench as B  # noqa: E402
 from encoderfit.engine import loop as engine  # noqa: E402
 from encoderfit.modeling import packing  # noqa: E402
 from encoderfit.data.cache import TokenizedData  # noqa: E402
-from encoderfit.data.loaders import make_loaders  # noqa: E402
+from encoderfit.data.loaders import Batching, make_loaders  # noqa: E402
 from encoderfit.engine.distributed import ProcessContext  # noqa: E402
 from encoderfit.engine.graphs import StepGraphs  # noqa: E402
 from encoderfit.run.runlog import RunLogger  # noqa: E402
@@ -118,8 +118,8 @@ def main() -> None:
     if args.unpadded == "on":
         packing.prepare(model)
         packed = packing.PackCollator(tok, max_length=int(lengths.max()), position_offset=packing.position_offset(model))
-    loader, _ = make_loaders(data, tok, ctx, batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0,
-                             num_workers=args.num_workers, pad_multiple=args.pad_multiple, train_collate=packed)
+    batching = Batching(args.batch_size, args.batch_size, num_workers=args.num_workers, pad_multiple=args.pad_multiple)
+    loader, _ = make_loaders(data, tok, ctx, batching, train_collate=packed)
     train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile == "on")
     peak = B.measure_matmul_tflops(device)
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))

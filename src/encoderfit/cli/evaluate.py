@@ -76,16 +76,21 @@ def _check(args) -> None:
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot}")
 
 
-def load_validation(args, kind: str = "single_label", text_columns: Optional[list] = None):
+def load_validation(args, shape=None, text_columns: Optional[list] = None):
     """The validation split (``data.LabelledFile``: texts, second texts of pairs, label names or targets,
     split info), made as training makes it, or every row of --validation_file when it comes without
     --train_file. ``text_columns`` are the checkpoint's (where it recorded them): a single-text checkpoint
-    reads one text even where the data has pair columns."""
+    reads one text even where the data has pair columns. ``shape``: the checkpoint's task class (default:
+    single-label)."""
     import datasets
+
+    from encoderfit.tasks.single_label import SingleLabelClassification
 
     from encoderfit.data.columns import NO_PAIR, column
     from encoderfit.data.sources import DataSource
-    from encoderfit.data.splits import LabelledFile, load_labelled_file, load_labelled_splits
+    from encoderfit.data.splits import ColumnChoice, LabelledFile, load_labelled_file, load_labelled_splits
+
+    shape = shape or SingleLabelClassification
 
     datasets.disable_progress_bars()
     if getattr(args, "data", None) and not args.validation_file:
@@ -98,36 +103,16 @@ def load_validation(args, kind: str = "single_label", text_columns: Optional[lis
         elif not pair_model:  # a single-text model (or one from before pairs, which recorded none): one text
             pair_column = NO_PAIR
     if args.validation_file and not args.train_file:
-        return load_labelled_file(args.validation_file, text_column=text_column, label_column=args.label_column,
-                                  quoting=args.quoting, num_samples=args.num_samples, split_seed=args.split_seed,
-                                  text_pair_column=pair_column, regression=kind == "regression",
-                                  multi_label=kind == "multi_label", label_separator=args.label_separator,
-                                  label_columns=args.label_columns)
+        columns = ColumnChoice(text_column, pair_column, args.label_column, args.label_separator, args.label_columns)
+        return load_labelled_file(args.validation_file, shape, columns=columns, quoting=args.quoting,
+                                  subset=(args.num_samples, args.split_seed))
     source = DataSource.from_settings(args, text_column=text_column, text_pair_column=pair_column)
     splits = load_labelled_splits(source, validation_fraction=args.validation_fraction, split_seed=args.split_seed,
-                                  num_samples=args.num_samples, task=kind)
+                                  num_samples=args.num_samples, task=shape.name)
     val = splits.validation
     pairs = column(val, "text_pair") if "text_pair" in val.column_names else None
-    if kind == "regression":
-        labels = column(val, "labels")
-    elif kind == "multi_label":
-        labels = [[n for n, on in zip(splits.label_names, row) if on] for row in column(val, "labels")]
-    else:
-        names = [str(n) for n in splits.label_names]
-        labels = [names[i] for i in column(val, "labels")]
+    labels = shape.from_encoded(column(val, "labels"), [str(n) for n in splits.label_names])
     return LabelledFile(column(val, "text"), pairs, labels, splits.info)
-
-
-def map_labels(labels: list, label2id: dict, where: str):
-    """The checkpoint's class ids of the data's label names, a numpy array (UserError for names it does not know)."""
-    import numpy as np
-
-    unknown = sorted(set(labels) - set(label2id))
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UserError(f"the data has labels the checkpoint does not know: {shown} "
-                        f"(it knows: {', '.join(label2id)}) in {where}")
-    return np.array([label2id[name] for name in labels], dtype=np.int64)
 
 
 def validation_sha256(texts: list, pairs: Optional[list] = None) -> str:
@@ -169,13 +154,12 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     confusion matrix or None). ``say`` receives what the command prints."""
     device, amp_dtype = inference.setup_device(args)
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
-    problem = inference.checkpoint_problem_type(ckpt)
-    kind = {"regression": "regression", "multi_label_classification": "multi_label"}.get(problem, "single_label")
-    regression = kind == "regression"
-    if kind != "single_label" and args.plot:
-        raise UserError(f"--plot draws a confusion matrix, and this is a {kind.replace('_', '-')} checkpoint: "
-                        f"leave --plot out")
-    got = load_validation(args, kind, inference.checkpoint_text_columns(ckpt, recorded_only=True))
+    from encoderfit.tasks.registry import task_class_for_problem_type
+
+    shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
+    if args.plot and not shape.draws_confusion:
+        raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
+    got = load_validation(args, shape, inference.checkpoint_text_columns(ckpt, recorded_only=True))
     info = got.info
     clf = inference.load_classifier(ckpt, device)
     if clf.takes_pairs != (got.pairs is not None):
@@ -184,17 +168,13 @@ def evaluate_checkpoint(args, say=print) -> tuple:
                         f"columns with --text_column and --text_pair_column")
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
     long_texts = inference.resolve_long_texts(args, clf, max_length)
-    y_true = None if kind != "single_label" else map_labels(got.labels, clf.label2id, info.get("source", "the data"))
-    if kind == "multi_label":
-        map_labels([x for row in got.labels for x in row], clf.label2id, info.get("source", "the data"))
 
     sha = validation_sha256(got.texts, got.pairs)
     trained_sha = _training_split_sha(clf.path)
     same_split = None if trained_sha is None else sha == trained_sha
     for note in info.get("notes", []):
         say(f"note: {note}")
-    shape = f"regression of {clf.label_names[0]!r}" if regression else f"labels {', '.join(clf.label_names)}"
-    say(f"checkpoint {clf.path} | {shape} | device {device} | "
+    say(f"checkpoint {clf.path} | {clf.task.describe_task()} | device {device} | "
         f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
         f"{long_texts.describe(max_length)}")
     split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
@@ -210,89 +190,14 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     logits, elapsed = inference.logits_with_progress(clf, got.texts, desc="evaluating", batch_size=args.batch_size,
                                                      max_length=max_length, amp_dtype=amp_dtype, pairs=got.pairs,
                                                      long_texts=long_texts)
-    if regression:
-        metrics, cm = _regression_report(clf, logits, got.labels, elapsed, say), None
-    elif kind == "multi_label":
-        metrics, cm = _multi_label_report(clf, logits, got.labels, elapsed, say), None
-    else:
-        metrics, cm = _classification_report(clf, logits, y_true, elapsed, say)
+    metrics, cm = clf.task.evaluation_report(logits, got.labels, where=info.get("source", "the data"),
+                                             elapsed=elapsed, say=say)
     record = {"checkpoint": str(clf.path), "task": clf.task.name, "label_names": list(clf.label_names),
               "max_length": max_length, "long_texts": long_texts.record(), **metrics,
               "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
                                                       "validation_fraction", "num_samples", "rows_read")}
               | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}
     return record, cm
-
-
-def _classification_report(clf, logits, y_true, elapsed: float, say) -> tuple:
-    """(metrics, confusion matrix), printed: accuracy, macro-F1, loss, the per-class table, the matrix."""
-    import torch
-
-    from encoderfit.metrics import classification_metrics, confusion_matrix
-
-    _, y_pred = clf.task.decode(logits)
-    labels = torch.from_numpy(y_true)
-    sums = clf.task.new_sums(torch.device("cpu"))  # the task's own sums: a weighted mean with class weights
-    clf.task.add_sums(sums, clf.task.loss_sum(logits, labels), logits, labels)
-    loss = clf.task.running(sums)["loss"]
-    cm = confusion_matrix(y_true, y_pred.numpy(), len(clf.label_names))
-    metrics = {"loss": loss, **classification_metrics(cm, clf.label_names)}
-    say(f"accuracy {metrics['accuracy']:.4f} | macro-F1 {metrics['macro_f1']:.4f} | loss {loss:.4f} | "
-          f"{metrics['examples']} examples in {elapsed:.1f}s ({metrics['examples'] / max(elapsed, 1e-9):.1f}/s)")
-    say("")
-    say(inference.format_report(metrics))
-    say("")
-    say("confusion matrix (rows: true label, columns: predicted label)")
-    say(inference.format_confusion(metrics))
-    return metrics, cm
-
-
-def _multi_label_report(clf, logits, label_lists: list, elapsed: float, say) -> dict:
-    """Multi-label metrics at the checkpoint's threshold, from the task's own sums, printed with a per-label table."""
-    import torch
-
-    from encoderfit.tasks.multi_label import multi_label_metrics
-
-    task = clf.task
-    y = torch.zeros(len(label_lists), task.num_labels)
-    for i, row in enumerate(label_lists):
-        for name in row:
-            y[i, clf.label2id[name]] = 1.0
-    sums = task.new_sums(torch.device("cpu"))
-    task.add_sums(sums, task.loss_sum(logits, y), logits, y)
-    m = task.metrics(sums)
-    per = multi_label_metrics(sums[3:].reshape(3, task.num_labels), clf.label_names)["per_label"]
-    metrics = {"examples": len(label_lists), "threshold": task.threshold, "loss": m["loss"],
-               "micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"],
-               "per_label": per}
-    say(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy {m['subset_accuracy']:.4f} | "
-          f"loss {m['loss']:.4f} | threshold {task.threshold:g} | {len(label_lists)} examples in {elapsed:.1f}s")
-    say("")
-    width = max(9, *(len(n) for n in clf.label_names))
-    say(f"{'label':<{width}}  precision  recall      f1  support  predicted")
-    for name in clf.label_names:
-        r = per[name]
-        say(f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}"
-              f"  {r['predicted']:>9d}")
-    return metrics
-
-
-def _regression_report(clf, logits, targets: list, elapsed: float, say) -> dict:
-    """The regression metrics, from the task's own sums (as training's evaluation computes them), printed."""
-    import torch
-
-    task = clf.task
-    y = torch.tensor(targets, dtype=torch.float32)
-    sums = task.new_sums(torch.device("cpu"))
-    task.add_sums(sums, task.loss_sum(logits, y), logits, y)
-    m = task.metrics(sums, task.outputs(logits, y))
-    metrics = {"examples": len(targets), "loss": m["loss"], "mse": m["mse"], "mae": m["mae"],
-               "pearson": m["pearson"], "spearman": m["spearman"],
-               "mean_target": float(y.double().mean()), "mean_prediction": float(logits.double().mean())}
-    say(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
-          f"{len(targets)} examples in {elapsed:.1f}s ({len(targets) / max(elapsed, 1e-9):.1f}/s)")
-    say(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
-    return metrics
 
 
 def _checkpoint_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """Raw label values -> what a task trains on: class ids, multi-hot rows or float targets; label names."""
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 from typing import Optional
 import datasets
 import numpy as np
@@ -32,21 +33,39 @@ def _label_kind(values, where: str) -> str:
     raise UserError(f"labels in {where} must be all integers or all strings, found: {', '.join(sorted(kinds))}")
 
 
-def resolve_task(requested: str, values, where: str) -> str:
-    """The task the labels call for: ``requested`` ("single_label", "regression"), or for "auto"
-    regression where the labels are numbers with fractions and single-label classification otherwise."""
-    kind = _label_kind(values, where)
-    if requested == "auto":
-        return "regression" if kind == "float" else "single_label"
-    if requested == "single_label" and kind == "float":
-        fraction = next((v for v in values if not float(v).is_integer()), None)
-        raise UserError(f"labels in {where} are numbers with a fraction (found: {fraction!r}), and --task "
-                        f"single_label needs class labels: use --task regression (or auto) for a score, "
-                        f"or check --label_column")
-    word = next((v for v in values if isinstance(v, str) and not _NUMBER.fullmatch(v)), None)
-    if requested == "regression" and kind == "str" and word is not None:
-        raise UserError(f"--task regression needs numbers as labels, {where} has {word!r}: check --label_column")
-    return requested
+def refuse_fractions(values, where: str, flag: str = "--task single_label") -> None:
+    """Class labels are classes: numbers with a fraction among them are an error that says what to do."""
+    fraction = next((v for v in values if not float(v).is_integer()), None)
+    raise UserError(f"labels in {where} are numbers with a fraction (found: {fraction!r}), and {flag} "
+                    f"needs class labels: use --task regression (or auto) for a score, or check --label_column")
+
+
+def first_word(values) -> Optional[str]:
+    """The first label that is text, not a number (what a regression cannot take), or None."""
+    return next((v for v in values if isinstance(v, str) and not _NUMBER.fullmatch(v)), None)
+
+
+@dataclass(frozen=True)
+class RawLabels:
+    """How a data set gives its labels: the label column's name and feature (a ``ClassLabel`` names the classes),
+    and, for several labels per row, the string they are separated by or the 0/1 columns they come from."""
+    column: str
+    feature: object = None
+    separator: Optional[str] = None
+    columns: Optional[str] = None  # --label_columns, as given
+
+    @property
+    def class_label(self) -> bool:
+        return isinstance(self.feature, datasets.ClassLabel)
+
+    def lists(self, ds: datasets.Dataset, where: str) -> Optional[list]:
+        """Each row's labels as a list where the data gives several per row, else None."""
+        return _label_lists(ds, self.separator, where)
+
+    @property
+    def format(self) -> str:
+        """How several labels per row were given: columns, separator or lists."""
+        return "columns" if self.columns else "separator" if self.separator else "lists"
 
 
 LABEL_COLUMNS = "__labels__"  # the list column that --label_columns' 0/1 columns become
@@ -145,7 +164,7 @@ def _encode_labels(ds: datasets.Dataset, names: list, label_feature, where: str)
     values = _unique_labels(ds, where)
     kind = _label_kind(values, where)
     if kind == "float":
-        resolve_task("single_label", values, where)  # the error that says so
+        refuse_fractions(values, where)
     keyed = [str(int(v)) if kind == "int" else v for v in values]
     unknown = sorted({k for k in keyed if k not in index})
     if unknown:

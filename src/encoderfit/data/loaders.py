@@ -1,5 +1,6 @@
 """Samplers and loaders: shuffled, length-grouped training batches sharded per rank; exact evaluation shards."""
 from __future__ import annotations
+from dataclasses import dataclass
 import math
 from typing import Iterator, Optional
 import datasets
@@ -131,28 +132,39 @@ def _docs(ds: datasets.Dataset) -> Optional[list]:
     return column(ds, DOC) if DOC in ds.column_names else None
 
 
-def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, *, batch_size: int, eval_batch_size: int,
-                 seed: int, num_workers: Optional[int], group_by_length: bool = True, grad_accum_steps: int = 1,
-                 pad_multiple: Optional[int] = None, train_collate=None):
+@dataclass(frozen=True)
+class Batching:
+    """How examples become batches: what ``make_loaders`` takes, grouped (the config's batch flags)."""
+    batch_size: int
+    eval_batch_size: int
+    seed: int = 0
+    num_workers: Optional[int] = None   # default: 0 on CPU, 2 on GPU
+    group_by_length: bool = True
+    grad_accum_steps: int = 1
+    pad_multiple: Optional[int] = None  # lengths padded to a multiple of this (CUDA graphs: few shapes)
+
+
+def make_loaders(data: TokenizedData, tokenizer, ctx: ProcessContext, batching: Batching, train_collate=None):
     """Train loader (shuffled, sharded per rank; ``set_epoch`` each epoch) and exact eval loader.
     ``train_collate``: the training batches' collator where it is not the padding one (packed batches)."""
+    b = batching
     on_gpu = ctx.device.type == "cuda"
-    workers = num_workers if num_workers is not None else (2 if on_gpu else 0)
+    workers = b.num_workers if b.num_workers is not None else (2 if on_gpu else 0)
     # Lengths padded to a multiple of 8 suit tensor cores; a coarser multiple bounds the number of
     # distinct shapes (what CUDA graphs need: one graph per shape).
-    collate = PadCollator(tokenizer, pad_multiple or (8 if on_gpu else None))
+    collate = PadCollator(tokenizer, b.pad_multiple or (8 if on_gpu else None))
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": on_gpu,
               "persistent_workers": workers > 0}
-    sampler = TrainBatchSampler(_lengths(data.train), batch_size, ctx.rank, ctx.world_size, seed, group_by_length,
-                                grad_accum_steps)
+    sampler = TrainBatchSampler(_lengths(data.train), b.batch_size, ctx.rank, ctx.world_size, b.seed,
+                                b.group_by_length, b.grad_accum_steps)
     # Its own generator: creating an epoch's iterator must not draw from the global RNG (dropout's),
     # or a mid-epoch resume would see different random numbers than the uninterrupted run.
     # Rows as plain lists (not per-row tensors): the collator builds each batch's tensors at once.
     train_rows = data.train.remove_columns(DOC) if DOC in data.train.column_names else data.train  # a window's own label
     train_loader = DataLoader(train_rows.with_format(None), batch_sampler=sampler,
-                              generator=torch.Generator().manual_seed(seed),
+                              generator=torch.Generator().manual_seed(b.seed),
                               **{**common, "collate_fn": train_collate or collate})
-    eval_loader = DataLoader(data.validation.with_format(None), batch_size=eval_batch_size,
+    eval_loader = DataLoader(data.validation.with_format(None), batch_size=b.eval_batch_size,
                              sampler=ShardSampler(_lengths(data.validation), ctx.rank, ctx.world_size,
-                                                         _docs(data.validation)), **common)
+                                                  _docs(data.validation)), **common)
     return train_loader, eval_loader

@@ -103,7 +103,7 @@ def check_compatible(state: dict, run: dict, *, where: Path) -> None:
     config = dict(config)
     for cfg_, record in ((saved, state.get("task") or {}), (config, run.get("task") or {})):
         if cfg_.get("metric_for_best") is None:
-            cfg_["metric_for_best"] = default_metric(record.get("task", "single_label"))
+            cfg_["metric_for_best"] = default_metric(record.get("task"))  # an unknown or absent task: single-label
     if state["world_size"] != run["world_size"]:
         raise UserError(f"{where} was saved by {state['world_size']} process(es) and this run has "
                         f"{run['world_size']}: resume with the same number of processes (the data order is "

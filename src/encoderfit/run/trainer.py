@@ -343,9 +343,7 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger,
     for note in prepared.info.get("notes", []):
         log.print(f"note: {note}")
     info = prepared.info
-    shape = (f"task regression of {prepared.label_names[0]!r}" if prepared.task == "regression"
-             else f"labels {', '.join(map(str, prepared.label_names))}"
-             + (" (multi-label)" if prepared.task == "multi_label" else ""))
+    shape = tasks.task_class(prepared.task).describe_labels(prepared.label_names)
     texts = " + ".join(info["text_columns"]) if len(info["text_columns"]) > 1 else None
     counts = f"{len(prepared.train)} train, {len(prepared.validation)} validation"
     if cfg.long_texts == "windows":
@@ -369,22 +367,13 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     model_lib.check_model(cfg.model, tokenizer, cfg.max_length)
     prepared = _load_data(cfg, ctx, tokenizer, log, given)
     clock.lap("data")
-    if cfg.class_weights is not None and prepared.task == "regression":
-        raise UserError("--class_weights weigh classes: this data is a regression task")
-    if cfg.threshold != 0.5 and prepared.task != "multi_label":  # 0.5 is the default: not given
-        raise UserError(f"--threshold applies to multi-label classification; this data is a "
-                        f"{prepared.task.replace('_', '-')} task")
-    multi = prepared.task == "multi_label"
-    weights = tasks.resolve_class_weights(cfg.class_weights, prepared.label_names,
-                                          prepared.info.get("train_label_counts", []),
-                                          multi_label_examples=prepared.info["train_examples"] if multi else None)
-    task = tasks.choose_task(prepared.task, prepared.label_names, weights, cfg.threshold).to(ctx.device)
-    if weights is not None:
-        log.print(("pos_weight (positive term of each label's loss): " if multi else "class weights: ")
-                  + ", ".join(f"{n} {w:.4g}" for n, w in zip(task.label_names, weights)))
-    if multi and task.tune:
-        log.print("threshold: tuned at each evaluation, one for every label, the one of 0.01-0.99 that "
-                  "maximizes validation micro-F1")
+    shape = tasks.task_class(prepared.task)
+    if cfg.threshold != 0.5 and not shape.decides_by_threshold:  # 0.5 is the default: not given
+        raise UserError(f"--threshold applies to multi-label classification; this data is a {shape.title} task")
+    weights = shape.resolve_weights(cfg.class_weights, prepared.label_names, prepared.info)
+    task = shape.build(prepared.label_names, weights, cfg.threshold).to(ctx.device)
+    for line in task.setup_lines():
+        log.print(line)
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
                   "text_columns": prepared.info["text_columns"],
@@ -421,13 +410,11 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
               f"batches: {batches_said}")
     if unpadded:
         packing.prepare(model)
-    loaders = data.make_loaders(
-        prepared, tokenizer, ctx, batch_size=cfg.batch_size, eval_batch_size=cfg.effective_eval_batch_size,
-        seed=cfg.seed, num_workers=cfg.num_workers,
-        group_by_length=not cfg.no_group_by_length, grad_accum_steps=cfg.grad_accum_steps,
-        pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None,
-        train_collate=packing.PackCollator(tokenizer, max_length=cfg.max_length,
-                                           position_offset=packing.position_offset(model)) if unpadded else None)
+    batching = data.Batching(cfg.batch_size, cfg.effective_eval_batch_size, cfg.seed, cfg.num_workers,
+                             group_by_length=not cfg.no_group_by_length, grad_accum_steps=cfg.grad_accum_steps,
+                             pad_multiple=CUDAGRAPH_PAD_MULTIPLE if use_graphs else None)
+    loaders = data.make_loaders(prepared, tokenizer, ctx, batching, train_collate=packing.PackCollator(
+        tokenizer, max_length=cfg.max_length, position_offset=packing.position_offset(model)) if unpadded else None)
     if not saved:
         log.write_json("config.json", {
             "config": cfg.to_dict(), "task": task.record(), "world_size": ctx.world_size, "backend": ctx.backend,

@@ -471,36 +471,6 @@ def check_output_path(flag: str, value: Optional[str]) -> None:
             return
 
 
-# ---------------------------------------------------------------- reports
-
-def format_report(metrics: dict) -> str:
-    """The per-class table, with a macro-average row."""
-    names = metrics["labels"]
-    width = max(9, *(len(n) for n in names))
-    lines = [f"{'label':<{width}}  precision  recall      f1  support"]
-    for name in names:
-        m = metrics["per_class"][name]
-        lines.append(f"{name:<{width}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}"
-                     f"  {m['support']:>7d}")
-    lines.append(f"{'macro avg':<{width}}  {metrics['macro_precision']:>9.4f}  {metrics['macro_recall']:>6.4f}"
-                 f"  {metrics['macro_f1']:>6.4f}  {metrics['examples']:>7d}")
-    return "\n".join(lines)
-
-
-def format_confusion(metrics: dict, max_name: int = 12) -> str:
-    """The confusion matrix as a text table: rows true labels, columns predicted labels."""
-    names = metrics["labels"]
-    cm = metrics["confusion_matrix"]
-    short = [n if len(n) <= max_name else n[:max_name - 1] + "~" for n in names]
-    corner = "true \\ predicted"
-    first = max(len(corner), *(len(n) for n in names))
-    cols = [max(len(s), *(len(str(row[j])) for row in cm)) for j, s in enumerate(short)]
-    lines = [f"{corner:<{first}}  " + "  ".join(f"{s:>{w}}" for s, w in zip(short, cols))]
-    for name, row in zip(names, cm):
-        lines.append(f"{name:<{first}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(row, cols)))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- command-line pieces
 
 def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str) -> None:

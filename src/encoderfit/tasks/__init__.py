@@ -7,10 +7,13 @@ graphs and the tools, which never ask which task they run.
 """
 from encoderfit.tasks.base import CONFIG_EXTRA_KEYS, TASK_KINDS, TUNE, Task
 from encoderfit.tasks.multi_label import TUNE_GRID, MultiLabelClassification, multi_label_metrics
-from encoderfit.tasks.registry import choose_task, default_metric, resolve_class_weights, task_from_model_config
+from encoderfit.tasks.registry import (TASKS, choose_task, default_metric, detect_task, task_class,
+                                      task_class_for_problem_type, task_from_model_config)
 from encoderfit.tasks.regression import Regression, spearman
 from encoderfit.tasks.single_label import SingleLabelClassification
+from encoderfit.tasks.weights import resolve_class_weights
 
 __all__ = ["CONFIG_EXTRA_KEYS", "MultiLabelClassification", "Regression", "SingleLabelClassification", "TASK_KINDS",
            "TUNE", "TUNE_GRID", "Task", "choose_task", "default_metric", "multi_label_metrics",
-           "resolve_class_weights", "spearman", "task_from_model_config"]
+           "resolve_class_weights", "spearman", "task_from_model_config", "TASKS", "detect_task", "task_class",
+           "task_class_for_problem_type"]

@@ -16,6 +16,8 @@ class MultiLabelClassification(Task):
 
     name = "multi_label"
     problem_type = "multi_label_classification"
+    title = "multi-label"
+    decides_by_threshold = True
     best_metrics = {"micro_f1": 1, "macro_f1": 1, "subset_accuracy": 1, "loss": -1}
     default_metric = "micro_f1"
     summary_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "loss")
@@ -142,6 +144,133 @@ class MultiLabelClassification(Task):
             out.append({"label": [self.label_names[i] for i in picked], "score": [row[i] for i in picked],
                         "scores": dict(zip(self.label_names, row))})
         return out
+
+    def setup_lines(self) -> list:
+        lines = []
+        if self.pos_weight is not None:
+            lines.append("pos_weight (positive term of each label's loss): "
+                         + ", ".join(f"{n} {w:.4g}" for n, w in zip(self.label_names, self.pos_weight)))
+        if self.tune:
+            lines.append("threshold: tuned at each evaluation, one for every label, the one of 0.01-0.99 that "
+                         "maximizes validation micro-F1")
+        return lines
+
+    def describe_task(self) -> str:
+        return f"labels {', '.join(self.label_names)} (multi-label, threshold {self.threshold:g})"
+
+    def evaluation_report(self, logits: torch.Tensor, labels: list, *, where: str, elapsed: float, say) -> tuple:
+        """Micro- and macro-F1, subset accuracy and the loss at the checkpoint's threshold, from the task's own
+        sums, with a per-label table."""
+        from encoderfit.serve.report import known_ids
+
+        index = {n: i for i, n in enumerate(self.label_names)}
+        known_ids([x for row in labels for x in row], self.label_names, where)  # names it does not know: an error
+        y = torch.zeros(len(labels), self.num_labels)
+        for i, row in enumerate(labels):
+            for name in row:
+                y[i, index[name]] = 1.0
+        sums = self.new_sums(torch.device("cpu"))
+        self.add_sums(sums, self.loss_sum(logits, y), logits, y)
+        m = self.metrics(sums)
+        per = multi_label_metrics(sums[3:].reshape(3, self.num_labels), self.label_names)["per_label"]
+        metrics = {"examples": len(labels), "threshold": self.threshold, "loss": m["loss"],
+                   "micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"],
+                   "per_label": per}
+        say(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy "
+            f"{m['subset_accuracy']:.4f} | loss {m['loss']:.4f} | threshold {self.threshold:g} | {len(labels)} "
+            f"examples in {elapsed:.1f}s")
+        say("")
+        width = max(9, *(len(n) for n in self.label_names))
+        say(f"{'label':<{width}}  precision  recall      f1  support  predicted")
+        for name in self.label_names:
+            r = per[name]
+            say(f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}  {r['support']:>7d}"
+                f"  {r['predicted']:>9d}")
+        return metrics, None
+
+    def predict_truth(self, got, where: str) -> tuple:
+        """Nothing to score a label set against in predict (evaluate scores one), and a note if it was asked."""
+        return None, ([f"column {got.label_column!r} is not scored for a multi-label checkpoint: evaluate.py scores "
+                       f"one"] if got.labels is not None and got.label_named else [])
+
+    def predict_outputs(self, got, logits: torch.Tensor, truth) -> tuple:
+        """(a table of label sets, JSON records with every label's probability, None, per-label counts)."""
+        from encoderfit.serve.report import format_label_sets, shown
+
+        scores, predicted = self.decode(logits)
+        chosen = [[n for n, on in zip(self.label_names, row) if on] for row in predicted.tolist()]
+        records = [{"text": t, **({"text_pair": got.pairs[i]} if got.pairs is not None else {}), "labels": chosen[i],
+                    "probabilities": dict(zip(self.label_names, scores[i].tolist()))}
+                   for i, t in enumerate(got.texts)]
+        counts = predicted.sum(dim=0).tolist()
+        return (lambda width: format_label_sets(shown(got), chosen, width), records, None,
+                ", ".join(f"{name} {c}" for name, c in zip(self.label_names, counts)))
+
+    # ------------------------------------------------------------ the data's part
+    @classmethod
+    def build(cls, label_names, class_weights=None, threshold=0.5) -> "MultiLabelClassification":
+        return cls(label_names, threshold, pos_weight=class_weights)
+
+    @classmethod
+    def label_names_of(cls, train, raw, where: str) -> list:
+        from encoderfit.data.labels import _sorted_names
+        from encoderfit.utils import UserError
+
+        if raw.columns:
+            names = [c.strip() for c in raw.columns.split(",") if c.strip()]
+        else:
+            names = _sorted_names(x for row in raw.lists(train, where) for x in row)
+        if not names:
+            raise UserError(f"no labels in {where}: every row's label list is empty")
+        return names
+
+    @classmethod
+    def _lists(cls, ds, raw, where: str) -> list:
+        from encoderfit.utils import UserError
+
+        lists = raw.lists(ds, where)
+        if lists is None:
+            raise UserError(f"{where} has one label per row and the training data several: give both as lists")
+        return lists
+
+    @classmethod
+    def encode(cls, ds, names: list, raw, where: str):
+        from encoderfit.data.labels import _multi_hot
+
+        return _multi_hot(ds, cls._lists(ds, raw, where), names, where)
+
+    @classmethod
+    def file_labels(cls, ds, raw, where: str):
+        """Each row's list of label names."""
+        from encoderfit.utils import UserError
+
+        lists = raw.lists(ds, where)
+        if lists is None:
+            raise UserError(f"{where} has one label per row, and the checkpoint is multi-label: give a column of "
+                            f"label lists, --label_separator or --label_columns")
+        return ds.remove_columns("label_raw").add_column("label_raw", lists)
+
+    @classmethod
+    def from_encoded(cls, values: list, names: list) -> list:
+        return [[n for n, on in zip(names, row) if on] for row in values]
+
+    @classmethod
+    def label_stats(cls, train, validation, names: list, raw) -> dict:
+        from encoderfit.data.labels import _counts
+
+        return {"train_label_counts": _counts(train, len(names)),
+                "validation_label_counts": _counts(validation, len(names)), "label_format": raw.format}
+
+    @classmethod
+    def describe_labels(cls, names: list) -> str:
+        return f"labels {', '.join(map(str, names))} (multi-label)"
+
+    @classmethod
+    def resolve_weights(cls, spec, names: list, info: dict):
+        from encoderfit.tasks.weights import resolve_class_weights
+
+        return resolve_class_weights(spec, names, info.get("train_label_counts", []),
+                                     multi_label_examples=info["train_examples"])
 
 
 def multi_label_metrics(counts: torch.Tensor, label_names) -> dict:

@@ -1,6 +1,5 @@
 """The task shapes by name: the one place that maps a name (a flag, a checkpoint's problem_type) to a task."""
 from __future__ import annotations
-import math
 from typing import Optional, Sequence
 from encoderfit.tasks.base import Task
 from encoderfit.tasks.multi_label import MultiLabelClassification
@@ -8,68 +7,61 @@ from encoderfit.tasks.regression import Regression
 from encoderfit.tasks.single_label import SingleLabelClassification
 
 
-def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], counts: Sequence[int],
-                          multi_label_examples: Optional[int] = None) -> Optional[list]:
-    """--class_weights as one weight per label: 'balanced', a list in label order, or name=weight pairs
-    (other labels weigh 1), from the training label counts. Single-label 'balanced' is scikit-learn's
-    rule, n / (k * n_c). For a multi-label task (``multi_label_examples``: the training examples) the
-    weights are ``pos_weight``, the factor on each label's positive term, and 'balanced' is
-    (n - n_c) / n_c, negatives per positive, as torch's ``BCEWithLogitsLoss`` documents."""
-    from encoderfit.utils import UserError
-
-    if spec is None:
-        return None
-    names, k = [str(n) for n in label_names], len(label_names)
-    if spec.strip() == "balanced":
-        absent = [name for name, c in zip(names, counts) if c == 0]
-        if absent:
-            raise UserError(f"--class_weights balanced: label(s) {', '.join(absent)} have no training examples "
-                            f"(a larger --num_samples, or explicit weights)")
-        if multi_label_examples is None:
-            return [sum(counts) / (k * c) for c in counts]
-        n = multi_label_examples
-        always = [name for name, c in zip(names, counts) if c >= n]
-        if always:
-            raise UserError(f"--class_weights balanced: every training example has label(s) {', '.join(always)}, "
-                            f"so there are no negatives to balance against (explicit weights, or drop the label)")
-        return [(n - c) / c for c in counts]
-    parts = [p.strip() for p in spec.split(",")]
-    try:
-        if all("=" in p for p in parts):
-            weights = [1.0] * k
-            for part in parts:
-                name, value = (x.strip() for x in part.rsplit("=", 1))
-                if name not in names:
-                    raise UserError(f"--class_weights names the label {name!r}, which the data does not have "
-                                    f"(labels: {', '.join(names)})")
-                weights[names.index(name)] = float(value)
-        else:
-            weights = [float(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--class_weights must be 'balanced', numbers (1,3) or name=number pairs, got {spec!r}") from None
-    if len(weights) != k:
-        raise UserError(f"--class_weights gives {len(weights)} weight(s) for {k} labels ({', '.join(names)})")
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise UserError(f"--class_weights must be positive finite numbers, got {spec!r}")
-    return weights
+TASKS = {cls.name: cls for cls in (SingleLabelClassification, MultiLabelClassification, Regression)}
 
 
 def default_metric(task_name: str) -> str:
     """The --metric_for_best of a task that was not given one."""
-    return {t.name: t.default_metric for t in (SingleLabelClassification, MultiLabelClassification, Regression)
-            }.get(task_name, "accuracy")
+    return TASKS.get(task_name, SingleLabelClassification).default_metric
 
 
 def choose_task(kind: str, label_names, class_weights: Optional[Sequence[float]] = None,
                 threshold=0.5) -> Task:
-    """The task of a run: ``kind`` as the data path settled it ("single_label", "multi_label", "regression").
-    ``class_weights`` are the loss's class weights, or a multi-label task's ``pos_weight``; ``threshold``
-    is a number or ``TUNE``."""
-    if kind == "regression":
-        return Regression(label_names)
-    if kind == "multi_label":
-        return MultiLabelClassification(label_names, threshold, pos_weight=class_weights)
-    return SingleLabelClassification(label_names, class_weights)
+    """The task of a run: ``kind`` as the data path settled it (a name of ``TASKS``). ``class_weights`` are the
+    loss's class weights, or a multi-label task's ``pos_weight``; ``threshold`` is a number or ``TUNE``."""
+    return TASKS[kind].build(label_names, class_weights, threshold)
+
+
+def task_class(name: str) -> type:
+    """The task shape of a name (--task, data.json's and the checkpoint's record)."""
+    return TASKS[name]
+
+
+def task_class_for_problem_type(problem_type: Optional[str], outputs: int = 0) -> type:
+    """The task shape of a model config's ``problem_type`` (None: transformers' convention, a regression for
+    one output, else single-label)."""
+    if problem_type is None:
+        return Regression if outputs == 1 else SingleLabelClassification
+    return next((cls for cls in TASKS.values() if cls.problem_type == problem_type), SingleLabelClassification)
+
+
+def detect_task(requested: str, train, raw, where: str) -> type:
+    """The task shape the training labels call for: ``requested`` (--task) checked against them, or for "auto"
+    multi-label where rows hold several labels, regression where the labels are numbers with fractions, and
+    single-label classification otherwise."""
+    from encoderfit.data.labels import _label_kind, _unique_labels, first_word, refuse_fractions
+    from encoderfit.utils import UserError
+
+    if raw.lists(train, where) is not None:
+        if requested not in ("auto", MultiLabelClassification.name):
+            raise UserError(f"{where} has several labels per row (a list, --label_separator or --label_columns): "
+                            f"a multi-label task, not --task {requested}")
+        return MultiLabelClassification
+    if requested == MultiLabelClassification.name:
+        raise UserError(f"--task multi_label needs several labels per row: a label column of lists (JSON Lines, "
+                        f"Parquet), --label_separator or --label_columns")
+    if raw.class_label and requested == "auto":
+        return SingleLabelClassification
+    values = _unique_labels(train, where)
+    kind = _label_kind(values, where)
+    if requested == "auto":
+        return Regression if kind == "float" else SingleLabelClassification
+    if requested == SingleLabelClassification.name and kind == "float":
+        refuse_fractions(values, where)
+    word = first_word(values)
+    if requested == Regression.name and kind == "str" and word is not None:
+        raise UserError(f"--task regression needs numbers as labels, {where} has {word!r}: check --label_column")
+    return TASKS[requested]
 
 
 def task_from_model_config(config, label_names) -> Task:

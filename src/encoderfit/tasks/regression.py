@@ -12,6 +12,8 @@ class Regression(Task):
 
     name = "regression"
     problem_type = "regression"
+    title = "regression"
+    weighs_classes = False
     best_metrics = {"pearson": 1, "spearman": 1, "mse": -1, "mae": -1, "loss": -1}
     default_metric = "pearson"
     summary_metrics = ("pearson", "spearman", "mse", "mae")
@@ -56,7 +58,7 @@ class Regression(Task):
         out = self.running(sums)
         out["mse"] = out["loss"]
         _, n, _, sy, sp, syy, spp, syp = sums.tolist()
-        out["pearson"] = _pearson_from_sums(n, sy, sp, syy, spp, syp)
+        out["pearson"] = pearson_from_sums(n, sy, sp, syy, spp, syp)
         out["spearman"] = spearman(outputs[:, 0], outputs[:, 1]) if outputs is not None and len(outputs) \
             else float("nan")
         return out
@@ -74,8 +76,86 @@ class Regression(Task):
         scores, _ = self.decode(logits)
         return [{"label": v, "score": v, "scores": {self.label_names[0]: v}} for v in scores.tolist()]
 
+    def describe_task(self) -> str:
+        return f"regression of {self.label_names[0]!r}"
 
-def _pearson_from_sums(n, sy, sp, syy, spp, syp) -> float:
+    def evaluation_report(self, logits: torch.Tensor, labels: list, *, where: str, elapsed: float, say) -> tuple:
+        """The regression metrics, from the task's own sums (as training's evaluation computes them)."""
+        y = torch.tensor(labels, dtype=torch.float32)
+        sums = self.new_sums(torch.device("cpu"))
+        self.add_sums(sums, self.loss_sum(logits, y), logits, y)
+        m = self.metrics(sums, self.outputs(logits, y))
+        metrics = {"examples": len(labels), "loss": m["loss"], "mse": m["mse"], "mae": m["mae"],
+                   "pearson": m["pearson"], "spearman": m["spearman"],
+                   "mean_target": float(y.double().mean()), "mean_prediction": float(logits.double().mean())}
+        say(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
+            f"{len(labels)} examples in {elapsed:.1f}s ({len(labels) / max(elapsed, 1e-9):.1f}/s)")
+        say(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
+        return metrics, None
+
+    def predict_truth(self, got, where: str) -> tuple:
+        """(each text's target, or None where it has none; notes)."""
+        from encoderfit.serve.report import true_scores
+
+        return true_scores(got, where)
+
+    def predict_outputs(self, got, logits: torch.Tensor, truth) -> tuple:
+        """(a table of scores, JSON records, the MSE/MAE/Pearson line or None, the mean score)."""
+        from encoderfit.serve.report import format_scores, regression_line, shown
+
+        scores, _ = self.decode(logits)
+        records = [{"text": t, **({"text_pair": got.pairs[i]} if got.pairs is not None else {}), "score": v,
+                    **({"true_score": truth[i]} if truth is not None else {})}
+                   for i, (t, v) in enumerate(zip(got.texts, scores.tolist()))]
+        scored = regression_line(truth, scores, got.label_column) if truth is not None else None
+        return (lambda width: format_scores(shown(got), scores, width), records, scored,
+                f"mean score {float(scores.mean()):.4f}")
+
+    # ------------------------------------------------------------ the data's part
+    @classmethod
+    def build(cls, label_names, class_weights=None, threshold=None) -> "Regression":
+        return cls(label_names)
+
+    @classmethod
+    def label_names_of(cls, train, raw, where: str) -> list:
+        return [raw.column]  # one output, named after the target column
+
+    @classmethod
+    def encode(cls, ds, names: list, raw, where: str):
+        from encoderfit.data.labels import _regression_targets
+
+        return _regression_targets(ds, where)
+
+    @classmethod
+    def file_labels(cls, ds, raw, where: str):
+        """Float targets (a row that is not a finite number: an error naming it)."""
+        return cls.encode(ds, [raw.column], raw, where).rename_column("labels", "label_raw")
+
+    @classmethod
+    def from_encoded(cls, values: list, names: list) -> list:
+        return list(values)
+
+    @classmethod
+    def label_stats(cls, train, validation, names: list, raw) -> dict:
+        from encoderfit.data.labels import _target_stats
+
+        return {"train_targets": _target_stats(train), "validation_targets": _target_stats(validation)}
+
+    @classmethod
+    def describe_labels(cls, names: list) -> str:
+        return f"task regression of {names[0]!r}"
+
+    @classmethod
+    def check_training_labels(cls, train, where: str, num_samples) -> None:
+        from encoderfit.data.columns import column
+        from encoderfit.utils import UserError
+
+        if len(set(column(train, "labels"))) < 2:
+            raise UserError(f"only one target value in the training examples of {where}"
+                            + (" (try a larger --num_samples)" if num_samples else ""))
+
+
+def pearson_from_sums(n, sy, sp, syy, spp, syp) -> float:
     if n < 2:
         return float("nan")
     cov, vy, vp = syp - sy * sp / n, syy - sy * sy / n, spp - sp * sp / n
