@@ -42,9 +42,8 @@ from encoderfit.run.trainer import CUDAGRAPH_PAD_MULTIPLE  # noqa: E402
 from encoderfit.data.cache import TokenizedData  # noqa: E402
 from encoderfit.data.loaders import Batching, make_loaders  # noqa: E402
 from encoderfit.engine.distributed import ProcessContext  # noqa: E402
-from encoderfit.engine.graphs import StepGraphs  # noqa: E402
+from encoderfit.engine.build import Optimization, Speed, build_steps  # noqa: E402
 from encoderfit.run.runlog import RunLogger  # noqa: E402
-from encoderfit.engine.step import EagerSteps, StepContext  # noqa: E402
 from encoderfit.tasks.single_label import SingleLabelClassification  # noqa: E402
 
 MODELS = {
@@ -166,16 +165,13 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
                         group_by_length=variant.get("group", True),
                         pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
     loader, _ = make_loaders(data, tokenizer, ctx, batching, train_collate=packed)
-    # under DDP, recorded steps average the gradients themselves (training/graphs.py): no wrapper
-    train_model = engine.prepare_for_training(model, ctx, compile_model=variant.get("compile", False),
-                                              wrap_ddp=not variant.get("graphs"))
-    optimizer = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
-    scheduler = engine.build_scheduler(optimizer, total_steps=len(loader) * (repeats + 2), warmup_ratio=0.06)
     amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
     task = SingleLabelClassification(["0", "1"])
-    sc = StepContext(train_model, optimizer, scheduler, task, amp, 1.0, ctx)
-    graphs = StepGraphs(sc) if variant.get("graphs") else None
-    runner = graphs or EagerSteps(sc)
+    # the trainer's own builder: under DDP, recorded steps average the gradients themselves (no wrapper)
+    steps = build_steps(model, task, ctx, Optimization(2e-5, 0.01, 0.06, 1.0, len(loader) * (repeats + 2)),
+                        Speed(variant.get("compile", False), bool(variant.get("graphs")), amp))
+    runner = steps.runner
+    graphs = runner if variant.get("graphs") else None
     loop, quiet = engine.LoopConfig(epochs=repeats + 1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)
     times = []
     for epoch in range(repeats + 1):  # epoch 0 is the warm-up: every shape seen, compiled, recorded
@@ -195,7 +191,7 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
         print(json.dumps({"event": "graphs", **done}), flush=True)
         if report is not None:
             report.update(done)
-    del model, train_model, optimizer, graphs, runner, sc
+    del model, steps, graphs, runner
     return times  # the first is the warm-up window
 
 

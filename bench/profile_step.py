@@ -31,9 +31,8 @@ from encoderfit.modeling import packing  # noqa: E402
 from encoderfit.data.cache import TokenizedData  # noqa: E402
 from encoderfit.data.loaders import Batching, make_loaders  # noqa: E402
 from encoderfit.engine.distributed import ProcessContext  # noqa: E402
-from encoderfit.engine.graphs import StepGraphs  # noqa: E402
+from encoderfit.engine.build import Optimization, Speed, build_steps  # noqa: E402
 from encoderfit.run.runlog import RunLogger  # noqa: E402
-from encoderfit.engine.step import EagerSteps, StepContext  # noqa: E402
 from encoderfit.tasks.single_label import SingleLabelClassification  # noqa: E402
 
 
@@ -120,15 +119,13 @@ def main() -> None:
         packed = packing.PackCollator(tok, max_length=int(lengths.max()), position_offset=packing.position_offset(model))
     batching = Batching(args.batch_size, args.batch_size, num_workers=args.num_workers, pad_multiple=args.pad_multiple)
     loader, _ = make_loaders(data, tok, ctx, batching, train_collate=packed)
-    train_model = engine.prepare_for_training(model, ctx, compile_model=args.compile == "on")
     peak = B.measure_matmul_tflops(device)
     flops = B.model_flops(cfg, lengths, B.non_embedding_params(model))
     gemm_flops = 6 * B.non_embedding_params(model) * float(lengths.sum())  # the rest of `flops` is attention's
-    opt = engine.build_optimizer(model, lr=2e-5, weight_decay=0.01, device=device)
-    sch = engine.build_scheduler(opt, total_steps=10 ** 6, warmup_ratio=0.0)
     task = SingleLabelClassification(["0", "1"])
-    sc = StepContext(train_model, opt, sch, task, torch.bfloat16, 1.0, ctx)
-    runner = StepGraphs(sc) if args.graphs == "on" else EagerSteps(sc)
+    # the trainer's own builder
+    runner = build_steps(model, task, ctx, Optimization(2e-5, 0.01, 0.0, 1.0, 10 ** 6),
+                         Speed(args.compile == "on", args.graphs == "on", torch.bfloat16)).runner
     loop, quiet = engine.LoopConfig(epochs=1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)
 
     def timed(fn, reps=3):

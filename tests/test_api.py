@@ -83,8 +83,10 @@ def test_in_memory_data_is_cached_by_its_contents(tiny_model_dir, tmp_path):
     rows = synthetic_rows(120, seed=2)
     settings = dict(model=str(tiny_model_dir), checkpoint_dir=tmp_path, cache_dir=tmp_path / "cache", **COMMON)
     fit(pd.DataFrame(rows), run_name="a", **{**settings, "epochs": 1})
-    fit(pd.DataFrame(rows), run_name="b", **{**settings, "epochs": 1})
-    assert len(list((tmp_path / "cache").glob("data-*"))) == 1  # the same contents: the same tokenized cache
+    import datasets
+
+    fit(datasets.Dataset.from_list(rows), run_name="b", **{**settings, "epochs": 1})
+    assert len(list((tmp_path / "cache").glob("data-*"))) == 1  # the same rows, another container: the same cache
     changed = [dict(r) for r in rows]
     changed[0]["text"] += " again"
     fit(pd.DataFrame(changed), run_name="c", **{**settings, "epochs": 1})
@@ -211,3 +213,43 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     predictions = namespace["clf"].predict(["what a wonderful film", "a waste of time"])
     assert [p.label for p in predictions] and all(p.label in ("pos", "neg") for p in predictions)
     assert all(abs(sum(p.scores.values()) - 1) < 1e-5 for p in predictions)
+
+
+FIT_UNDER_TORCHRUN = '''
+import json, os, sys
+import pandas as pd
+from encoderfit import fit
+rows = json.loads(open(sys.argv[1]).read())
+result = fit(pd.DataFrame(rows), model=sys.argv[2], checkpoint_dir=sys.argv[3], run_name="ddp", epochs=2,
+             batch_size=8, learning_rate=2e-3, max_length=32, device="cpu", no_progress=True)
+again = fit(pd.DataFrame(rows[:60]), model=sys.argv[2], checkpoint_dir=sys.argv[3], run_name="again", epochs=1,
+            batch_size=8, max_length=32, device="cpu", no_progress=True)  # a second process group, same process
+with open(os.path.join(sys.argv[3], "..", f"result-{os.environ['RANK']}.json"), "w") as fh:  # each rank its own
+    json.dump({"completed": result.completed, "best": result.best_metrics, "epochs": len(result.epochs),
+               "again": again.best_metrics, "summary": result.summary}, fh)
+'''
+
+
+def test_every_rank_runs_fit_under_torchrun_and_gets_the_same_result(tiny_model_dir, tmp_path):
+    """Under torchrun, fit() is what each rank calls: one DDP run (rank 0 writes), one result on every rank."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    (tmp_path / "rows.json").write_text(json.dumps(synthetic_rows(120, seed=9)))
+    (tmp_path / "script.py").write_text(FIT_UNDER_TORCHRUN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           tmp_path / "script.py", tmp_path / "rows.json", tiny_model_dir, tmp_path / "ck"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=cli_env(PYTHONPATH=str(ROOT / "src")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {rank: json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in ("0", "1")}
+    assert set(results) == {"0", "1"} and results["0"] == results["1"]
+    assert results["0"]["completed"] and results["0"]["epochs"] == 2
+    written = json.loads((tmp_path / "ck" / "ddp" / "config.json").read_text())
+    assert written["world_size"] == 2  # one run of two processes, not two runs
+    summary = json.loads((tmp_path / "ck" / "ddp" / "summary.json").read_text())
+    assert results["0"]["best"] == {m: summary[f"best_val_{m}"] for m in summary["metrics"]}
+    assert results["1"]["summary"] == summary  # rank 0's summary on every rank, written before fit() returned
+    assert json.loads((tmp_path / "ck" / "again" / "config.json").read_text())["world_size"] == 2

@@ -12,8 +12,13 @@ def test_a_wheel_installed_in_a_fresh_virtualenv_gives_the_command(tmp_path):
     """``pip install .`` as a user runs it, split in two so that nothing is downloaded: the wheel is built with
     this environment's pinned build backend, then installed alone (no dependencies) into a new virtualenv,
     whose ``encoderfit`` answers --help from the standard library only."""
+    import shutil
+
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".device", ".whl", "build",
+                                                                  "*.egg-info", "checkpoints", "__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                            "-w", tmp_path / "dist", ROOT], capture_output=True, text=True, timeout=300)
+                            "-w", tmp_path / "dist", source], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("encoderfit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

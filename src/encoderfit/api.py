@@ -36,24 +36,26 @@ def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] 
     training data is held out. ``config``: a ``TrainConfig``; ``settings``: training flags by name, over it.
     """
     started = time.perf_counter()
-    cfg = (config or TrainConfig()).replace(**settings)
-    given = None
+    base = config or TrainConfig()
+    files, given = {}, None
     if train_data is not None:
-        if cfg.train_file or cfg.dataset:
+        if settings.get("train_file") or settings.get("dataset") or base.train_file or base.dataset:
             raise UserError("give the training data once: as train_data, or as train_file or dataset")
         if _is_path(train_data):
             if validation_data is not None and not _is_path(validation_data):
                 raise UserError("validation_data must be a file path where train_data is one")
-            cfg = cfg.replace(train_file=os.fspath(train_data),
-                              validation_file=None if validation_data is None else os.fspath(validation_data))
+            files["train_file"] = os.fspath(train_data)
         else:
             from encoderfit.data.sources import GivenData
 
             given = GivenData.from_objects(train_data, validation_data)
-    elif validation_data is not None:
-        if not _is_path(validation_data):
-            raise UserError("validation_data in memory needs train_data in memory too")
-        cfg = cfg.replace(validation_file=os.fspath(validation_data))
+    elif validation_data is not None and not _is_path(validation_data):
+        raise UserError("validation_data in memory needs train_data in memory too")
+    if validation_data is not None and given is None:
+        if settings.get("validation_file"):
+            raise UserError("give the validation data once: as validation_data, or as validation_file")
+        files["validation_file"] = os.fspath(validation_data)
+    cfg = base.replace(**settings, **files)  # checked once, with the data's files among the settings
     from encoderfit.run.trainer import train
 
     return train(cfg, launched_by_torchrun(), started, given=given)

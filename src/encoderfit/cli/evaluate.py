@@ -166,6 +166,7 @@ def evaluate_checkpoint(args, say=print) -> tuple:
         raise UserError(f"this checkpoint was trained on {'pairs of texts' if clf.takes_pairs else 'single texts'} "
                         f"and the data has {'pairs' if got.pairs is not None else 'one text per row'}: name the "
                         f"columns with --text_column and --text_pair_column")
+    clf.task.check_labels(got.labels, info.get("source", "the data"))  # before any inference runs
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
     long_texts = inference.resolve_long_texts(args, clf, max_length)
 

@@ -42,6 +42,19 @@ from encoderfit.utils import UserError, launched_by_torchrun
 # the folder that holds this package: a worker imports the same copy, installed or run from a checkout
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
+
+def _worker_pythonpath() -> str:
+    """PYTHONPATH for a worker: this package's folder first where it is a checkout's src/ (put on sys.path by
+    the entry point); an installed package's site directory is on the worker's path already, and put first it
+    would stand before the standard library."""
+    import site
+    import sysconfig
+
+    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages(),
+                                                 sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]}
+    own = [] if PACKAGE_ROOT in sites else [PACKAGE_ROOT]
+    return os.pathsep.join(filter(None, [*own, os.environ.get("PYTHONPATH")]))
+
 OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, "parallel_trials": None}
 OWNED = ("checkpoint_dir", "run_name", "resume", "config")  # the sweep decides where each trial writes
 WORKER_ENV = "SWEEP_WORKER"  # set by --parallel_trials on the worker processes it starts: their number
@@ -161,8 +174,19 @@ class Sweep:
         if first:
             self.study.begin()
 
+    def trials(self) -> list:
+        """The study's trials, each finished one with its outcome: kept in the study as it was told, or (a sweep
+        begun by an earlier version) read from the trial's run directory."""
+        from encoderfit.run.result import RunResult
+
+        trials = self.study.trials()
+        for t in trials:
+            if t["status"] in ("done", "pruned") and "value" not in t:
+                t.update(_outcome(RunResult.read(self.dir / t["name"])))
+        return trials
+
     def record(self) -> dict:
-        trials = self.study.trials()  # with each finished trial's outcome, kept in the study as it was told
+        trials = self.trials()
         return {"format": FORMAT, **self.space.record(), "trials_asked": self.space.trials, "flags": self.rest,
                 "trials": trials}
 
@@ -373,7 +397,7 @@ def _parallel(workers: int, argv: list, sweep_dir: Path, space: Space, rest: lis
             log = sweep_dir / f"worker-{k}.log"
             logs.append(log)
             child_env = {**os.environ, WORKER_ENV: str(k), **{n: v for n, v in env.items() if n != "device"},
-                         "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+                         "PYTHONPATH": _worker_pythonpath()}
             with open(log, "a") as out:
                 # its own session, so that Ctrl-C reaches it once, through the parent; and it ends with it
                 procs.append(subprocess.Popen([sys.executable, "-m", "encoderfit", "sweep", *child_argv],
@@ -426,7 +450,7 @@ def _follow(sweep: Sweep, procs: list) -> None:
     seen = {}
     while True:
         running = any(p.poll() is None for p in procs)
-        for t in sweep.study.trials():
+        for t in sweep.trials():
             status = t["status"]
             if status == "to do" or (status == "running" and t["worker"] is None) or seen.get(t["name"]) == status:
                 continue

@@ -6,11 +6,23 @@ the main process of each node builds the tokenized splits and caches them, keyed
 """
 from encoderfit.data.cache import TokenizedData, prepare_data, tokenizer_identity
 from encoderfit.data.columns import NO_PAIR, column, is_blank_text
-from encoderfit.data.loaders import Batching, ShardSampler, TrainBatchSampler, make_loaders
+from encoderfit.data.loaders import (
+                                    Batching,
+                                    ShardSampler,
+                                    TrainBatchSampler,
+                                    make_loaders,
+)
 from encoderfit.data.reader import QUOTING_MODES, read_delimited
 from encoderfit.data.sources import DataSource
-from encoderfit.data.splits import (LabelledFile, LabelledSplits, _stratified_split, example_keys, validation_sha256,
-                                    load_labelled_file, load_labelled_splits)
+from encoderfit.data.splits import (
+                                    LabelledFile,
+                                    LabelledSplits,
+                                    _stratified_split,
+                                    example_keys,
+                                    load_labelled_file,
+                                    load_labelled_splits,
+                                    validation_sha256,
+)
 
 __all__ = ["Batching", "DataSource", "LabelledFile", "LabelledSplits", "NO_PAIR", "QUOTING_MODES", "ShardSampler",
            "TokenizedData", "TrainBatchSampler", "column", "example_keys", "is_blank_text", "load_labelled_file",

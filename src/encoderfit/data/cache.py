@@ -1,5 +1,6 @@
 """Tokenization, once per node, cached on disk under a key of everything it depends on."""
 from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -7,15 +8,16 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+
 import datasets
+
 from encoderfit.data import batches
-from encoderfit.engine.distributed import ProcessContext
-from encoderfit.modeling.long_texts import DOC, LongTexts
-from encoderfit.utils import UserError
 from encoderfit.data.columns import column
 from encoderfit.data.sources import DataSource
 from encoderfit.data.splits import LabelledSplits, load_labelled_splits
-
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.modeling.long_texts import DOC, LongTexts
+from encoderfit.utils import UserError
 
 CACHE_FORMAT = 4  # bump when the cached layout or what goes into it changes
 

@@ -1,13 +1,15 @@
 """Which columns hold the text, the second text of a pair and the label; what counts as a blank text."""
 from __future__ import annotations
+
 import math
 import unicodedata
 from typing import Optional
+
 import datasets
-from encoderfit.utils import UserError
+
 from encoderfit.data.reader import _NUMBER
 from encoderfit.data.sources import DataSource
-
+from encoderfit.utils import UserError
 
 TEXT_CANDIDATES = ("text", "sentence", "review", "content", "document", "comment", "utterance", "tweet")
 

@@ -1,14 +1,17 @@
 """Raw label values -> what a task trains on: class ids, multi-hot rows or float targets; label names."""
 from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from typing import Optional
+
 import datasets
 import numpy as np
 import torch
-from encoderfit.utils import UserError
+
 from encoderfit.data.columns import column
 from encoderfit.data.reader import _INT, _NUMBER
+from encoderfit.utils import UserError
 
 
 def _unique_labels(ds: datasets.Dataset, where: str) -> list:

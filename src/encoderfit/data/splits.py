@@ -1,18 +1,34 @@
 """A source -> cleaned train/validation splits with labels encoded (and one labelled file, as evaluation
 reads it); fingerprints that say which examples a split holds."""
 from __future__ import annotations
+
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
+
 import datasets
 import numpy as np
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-from encoderfit.utils import UserError
-from encoderfit.data.columns import _pick_columns, _standardize, check_text_values, column, is_blank_text, is_missing
-from encoderfit.data.labels import LABEL_COLUMNS, RawLabels, _labels_from_columns, _unique_labels, strip_labels
+
+from encoderfit.data.columns import (
+    _pick_columns,
+    _standardize,
+    check_text_values,
+    column,
+    is_blank_text,
+    is_missing,
+)
+from encoderfit.data.labels import (
+    LABEL_COLUMNS,
+    RawLabels,
+    _labels_from_columns,
+    _unique_labels,
+    strip_labels,
+)
 from encoderfit.data.reader import _load_file
 from encoderfit.data.sources import DataSource
+from encoderfit.utils import UserError
 
 
 def content_fingerprint(ds: datasets.Dataset) -> str:

@@ -124,6 +124,9 @@ class ProcessContext:
         return int(flag.item()) == 0
 
 
+_GROUPS = 0  # process groups this process has made
+
+
 @contextlib.contextmanager
 def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[ProcessContext]:
     """Set up this process (and the process group under torchrun); always tear it down."""
@@ -153,7 +156,11 @@ def process_context(device_preference: str, use_torchrun_env: bool) -> Iterator[
     # Keys of each torchrun restart under their own prefix: after --max-restarts brings the group back,
     # gloo would otherwise find the previous attempt's (dead) peer addresses in the store.
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT))
-    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    # And each process group of this process (fit() called again in one torchrun job) under its own: every rank
+    # counts its groups alike, so the ranks of one group meet under one prefix.
+    global _GROUPS
+    _GROUPS += 1
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/group-{_GROUPS}/", store)
     init_kwargs = {"backend": backend, "timeout": COLLECTIVE_TIMEOUT, "store": store, "rank": rank,
                    "world_size": world_size}
     if backend == "nccl":

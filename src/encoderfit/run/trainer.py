@@ -32,7 +32,7 @@ from encoderfit.engine.distributed import ProcessContext, StopSignal, process_co
 from encoderfit.modeling.long_texts import LongTexts
 from encoderfit.run.result import RunResult
 from encoderfit.run.runlog import RunClock, RunLogger, format_breakdown
-from encoderfit.engine.step import EagerSteps, StepContext
+from encoderfit.engine.build import Optimization, Speed, build_steps
 from encoderfit.utils import UserError, autocast_dtype, set_seed
 
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to record.
@@ -425,12 +425,12 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)
 
-    train_model = engine.prepare_for_training(model, ctx, compile_model=compile_model, wrap_ddp=not use_graphs)
-    optimizer = engine.build_optimizer(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=ctx.device)
     steps_per_epoch = math.ceil(len(loaders[0]) / cfg.grad_accum_steps)
-    scheduler = engine.build_scheduler(optimizer, total_steps=cfg.epochs * steps_per_epoch,
-                                       warmup_ratio=cfg.warmup_ratio)
-    state = RunState(optimizer, scheduler, engine.LoopState(),
+    steps = build_steps(model, task, ctx, Optimization(cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
+                                                       cfg.max_grad_norm, cfg.epochs * steps_per_epoch,
+                                                       cfg.skip_nonfinite),
+                        Speed(compile_model, use_graphs, amp_dtype))
+    state = RunState(steps.optimizer, steps.scheduler, engine.LoopState(),
                      BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record,
                      task, clock)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
@@ -446,19 +446,14 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         log.truncate_records(after_step=0)  # a fresh start in a run directory that had no checkpoint yet
 
     clock.lap("model")
-    sc = StepContext(train_model, optimizer, scheduler, task, amp_dtype, cfg.max_grad_norm, ctx,
-                     skip_nonfinite=cfg.skip_nonfinite)
-    if use_graphs:
-        from encoderfit.engine.graphs import StepGraphs
-        runner = StepGraphs(sc)
-    else:
-        runner = EagerSteps(sc)
+    runner = steps.runner  # its graphs are recorded at the first steps: after the optimizer's state is restored
     hooks = CheckpointHooks(cfg, ctx, state, writer, stop, log)
     hooks.model, hooks.tokenizer, hooks.judge = model, tokenizer, judge
     loop = engine.LoopConfig(cfg.epochs, cfg.grad_accum_steps, cfg.log_every, pooling=long_texts.pooling,
                              train_documents=prepared.info["train_examples"] if long_texts.windowed else None)
     if saved and saved.get("finished") and ctx.run_on_main(lambda: (log.run_dir / "summary.json").is_file()):
         log.print(f"{log.run_dir} has finished: nothing left to train (its models: final/ and best/)")
+        runner.close()
         # and nothing rewritten: a finished run resumed is left as it was; its result is what it wrote (read by
         # the main process, which alone has the run directory where nodes do not share a disk)
         return ctx.run_on_main(lambda: RunResult.read(log.run_dir))
@@ -495,8 +490,11 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
         return RunResult(log.run_dir, False, list(state.loop.results), config=hooks.cfg.to_dict(),
                          exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
-    return RunResult(log.run_dir, True, list(state.loop.results), _finish(state, log, final, state.task),
-                     hooks.cfg.to_dict())
+    summary = _finish(state, log, final, state.task)
+    # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
+    # returns before the main process has finished the run's files
+    summary = hooks.ctx.run_on_main(lambda: summary)
+    return RunResult(log.run_dir, True, list(state.loop.results), summary, hooks.cfg.to_dict())
 
 
 class Diverged(UserError):

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from encoderfit.modeling.long_texts import DOC, LongTexts
-from encoderfit.utils import HelpFormatter, ToolParser, UserError, autocast_dtype, detect_device  # noqa: F401
+from encoderfit.utils import (  # noqa: F401
+    HelpFormatter,
+    ToolParser,
+    UserError,
+    autocast_dtype,
+    detect_device,
+)
 
 DEFAULT_MAX_LENGTH = 512
 # Models whose position table has (padding_idx + 1) extra rows in front of the usable positions.
@@ -127,7 +133,11 @@ def model_max_positions(config, tokenizer) -> int:
 
 def load_classifier(path, device: torch.device) -> Classifier:
     """A fine-tuned sequence classifier and its tokenizer, in eval mode on ``device``."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
 
     ckpt = resolve_checkpoint(path)
@@ -335,7 +345,14 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
         raise UserError(f"unknown input format {p.suffix!r} for {path}: use .txt (one text per line), "
                         f".csv, .tsv, .jsonl/.json or .parquet")
     # training's names, reader and checks (imported here: training.data loads datasets)
-    from encoderfit.data.columns import LABEL_CANDIDATES, TEXT_CANDIDATES, check_distinct_columns, check_text_values, find_pair_columns, is_blank_text
+    from encoderfit.data.columns import (
+        LABEL_CANDIDATES,
+        TEXT_CANDIDATES,
+        check_distinct_columns,
+        check_text_values,
+        find_pair_columns,
+        is_blank_text,
+    )
     from encoderfit.data.labels import strip_labels
 
     columns, values_of, notes = _read_table(p, suffix, quoting)

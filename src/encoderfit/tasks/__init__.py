@@ -6,9 +6,20 @@ A task is chosen once from the data and the flags, recorded in the checkpoint (t
 graphs and the tools, which never ask which task they run.
 """
 from encoderfit.tasks.base import CONFIG_EXTRA_KEYS, TASK_KINDS, TUNE, Task
-from encoderfit.tasks.multi_label import TUNE_GRID, MultiLabelClassification, multi_label_metrics
-from encoderfit.tasks.registry import (TASKS, choose_task, default_metric, detect_task, task_class,
-                                      task_class_for_problem_type, task_from_model_config)
+from encoderfit.tasks.multi_label import (
+                                      TUNE_GRID,
+                                      MultiLabelClassification,
+                                      multi_label_metrics,
+)
+from encoderfit.tasks.registry import (
+                                      TASKS,
+                                      choose_task,
+                                      default_metric,
+                                      detect_task,
+                                      task_class,
+                                      task_class_for_problem_type,
+                                      task_from_model_config,
+)
 from encoderfit.tasks.regression import Regression, spearman
 from encoderfit.tasks.single_label import SingleLabelClassification
 from encoderfit.tasks.weights import resolve_class_weights

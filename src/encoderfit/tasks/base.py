@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-
 TASK_KINDS = ("auto", "single_label", "multi_label", "regression")
 
 
@@ -146,6 +145,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def predict_outputs(self, got, logits: torch.Tensor, truth) -> tuple:
         """(a table for a terminal of a given width, JSON records, the scoring line or None, the counts line)."""
+
+    def check_labels(self, labels: list, where: str) -> None:
+        """Refuse a labelled file's labels (as ``file_labels`` gives them) that this checkpoint cannot score,
+        before any inference runs."""
 
     def describe_task(self) -> str:
         """The task as the tools' header line shows it."""

@@ -1,9 +1,11 @@
 """Any number of K labels per example: a sigmoid per label, binary cross-entropy, F1 at a threshold."""
 from __future__ import annotations
-from typing import Optional, Sequence
-import torch
-from encoderfit.tasks.base import TUNE, Task, _logit
 
+from typing import Optional, Sequence
+
+import torch
+
+from encoderfit.tasks.base import TUNE, Task, _logit
 
 TUNE_GRID = tuple(i / 100 for i in range(1, 100))  # the thresholds a tuned multi-label run chooses from
 
@@ -157,6 +159,11 @@ class MultiLabelClassification(Task):
 
     def describe_task(self) -> str:
         return f"labels {', '.join(self.label_names)} (multi-label, threshold {self.threshold:g})"
+
+    def check_labels(self, labels: list, where: str) -> None:
+        from encoderfit.serve.report import known_ids
+
+        known_ids([x for row in labels for x in row], self.label_names, where)
 
     def evaluation_report(self, logits: torch.Tensor, labels: list, *, where: str, elapsed: float, say) -> tuple:
         """Micro- and macro-F1, subset accuracy and the loss at the checkpoint's threshold, from the task's own

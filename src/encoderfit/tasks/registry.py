@@ -1,11 +1,12 @@
 """The task shapes by name: the one place that maps a name (a flag, a checkpoint's problem_type) to a task."""
 from __future__ import annotations
+
 from typing import Optional, Sequence
+
 from encoderfit.tasks.base import Task
 from encoderfit.tasks.multi_label import MultiLabelClassification
 from encoderfit.tasks.regression import Regression
 from encoderfit.tasks.single_label import SingleLabelClassification
-
 
 TASKS = {cls.name: cls for cls in (SingleLabelClassification, MultiLabelClassification, Regression)}
 
@@ -39,7 +40,12 @@ def detect_task(requested: str, train, raw, where: str) -> type:
     """The task shape the training labels call for: ``requested`` (--task) checked against them, or for "auto"
     multi-label where rows hold several labels, regression where the labels are numbers with fractions, and
     single-label classification otherwise."""
-    from encoderfit.data.labels import _label_kind, _unique_labels, first_word, refuse_fractions
+    from encoderfit.data.labels import (
+        _label_kind,
+        _unique_labels,
+        first_word,
+        refuse_fractions,
+    )
     from encoderfit.utils import UserError
 
     if raw.lists(train, where) is not None:
@@ -48,8 +54,8 @@ def detect_task(requested: str, train, raw, where: str) -> type:
                             f"a multi-label task, not --task {requested}")
         return MultiLabelClassification
     if requested == MultiLabelClassification.name:
-        raise UserError(f"--task multi_label needs several labels per row: a label column of lists (JSON Lines, "
-                        f"Parquet), --label_separator or --label_columns")
+        raise UserError("--task multi_label needs several labels per row: a label column of lists (JSON Lines, "
+                        "Parquet), --label_separator or --label_columns")
     if raw.class_label and requested == "auto":
         return SingleLabelClassification
     values = _unique_labels(train, where)

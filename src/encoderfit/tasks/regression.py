@@ -1,8 +1,11 @@
 """One score per example: MSE loss; Pearson, Spearman, MSE and MAE."""
 from __future__ import annotations
+
 import math
 from typing import Optional
+
 import torch
+
 from encoderfit.tasks.base import Task
 
 

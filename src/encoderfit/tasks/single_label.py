@@ -1,9 +1,11 @@
 """One label out of K: cross-entropy (optionally class-weighted), accuracy and macro-F1."""
 from __future__ import annotations
-from typing import Optional, Sequence
+
 import math
+from typing import Optional, Sequence
 
 import torch
+
 from encoderfit.metrics import macro_f1
 from encoderfit.tasks.base import Task
 
@@ -110,6 +112,11 @@ class SingleLabelClassification(Task):
             return []
         return ["class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(self.label_names, self.class_weights))]
 
+    def check_labels(self, labels: list, where: str) -> None:
+        from encoderfit.serve.report import known_ids
+
+        known_ids(labels, self.label_names, where)
+
     def evaluation_report(self, logits: torch.Tensor, labels: list, *, where: str, elapsed: float, say) -> tuple:
         """Accuracy, macro-F1, the loss (class-weighted as in training), the per-class table and the confusion
         matrix."""
@@ -141,7 +148,12 @@ class SingleLabelClassification(Task):
 
     def predict_outputs(self, got, logits: torch.Tensor, truth) -> tuple:
         """(a table for a terminal of a given width, JSON records, the accuracy line or None, the counts line)."""
-        from encoderfit.serve.report import accuracy_line, format_table, prediction_records, shown
+        from encoderfit.serve.report import (
+            accuracy_line,
+            format_table,
+            prediction_records,
+            shown,
+        )
 
         scores, predicted = self.decode(logits)
         records = prediction_records(got.texts, self.label_names, scores, predicted, truth, got.pairs)
