@@ -141,3 +141,27 @@ def test_every_run_says_where_its_time_went(tmp_path, tiny_model_dir, run_main):
     assert b["checkpoints"] > 0.05
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("time: ")]
     assert len(line) == 1 and re.search(r"\| total [\d.]+s$", line[0]), proc.stdout
+
+
+def test_every_recorded_learning_rate_follows_the_documented_schedule(trained):
+    """metrics.jsonl's lr at each logged step, against transformers' linear warm-up and decay built from the run's
+    own settings: peak --learning_rate after ceil(warmup_ratio x steps) steps, 0 at the last step. Half the
+    learning rate, another warm-up or a schedule that does not advance each step would not match."""
+    import math
+
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    config = json.loads((trained / "config.json").read_text())["config"]
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    per_epoch = math.ceil(epochs[0]["train_examples"] / config["batch_size"])
+    total = per_epoch * config["epochs"]
+    reference = get_linear_schedule_with_warmup(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                                math.ceil(config["warmup_ratio"] * total), total)
+    factors = [reference.lr_lambdas[0](s["step"]) for s in steps]
+    assert len(steps) >= 10 and total - config["log_every"] < steps[-1]["step"] <= total
+    assert min(factors) < 0.1 < 0.9 < max(factors)  # the decay seen almost to its end
+    for record, factor in zip(steps, factors):
+        assert abs(record["lr"] - config["learning_rate"] * factor) <= 1e-12 * config["learning_rate"], record
