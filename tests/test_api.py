@@ -253,3 +253,40 @@ def test_every_rank_runs_fit_under_torchrun_and_gets_the_same_result(tiny_model_
     assert results["0"]["best"] == {m: summary[f"best_val_{m}"] for m in summary["metrics"]}
     assert results["1"]["summary"] == summary  # rank 0's summary on every rank, written before fit() returned
     assert json.loads((tmp_path / "ck" / "again" / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """The tiny BERT with dropout on (0.3 in the hidden layers and the attention): where train and eval modes differ."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from encoderfit.modeling.model import default_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-bert-dropout")
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128,
+                        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    BertForSequenceClassification(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(default_model_dir() / name, out / name)
+    return out
+
+
+def test_with_dropout_evaluation_and_prediction_are_deterministic_and_match_training(dropout_model_dir, tmp_path):
+    """Evaluation and prediction run the model in eval mode: repeated calls give the same numbers, and the run's
+    own validation split scores what training reported for the epoch best/ holds (dropout left on would give
+    other numbers on every call)."""
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(200, seed=13))
+    result = fit(train, model=str(dropout_model_dir), checkpoint_dir=tmp_path, run_name="dropout", **COMMON)
+    first = evaluate(result.best_checkpoint, train_file=train, device="cpu")
+    second = evaluate(result.best_checkpoint, train_file=train, device="cpu")
+    assert first == second
+    assert first["data"]["same_split_as_training"] is True
+    assert first["accuracy"] == result.best_metrics["accuracy"]
+    assert first["loss"] == pytest.approx(result.best_metrics["loss"], rel=1e-5)
+    clf = Classifier.load(result.best_checkpoint, device="cpu")
+    texts = [r["text"] for r in synthetic_rows(20, seed=14)]
+    assert [p.scores for p in clf.predict(texts)] == [p.scores for p in clf.predict(texts)]
