@@ -276,3 +276,21 @@ def test_the_schedule_is_transformers_linear_warmup_and_decay_and_resumes_from_i
     b = build_scheduler(optimizer(), total_steps=20, warmup_ratio=0.25)
     b.load_state_dict(a.state_dict())
     assert rates(b, 12) == rates(a, 12) and rates(b, 1) == [0.0]
+
+
+def test_weight_decay_spares_exactly_the_parameters_transformers_trainer_spares():
+    """AdamW's groups: weight decay on the weights Hugging Face Trainer decays, none on biases and LayerNorm
+    weights (Trainer's own rule as the reference), with the given values."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=32, num_labels=3))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, device=torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    reference = set(Trainer.get_decay_parameter_names(None, model))
+    assert decayed == reference and spared == set(names.values()) - reference
+    assert any("LayerNorm.weight" in n for n in spared) and any(n.endswith(".bias") for n in spared)
+    assert all(g["lr"] == 1e-3 for g in optimizer.param_groups)
