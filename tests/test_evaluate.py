@@ -229,6 +229,8 @@ def _bad_inputs(tmp: Path, trained: Path, tiny: Path) -> dict:
         "plot under a file": ([*ck, "--data", str(train), "--plot", str(tmp / "a_file" / "cm.png")],
                               "a_file is a file, not a directory"),
         "zero num_samples": ([*ck, "--num_samples", "0"], "--num_samples must be positive"),
+        "negative split seed": ([*ck, "--train_file", str(train), "--split_seed", "-1"],
+                                "--split_seed must be an integer from 0 to 4294967295, got -1"),
         "no checkpoint flag": (["--train_file", str(train)], "required: --checkpoint"),
     }
 
@@ -237,7 +239,7 @@ CASES = ["missing checkpoint", "not a checkpoint", "base model, no classifier", 
          "labels the checkpoint does not know", "missing data file", "no text column", "empty data",
          "plot not a png", "bad fraction", "unknown label in a file alone", "dataset and a file",
          "data and validation file differ", "output under a file", "plot under a file", "zero num_samples",
-         "no checkpoint flag"]
+         "negative split seed", "no checkpoint flag"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -62,6 +62,11 @@ def _check(args) -> None:
     inference.check_positive(args, "batch_size", "max_length", "num_samples")
     if not 0 < args.validation_fraction < 1:
         raise UserError(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    from encoderfit.config import SEED_RANGE
+
+    if not SEED_RANGE[0] <= args.split_seed <= SEED_RANGE[1]:  # numpy's seeding would fail with a traceback
+        raise UserError(f"--split_seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got "
+                        f"{args.split_seed}")
     if args.data:
         if args.validation_file and args.validation_file != args.data:
             raise UserError("--data is another name for --validation_file: give one of them")
