@@ -123,7 +123,7 @@ def test_the_engine_trains_as_the_reference_loop(case):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        ref_loss.append(float(loss))
+        ref_loss.append(float(loss.detach()))
 
     assert ours_lr == pytest.approx(ref_lr, rel=1e-12, abs=0) and ref_lr[0] == 0.0 and max(ref_lr) == LR
     assert ours_loss == pytest.approx(ref_loss, rel=2e-5, abs=1e-7)
