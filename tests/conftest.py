@@ -254,24 +254,28 @@ def made_once(tmp_path_factory, name: str, make) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide BERT with random weights and the default model's tokenizer (no dropout)."""
+def make_tiny_bert(out: Path, *, dropout: float = 0.0, seed: int = 0) -> Path:
+    """A 2-layer, 64-wide BERT with random weights and the default model's tokenizer, saved in ``out``."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from encoderfit.modeling.model import default_model_dir
 
-    out = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=128,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(out)
     src = default_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny BERT without dropout (train and eval modes compute the same)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, made_once, run_script, synthetic_rows, write_rows
+from conftest import ROOT, made_once, make_tiny_bert, run_script, synthetic_rows, write_rows
 from test_tasks import pair_rows, score_rows, topic_rows
 from encoderfit import Classifier, Prediction, RunResult, TrainConfig, UserError, evaluate, fit
 
@@ -258,21 +258,7 @@ def test_every_rank_runs_fit_under_torchrun_and_gets_the_same_result(tiny_model_
 @pytest.fixture(scope="module")
 def dropout_model_dir(tmp_path_factory) -> Path:
     """The tiny BERT with dropout on (0.3 in the hidden layers and the attention): where train and eval modes differ."""
-    import shutil
-
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from encoderfit.modeling.model import default_model_dir
-
-    out = tmp_path_factory.mktemp("tiny-bert-dropout")
-    torch.manual_seed(1)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=128,
-                        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
-    BertForSequenceClassification(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(default_model_dir() / name, out / name)
-    return out
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-dropout"), dropout=0.3, seed=1)
 
 
 def test_with_dropout_evaluation_and_prediction_are_deterministic_and_match_training(dropout_model_dir, tmp_path):
