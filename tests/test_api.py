@@ -190,6 +190,12 @@ def test_evaluate_returns_the_report_the_command_writes(frame_and_run, tmp_path,
     summary = json.loads((base / "ck" / "cli" / "summary.json").read_text())
     assert split["data"]["same_split_as_training"] is True
     assert split["accuracy"] == summary["best_val_accuracy"]
+    # the same rows in memory: the same numbers, the data named as given
+    in_memory = evaluate(ckpt, pd.read_csv(test), device="cpu")
+    assert {k: v for k, v in in_memory.items() if k != "data"} == {k: v for k, v in report.items() if k != "data"}
+    assert in_memory["data"]["source"] == "the data given to evaluate()"
+    with pytest.raises(UserError, match="data in memory is evaluated whole"):
+        evaluate(ckpt, pd.read_csv(test), train_file=test)
     with pytest.raises(UserError, match="unknown setting"):
         evaluate(ckpt, test, batchsize=4)
     with pytest.raises(UserError, match="data file not found"):

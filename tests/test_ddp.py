@@ -3,7 +3,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,12 +173,10 @@ def test_one_rank_failing_ends_the_job_with_its_message(task, tmp_path):
         "        return _step(self, *a, **k)\n"
         "    torch.optim.AdamW.step = step\n")
     env = cli_env(PYTHONPATH=str(tmp_path))
-    t0 = time.monotonic()
-    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", env=env, timeout=180)
-    elapsed = time.monotonic() - t0
+    # a rank left waiting on its peer would hang: the timeout (an exception) fails the test
+    proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", env=env, timeout=300)
     assert proc.returncode != 0
     assert "injected failure on rank 1 at step 3" in proc.stderr
-    assert elapsed < 120
     assert not list((tmp_path / "ck").glob("*/final"))  # no checkpoint claims to be complete
 
 
@@ -277,6 +274,6 @@ def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     for line in lines:
         fields = line.split()
-        # the same weights as DDP's, the same on both ranks, after steps that moved them
-        assert float(fields[3]) <= 1e-6 and float(fields[5]) == 0.0 and float(fields[7]) > 1e-3, line
+        # the same weights as DDP's bit for bit, the same on both ranks, after steps that moved them
+        assert float(fields[3]) == 0.0 and float(fields[5]) == 0.0 and float(fields[7]) > 1e-3, line
         assert fields[-1] == "True", line  # and the same losses, step by step

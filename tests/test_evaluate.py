@@ -126,7 +126,7 @@ def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
     assert "the same examples the checkpoint's training run validated on" in stdout
     assert result["examples"] == data_info["validation_examples"] == 30
     # training's own last evaluation, reproduced
-    assert abs(result["accuracy"] - summary["final_val_accuracy"]) <= 1 / 30 + 1e-9
+    assert result["accuracy"] == pytest.approx(summary["final_val_accuracy"], abs=1e-9)
     assert result["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-4)
 
     # another split seed holds out other examples, and says so

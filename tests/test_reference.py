@@ -136,3 +136,78 @@ def test_the_engine_trains_as_the_reference_loop(case):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=2e-6), name
         moved += int(not torch.equal(ours, _model(k, problem).state_dict()[name]))
     assert moved == len(list(model.parameters()))  # every weight trained, so every comparison meant something
+
+
+# --- one evaluation pass, against transformers' model run plainly -----------------------------------------------
+
+def _plain_outputs(checkpoint, texts, pairs=None) -> torch.Tensor:
+    """transformers' own tokenizer and model in eval mode, a few examples at a time: the reference logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 7):
+            enc = tok(texts[i:i + 7], None if pairs is None else pairs[i:i + 7], truncation=True, max_length=32,
+                      padding=True, return_tensors="pt")
+            out.append(model(**enc).logits.float())
+    return torch.cat(out)
+
+
+def _f1(tp, fp, fn) -> float:
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize("shape", ["single_label", "pairs", "multi_label", "regression"])
+def test_evaluation_is_the_plain_eval_pass(shape, tmp_path):
+    """The model with dropout on: evaluate() must score what transformers' model in eval mode computes, with the
+    task's loss (torch's mean losses) and metrics (counted here, or scipy's correlations). Evaluation in train
+    mode, a loss summed or averaged per batch, or a metric off by an example fails here."""
+    import pandas as pd
+    from scipy import stats
+
+    from conftest import make_tiny_bert, synthetic_rows
+    from test_tasks import pair_rows, score_rows, topic_rows
+    from encoderfit import evaluate, fit
+
+    model_dir = make_tiny_bert(tmp_path / "model", dropout=0.3, seed=2)
+    make = {"single_label": synthetic_rows, "pairs": pair_rows, "multi_label": topic_rows, "regression": score_rows}
+    rows, test = make[shape](160, seed=3), make[shape](53, seed=4)  # 53: the last batch is a short one
+    result = fit(pd.DataFrame(rows), model=str(model_dir), checkpoint_dir=tmp_path, run_name="r", epochs=1,
+                 batch_size=16, learning_rate=2e-3, max_length=32, device="cpu", no_progress=True)
+    ckpt = result.final_checkpoint
+    report = evaluate(ckpt, pd.DataFrame(test), device="cpu", batch_size=8)
+    assert report["examples"] == 53
+    pairs = [r["sentence2"] for r in test] if shape == "pairs" else None
+    logits = _plain_outputs(ckpt, [r["sentence1" if shape == "pairs" else "text"] for r in test], pairs)
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(ckpt)
+    if shape == "regression":
+        target = torch.tensor([r["score"] for r in test])
+        pred = logits.squeeze(-1)
+        assert report["loss"] == pytest.approx(float(F.mse_loss(pred, target)), rel=1e-5)
+        assert report["mse"] == pytest.approx(float(F.mse_loss(pred, target)), rel=1e-5)
+        assert report["mae"] == pytest.approx(float(F.l1_loss(pred, target)), rel=1e-5)
+        # the predictions of a model one epoch old are close together: their correlation moves with fp32 rounding
+        assert report["pearson"] == pytest.approx(stats.pearsonr(pred.numpy(), target.numpy())[0], abs=1e-4)
+        assert report["spearman"] == pytest.approx(stats.spearmanr(pred.numpy(), target.numpy())[0], abs=1e-4)
+        return
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if shape == "multi_label":
+        target = torch.tensor([[float(n in r["labels"]) for n in names] for r in test])
+        assert report["loss"] == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, target)), rel=1e-5)
+        chosen = logits.sigmoid() >= config.multi_label_threshold
+        tp = int((chosen & (target == 1)).sum())
+        fp, fn = int((chosen & (target == 0)).sum()), int((~chosen & (target == 1)).sum())
+        assert report["micro_f1"] == pytest.approx(_f1(tp, fp, fn), abs=1e-9)
+        assert report["subset_accuracy"] == pytest.approx(int((chosen == (target == 1)).all(1).sum()) / len(test), abs=1e-12)
+        return
+    target = torch.tensor([names.index(r["label"]) for r in test])
+    assert report["loss"] == pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-5)
+    pred = logits.argmax(-1)
+    assert report["accuracy"] == pytest.approx(int((pred == target).sum()) / len(test), abs=1e-12)
+    f1s = [_f1(int(((pred == c) & (target == c)).sum()), int(((pred == c) & (target != c)).sum()),
+               int(((pred != c) & (target == c)).sum())) for c in range(len(names))
+           if bool((target == c).any() or (pred == c).any())]
+    assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-9)

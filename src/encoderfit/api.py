@@ -65,7 +65,7 @@ def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:
     """Score ``checkpoint`` on labelled data; the report ``encoderfit evaluate --output`` writes (metrics,
     per-label rows, the data's description).
 
-    ``data``: a labelled file (every row of it), or None with the data flags the checkpoint was trained with
+    ``data``: a labelled file, a pandas DataFrame or a ``datasets.Dataset`` (every row of it), or None with the data flags the checkpoint was trained with
     (``train_file=...``, ``dataset=...``: their validation split, made as training made it). ``flags``: any
     other flag of ``encoderfit evaluate`` by name (``max_length``, ``batch_size``, ``device``, ``text_column``,
     ...). ``verbose``: print what the command prints."""
@@ -80,9 +80,17 @@ def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:
         if flags.get(name):
             raise UserError(f"--{name} writes a file from the command line: use the returned report instead")
     if data is not None and not _is_path(data):
-        raise UserError("data must be a file path: a labelled .csv, .tsv, .jsonl/.json or .parquet file")
+        from encoderfit.data.sources import _as_dataset
+
+        if flags.get("train_file") or flags.get("dataset") or flags.get("validation_file"):
+            raise UserError("data in memory is evaluated whole: leave train_file, dataset and validation_file out")
+        data = _as_dataset(data, "the data given to evaluate()")
+        if len(data) == 0:
+            raise UserError("no examples in the data given to evaluate() (an empty Dataset)")
+    elif data is not None:
+        data = os.fspath(data)
     args = argparse.Namespace(**{**defaults, **flags, "checkpoint": os.fspath(checkpoint),
-                                 **({"validation_file": os.fspath(data)} if data is not None else {})})
+                                 **({"validation_file": data} if data is not None else {})})
     _check(args)
     record, _ = evaluate_checkpoint(args, say=print if verbose else (lambda line: None))
     return record

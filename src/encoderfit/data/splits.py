@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -212,7 +213,14 @@ def load_labelled_file(path, shape, *, columns: ColumnChoice, quoting: str = "au
     ``shape``: labels as ``shape.file_labels`` gives them, for matching to the checkpoint's. ``subset``:
     (num_samples, split_seed), the seeded subset training would take of a validation file."""
     notes: list = []
-    ds, read = _load_file(path, quoting, notes)
+    if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
+        ds, read = _load_file(path, quoting, notes)
+    else:  # a DataFrame or a datasets.Dataset given to evaluate()
+        from encoderfit.data.sources import _as_dataset
+
+        ds, path = _as_dataset(path, "the data given to evaluate()"), "the data given to evaluate()"
+        read = {"rows": len(ds), "quoting": None}
     source = DataSource("files", text_column=columns.text, label_column=columns.label, quoting=quoting,
                         text_pair_column=columns.pair)
     if columns.label_columns:
