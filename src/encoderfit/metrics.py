@@ -68,3 +68,20 @@ def classification_metrics(cm: np.ndarray, label_names: Sequence[str]) -> dict:
         "labels": [str(n) for n in label_names],
         "confusion_matrix": cm.tolist(),
     }
+
+
+def shown_metric(value, spec: str = ".4f") -> str:
+    """A metric as the logs print it; an undefined one (NaN: a correlation of constant values) as ``n/a``."""
+    return "n/a" if isinstance(value, float) and value != value else format(value, spec)
+
+
+def undefined_correlation(targets, predictions) -> str:
+    """Why a correlation of ``targets`` and ``predictions`` (sequences of numbers) is undefined."""
+    t, p = np.asarray(targets, dtype=np.float64), np.asarray(predictions, dtype=np.float64)
+    if len(t) < 2:
+        return "Pearson and Spearman are undefined for fewer than 2 examples"
+    if np.ptp(t) == 0:
+        return f"Pearson and Spearman are undefined: the targets are all equal ({t[0]:g})"
+    if np.ptp(p) == 0:
+        return "Pearson and Spearman are undefined: the predictions are all equal"
+    return "Pearson and Spearman are undefined"

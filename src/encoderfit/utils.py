@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -106,13 +107,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def finite_json(obj):
+    """``obj`` with every float that is not finite (an undefined metric, NaN) as None: JSON's ``null``, which
+    strict parsers read (``NaN`` and ``Infinity`` are not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kwargs) -> str:
+    """Strict JSON: non-finite floats as null (``finite_json``); ``kwargs`` as ``json.dumps``'s."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json_text(obj, indent=2, default=str) + "\n").encode())
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=float) + "\n")
+        fh.write(json_text(record, default=float) + "\n")
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -120,6 +138,26 @@ class ToolParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, except that a value starting with a minus and a digit (``--class_weights -1,1``,
+        ``--split_seed -1``) is taken as the flag's value, to be checked as values are, instead of being
+        read as an unknown flag (argparse's "expected one argument")."""
+        import re
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        joined, i = [], 0
+        while i < len(args):
+            action = self._option_string_actions.get(args[i])
+            if (action is not None and action.nargs is None and i + 1 < len(args) and isinstance(args[i + 1], str)
+                    and re.match(r"-\.?\d", args[i + 1])):
+                joined.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+            else:
+                joined.append(args[i])
+                i += 1
+        return super().parse_known_args(joined, namespace)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -29,12 +29,11 @@ import sys
 from pathlib import Path
 
 
-import json
 import shutil
 
 # inference imports torch only inside its functions: --help and bad flags answer at once
 from encoderfit.serve import inference
-from encoderfit.utils import UserError, atomic_write_bytes, run_tool
+from encoderfit.utils import UserError, atomic_write_bytes, json_text, run_tool
 
 
 def build_parser() -> inference.ToolParser:
@@ -144,7 +143,7 @@ def run(args) -> int:
         if scored:
             print(scored)
         return 0
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    payload = "".join(json_text(r, ensure_ascii=False) + "\n" for r in records)
     if args.output == "-":
         sys.stdout.write(payload)
         if scored:

@@ -26,7 +26,6 @@ another swept flag where it is not swept, one colour per epochs value) and SWEEP
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from encoderfit.config import TrainConfig, flag_value, parse_config
 from encoderfit.sweep.search import SWEPT, Dimension, Space
-from encoderfit.utils import UserError, launched_by_torchrun
+from encoderfit.utils import UserError, json_text, launched_by_torchrun
 
 # the folder that holds this package: a worker imports the same copy, installed or run from a checkout
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -148,7 +147,7 @@ def _release_memory() -> None:
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json_text(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
 

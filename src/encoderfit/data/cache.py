@@ -74,7 +74,9 @@ def prepare_data(source: DataSource, tokenizer, ctx: ProcessContext, *, cache_di
         source = replace(source, quoting=cache_key["quoting"])
 
     def build() -> str:
-        key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint(),
+        from encoderfit import __version__  # another release may read labels otherwise: its own entries
+
+        key_fields = {"format": CACHE_FORMAT, "version": __version__, "source": source.fingerprint(),
                       "tokenizer": tokenizer_identity(tokenizer), **cache_key}
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"data-{key}"

@@ -86,7 +86,9 @@ def _labels_from_columns(ds: datasets.Dataset, spec: str, where: str) -> dataset
     lists = [[] for _ in range(len(ds))]
     for name in names:
         for row, v in enumerate(ds[name]):
-            if isinstance(v, bool) or v in (0, 1, 0.0, 1.0):
+            if isinstance(v, str) and _NUMBER.fullmatch(v):  # a column of text (one 'yes' in it) reads '1' as text
+                v = float(v)
+            if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
                 if v:
                     lists[row].append(name)
             else:
@@ -100,6 +102,10 @@ def _label_lists(ds: datasets.Dataset, separator: Optional[str], where: str) -> 
     at ``separator``), else None. Labels are names (integers as their decimal strings), stripped."""
     raw = column(ds, "label_raw")
     if separator is not None:  # an empty field: no label
+        listed = next((row for row, v in enumerate(raw, start=1) if isinstance(v, (list, tuple))), None)
+        if listed is not None:
+            raise UserError(f"row {listed} of {where} has a list of labels, and --label_separator splits labels "
+                            f"given as one string: leave --label_separator out")
         raw = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in raw]
         return [[x.strip() for x in v.split(separator) if x.strip()] for v in raw]
     if not any(isinstance(v, (list, tuple)) for v in raw):

@@ -28,6 +28,7 @@ from encoderfit.modeling import packing
 from encoderfit import tasks
 from encoderfit.run import resume as resume_lib
 from encoderfit.config import TrainConfig
+from encoderfit.metrics import shown_metric
 from encoderfit.engine.distributed import ProcessContext, StopSignal, process_context
 from encoderfit.modeling.long_texts import LongTexts
 from encoderfit.run.result import RunResult
@@ -164,26 +165,37 @@ class BestTracker:
                             f"(choose from: {', '.join(task.best_metrics)})")
         self.metric, self.sign, self.patience, self.log = metric, task.best_metrics[metric], patience, log
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
+        self.best_loss = None  # the loss of the epoch best/ holds: the selector if the metric turns undefined
         self.stop_reason = None  # why it stopped early: "patience", or what a sweep's judge said
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
-                "stopped_early": self.stopped_early, "stop_reason": self.stop_reason}
+                "stopped_early": self.stopped_early, "stop_reason": self.stop_reason, "metric": self.metric,
+                "best_loss": self.best_loss}
 
     def load_state_dict(self, saved: dict) -> None:
         self.best, self.best_epoch, self.stale = saved["best"], saved["best_epoch"], saved["stale"]
         self.stopped_early = saved.get("stopped_early", False)
         self.stop_reason = saved.get("stop_reason", "patience" if self.stopped_early else None)
+        if saved.get("metric") == "loss":  # the run had fallen back to the loss
+            self.metric, self.sign = "loss", -1
+        self.best_loss = saved.get("best_loss")
 
     def stop(self, reason: str) -> None:
         self.stopped_early, self.stop_reason = True, reason
 
     def improved(self, validation: dict, epoch: int) -> bool:
         value = validation[self.metric]
+        if math.isnan(value) and self.metric != "loss":  # undefined (a correlation of equal targets): never the selector
+            self.log.print(f"note: val {self.metric} is undefined at epoch {epoch} (a correlation of values that are "
+                           f"all equal, or no examples to count): best/ is chosen by val loss from here on")
+            self.metric, self.sign, self.best = "loss", -1, self.best_loss
+            value = validation["loss"]
         # NaN (a correlation of constant predictions) never beats a number, and any number beats a NaN best
         first, nan_best = self.best is None, self.best is not None and math.isnan(self.best)
         if first or (not math.isnan(value) and (nan_best or self.sign * value > self.sign * self.best)):
             self.best, self.best_epoch, self.stale = value, epoch, 0
+            self.best_loss = validation["loss"]
             return True
         self.stale += 1
         return False
@@ -536,8 +548,8 @@ def _summary_table(s: dict) -> str:
     shown = s["metrics"]
     rows = [("", *(_COLUMN_NAMES.get(m, m) for m in shown), "checkpoint"),
             (f"best (epoch {s['best_epoch']}, by {s['metric_for_best']})",
-             *(f"{s[f'best_val_{m}']:.4f}" for m in shown), s["best_checkpoint"]),
-            (f"last (epoch {s['epochs_run']})", *(f"{s[f'final_val_{m}']:.4f}" for m in shown), s["checkpoint"])]
+             *(shown_metric(s[f'best_val_{m}']) for m in shown), s["best_checkpoint"]),
+            (f"last (epoch {s['epochs_run']})", *(shown_metric(s[f'final_val_{m}']) for m in shown), s["checkpoint"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     early = f" (stopped early: {s['stop_reason']})" if s["stopped_early"] else ""

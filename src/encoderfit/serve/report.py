@@ -1,8 +1,10 @@
 """What evaluation and prediction print: tables of per-class metrics, the confusion matrix, label checks."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+from encoderfit.metrics import shown_metric, undefined_correlation
 from encoderfit.utils import UserError
 
 
@@ -131,14 +133,19 @@ def true_scores(got, where: str) -> tuple:
     if got.labels is None:
         return None, []
     values = []
-    for v in got.labels:
+    for row, v in enumerate(got.labels, start=1):
         try:
-            values.append(None if v is None else float(v))
+            number = None if v is None else float(v)
         except ValueError:
+            number = math.nan
+        if number is not None and not math.isfinite(number):  # 'n/a', 'nan', 'inf': no score to compare with
             if got.label_named:
-                raise UserError(f"column {got.label_column!r} of {where} holds {v!r}, not a number: a regression "
-                                f"checkpoint scores against numbers") from None
-            return None, [f"not scoring against column {got.label_column!r} of {where}: {v!r} is not a number"]
+                raise UserError(f"row {row} of {where} has {v!r} in column {got.label_column!r}, not a finite "
+                                f"number: a regression checkpoint scores against numbers (leave the field empty for "
+                                f"a text without a target)")
+            return None, [f"not scoring against column {got.label_column!r} of {where}: row {row} has {v!r}, not "
+                          f"a finite number"]
+        values.append(number)
     if all(v is None for v in values):
         return None, [f"column {got.label_column!r} of {where} has no labels: nothing to score"]
     return values, []
@@ -155,4 +162,5 @@ def regression_line(targets, scores, column: str) -> str:
     pearson = pearson_from_sums(len(kept), float(y.sum()), float(p.sum()), float((y * y).sum()),
                                  float((p * p).sum()), float((y * p).sum()))
     return (f"mse {float(((p - y) ** 2).mean()):.4f} | mae {float((p - y).abs().mean()):.4f} | pearson "
-            f"{pearson:.4f} | {len(kept)} labelled text(s) (label column {column!r})")
+            f"{shown_metric(pearson)} | {len(kept)} labelled text(s) (label column {column!r})"
+            + ("" if math.isfinite(pearson) else f" | {undefined_correlation(y, p)}"))

@@ -94,7 +94,9 @@ class Task(abc.ABC):
 
     def describe(self, stats: dict) -> str:
         """The metrics as the epoch line shows them."""
-        return " ".join(f"{short} {stats[key]:{fmt[0] if fmt else '.4f'}}"
+        from encoderfit.metrics import shown_metric
+
+        return " ".join(f"{short} {shown_metric(stats[key], fmt[0] if fmt else '.4f')}"
                         for key, short, *fmt in self._shown if key in stats)
 
     def setup_lines(self) -> list:

@@ -60,6 +60,8 @@ def detect_task(requested: str, train, raw, where: str) -> type:
         return SingleLabelClassification
     values = _unique_labels(train, where)
     kind = _label_kind(values, where)
+    if requested == "auto" and kind == "str":
+        _refuse_scores_mixed_with_text(train, values, where)
     if requested == "auto":
         return Regression if kind == "float" else SingleLabelClassification
     if requested == SingleLabelClassification.name and kind == "float":
@@ -68,6 +70,23 @@ def detect_task(requested: str, train, raw, where: str) -> type:
     if requested == Regression.name and kind == "str" and word is not None:
         raise UserError(f"--task regression needs numbers as labels, {where} has {word!r}: check --label_column")
     return TASKS[requested]
+
+
+def _refuse_scores_mixed_with_text(train, values, where: str) -> None:
+    """Numbers with fractions (scores) beside a few texts such as ``nan`` or ``n/a``: neither classes nor a clean
+    regression, so an error naming the first row that is not a finite number (not a 20-class classifier)."""
+    from encoderfit.data.columns import column
+    from encoderfit.data.reader import _NUMBER
+    from encoderfit.utils import UserError
+
+    numbers = [v for v in values if _NUMBER.fullmatch(v)]
+    if not any(not float(v).is_integer() for v in numbers) or len(numbers) < len(values) / 2:
+        return
+    for row, v in enumerate(column(train, "label_raw"), start=1):
+        if not _NUMBER.fullmatch(v):
+            raise UserError(f"row {row} of {where} has the label {v!r}, not a finite number, among numeric scores: "
+                            f"fix or drop that row (or pass --task single_label to train on the values as class "
+                            f"names)")
 
 
 def task_from_model_config(config, label_names) -> Task:

@@ -91,8 +91,12 @@ class Regression(Task):
         metrics = {"examples": len(labels), "loss": m["loss"], "mse": m["mse"], "mae": m["mae"],
                    "pearson": m["pearson"], "spearman": m["spearman"],
                    "mean_target": float(y.double().mean()), "mean_prediction": float(logits.double().mean())}
-        say(f"pearson {m['pearson']:.4f} | spearman {m['spearman']:.4f} | mse {m['mse']:.4f} | mae {m['mae']:.4f} | "
-            f"{len(labels)} examples in {elapsed:.1f}s ({len(labels) / max(elapsed, 1e-9):.1f}/s)")
+        from encoderfit.metrics import shown_metric, undefined_correlation
+
+        say(f"pearson {shown_metric(m['pearson'])} | spearman {shown_metric(m['spearman'])} | mse {m['mse']:.4f} | "
+            f"mae {m['mae']:.4f} | {len(labels)} examples in {elapsed:.1f}s ({len(labels) / max(elapsed, 1e-9):.1f}/s)")
+        if math.isnan(m["pearson"]):
+            say(f"note: {undefined_correlation(y, logits.squeeze(-1))}")
         say(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
         return metrics, None
 

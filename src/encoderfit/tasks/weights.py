@@ -33,9 +33,12 @@ def resolve_class_weights(spec: Optional[str], label_names: Sequence[str], count
     parts = [p.strip() for p in spec.split(",")]
     try:
         if all("=" in p for p in parts):
-            weights = [1.0] * k
+            weights, seen = [1.0] * k, set()
             for part in parts:
                 name, value = (x.strip() for x in part.rsplit("=", 1))
+                if name in seen:
+                    raise UserError(f"--class_weights gives the label {name!r} twice: give each label once")
+                seen.add(name)
                 if name not in names:
                     raise UserError(f"--class_weights names the label {name!r}, which the data does not have "
                                     f"(labels: {', '.join(names)})")
