@@ -106,8 +106,40 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
     (tmp_path / "a_file").write_text("")
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "taken").write_text("")
+    scores = [{"text": f"text {i} good" * (i % 3 + 1), "label": str((i % 9) * 0.5)} for i in range(60)]
+    nan = write_rows(tmp_path / "nan.csv", [dict(r, label="nan") if i == 17 else r for i, r in enumerate(scores)])
+    na = write_rows(tmp_path / "na.csv", [dict(r, label="n/a") if i == 40 else r for i, r in enumerate(scores)])
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text("".join(json.dumps({"text": f"t {i}", "labels": ["food", "drink"][: i % 3]}) + "\n"
+                             for i in range(30)))
+    flags = tmp_path / "flags.csv"
+    flags.write_text("text,a,b\n" + "".join(f"t {i},{'yes' if i == 12 else i % 2},{(i + 1) % 2}\n" for i in range(30)))
+    import pandas as pd
+    pd.DataFrame({"text": [["a", "b"], ["c"]] * 10, "label": ["x", "y"] * 10}).to_parquet(tmp_path / "lists.parquet")
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 32}))
     m = ["--model", tiny]
     return {
+        "a nan among scores": ([*m, "--train_file", nan],
+                               f"row 18 of {nan} has the label 'nan', not a finite number, among numeric scores"),
+        "an n/a among scores": ([*m, "--train_file", na], f"row 41 of {na} has the label 'n/a', not a finite number"),
+        "label lists split by a separator": ([*m, "--train_file", lists, "--label_separator", ","],
+                                             "has a list of labels, and --label_separator splits labels given as "
+                                             "one string: leave --label_separator out"),
+        "a yes among 0/1 label columns": ([*m, "--train_file", flags, "--label_columns", "a,b"],
+                                          f"--label_columns: row 13 of {flags} has 'yes' in column 'a'"),
+        "a label weighted twice": ([*m, "--train_file", good, "--class_weights", "positive=3,positive=5"],
+                                   "--class_weights gives the label 'positive' twice"),
+        "a negative class weight": ([*m, "--train_file", good, "--class_weights", "-1,1"],
+                                    "--class_weights must be positive finite numbers, got '-1,1'"),
+        "a model's config as --config": (["--config", tiny / "config.json"], "is a model's config.json"),
+        "a text column of lists": ([*m, "--train_file", tmp_path / "lists.parquet"],
+                                   "the text column 'text' of " + str(tmp_path / "lists.parquet") + " holds lists"),
+        "resume from a file": ([*m, "--train_file", good, "--resume", tmp_path / "a_file"],
+                               "is a file: give a run directory"),
+        "an image model": (["--model", tmp_path / "vit", "--train_file", good],
+                           "is a vit model, which transformers cannot load as a text classifier"),
+        "an empty model name": (["--model", "", "--train_file", good], "--model is empty"),
         "missing file": ([*m, "--train_file", tmp_path / "nope.csv"], "data file not found"),
         "directory as file": ([*m, "--train_file", tmp_path], "is a directory"),
         "unknown format": ([*m, "--train_file", tmp_path / "data.xml"], "unknown data format '.xml'"),
@@ -133,7 +165,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
                                 "--cuda_graphs on needs a CUDA device"),
         "bad compile value": (["--compile", "cudagraphs"], "argument --compile: invalid choice: 'cudagraphs'"),
         "bad precision": (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
-        "unknown model dir": (["--model", tmp_path / "no-model"], "cannot load model"),
+        "unknown model dir": (["--model", tmp_path / "no-model"], f"--model {tmp_path / 'no-model'}: no such directory"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
         "decoder model": (["--model", foreign["gpt2"], "--train_file", good], "is a decoder-only model (gpt2)"),
         "seq2seq model": (["--model", foreign["t5"], "--train_file", good], "is an encoder-decoder (seq2seq) model (t5)"),
@@ -149,7 +181,9 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
     }
 
 
-CASES = ["missing file", "directory as file", "unknown format", "no text column", "no label column",
+CASES = ["a nan among scores", "an n/a among scores", "label lists split by a separator", "a yes among 0/1 label columns",
+         "a label weighted twice", "a negative class weight", "a model's config as --config", "a text column of lists",
+         "resume from a file", "an image model", "an empty model name", "missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
          "fractional epochs", "tiny validation fraction", "huge validation fraction", "zero batch size", "negative learning rate", "nan learning rate", "negative seed",
          "seed too large", "zero num_samples", "unknown model dir", "unknown hub model", "decoder model",
@@ -161,7 +195,7 @@ CASES = ["missing file", "directory as file", "unknown format", "no text column"
 # Through a new process: the flag errors (answered before torch loads, so a process costs little) and one
 # error found by the trainer. The others run the script in this process (conftest.run_in_process: the same
 # exit code, output and warnings, without a new interpreter's imports of torch, transformers and datasets).
-THROUGH_A_PROCESS = {"zero epochs", "fractional epochs", "zero batch size", "negative learning rate",
+THROUGH_A_PROCESS = {"a negative class weight", "zero epochs", "fractional epochs", "zero batch size", "negative learning rate",
                      "nan learning rate", "negative seed", "seed too large", "zero num_samples", "bad compile value",
                      "bad precision", "run name outside the checkpoint dir", "absolute run name", "decoder model"}
 

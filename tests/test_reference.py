@@ -211,3 +211,30 @@ def test_evaluation_is_the_plain_eval_pass(shape, tmp_path):
                int(((pred != c) & (target == c)).sum())) for c in range(len(names))
            if bool((target == c).any() or (pred == c).any())]
     assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-9)
+
+
+def test_training_steps_run_in_train_mode_and_evaluation_in_eval_mode(tmp_path, monkeypatch):
+    """Dropout on while the weights learn, off while they are scored: each forward pass of a run, by whether it
+    builds a graph (a training step) or not (evaluation). A model left in eval mode trains without dropout and
+    passes every comparison of the engine with itself."""
+    import pandas as pd
+    from transformers import BertForSequenceClassification
+
+    from conftest import make_tiny_bert, synthetic_rows
+    from encoderfit import fit
+
+    seen = []
+    forward = BertForSequenceClassification.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), self.training))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", recording)
+    model_dir = make_tiny_bert(tmp_path / "model", dropout=0.3, seed=3)
+    fit(pd.DataFrame(synthetic_rows(80, seed=9)), model=str(model_dir), checkpoint_dir=tmp_path, run_name="r",
+        epochs=2, batch_size=16, max_length=32, device="cpu", no_progress=True)
+    steps = [mode for grad, mode in seen if grad]
+    scoring = [mode for grad, mode in seen if not grad]
+    assert len(steps) == 2 * 5 and all(steps)  # 72 training examples (80 less 10%) at 16: 5 steps an epoch
+    assert len(scoring) >= 2 and not any(scoring)  # each epoch's validation, in eval mode

@@ -118,7 +118,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tiny_model_dir, tmp_pat
     assert stopped.returncode == 143, stopped.stderr
     assert "sweep stopped in trial-002: run the same command again to continue" in stopped.stdout
     first = (tmp_path / "sw" / "trial-001" / "summary.json").read_text()
-    again = run_script("sweep.py", *args)
+    again = run_script("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
     assert again.returncode == 0, again.stderr
     assert "== trial-001" not in again.stdout and "resuming at epoch 1, step 2" in again.stdout, again.stdout
     assert (tmp_path / "sw" / "trial-001" / "summary.json").read_text() == first
@@ -144,6 +144,11 @@ def test_bad_sweep_flags_are_one_line_errors(tmp_path):
              ("--learning_rate", "1e-5,2e-5", "--parallel_trials", "x"): "--parallel_trials x",
              ("--learning_rate", "-1:1e-3", "--trials", "2"): "--learning_rate must be positive, got -1.0",
              ("--learning_rate", "1e-4,1e-3", "--trials", "3"): "--trials 3: the lists give 2 combination(s)",
+             ("--seed", "1:3", "--trials", "6"): "--trials 6: the space holds 3 combination(s); ask for at most 3",
+             ("--seed", "1:3", "--epochs", "1,2", "--trials", "7"): "--trials 7: the space holds 6 combination(s)",
+             ("--learning_rate", "1e-4,1e-3", "--max_length", "32,64"): "--max_length cannot be searched",
+             ("--learning_rate", "1e-4,1e-3", "--max_length=32:64"): "--max_length cannot be searched",
+             ("--learning_rate", "1e-4,1e-3", "--model", "a,b"): "--model cannot be searched: run one sweep per model",
              ("--learning_rate", "1e-4,1e-3", "--parallel_trials", "99", "--device", "cuda"):
                  "at most one trial per GPU" if _has_cuda() else "--device cuda: CUDA is not available"}
     for args, expected in cases.items():
@@ -256,7 +261,7 @@ def test_an_interrupted_sampled_search_resumes_its_trial_and_the_pruner_sees_eve
     stopped = run_script("sweep.py", *args, env=env_with(hooks, STOP_AT_STEP=20))
     assert stopped.returncode == 143 and "sweep stopped in trial-001" in stopped.stdout, stopped.stdout
     assert "resume with the same command again" in stopped.stdout  # the sweep's command, not the trial's flags
-    again = run_script("sweep.py", *args)
+    again = run_script("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
     assert again.returncode == 0, again.stderr
     assert "resuming at epoch 2, step 20" in again.stdout and again.stdout.count("\n== trial-") == 3
     sw = tmp_path / "sw"
@@ -295,3 +300,29 @@ def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tin
     assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [2, 2, 2]
     logs = "".join((tmp_path / "sw" / f"worker-{k}.log").read_text() for k in (0, 1))
     assert "resuming at epoch" in logs  # a stopped trial went on from its checkpoint, not from the start
+
+
+def test_a_second_launch_on_a_live_sweep_says_to_wait_not_to_resume(tmp_path):
+    """A trial whose run directory another live process holds: the sweep's own advice (not --resume auto, which
+    the sweep does not take)."""
+    from types import SimpleNamespace
+
+    from encoderfit.sweep.search import Study
+    from encoderfit.utils import UserError
+
+    (tmp_path / "sw" / "trial-001").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from encoderfit.run.trainer import RunLock; held = RunLock(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(120)", str(tmp_path / "sw" / "trial-001")],
+                              stdout=subprocess.PIPE, text=True, env=cli_env(PYTHONPATH=str(ROOT / "src")))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as err:
+            Study._not_in_use(SimpleNamespace(dir=tmp_path / "sw"), "trial-001")
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / 'sw'} is in use: its trial-001 is being trained by pid {holder.pid}")
+        assert "run the same sweep command again" in message and "--resume" not in message
+    finally:
+        holder.kill()
+        holder.wait()
+    Study._not_in_use(SimpleNamespace(dir=tmp_path / "sw"), "trial-001")  # free once that process is gone

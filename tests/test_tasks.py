@@ -504,13 +504,30 @@ def test_a_nan_metric_never_holds_the_best_checkpoint():
     from encoderfit.run.trainer import BestTracker
 
     class Log:
-        def print(self, *a):
-            pass
+        lines = []
 
+        def print(self, *a):
+            self.lines.append(" ".join(map(str, a)))
+
+    nan = float("nan")
+    # undefined from the first epoch (a constant validation target): chosen by the loss throughout
     tracker = BestTracker("pearson", 2, tasks.Regression(["score"]), Log())
-    picks = [tracker.improved({"pearson": v}, e) for e, v in enumerate([float("nan"), 0.5, float("nan"), 0.9], 1)]
-    assert picks == [True, True, False, True] and tracker.best == 0.9 and tracker.best_epoch == 4
+    epochs = [(nan, 2.0), (nan, 1.5), (nan, 1.8), (nan, 1.2)]
+    picks = [tracker.improved({"pearson": p, "loss": loss}, e) for e, (p, loss) in enumerate(epochs, 1)]
+    assert picks == [True, True, False, True] and tracker.best == 1.2 and tracker.best_epoch == 4
+    assert tracker.metric == "loss" and tracker.sign == -1
+    assert Log.lines == ["note: val pearson is undefined at epoch 1 (a correlation of values that are all equal, or no "
+                         "examples to count): best/ is chosen by val loss from here on"]
     assert not tracker.should_stop()
+    # undefined later: the loss of the epoch best/ holds is the one to beat, and a resume keeps the loss
+    tracker = BestTracker("pearson", 0, tasks.Regression(["score"]), Log())
+    epochs = [(0.5, 2.0), (0.7, 1.9), (0.9, 1.95), (nan, 1.97), (nan, 1.7)]  # 1.97: not below best/'s 1.95
+    picks = [tracker.improved({"pearson": p, "loss": loss}, e) for e, (p, loss) in enumerate(epochs, 1)]
+    assert picks == [True, True, True, False, True] and tracker.best_epoch == 5 and tracker.best == 1.7
+    again = BestTracker("pearson", 0, tasks.Regression(["score"]), Log())
+    again.load_state_dict(tracker.state_dict())
+    assert (again.metric, again.best, again.best_loss) == ("loss", 1.7, 1.7)
+    assert again.improved({"pearson": 0.99, "loss": 1.75}, 6) is False  # a better correlation no longer counts
 
 
 def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_dir, tmp_path, run_main):
@@ -675,3 +692,21 @@ def test_tuned_weighted_multi_label_under_ddp_is_one_process_at_the_global_batch
     for key in ("val_threshold", "val_micro_f1", "val_macro_f1", "val_subset_accuracy"):
         assert ra[key] == rb[key], (key, ra[key], rb[key])
     assert abs(ra["val_loss"] - rb["val_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.25])
+def test_a_probability_at_the_threshold_is_chosen_in_metrics_and_in_predictions(threshold):
+    """The documented rule is "at or above the threshold": a logit exactly at it counts as predicted, in the
+    evaluation sums as in the predictor (a strict > would drop it)."""
+    import math
+
+    task = tasks.MultiLabelClassification(["a", "b", "c"], threshold)
+    at = math.log(threshold / (1 - threshold))  # the logit whose sigmoid is the threshold
+    logits = torch.tensor([[at, at - 1e-3, at + 1e-3], [at - 5, at, at + 5]])
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    sums = task.new_sums(torch.device("cpu"))
+    task.add_sums(sums, task.loss_sum(logits, labels), logits, labels)
+    counts = sums[3:].reshape(3, 3)  # rows: true positives, false positives, false negatives; a column a label
+    # a: tp (row 1, at the threshold); b: fn (row 1, just under), tp (row 2, at it); c: fp (row 1), tp (row 2)
+    assert counts.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 0]]
+    assert [p["label"] for p in task.predictions(logits)] == [["a", "c"], ["b", "c"]]

@@ -355,6 +355,11 @@ def config_file_flags(path: str) -> list:
         values = values["config"]  # a run's config.json: the resolved config is under "config"
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a JSON object of flag names and values")
+    if "model_type" in values or "architectures" in values:  # RUN/final/config.json: the model's, not the run's
+        run_config = Path(path).parent.parent / "config.json"
+        hint = f" such as {run_config}" if run_config.is_file() else " (RUN/config.json)"
+        raise UserError(f"--config {path} is a model's config.json (transformers' settings): give the run's "
+                        f"config.json{hint}, or a JSON file of flag names and values")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -2,6 +2,7 @@
 
     encoderfit train --train_file data.csv --epochs 3          # one process (CUDA, then MPS, then CPU)
     torchrun --nproc_per_node=8 -m encoderfit train --epochs 3  # DDP: the same command, one process per GPU
+    encoderfit launch --nproc_per_node=8 train --epochs 3       # the same, ending with the process's error line
     encoderfit predict --checkpoint checkpoints/RUN/final "a text"
     encoderfit evaluate --checkpoint checkpoints/RUN/best --validation_file test.csv
     encoderfit sweep --learning_rate 2e-5,5e-5 --epochs 3,5
@@ -21,6 +22,7 @@ COMMANDS = {
     "evaluate": ("encoderfit.cli.evaluate", "score a checkpoint on labelled data"),
     "sweep": ("encoderfit.cli.sweep", "train a grid or a sampled search of settings and rank them"),
     "plot": ("encoderfit.cli.plot", "draw runs' metrics per epoch"),
+    "launch": ("encoderfit.cli.launch", "start train or sweep under torchrun's launcher, one process per GPU"),
 }
 
 
@@ -42,4 +44,10 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     sys.argv[0] = f"encoderfit {name}"  # what the command's --help and usage lines call it
-    return module.main(rest)
+    try:
+        return module.main(rest)
+    except BrokenPipeError:  # the reader went away (encoderfit ... | head): stop quietly, as other commands do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

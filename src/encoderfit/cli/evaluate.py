@@ -164,6 +164,12 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
     if args.plot and not shape.draws_confusion:
         raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
+    recorded = inference.checkpoint_label_format(ckpt)
+    if recorded and not (args.label_separator or args.label_columns):  # the labels as training read them
+        taken = {flag: value for flag, value in recorded.items() if not (flag == "label_column" and args.label_column)}
+        for flag, value in taken.items():
+            setattr(args, flag, value)
+        say("note: labels read as the checkpoint was trained: " + " ".join(f"--{f} {v!r}" for f, v in taken.items()))
     got = load_validation(args, shape, inference.checkpoint_text_columns(ckpt, recorded_only=True))
     info = got.info
     clf = inference.load_classifier(ckpt, device)

@@ -89,9 +89,26 @@ def split_args(argv: list) -> tuple:
                 else:  # one value: an ordinary flag of every trial
                     rest += [f"--{name}", dim]
         else:
+            _refuse_unsearchable(name, inline if eq else (argv[i + 1] if name and i + 1 < len(argv) else None))
             rest.append(arg)
         i += 1
     return own, dims, rest
+
+
+def _refuse_unsearchable(name: str, value) -> None:
+    """A list or range given to a flag the sweep does not search: one line, not the flag's parse error."""
+    import dataclasses
+
+    from encoderfit.config import flag_type
+
+    if not name or not isinstance(value, str) or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return
+    searchable = ", ".join("--" + n for n in SWEPT)
+    if name == "model" and "," in value:
+        raise UserError(f"--model cannot be searched: run one sweep per model (the sweep searches {searchable})")
+    if flag_type(name) in (int, float) and ("," in value or ":" in value):
+        raise UserError(f"--{name} {value}: --{name} cannot be searched, give it one value (the sweep searches "
+                        f"{searchable})")
 
 
 def trial_config(base: TrainConfig, name: str, flags: dict) -> TrainConfig:

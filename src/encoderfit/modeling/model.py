@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -26,8 +27,18 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
+    """The bundled default's directory, or ``name`` itself (a directory or a Hub name) once it can be one."""
     if name == DEFAULT_MODEL:
         return str(default_model_dir())
+    if not name.strip():
+        raise UserError("--model is empty: give a model name or directory, or leave --model out for the bundled "
+                        "default")
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~", ".\\")) or path.is_absolute() or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise UserError(f"--model {name}: no such directory")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--model {name} is a file: give the model's directory (with its config.json)")
     return name
 
 
@@ -56,8 +67,25 @@ def tokenizer_is_empty(tokenizer) -> bool:
     return len(tokenizer) <= len(set(tokenizer.all_special_tokens)) + 1
 
 
+def refuse_non_text_model(name: str, kind: str) -> None:
+    """A model type that transformers has no sequence classifier for (an image or audio model): one line."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise UserError(f"--model {name} is a {kind} model, which transformers cannot load as a text classifier: "
+                        f"this toolkit fine-tunes text encoders such as BERT, RoBERTa or DistilBERT")
+
+
 def load_tokenizer(name: str):
     path = resolve_model_path(name)
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():  # what kind of model, before its tokenizer files are looked for
+        try:
+            kind = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if isinstance(kind, str):
+            refuse_non_text_model(name, kind)
     check_tokenizer_files(path, f"--model {name}")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a foreign config's warnings: check_model says what matters, in one line
@@ -96,6 +124,8 @@ def check_model(name: str, tokenizer, max_length: int) -> None:
     finally:
         hf_logging.set_verbosity(verbosity)
     kind = getattr(config, "model_type", "unknown")
+    if not getattr(config, "is_encoder_decoder", False):
+        refuse_non_text_model(name, kind)
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"--model {name} is an encoder-decoder (seq2seq) model ({kind}): this toolkit fine-tunes "
                         f"encoders such as BERT, RoBERTa or DistilBERT")

@@ -63,6 +63,9 @@ def _locate(resume: str, checkpoint_dir: Path, run_name: Optional[str]) -> Resum
     path = Path(resume)
     if not path.exists():
         raise UserError(f"--resume {resume}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise UserError(f"--resume {resume} is a file: give a run directory (CHECKPOINT_DIR/RUN), one of its "
+                        f"checkpoints (RUN/checkpoints/step-N), or auto")
     if (path / TRAINING_STATE).exists():
         try:
             verify_checkpoint(path)

@@ -82,6 +82,14 @@ def _git_commit() -> str | None:
         return None
 
 
+class RunInUse(UserError):
+    """A run directory another live process holds (``holder``: which, as its lock file says)."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 class RunLock:
     """One writer per run directory: an OS file lock on RUN/.lock, held by the main process while it runs.
 
@@ -104,8 +112,8 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise UserError(f"{run_dir} is in use by {holder}: one run writes to a run directory at a time "
-                            f"(wait for it to end, or stop it, then --resume auto)") from None
+            raise RunInUse(f"{run_dir} is in use by {holder}: one run writes to a run directory at a time "
+                           f"(wait for it to end, or stop it, then --resume auto)", holder) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -405,6 +413,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                                  text_columns=prepared.info["text_columns"])
     long_texts = long_texts.for_pairs(len(prepared.info["text_columns"]) == 2)  # auto resolved, as the data was
     model.config.long_texts = long_texts.record()  # what predict.py and evaluate.py do with long texts by default
+    if cfg.label_separator is not None or cfg.label_columns:  # how the labels were given: evaluate reads them so
+        model.config.label_format = {"label_separator": cfg.label_separator, "label_columns": cfg.label_columns,
+                                     "label_column": cfg.label_column if cfg.label_separator is not None else None}
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout differs across ranks; DDP syncs the weights anyway
     log.print(f"model: {model_lib.resolve_model_path(cfg.model) if cfg.model != 'default' else 'all-MiniLM-L6-v2 (bundled)'}"
               f" | {model_lib.count_parameters(model) / 1e6:.1f}M parameters | "

@@ -82,6 +82,16 @@ def checkpoint_text_columns(path, recorded_only: bool = False) -> Optional[list]
     return None if recorded_only else ["text"]
 
 
+def checkpoint_label_format(path) -> dict:
+    """How the checkpoint's training data gave several labels per row ({"label_separator": ..., "label_columns":
+    ...}, from its config.json), or {} where it recorded nothing (one label per row, or lists)."""
+    try:
+        value = json.loads((resolve_checkpoint(path) / "config.json").read_text(encoding="utf-8")).get("label_format")
+    except (OSError, ValueError, AttributeError, UserError):
+        value = None
+    return {k: v for k, v in value.items() if v} if isinstance(value, dict) else {}
+
+
 def checkpoint_problem_type(path) -> str:
     """The checkpoint's problem_type (config.json), read without loading the model."""
     try:
@@ -554,6 +564,12 @@ def resolve_long_texts(args, clf: Classifier, max_length: int) -> LongTexts:
             raise UserError(f"--{flag} applies to --long_texts {needs}; this run uses --long_texts {mode}"
                             + ("" if args.long_texts else " (the checkpoint's)"))
         setting = replace(setting, **{field_name: value})
+    for flag, value, fits in (("stride", setting.stride, lambda v: 0 <= v < max_length // 2),
+                              ("head_tokens", setting.head_tokens, lambda v: 0 <= v < max_length)):
+        if getattr(args, flag) is None and value is not None and not fits(value):  # the checkpoint's, not a flag
+            raise UserError(f"the checkpoint was trained with --{flag} {value}, which does not fit --max_length "
+                            f"{max_length}: pass a --{flag} that does (below "
+                            f"{max_length // 2 if flag == 'stride' else max_length}), or a longer --max_length")
     setting.check(max_length)
     return setting
 

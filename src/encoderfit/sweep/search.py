@@ -109,13 +109,15 @@ class Space:
         if ranges and count is None:
             raise UserError(f"--{ranges[0].name} {ranges[0].spec} is a range: say how many trials to sample "
                             f"from it with --trials N")
-        if count is not None and not ranges:
+        finite = all(d.choices or d.name in INTEGER for d in dims)  # lists and integer ranges: countable
+        if count is not None and finite:
             size = 1
             for d in dims:
-                size *= len(d.choices)
+                size *= len(d.choices) if d.choices else int(d.high) - int(d.low) + 1
             if count > size:
-                raise UserError(f"--trials {count}: the lists give {size} combination(s); leave --trials out to "
-                                f"train each of them (a grid), or ask for at most {size}")
+                what = "the lists give" if not ranges else "the space holds"
+                raise UserError(f"--trials {count}: {what} {size} combination(s); ask for at most {size}" +
+                                ("" if ranges else ", or leave --trials out to train each of them (a grid)"))
         if pruner is not None and pruner not in PRUNERS:
             raise UserError(f"--pruner {pruner}: choose from {', '.join(PRUNERS)}")
         # a grid trains every combination to its end unless asked; a sampled search prunes by default
@@ -175,7 +177,7 @@ class Study:
         theirs = self.study.user_attrs.get("identity")
         if theirs is None:
             self.study.set_user_attr("identity", mine)  # first, so that a launch stopped below is continued
-        elif theirs != mine:
+        elif theirs["space"] != mine["space"] or _flag_set(theirs["flags"]) != _flag_set(mine["flags"]):
             raise UserError(f"{self.dir} holds another sweep (space {theirs['space']['space']}, flags "
                             f"{' '.join(theirs['flags']) or 'none'}): give another --sweep_dir")
         state = self.optuna.trial.TrialState
@@ -205,12 +207,14 @@ class Study:
         run_dir = self.dir / name
         if not run_dir.is_dir():
             return
-        from encoderfit.run.trainer import RunLock
+        from encoderfit.run.trainer import RunInUse, RunLock
 
         try:
             RunLock(run_dir).release()
-        except UserError as exc:
-            raise UserError(f"{name} of this sweep is still running: {exc}") from None
+        except RunInUse as exc:
+            raise UserError(f"{self.dir} is in use: its {name} is being trained by {exc.holder} (wait for that "
+                            f"launch to end, or stop it, then run the same sweep command again; to train trials "
+                            f"side by side, use --parallel_trials)") from None
 
     def next_trial(self, worker: str | None = None) -> dict | None:
         """The next trial to run, {number, name, flags}, or None when every one is taken. ``worker``: the
@@ -292,6 +296,20 @@ class Study:
         with open(self.dir / ".study.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
             yield
+
+
+def _flag_set(flags: list) -> list:
+    """Flags as sorted (name, value) pairs: the same flags in another order are the same sweep."""
+    pairs, i = [], 0
+    while i < len(flags):
+        name, eq, value = str(flags[i]).partition("=")
+        if not eq and i + 1 < len(flags) and not str(flags[i + 1]).startswith("--"):
+            value, i = str(flags[i + 1]), i + 1
+        elif not eq:
+            value = True
+        pairs.append((name, value))
+        i += 1
+    return sorted(pairs, key=str)
 
 
 def _cut_torn_tail(path: Path) -> None:
