@@ -23,7 +23,8 @@ class _BadOptions(Exception):
 
 
 def usage() -> str:
-    return ("usage: encoderfit launch [torchrun options] {train,sweep} [flags]\n\n" + __doc__.split("\n\n", 2)[2])
+    return ("usage: encoderfit launch [torchrun options] {train,sweep} [flags]\n\n" + __doc__.split("\n\n", 1)[1]
+            + "\ntorchrun's options: torchrun --help. The command's flags: encoderfit train --help.\n")
 
 
 def main(argv=None) -> int:
