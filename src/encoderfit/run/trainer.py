@@ -548,6 +548,11 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
                "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
     summary["time_breakdown_s"] = breakdown
     log.write_json("summary.json", summary)
+    if log.enabled:  # the main process: a model card in each of final/ and best/, from the run's records
+        from encoderfit.serve.card import write_model_card
+
+        for checkpoint_dir in (final, log.run_dir / "best"):
+            write_model_card(checkpoint_dir)
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
