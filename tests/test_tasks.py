@@ -454,10 +454,25 @@ def test_multi_label_learns_overlapping_labels_and_the_tools_agree(topic_run, tm
     assert 2 * tp / (2 * tp + fp + fn) >= 0.8
     for p in preds:  # the decisions are the probabilities at the threshold
         assert sorted(p["labels"]) == sorted(n for n, v in p["probabilities"].items() if v >= 0.5)
+    # printed: each chosen label with its probability (what --output writes, to 4 places)
+    texts = [p["text"] for p in preds[:6]]
+    shown = run_main("predict.py", "--checkpoint", run, *texts)
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout.splitlines()
+    rows = table[table.index(next(ln for ln in table if ln.startswith("labels (probability)"))) + 1:][:6]
+    for line, p in zip(rows, preds[:6]):
+        want = ", ".join(f"{n} {p['probabilities'][n]:.4f}" for n in sorted(p["labels"], key=labels_order(config)))
+        assert line.startswith((want or "-") + "  "), (line, want)
     # pipeline() gives the same sigmoid scores
     scores = pipeline("text-classification", model=str(run / "final"), device="cpu", top_k=None)([preds[0]["text"]])[0]
     for d in scores:
         assert abs(d["score"] - preds[0]["probabilities"][d["label"]]) < 1e-5
+
+
+def labels_order(config: dict):
+    """Sort key: a label's place in the checkpoint's label list."""
+    names = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
+    return names.index
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -94,3 +94,14 @@ def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:
     _check(args)
     record, _ = evaluate_checkpoint(args, say=print if verbose else (lambda line: None))
     return record
+
+
+def push_to_hub(checkpoint, repo_id: str, *, private: bool = False, commit_message: Optional[str] = None) -> str:
+    """Upload a finished run's checkpoint (a run directory means its ``final/``) with its model card to the
+    Hugging Face Hub repository ``repo_id``, created if need be; returns its URL. As ``encoderfit push``."""
+    from encoderfit.cli.push import resolve
+    from encoderfit.serve import hub
+
+    path = resolve(os.fspath(checkpoint))
+    hub.check_hub_access(repo_id, "push_to_hub()")
+    return hub.push_checkpoint(path, repo_id, private=private, commit_message=commit_message)

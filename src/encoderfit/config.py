@@ -160,6 +160,10 @@ class TrainConfig:
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
                                       "(0: never stop early).")
     tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
+    push_to_hub: Optional[str] = _f(None, "Upload RUN/final with its model card to this Hugging Face Hub repository "
+                                    "(user/name) when the run ends (the main process alone). The login is checked "
+                                    "before training starts (hf auth login, or HF_TOKEN).")
+    hub_private: bool = _f(False, "Create the --push_to_hub repository as private.")
     log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
     no_progress: bool = _f(False, "Turn off the progress bar (it is also off when output is not a terminal).")
 
@@ -234,6 +238,10 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name} must be a finite number, got {value}")
+    if cfg.push_to_hub is not None:
+        from encoderfit.serve.hub import check_repo_id
+
+        check_repo_id(cfg.push_to_hub)
     positive = ["epochs", "batch_size", "learning_rate", "max_length", "grad_accum_steps", "log_every"]
     for name in positive:
         if getattr(cfg, name) <= 0:

@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": ("encoderfit.cli.evaluate", "score a checkpoint on labelled data"),
     "sweep": ("encoderfit.cli.sweep", "train a grid or a sampled search of settings and rank them"),
     "plot": ("encoderfit.cli.plot", "draw runs' metrics per epoch"),
+    "push": ("encoderfit.cli.push", "upload a run's checkpoint and its model card to the Hugging Face Hub"),
     "launch": ("encoderfit.cli.launch", "start train or sweep under torchrun's launcher, one process per GPU"),
 }
 

@@ -89,6 +89,9 @@ def split_args(argv: list) -> tuple:
                 else:  # one value: an ordinary flag of every trial
                     rest += [f"--{name}", dim]
         else:
+            if name in ("push_to_hub", "hub_private"):
+                raise UserError(f"--{name} is not taken by the sweep (every trial would upload): push the trial "
+                                f"you choose afterwards, encoderfit push SWEEP_DIR/trial-NNN --repo_id REPO")
             _refuse_unsearchable(name, inline if eq else (argv[i + 1] if name and i + 1 < len(argv) else None))
             rest.append(arg)
         i += 1

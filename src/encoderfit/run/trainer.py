@@ -318,6 +318,10 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
     (``CheckpointHooks.judge``)."""
     clock = RunClock(started if started is not None else time.perf_counter())
     _quiet_libraries()
+    if cfg.push_to_hub:  # before any work: offline or logged out, the run would train for nothing to share
+        from encoderfit.serve.hub import check_hub_access
+
+        ctx.run_on_main(lambda: check_hub_access(cfg.push_to_hub))
     point = resume_lib.locate(cfg.resume, cfg.checkpoint_dir, cfg.run_name, ctx) if cfg.resume else None
     existing = point.run_dir if point and point.run_dir and point.run_dir.is_dir() else None
     run_dir, lock = _make_run_dir(cfg, ctx, existing=existing)
@@ -514,6 +518,12 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
                          exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
     summary = _finish(state, log, final, state.task)
+    if hooks.cfg.push_to_hub:
+        from encoderfit.serve.hub import push_checkpoint
+
+        url = hooks.ctx.run_on_main(lambda: push_checkpoint(final, hooks.cfg.push_to_hub,
+                                                            private=hooks.cfg.hub_private))
+        log.print(f"pushed {final} to {url}")
     # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
     # returns before the main process has finished the run's files
     summary = hooks.ctx.run_on_main(lambda: summary)

@@ -95,11 +95,11 @@ def format_table(texts, label_names, probs, predicted, width: int) -> str:
 
 
 def format_label_sets(texts, chosen, width: int) -> str:
-    """labels | text: a multi-label checkpoint's decisions ('-' for none)."""
+    """labels (each with its probability) | text: a multi-label checkpoint's decisions ('-' for none)."""
     shown = [", ".join(c) or "-" for c in chosen]
-    lw = max(6, *(len(x) for x in shown))
+    lw = max(len("labels (probability)"), *(len(x) for x in shown))
     room = max(20, width - lw - 2)
-    return "\n".join([f"{'labels':<{lw}}  text"] + [f"{x:<{lw}}  {_cut(t, room)}" for x, t in zip(shown, texts)])
+    return "\n".join([f"{'labels (probability)':<{lw}}  text"] + [f"{x:<{lw}}  {_cut(t, room)}" for x, t in zip(shown, texts)])
 
 
 def format_scores(texts, scores, width: int) -> str:

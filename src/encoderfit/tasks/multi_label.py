@@ -210,7 +210,9 @@ class MultiLabelClassification(Task):
                     "probabilities": dict(zip(self.label_names, scores[i].tolist()))}
                    for i, t in enumerate(got.texts)]
         counts = predicted.sum(dim=0).tolist()
-        return (lambda width: format_label_sets(shown(got), chosen, width), records, None,
+        probs = scores.tolist()
+        with_probs = [[f"{n} {probs[i][self.label_names.index(n)]:.4f}" for n in row] for i, row in enumerate(chosen)]
+        return (lambda width: format_label_sets(shown(got), with_probs, width), records, None,
                 ", ".join(f"{name} {c}" for name, c in zip(self.label_names, counts)))
 
     # ------------------------------------------------------------ the data's part
