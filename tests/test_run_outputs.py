@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import termios
 import subprocess
@@ -44,9 +45,19 @@ def _run_with_tty_stderr(args) -> str:
 
 
 def test_progress_bar_only_on_a_terminal_and_not_with_no_progress(tmp_path, tiny_model_dir, run_main):
-    piped = run_main("train_single.py", *_args(tmp_path / "a", tiny_model_dir, "--epochs", 1))
+    piped = run_main("train_single.py", *_args(tmp_path / "a", tiny_model_dir, "--epochs", 1, "--run_name", "a"))
     assert piped.returncode == 0, piped.stderr
     assert "epoch 1/1:" not in piped.stderr and "step/s" not in piped.stderr and "\r" not in piped.stderr
+    # without a terminal, a plain line each log interval instead (here every step), the step's own loss
+    plain = [ln for ln in piped.stdout.splitlines() if re.match(r"epoch 1/1 \| step \d+/", ln)]
+    steps = [json.loads(x) for x in (tmp_path / "a" / "ck" / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert len(plain) == len(steps) == 4, piped.stdout  # 64 examples less 10% at 16: 4 steps
+    for k, (line, rec) in enumerate(zip(plain, steps), 1):
+        assert re.fullmatch(rf"epoch 1/1 \| step {k}/4 \({round(100 * k / 4)}%\) \| loss {rec['loss']:.4f}, "
+                            rf"{rec['samples_per_s']:.0f} samples/s \| (\d+m)?\d+s left", line), line
+    quiet = run_main("train_single.py", *_args(tmp_path / "q", tiny_model_dir, "--epochs", 1, "--no_progress"))
+    assert quiet.returncode == 0 and " | step " not in quiet.stdout
     shown = _run_with_tty_stderr(_args(tmp_path / "b", tiny_model_dir, "--epochs", 1))
     assert "epoch 1/1:" in shown and "samples/s" in shown and "4/4" in shown  # 64 / 16 = 4 steps
     hidden = _run_with_tty_stderr(_args(tmp_path / "c", tiny_model_dir, "--epochs", 1, "--no_progress"))
@@ -120,7 +131,6 @@ def test_best_checkpoint_follows_the_chosen_metric(tmp_path, tiny_model_dir, run
 def test_every_run_says_where_its_time_went(tmp_path, tiny_model_dir, run_main):
     """The breakdown adds up to the run's wall time, training is the epochs' own time, and checkpoints
     written between steps count as checkpoints, not as training."""
-    import re
     import time
 
     t0 = time.perf_counter()

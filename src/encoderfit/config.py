@@ -165,7 +165,8 @@ class TrainConfig:
                                     "before training starts (hf auth login, or HF_TOKEN).")
     hub_private: bool = _f(False, "Create the --push_to_hub repository as private.")
     log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
-    no_progress: bool = _f(False, "Turn off the progress bar (it is also off when output is not a terminal).")
+    no_progress: bool = _f(False, "Turn off the progress bar (on a terminal) and the plain progress lines that "
+                                  "replace it in a log file.")
 
     def __post_init__(self) -> None:
         """Each value checked (and a whole number given for a decimal one made a float) when the config is

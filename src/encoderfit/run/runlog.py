@@ -31,12 +31,42 @@ class _NoBar:
         pass
 
 
+class _PlainProgress:
+    """The bar's news as plain lines, for a log file (nohup, SLURM, CI): one line each log interval (the
+    engine's ``set_postfix_str``), with the epoch's progress and the time it has left at this pace."""
+
+    def __init__(self, total: int, desc: str, initial: int, say):
+        self.total, self.desc, self.n, self.say = total, desc, initial, say
+        self.start_n, self.start = initial, time.perf_counter()
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s):
+        done = self.n - self.start_n
+        elapsed = time.perf_counter() - self.start
+        left = (self.total - self.n) * elapsed / done if done else float("nan")
+        pct = 100 * self.n / self.total if self.total else 100.0
+        self.say(f"{self.desc} | step {self.n}/{self.total} ({pct:.0f}%) | {s} | {_duration(left)} left")
+
+    def close(self):
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class RunLogger:
     def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool, tensorboard: bool = False):
         self.enabled = ctx.is_main
         self.run_dir = Path(run_dir) if run_dir else None
-        # A bar only for a person at a terminal: logs and CI stay clean.
+        # A bar for a person at a terminal; without one (a log file), a plain line each log interval instead
         self.show_progress = self.enabled and show_progress and sys.stderr.isatty()
+        self.plain_progress = self.enabled and show_progress and not self.show_progress
         self.start = time.perf_counter()
         self.tb = None
         if tensorboard:
@@ -93,6 +123,8 @@ class RunLogger:
             atomic_write_json(self.run_dir / name, obj)
 
     def progress(self, total: int, desc: str, initial: int = 0):
+        if self.plain_progress:
+            return _PlainProgress(total, desc, initial, self.print)
         if not self.show_progress:
             return _NoBar()
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
