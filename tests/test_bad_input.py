@@ -159,3 +159,80 @@ def test_launch_runs_the_job_and_names_a_process_that_crashed(tiny_model_dir, tm
     assert "injected failure on rank 1" in crash.stderr  # the crashed process's own traceback, a bug's: kept
     assert crash.stderr.rstrip().splitlines()[-1].startswith("error: rank 1 of encoderfit train failed (exit code 1)")
     assert "ChildFailedError" not in crash.stderr
+
+
+def test_the_python_api_refuses_what_it_cannot_read_in_one_line(frame_run, tiny_model_dir):
+    """Each once a traceback (or, for a DataFrame given to predict, predictions of its column names)."""
+    import pandas as pd
+
+    from encoderfit import Classifier, TrainConfig, UserError, fit
+
+    clf = Classifier.load(frame_run, device="cpu")
+    cases = [
+        (lambda: clf.predict(pd.DataFrame({"text": ["good", "bad", "meh"]})), "texts must be a list of strings, got a DataFrame"),
+        (lambda: clf.predict({"text": "hi"}), "texts must be a list of strings, got a dict"),
+        (lambda: clf.predict(None), "texts must be a string or a list of strings, got NoneType"),
+        (lambda: clf.predict(5), "texts must be a string or a list of strings, got int"),
+        (lambda: Classifier.load(None), "Classifier.load needs a checkpoint directory (a path), got NoneType"),
+        (lambda: Classifier.load(frame_run, batch_size="8"), "batch_size must be an integer, got '8'"),
+    ]
+    rows = pd.DataFrame(synthetic_rows(40, seed=9))
+    model = dict(model=str(tiny_model_dir), device="cpu", epochs=1)
+    cases += [
+        (lambda: fit(rows.assign(text=["a joy", 5] * 20), **model), "the training data cannot be read as a table"),
+        (lambda: fit(pd.concat([rows, rows[["label"]]], axis=1), **model), "has the column name(s) label more than once"),
+        (lambda: fit(rows, config={"epochs": 1}), "config must be a TrainConfig"),
+        (lambda: fit(rows, "val.csv", **model), "train_data is in memory and validation_data is a file path"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserError) as err:
+            call()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    import numpy as np
+
+    config = TrainConfig.from_settings(epochs=np.int64(2), learning_rate=np.float32(1e-4))  # numpy numbers are numbers
+    assert config.epochs == 2 and type(config.epochs) is int and type(config.learning_rate) is float
+
+
+@pytest.fixture(scope="module")
+def frame_run(tiny_model_dir, tmp_path_factory):
+    import pandas as pd
+
+    from encoderfit import fit
+
+    base = tmp_path_factory.mktemp("frame")
+    return fit(pd.DataFrame(synthetic_rows(60, seed=10)), model=str(tiny_model_dir), checkpoint_dir=base,
+               run_name="r", epochs=1, batch_size=16, max_length=32, device="cpu", no_progress=True).final_checkpoint
+
+
+def test_evaluate_refuses_label_columns_that_leave_out_a_checkpoint_label(tiny_model_dir, tmp_path, run_main):
+    data, flags = write_topic_files(tmp_path, topic_rows(60, seed=11))["columns"]
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", data, *flags, "--epochs", 1,
+                    "--max_length", 32, "--checkpoint_dir", tmp_path, "--run_name", "c")
+    assert proc.returncode == 0, proc.stderr
+    short = run_main("evaluate.py", "--checkpoint", tmp_path / "c" / "final", "--data", data,
+                     "--label_columns", "sports,music")
+    assert short.returncode == 2 and short.stderr == (
+        "error: --label_columns names no column for the checkpoint's label(s) food: give a 0/1 column for each "
+        "label it predicts (sports, music, food)\n"), short.stderr
+    lists, _ = write_topic_files(tmp_path, topic_rows(20, seed=12))["lists"]
+    single = run_main("train_single.py", "--model", tiny_model_dir, "--train_file",
+                      write_rows(tmp_path / "s.csv", synthetic_rows(40, seed=13)), "--epochs", 1, "--max_length", 32,
+                      "--checkpoint_dir", tmp_path, "--run_name", "s")
+    assert single.returncode == 0, single.stderr
+    wrong = run_main("evaluate.py", "--checkpoint", tmp_path / "s" / "final", "--data", lists)
+    assert wrong.returncode == 2 and f"{lists} has lists of labels (row 1: several labels per row)" in wrong.stderr
+
+
+def test_a_sweep_refused_before_any_trial_trained_leaves_nothing_behind(tiny_model_dir, tmp_path, run_main):
+    """Class weights for labels the data has not are found once the data is read; the first launch then leaves no
+    sweep directory, so the corrected command is not "another sweep"."""
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(60, seed=14))
+    common = ["--model", tiny_model_dir, "--train_file", train, "--learning_rate", "1e-4,1e-3", "--epochs", 1,
+              "--max_length", 32, "--sweep_dir", tmp_path / "sw"]
+    bad = run_main("sweep.py", *common, "--class_weights", "1,2,3")
+    assert bad.returncode == 2 and "--class_weights gives 3 weight(s) for 2 labels" in bad.stderr, bad.stderr
+    assert not (tmp_path / "sw").exists()
+    good = run_main("sweep.py", *common, "--class_weights", "1,2")
+    assert good.returncode == 0, good.stderr
+    assert [t["status"] for t in json.loads((tmp_path / "sw" / "sweep.json").read_text())["trials"]] == ["done", "done"]

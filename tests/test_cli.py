@@ -116,6 +116,11 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
     flags.write_text("text,a,b\n" + "".join(f"t {i},{'yes' if i == 12 else i % 2},{(i + 1) % 2}\n" for i in range(30)))
     import pandas as pd
     pd.DataFrame({"text": [["a", "b"], ["c"]] * 10, "label": ["x", "y"] * 10}).to_parquet(tmp_path / "lists.parquet")
+    switch, number = tmp_path / "switch.json", tmp_path / "number.json"
+    switch.write_text('{"tensorboard": "false"}')
+    number.write_text('{"warmup_ratio": true}')
+    ids = tmp_path / "ids.csv"
+    ids.write_text("text,id,label\n" + "".join(f"t {i},{i},{'ab'[i % 2]}\n" for i in range(30)))
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 32}))
     m = ["--model", tiny]
@@ -140,6 +145,16 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
         "an image model": (["--model", tmp_path / "vit", "--train_file", good],
                            "is a vit model, which transformers cannot load as a text classifier"),
         "an empty model name": (["--model", "", "--train_file", good], "--model is empty"),
+        "label columns and a label column": ([*m, "--train_file", flags, "--label_columns", "a,b", "--label_column", "a"],
+                                             "give --label_column (one column of labels) or --label_columns"),
+        "empty label columns": ([*m, "--train_file", flags, "--label_columns", ""],
+                                "--label_columns must name the 0/1 columns"),
+        "a switch given a string in --config": (["--config", switch], "tensorboard must be true or false, got \"false\""),
+        "a number given true in --config": (["--config", number], "warmup_ratio must be a number, not true"),
+        "a pair column of numbers": ([*m, "--train_file", ids, "--text_pair_column", "id"],
+                                     "the text pair column 'id' of " + str(ids) + " holds only numbers"),
+        "a metric the task has not": ([*m, "--train_file", good, "--metric_for_best", "micro_f1", "--run_name", "m"],
+                                      "--metric_for_best micro_f1 is not a metric of this task"),
         "missing file": ([*m, "--train_file", tmp_path / "nope.csv"], "data file not found"),
         "directory as file": ([*m, "--train_file", tmp_path], "is a directory"),
         "unknown format": ([*m, "--train_file", tmp_path / "data.xml"], "unknown data format '.xml'"),
@@ -183,7 +198,9 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
 
 CASES = ["a nan among scores", "an n/a among scores", "label lists split by a separator", "a yes among 0/1 label columns",
          "a label weighted twice", "a negative class weight", "a model's config as --config", "a text column of lists",
-         "resume from a file", "an image model", "an empty model name", "missing file", "directory as file", "unknown format", "no text column", "no label column",
+         "resume from a file", "an image model", "an empty model name", "label columns and a label column",
+         "empty label columns", "a switch given a string in --config", "a number given true in --config",
+         "a pair column of numbers", "a metric the task has not", "missing file", "directory as file", "unknown format", "no text column", "no label column",
          "named column missing", "empty data", "single class", "single class after num_samples", "zero epochs",
          "fractional epochs", "tiny validation fraction", "huge validation fraction", "zero batch size", "negative learning rate", "nan learning rate", "negative seed",
          "seed too large", "zero num_samples", "unknown model dir", "unknown hub model", "decoder model",

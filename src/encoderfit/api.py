@@ -36,6 +36,9 @@ def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] 
     training data is held out. ``config``: a ``TrainConfig``; ``settings``: training flags by name, over it.
     """
     started = time.perf_counter()
+    if config is not None and not isinstance(config, TrainConfig):
+        raise UserError(f"config must be a TrainConfig (TrainConfig.from_settings(...)), got {type(config).__name__}: "
+                        f"or give the settings as keywords, fit(data, epochs=3, ...)")
     base = config or TrainConfig()
     files, given = {}, None
     if train_data is not None:
@@ -43,11 +46,15 @@ def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] 
             raise UserError("give the training data once: as train_data, or as train_file or dataset")
         if _is_path(train_data):
             if validation_data is not None and not _is_path(validation_data):
-                raise UserError("validation_data must be a file path where train_data is one")
+                raise UserError("train_data is a file path and validation_data is not: give both as paths, or both "
+                                "in memory")
             files["train_file"] = os.fspath(train_data)
         else:
             from encoderfit.data.sources import GivenData
 
+            if validation_data is not None and _is_path(validation_data):
+                raise UserError("train_data is in memory and validation_data is a file path: give both in memory "
+                                "(read the file with pandas), or both as paths")
             given = GivenData.from_objects(train_data, validation_data)
     elif validation_data is not None and not _is_path(validation_data):
         raise UserError("validation_data in memory needs train_data in memory too")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional, Union, get_type_hints
@@ -59,7 +60,7 @@ class TrainConfig:
     threshold: Union[float, str] = _f(0.5, "Multi-label: a label is predicted where its probability reaches "
                                       "this, or 'tune': at each evaluation the one threshold (for every label) "
                                       "of 0.01-0.99 that maximizes validation micro-F1. Recorded in the "
-                                      "checkpoint for predict.py and evaluate.py.", must_match=True)
+                                      "checkpoint for encoderfit predict and evaluate.", must_match=True)
     quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
                       "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
                       "'auto': standard quoting, but a file it cannot read while every line has the header's "
@@ -80,7 +81,7 @@ class TrainConfig:
                          "tokens, each trained with the text's label, and pools the windows' logits per text "
                          "to evaluate and predict. head_tail and windows keep a pair's first text whole and cut "
                          "or window the second. 'auto': head_tail for single texts, truncate for pairs. "
-                         "Recorded in the checkpoint for predict.py and evaluate.py.",
+                         "Recorded in the checkpoint for encoderfit predict and evaluate.",
                          cache=True, must_match=True, choices=("auto", "truncate", "head_tail", "windows"))
     head_tokens: Optional[int] = _f(None, "--long_texts head_tail: tokens kept from the start of a long text "
                                     "(default: a quarter of the text tokens kept, 31 of --max_length 128 "
@@ -222,7 +223,9 @@ def _check_types(cfg: TrainConfig) -> None:
             raise UserError(f"--threshold must be a number in (0, 1) or 'tune', got {value!r}")
         if typ is str and isinstance(value, os.PathLike):
             object.__setattr__(cfg, f.name, os.fspath(value))
-        elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        elif typ is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, int(value))  # numpy's integers too
+        elif typ is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
         elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise UserError(f"--{f.name} must be {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
@@ -286,11 +289,18 @@ def _validate(cfg: TrainConfig) -> None:
                         "label), not both")
     for flag, mode in (("head_tokens", "head_tail"), ("stride", "windows"), ("window_pooling", "windows")):
         if getattr(cfg, flag) is not None and cfg.long_texts != mode:
-            raise UserError(f"--{flag} applies to --long_texts {mode}, not --long_texts {cfg.long_texts}: "
+            why = (" (auto is head_tail for single texts but truncate for pairs, so it is not enough)"
+                   if cfg.long_texts == "auto" else "")
+            raise UserError(f"--{flag} applies to --long_texts {mode}, not --long_texts {cfg.long_texts}{why}: "
                             f"pass --long_texts {mode}")
     LongTexts.from_config(cfg).check(cfg.max_length)
     if cfg.label_separator == "":
         raise UserError("--label_separator must not be empty")
+    if cfg.label_columns is not None and not cfg.label_columns.strip(" ,"):
+        raise UserError("--label_columns must name the 0/1 columns, separated by commas (toxic,obscene)")
+    if cfg.label_columns is not None and cfg.label_column is not None:
+        raise UserError("give --label_column (one column of labels) or --label_columns (one 0/1 column per label), "
+                        "not both")
     if (cfg.label_separator or cfg.label_columns) and cfg.task in ("single_label", "regression"):
         raise UserError(f"--label_separator and --label_columns give several labels per example: a multi-label "
                         f"task, not --task {cfg.task}")
@@ -375,6 +385,12 @@ def config_file_flags(path: str) -> list:
         raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
     flags = []
     for name, value in values.items():
+        is_switch = flag_type(name) is bool
+        if is_switch != isinstance(value, bool) and value is not None:  # JSON's true/false for a switch alone
+            kind = _TYPE_WORDS.get(flag_type(name), "a value")
+            want = "true or false" if is_switch else f"{kind}, not {json.dumps(value)}"
+            raise UserError(f"--config {path}: {name} must be {want}" + (f", got {json.dumps(value)}" if is_switch
+                                                                          else ""))
         if name in NOT_FROM_FILE or value is None or value is False:
             continue
         if isinstance(value, (list, dict)):

@@ -170,6 +170,15 @@ def evaluate_checkpoint(args, say=print) -> tuple:
         for flag, value in taken.items():
             setattr(args, flag, value)
         say("note: labels read as the checkpoint was trained: " + " ".join(f"--{f} {v!r}" for f, v in taken.items()))
+    if args.label_columns and shape.name == "multi_label":  # a label without its column would count as never true
+        from encoderfit.serve.inference import checkpoint_label_names
+
+        known = checkpoint_label_names(ckpt)
+        given = {c.strip() for c in args.label_columns.split(",") if c.strip()}
+        missing = [n for n in known if n not in given]
+        if missing:
+            raise UserError(f"--label_columns names no column for the checkpoint's label(s) {', '.join(missing)}: "
+                            f"give a 0/1 column for each label it predicts ({', '.join(known)})")
     got = load_validation(args, shape, inference.checkpoint_text_columns(ckpt, recorded_only=True))
     info = got.info
     clf = inference.load_classifier(ckpt, device)

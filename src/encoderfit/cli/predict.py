@@ -17,7 +17,7 @@ name as in training: label, category, class, ..., or named with --label_column) 
 the accuracy against the checkpoint's label names is printed, and each record gets its
 "true_label". Texts are batched (--batch_size) and sorted by length for speed; GPU when
 present, with bf16 autocast on GPUs that support it. --max_length defaults to the one the
-checkpoint was trained with (as in evaluate.py), else 512 or the model's limit.
+checkpoint was trained with (as in encoderfit evaluate), else 512 or the model's limit.
 
 A checkpoint trained on text pairs classifies pairs: two texts per pair on the command line
 with --pairs, or a table with two text columns (found by the training data's names or

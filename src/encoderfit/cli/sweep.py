@@ -353,7 +353,7 @@ def _sweep(argv=None) -> int:
 
     from encoderfit.engine.distributed import process_context
 
-    holder = []
+    holder, fresh, failed = [], not sweep_dir.exists(), False
     try:
         with process_context(cfg.device, launched_by_torchrun()) as ctx:
             ctx.run_on_main(lambda: holder.append(Sweep(sweep_dir, space, rest, first=not worker)))
@@ -363,9 +363,19 @@ def _sweep(argv=None) -> int:
             record = _finish(holder[0], time.perf_counter() - started)
         # the test set after the process group has gone: rank 0 alone reads it
         return _test(holder[0], record, cfg, test_file) if test_file and record["best"] else 0
+    except UserError:
+        failed = True
+        raise
     finally:
         if holder:
             holder[0].close()
+        # a first launch refused before any trial trained (bad flags the data reveals, such as class weights for
+        # labels it has not) leaves no sweep behind, so the corrected command is not "another sweep"
+        if failed and fresh and not worker and os.environ.get("RANK", "0") == "0" and sweep_dir.is_dir() \
+                and not any((p / "config.json").exists() for p in sweep_dir.glob("trial-*")):
+            import shutil
+
+            shutil.rmtree(sweep_dir, ignore_errors=True)
 
 
 def _devices(cfg, workers: int) -> list:

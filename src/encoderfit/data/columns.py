@@ -125,16 +125,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value) is not None)
 
 
-def check_text_values(texts, column: str, where: str, columns) -> None:
+def check_text_values(texts, column: str, where: str, columns, role: str = "text") -> None:
     """A text column that holds only numbers is not the texts (an id or a score, most likely): an error."""
     other = next(((row, t) for row, t in enumerate(texts, start=1) if not is_missing(t) and not isinstance(t, str)
                   and not _is_number(t)), None)
     if other is not None:  # a list, a dict: not a text (nor something to turn into one silently)
-        raise UserError(f"the text column {column!r} of {where} holds {type(other[1]).__name__}s, not texts (row "
-                        f"{other[0]}: {str(other[1])[:60]}): name the column that holds the texts with --text_column "
-                        f"(columns: {', '.join(columns)})")
+        raise UserError(f"the {role} column {column!r} of {where} holds {type(other[1]).__name__}s, not texts (row "
+                        f"{other[0]}: {str(other[1])[:60]}): name the column that holds the texts with "
+                        f"--{role.replace(' ', '_')}_column (columns: {', '.join(columns)})")
     present = (t for t in texts if not is_missing(t))
     first = next(present, None)
     if first is not None and _is_number(first) and all(_is_number(t) for t in present):
-        raise UserError(f"the text column {column!r} of {where} holds only numbers (first: {first!r}): name the "
-                        f"column that holds the texts with --text_column (columns: {', '.join(columns)})")
+        raise UserError(f"the {role} column {column!r} of {where} holds only numbers (first: {first!r}): name the "
+                        f"column that holds the texts with --{role.replace(' ', '_')}_column (columns: "
+                        f"{', '.join(columns)})")

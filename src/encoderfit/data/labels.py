@@ -16,9 +16,14 @@ from encoderfit.utils import UserError
 
 def _unique_labels(ds: datasets.Dataset, where: str) -> list:
     """Distinct raw labels, read as Python values (JSON files may mix types that Arrow cannot compare)."""
+    values = column(ds, "label_raw")
+    listed = next((row for row, v in enumerate(values, start=1) if isinstance(v, (list, tuple))), None)
+    if listed is not None:
+        raise UserError(f"{where} has lists of labels (row {listed}: several labels per row), where one label per "
+                        f"row is read here: lists are for a multi-label task (its checkpoint reads them too)")
     try:
-        return list(dict.fromkeys(column(ds, "label_raw")))
-    except TypeError:  # lists or objects as labels
+        return list(dict.fromkeys(values))
+    except TypeError:  # objects as labels
         raise UserError(f"labels in {where} must be integers or strings") from None
 
 

@@ -49,7 +49,15 @@ def _as_dataset(obj, what: str) -> datasets.Dataset:
     if pd is not None and isinstance(obj, pd.DataFrame):
         if len(obj) == 0:
             raise UserError(f"no examples in {what} (an empty DataFrame)")
-        return datasets.Dataset.from_pandas(obj.reset_index(drop=True), preserve_index=False)
+        twice = sorted({str(c) for c in obj.columns if list(obj.columns).count(c) > 1})
+        if twice:
+            raise UserError(f"{what} has the column name(s) {', '.join(twice)} more than once: rename them")
+        try:
+            return datasets.Dataset.from_pandas(obj.reset_index(drop=True), preserve_index=False)
+        except (ValueError, TypeError, NotImplementedError) as exc:  # pyarrow: ArrowInvalid, ArrowNotImplementedError
+            message = " ".join(str(exc).split())[:200]
+            raise UserError(f"{what} cannot be read as a table ({message}): each column must hold one kind of "
+                            f"value (texts as str, labels as str, int or float, label lists as Python lists)") from None
     raise UserError(f"{what} must be a file path, a pandas DataFrame or a datasets.Dataset, got "
                     f"{type(obj).__name__}")
 

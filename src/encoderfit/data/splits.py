@@ -75,7 +75,7 @@ def _clean(ds: datasets.Dataset, where: str, notes: list, columns: tuple, all_co
     text_fields = [("text", columns[0])] + ([("text_pair", columns[1])] if columns[1] else [])
     texts = {name: column(ds, name) for name, _ in text_fields}
     for name, col in text_fields:
-        check_text_values(texts[name], col, where, all_columns)
+        check_text_values(texts[name], col, where, all_columns, "text pair" if name == "text_pair" else "text")
     stripped = strip_labels(labels, where, notes)
     if stripped is not labels:
         ds = ds.remove_columns("label_raw").add_column("label_raw", stripped)

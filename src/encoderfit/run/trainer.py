@@ -396,6 +396,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         raise UserError(f"--threshold applies to multi-label classification; this data is a {shape.title} task")
     weights = shape.resolve_weights(cfg.class_weights, prepared.label_names, prepared.info)
     task = shape.build(prepared.label_names, weights, cfg.threshold).to(ctx.device)
+    # a metric the task does not have: refused with the other input errors, before the model or the run's files
+    tracker = BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log)
     for line in task.setup_lines():
         log.print(line)
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
@@ -458,8 +460,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                                                        cfg.skip_nonfinite),
                         Speed(compile_model, use_graphs, amp_dtype))
     state = RunState(steps.optimizer, steps.scheduler, engine.LoopState(),
-                     BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log), run_record,
-                     task, clock)
+                     tracker, run_record, task, clock)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)

@@ -92,6 +92,15 @@ def checkpoint_label_format(path) -> dict:
     return {k: v for k, v in value.items() if v} if isinstance(value, dict) else {}
 
 
+def checkpoint_label_names(path) -> list:
+    """The checkpoint's label names in output order (config.json's id2label), read without loading the model."""
+    try:
+        id2label = json.loads((resolve_checkpoint(path) / "config.json").read_text(encoding="utf-8")).get("id2label")
+    except (OSError, ValueError, AttributeError, UserError):
+        return []
+    return [str(id2label[k]) for k in sorted(id2label, key=int)] if isinstance(id2label, dict) else []
+
+
 def checkpoint_problem_type(path) -> str:
     """The checkpoint's problem_type (config.json), read without loading the model."""
     try:
@@ -388,7 +397,7 @@ def read_input(path: str, text_column: Optional[str] = None, label_column: Optio
     check_text_values(raw, col, path, columns)
     raw_pairs = values_of(pair_col) if pair_col else [""] * len(raw)
     if pair_col:
-        check_text_values(raw_pairs, pair_col, path, columns)
+        check_text_values(raw_pairs, pair_col, path, columns, "text pair")
     raw_labels = values_of(label_col) if label_col is not None else [None] * len(raw)
     texts, pairs, kept_labels, skipped, invisible = [], [], [], 0, 0
     for value, second, label in zip(raw, raw_pairs, raw_labels):

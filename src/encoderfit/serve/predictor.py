@@ -10,6 +10,8 @@ at the recorded threshold, or the score itself).
 """
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -28,6 +30,21 @@ class Prediction:
     scores: dict = field(default_factory=dict)
 
 
+def _as_texts(value, what: str) -> list:
+    """One text (a string) or a sequence of them, as a list; a table or a mapping is refused by name (iterating
+    it would give its column names), and so is anything that is not a sequence."""
+    if isinstance(value, str):
+        return [value]
+    kind = type(value).__name__
+    if isinstance(value, dict) or kind in ("DataFrame", "Dataset", "DatasetDict"):
+        raise UserError(f"{what} must be a list of strings, got a {kind}: pass its text column, e.g. "
+                        f"df['text'].tolist()")
+    try:
+        return list(value)
+    except TypeError:
+        raise UserError(f"{what} must be a string or a list of strings, got {kind}") from None
+
+
 class Classifier:
     """A fine-tuned checkpoint (a run's ``final/`` or ``best/``, or the run directory) ready to predict."""
 
@@ -43,6 +60,11 @@ class Classifier:
             raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
         if precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"--precision must be one of auto, bf16, fp32, got {precision!r}")
+        if path is None or not isinstance(path, (str, os.PathLike)):
+            raise UserError(f"Classifier.load needs a checkpoint directory (a path), got {type(path).__name__}")
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+                raise UserError(f"{name} must be an integer, got {value!r}")
         if batch_size <= 0 or (max_length is not None and max_length <= 0):
             raise UserError("--batch_size and --max_length must be positive")
         dev = detect_device(device)
@@ -70,9 +92,9 @@ class Classifier:
 
     def logits(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None):
         """Float32 logits, one row per text (a torch tensor on the CPU)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _as_texts(texts, "texts")
         if pairs is not None:
-            pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+            pairs = _as_texts(pairs, "pairs")
         if self._clf.takes_pairs and pairs is None:
             raise UserError("this checkpoint classifies pairs of texts: pass the second texts as pairs=[...]")
         if not self._clf.takes_pairs and pairs is not None:

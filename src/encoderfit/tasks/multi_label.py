@@ -197,7 +197,7 @@ class MultiLabelClassification(Task):
 
     def predict_truth(self, got, where: str) -> tuple:
         """Nothing to score a label set against in predict (evaluate scores one), and a note if it was asked."""
-        return None, ([f"column {got.label_column!r} is not scored for a multi-label checkpoint: evaluate.py scores "
+        return None, ([f"column {got.label_column!r} is not scored for a multi-label checkpoint: encoderfit evaluate scores "
                        f"one"] if got.labels is not None and got.label_named else [])
 
     def predict_outputs(self, got, logits: torch.Tensor, truth) -> tuple:
