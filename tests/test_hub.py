@@ -101,3 +101,25 @@ def test_push_an_existing_run_and_what_a_dry_run_lists(tiny_model_dir, tmp_path,
         push_to_hub(tmp_path / "r", "bad name!")
     with pytest.raises(UserError, match="no finished model"):
         push_to_hub(tmp_path, "me/m")
+
+
+def test_a_finished_run_resumed_with_push_to_hub_still_pushes(tiny_model_dir, tmp_path, monkeypatch):
+    rows = pd.DataFrame(synthetic_rows(60, seed=4))
+    fit(rows, model=str(tiny_model_dir), checkpoint_dir=tmp_path, run_name="r", **TINY)
+    hub = FakeHub(monkeypatch)
+    again = fit(rows, model=str(tiny_model_dir), checkpoint_dir=tmp_path, run_name="r", resume="auto",
+                push_to_hub="me/later", **TINY)
+    assert again.completed and [c[0] for c in hub.calls] == ["whoami", "create", "upload"]
+    assert hub.calls[2][1]["folder_path"] == str(tmp_path / "r" / "final")
+
+
+def test_the_card_of_a_linked_checkpoint_is_its_runs(tiny_model_dir, tmp_path):
+    """A sweep's best/ is a link into its trial: the card is read from the trial's run, not the link's folder."""
+    from encoderfit import write_model_card
+
+    result = fit(pd.DataFrame(synthetic_rows(60, seed=5)), model=str(tiny_model_dir), checkpoint_dir=tmp_path,
+                 run_name="trial-001", **TINY)
+    (tmp_path / "best").symlink_to(result.best_checkpoint)
+    card = write_model_card(tmp_path / "best", model_ref="me/m").read_text()
+    assert f"| accuracy | {result.summary['best_val_accuracy']:.4f} |" in card
+    assert f"fine-tuned from `{tiny_model_dir}`" in card and "base_model" not in card.split("---")[1]

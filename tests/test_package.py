@@ -48,11 +48,11 @@ def test_the_dispatcher_names_its_commands_and_refuses_others():
     listed = run("--help")
     assert listed.returncode == 0
     assert [ln.split()[0] for ln in listed.stdout.splitlines() if ln.startswith("  ")] == \
-        ["train", "predict", "evaluate", "sweep", "plot", "launch"]
+        ["train", "predict", "evaluate", "sweep", "plot", "push", "launch"]
     unknown = run("fine-tune")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "'fine-tune'" in unknown.stderr
     assert run().returncode == 2  # no command: the usage, and the exit code of a usage error
     for command, flag in (("predict", "--checkpoint"), ("evaluate", "--checkpoint"), ("sweep", "--sweep_dir"),
-                          ("plot", "--output"), ("launch", "--nproc_per_node")):
+                          ("plot", "--output"), ("push", "--repo_id"), ("launch", "--nproc_per_node")):
         shown = run(command, "--help")
         assert shown.returncode == 0 and flag in shown.stdout, (command, shown.stderr)

@@ -326,3 +326,19 @@ def test_a_second_launch_on_a_live_sweep_says_to_wait_not_to_resume(tmp_path):
         holder.kill()
         holder.wait()
     Study._not_in_use(SimpleNamespace(dir=tmp_path / "sw"), "trial-001")  # free once that process is gone
+
+
+def test_a_trial_that_fell_back_to_the_loss_is_ranked_by_the_sweeps_metric():
+    """Pearson undefined in a trial (its best/ chosen by the loss): the sweep still ranks by Pearson, so that
+    trial's value is undefined and ranks last, not its negated loss among other trials' correlations."""
+    from types import SimpleNamespace
+
+    from encoderfit.cli.sweep import _outcome, _signed
+
+    summary = {"metric_for_best": "loss", "higher_is_better": False, "metric_requested": "pearson",
+               "requested_higher_is_better": True, "best_val_pearson": None, "best_val_loss": 0.04, "best_epoch": 2,
+               "epochs_run": 2, "total_time_s": 1.0, "stop_reason": None}
+    config = {n: 1 for n in ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")}
+    outcome = _outcome(SimpleNamespace(summary=summary, config=config, run_dir=Path("trial-001")))
+    assert outcome["metric"] == "pearson" and outcome["higher_is_better"] is True
+    assert outcome["value"] != outcome["value"] and _signed(outcome) != _signed(outcome)  # NaN: ranked last

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -112,6 +113,8 @@ def finite_json(obj):
     strict parsers read (``NaN`` and ``Infinity`` are not JSON)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, numbers.Real) and not isinstance(obj, (int, bool)):  # numpy's floats
+        return finite_json(float(obj))
     if isinstance(obj, dict):
         return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -121,7 +124,9 @@ def finite_json(obj):
 
 def json_text(obj, **kwargs) -> str:
     """Strict JSON: non-finite floats as null (``finite_json``); ``kwargs`` as ``json.dumps``'s."""
-    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+    default = kwargs.pop("default", None)
+    return json.dumps(finite_json(obj), allow_nan=False,
+                      default=None if default is None else (lambda o: finite_json(default(o))), **kwargs)
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 
+import argparse
 import dataclasses
 import json
 from typing import Optional
@@ -165,11 +166,10 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     if args.plot and not shape.draws_confusion:
         raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
     recorded = inference.checkpoint_label_format(ckpt)
-    if recorded and not (args.label_separator or args.label_columns):  # the labels as training read them
+    taken = {}
+    if recorded and not (args.label_separator or args.label_columns):  # the labels as training read them,
+        # unless the data says otherwise (below); a --label_column given stays
         taken = {flag: value for flag, value in recorded.items() if not (flag == "label_column" and args.label_column)}
-        for flag, value in taken.items():
-            setattr(args, flag, value)
-        say("note: labels read as the checkpoint was trained: " + " ".join(f"--{f} {v!r}" for f, v in taken.items()))
     if args.label_columns and shape.name == "multi_label":  # a label without its column would count as never true
         from encoderfit.serve.inference import checkpoint_label_names
 
@@ -179,7 +179,22 @@ def evaluate_checkpoint(args, say=print) -> tuple:
         if missing:
             raise UserError(f"--label_columns names no column for the checkpoint's label(s) {', '.join(missing)}: "
                             f"give a 0/1 column for each label it predicts ({', '.join(known)})")
-    got = load_validation(args, shape, inference.checkpoint_text_columns(ckpt, recorded_only=True))
+    text_columns = inference.checkpoint_text_columns(ckpt, recorded_only=True)
+    if taken:
+        plain = argparse.Namespace(**vars(args))
+        for flag, value in taken.items():
+            setattr(args, flag, value)
+        try:
+            got = load_validation(args, shape, text_columns)
+            say("note: labels read as the checkpoint was trained: " + " ".join(f"--{f} {v!r}" for f, v in taken.items()))
+        except UserError as recorded_failed:  # other data (label lists, other columns): read as given
+            try:
+                got = load_validation(plain, shape, text_columns)
+            except UserError:
+                raise recorded_failed from None
+            args.__dict__.update(vars(plain))
+    else:
+        got = load_validation(args, shape, text_columns)
     info = got.info
     clf = inference.load_classifier(ckpt, device)
     if clf.takes_pairs != (got.pairs is not None):

@@ -63,8 +63,10 @@ def main(argv=None) -> int:
         return 2
     # the launcher's own log lines (a banner, "Sending process ... SIGTERM", "failed (exitcode: 2)") would bury
     # the error line the failing process printed
-    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+    for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.elastic.agent.server.api",
+                 "torch.distributed.elastic.multiprocessing.api"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     try:
         run(args)
     except ChildFailedError as exc:
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
             print(f"error: rank {rank} of encoderfit {command[0]} failed ({how}); its output is above",
                   file=sys.stderr, flush=True)
         return code
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the launcher passed it on to the processes, which stopped
+        return 128 + int(exc.sigval)  # after a checkpoint (and said so); the code a requeue script expects
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

@@ -28,7 +28,7 @@ def build_parser() -> ToolParser:
 
 def resolve(path: str) -> Path:
     """The checkpoint to upload: ``path`` itself, or a run directory's final/."""
-    p = Path(path)
+    p = Path(path).resolve()  # a sweep's best/ is a link into its trial
     if not p.is_dir():
         raise UserError(f"{path}: no such run or checkpoint directory")
     if (p / "final").is_dir() and not (p / "config.json").is_file() or (p / "final" / "model.safetensors").is_file():

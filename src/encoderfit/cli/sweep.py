@@ -143,8 +143,12 @@ def _check(sweep_dir: Path, space: Space, rest: list) -> TrainConfig:
 def _outcome(result) -> dict:
     """What a finished trial's run says about it (its RunResult: the summary and the resolved settings)."""
     s, config = result.summary, result.config
-    metric = s["metric_for_best"]
-    return {"metric": metric, "value": s[f"best_val_{metric}"], "higher_is_better": s.get("higher_is_better", True),
+    # the metric the sweep asked for, also where the trial chose its best/ by the loss (an undefined metric):
+    # its value is then undefined too, and the trial ranks last
+    metric = s.get("metric_requested", s["metric_for_best"])
+    higher = s.get("requested_higher_is_better", s.get("higher_is_better", True))
+    value = s[f"best_val_{metric}"]
+    return {"metric": metric, "value": float("nan") if value is None else value, "higher_is_better": higher,
             "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"], "time_s": s["total_time_s"],
             "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(result.run_dir / "best"),
             **{n: config[n] for n in SWEPT}}  # every searchable flag's value, swept or not
@@ -363,8 +367,8 @@ def _sweep(argv=None) -> int:
             record = _finish(holder[0], time.perf_counter() - started)
         # the test set after the process group has gone: rank 0 alone reads it
         return _test(holder[0], record, cfg, test_file) if test_file and record["best"] else 0
-    except UserError:
-        failed = True
+    except UserError as exc:
+        failed = "in use" not in str(exc)  # another launch holds the directory: it is theirs
         raise
     finally:
         if holder:

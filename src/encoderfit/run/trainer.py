@@ -172,6 +172,8 @@ class BestTracker:
             raise UserError(f"--metric_for_best {metric} is not a metric of this task "
                             f"(choose from: {', '.join(task.best_metrics)})")
         self.metric, self.sign, self.patience, self.log = metric, task.best_metrics[metric], patience, log
+        # what was asked for: a sweep ranks and prunes trials by it even where this run fell back to the loss
+        self.requested, self.requested_sign = metric, task.best_metrics[metric]
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
         self.best_loss = None  # the loss of the epoch best/ holds: the selector if the metric turns undefined
         self.stop_reason = None  # why it stopped early: "patience", or what a sweep's judge said
@@ -301,7 +303,8 @@ class CheckpointHooks(engine.Hooks):
         improved = tracker.improved(result.validation, result.epoch)
         stopping = tracker.should_stop()  # decided before saving, so a resume knows it too
         if not stopping and self.judge is not None:  # every epoch so far: a resumed run's earlier ones too
-            reason = self.judge([(r["epoch"], tracker.sign * r[f"val_{tracker.metric}"]) for r in self.state.loop.results])
+            reason = self.judge([(r["epoch"], tracker.requested_sign * r[f"val_{tracker.requested}"])
+                                 for r in self.state.loop.results])
             if reason:
                 tracker.stop(reason)
                 self.log.print(f"stopping after epoch {result.epoch}: {reason}")
@@ -450,6 +453,8 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
             "global_batch_size": global_batch, "device": str(ctx.device),
             "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model, "cuda_graphs": use_graphs,
             "unpadded": unpadded,
+            "model_source": "bundled" if cfg.model == "default" else "local" if Path(cfg.model).expanduser().exists()
+            else "hub",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]}, "git_commit": _git_commit()})
         log.write_json("data.json", prepared.info)
@@ -484,7 +489,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         runner.close()
         # and nothing rewritten: a finished run resumed is left as it was; its result is what it wrote (read by
         # the main process, which alone has the run directory where nodes do not share a disk)
-        return ctx.run_on_main(lambda: RunResult.read(log.run_dir))
+        result = ctx.run_on_main(lambda: RunResult.read(log.run_dir))
+        _push(cfg, ctx, log.run_dir / "final", log)
+        return result
     try:
         return _fit_and_finish(runner, loaders, loop, state, hooks, log, stop, resumed=bool(saved))
     except BaseException as exc:
@@ -519,16 +526,22 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
                          exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
     summary = _finish(state, log, final, state.task)
-    if hooks.cfg.push_to_hub:
-        from encoderfit.serve.hub import push_checkpoint
-
-        url = hooks.ctx.run_on_main(lambda: push_checkpoint(final, hooks.cfg.push_to_hub,
-                                                            private=hooks.cfg.hub_private))
-        log.print(f"pushed {final} to {url}")
+    _push(hooks.cfg, hooks.ctx, final, log)
     # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
     # returns before the main process has finished the run's files
     summary = hooks.ctx.run_on_main(lambda: summary)
     return RunResult(log.run_dir, True, list(state.loop.results), summary, hooks.cfg.to_dict())
+
+
+def _push(cfg: TrainConfig, ctx: ProcessContext, final: Path, log: RunLogger) -> None:
+    """--push_to_hub: the main process uploads final/ and its card, after the run's last collective, so no
+    rank waits on an upload (a slow one would outlast the collectives' timeout); a failed upload is its
+    error, the other ranks have finished."""
+    if cfg.push_to_hub and ctx.is_main:
+        from encoderfit.serve.hub import push_checkpoint
+
+        url = push_checkpoint(final, cfg.push_to_hub, private=cfg.hub_private)
+        log.print(f"pushed {final} to {url}")
 
 
 class Diverged(UserError):
@@ -549,6 +562,7 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
     summary = {"task": task.name, "metrics": list(shown),
                **{f"final_val_{m}": last[f"val_{m}"] for m in shown},
                "metric_for_best": tracker.metric, "higher_is_better": tracker.sign > 0, "best_epoch": best["epoch"],
+               "metric_requested": tracker.requested, "requested_higher_is_better": tracker.requested_sign > 0,
                **{f"best_val_{m}": best[f"val_{m}"] for m in shown},
                "epochs_run": len(results), "stopped_early": tracker.stopped_early,
                "stop_reason": tracker.stop_reason,

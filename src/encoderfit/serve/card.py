@@ -28,7 +28,7 @@ def _read(path: Path) -> dict:
 
 def card_facts(checkpoint: Path) -> dict:
     """What the card says, as plain values (the tests check the card against these and the run)."""
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint).resolve()  # SWEEP_DIR/best is a link into its trial's run
     run_dir = checkpoint.parent
     model = _read(checkpoint / "config.json")
     run = _read(run_dir / "config.json")
@@ -50,7 +50,8 @@ def card_facts(checkpoint: Path) -> dict:
         "long_texts": (model.get("long_texts") or {}).get("mode", "truncate"),
         "max_length": cfg.get("max_length"),
         "base_model": DEFAULT_BASE_MODEL if base == "default" else base,
-        "base_model_on_hub": base == "default" or not (Path(base).expanduser().exists() or base.startswith(("/", "."))),
+        "base_model_on_hub": run.get("model_source", "hub" if base == "default" or not (
+            Path(base).expanduser().exists() or base.startswith(("/", ".", "~"))) else "local") in ("hub", "bundled"),
         "dataset": cfg.get("dataset"),
         "data_source": data.get("source"),
         "train_examples": data.get("train_examples"), "validation_examples": data.get("validation_examples"),
