@@ -71,6 +71,10 @@ def test_the_cards_usage_snippets_give_the_predictors_answer(runs, shape):
     project's predictor gives."""
     card = (runs[shape].best_checkpoint / "README.md").read_text()
     pipe_code, ours_code = _blocks(card)
+    ref = str(runs[shape].best_checkpoint)
+    # on the CPU in fp32 both (on a GPU machine, pipeline() and the predictor would choose their own devices)
+    pipe_code = _swapped(pipe_code, {f'model="{ref}")': f'model="{ref}", device="cpu")'})
+    ours_code = _swapped(ours_code, {f'Classifier.load("{ref}")': f'Classifier.load("{ref}", device="cpu")'})
     rows = SHAPES[shape](12, seed=21)
     sizes = set()
     for row in rows:  # the snippets' example text swapped for texts of the data (label sets of several sizes)
