@@ -67,7 +67,6 @@ def card_facts(checkpoint: Path) -> dict:
 
 def _usage(facts: dict, model_ref: str) -> str:
     """The pipeline() lines that give this task's answer, and this project's predictor."""
-    a = '"a text to classify"'
     call = '{"text": "a first text", "text_pair": "its second text"}' if facts["pairs"] else '"a text to classify"'
     cut = f"truncation=True, max_length={facts['max_length']}"  # as training cut (the head, for pipeline())
     lines = ["```python", "from transformers import pipeline", "",
@@ -87,18 +86,16 @@ def _usage(facts: dict, model_ref: str) -> str:
         lines += ['predictions = clf.predict(["a first text"], pairs=["its second text"])  # [Prediction(label, '
                   'score, scores)]']
     else:
-        lines += [f"predictions = clf.predict([{a}])  # [Prediction(label, score, scores)]"]
+        lines += [f"predictions = clf.predict([{call}])  # [Prediction(label, score, scores)]"]
     return "\n".join(lines + ["```"])
-
-
-def _number(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def render_model_card(checkpoint: Path, model_ref: Optional[str] = None):
     """The card (a ``huggingface_hub.ModelCard``) of ``checkpoint``; ``model_ref``: what the usage snippets
     load (a Hub repository once pushed; by default the checkpoint's directory)."""
     from huggingface_hub import ModelCard, ModelCardData
+
+    from encoderfit.metrics import shown_metric
 
     facts = card_facts(checkpoint)
     ref = model_ref or str(Path(checkpoint))
@@ -113,7 +110,7 @@ def render_model_card(checkpoint: Path, model_ref: Optional[str] = None):
         datasets=[facts["dataset"]] if facts["dataset"] else None,
         metrics=[m for m in facts["metrics"] if m != "loss"] or None)
     labels = ", ".join(f"`{n}`" for n in facts["labels"])
-    rows = "\n".join(f"| {m} | {_number(v)} |" for m, v in facts["metrics"].items())
+    rows = "\n".join(f"| {m} | {'n/a' if v is None else shown_metric(v)} |" for m, v in facts["metrics"].items())
     recipe = ", ".join(f"{k} {v}" for k, v in facts["recipe"].items())
     source = facts["dataset"] or facts["data_source"] or "data given in memory"
     body = [
