@@ -114,9 +114,9 @@ def test_a_labelled_file_alone_is_evaluated_row_by_row(tmp_path, trained, capfd,
 
 
 def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
+    """With no data flag, the run's own recorded data flags: its validation split, as training scored it."""
     out = tmp_path / "eval.json"
-    train = trained.parent.parent / "train.csv"
-    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--train_file", str(train), "--output", str(out)]) == 0
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     data_info = json.loads((trained / "data.json").read_text())
@@ -129,11 +129,42 @@ def test_default_split_is_the_one_training_held_out(trained, tmp_path, capsys):
     assert result["accuracy"] == pytest.approx(summary["final_val_accuracy"], abs=1e-9)
     assert result["loss"] == pytest.approx(summary["final_val_loss"], abs=1e-4)
 
-    # another split seed holds out other examples, and says so
-    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--train_file", str(train), "--split_seed", "7",
+    assert result["data"]["source"] == str(trained.parent.parent / "train.csv")
+
+    # another split seed (the rest of the run's flags kept) holds out other examples, and says so plainly
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(trained), "--split_seed", "7",
                           "--output", str(out)]) == 0
-    assert "not the examples the checkpoint's training run validated on" in capsys.readouterr().out
-    assert json.loads(out.read_text())["data"]["same_split_as_training"] is False
+    stdout = capsys.readouterr().out
+    assert "| other examples than the run validated on (a test set, or other split flags)" in stdout
+    assert "note:" not in stdout
+    other = json.loads(out.read_text())
+    assert other["data"]["same_split_as_training"] is False and other["data"]["split_seed"] == 7
+    assert other["data"]["source"] == result["data"]["source"] and other["examples"] == 30
+
+
+def test_without_data_flags_a_run_whose_data_is_gone_is_refused_by_name(trained, tmp_path):
+    """A copy of the run whose recorded training file is not there: one line naming it and the flag to give."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    record = json.loads((copy / "config.json").read_text())
+    record["config"]["train_file"] = str(tmp_path / "moved.csv")
+    (copy / "config.json").write_text(json.dumps(record))
+    with pytest.raises(inference.UserError, match=r"trained with --train_file .*moved\.csv, which is not there now.*"
+                                                   r"--validation_file"):
+        evaluate.evaluate_checkpoint(_args(copy / "final"))
+    # a run on data handed to fit() in memory
+    data = json.loads((copy / "data.json").read_text())
+    (copy / "data.json").write_text(json.dumps({**data, "source": "the training data given to fit()"}))
+    with pytest.raises(inference.UserError, match=r"trained on data handed to fit\(\) in memory.*--validation_file"):
+        evaluate.evaluate_checkpoint(_args(copy / "final"))
+
+
+def _args(ckpt):
+    args = evaluate.build_parser().parse_args(["--device", "cpu", "--checkpoint", str(ckpt)])
+    evaluate._check(args)
+    return args
 
 
 def test_two_classes_with_an_untrained_head(tiny_model_dir, tmp_path, capsys):

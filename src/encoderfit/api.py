@@ -72,8 +72,9 @@ def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:
     """Score ``checkpoint`` on labelled data; the report ``encoderfit evaluate --output`` writes (metrics,
     per-label rows, the data's description).
 
-    ``data``: a labelled file, a pandas DataFrame or a ``datasets.Dataset`` (every row of it), or None with the data flags the checkpoint was trained with
-    (``train_file=...``, ``dataset=...``: their validation split, made as training made it). ``flags``: any
+    ``data``: a labelled file, a pandas DataFrame or a ``datasets.Dataset`` (every row of it); or None: the
+    validation split of the data flags given (``train_file=...``, ``dataset=...``), made as training makes it,
+    and with none given, the checkpoint's run's own validation split (the data flags it recorded). ``flags``: any
     other flag of ``encoderfit evaluate`` by name (``max_length``, ``batch_size``, ``device``, ``text_column``,
     ...). ``verbose``: print what the command prints."""
     from encoderfit.cli.evaluate import _check, build_parser, evaluate_checkpoint

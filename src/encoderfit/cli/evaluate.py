@@ -1,15 +1,16 @@
-"""Evaluate a fine-tuned checkpoint on the validation split that training holds out, or on a labelled file.
+"""Evaluate a fine-tuned checkpoint on its run's validation split, or on a labelled file (a test set).
 
-    python training/evaluate.py --checkpoint checkpoints/RUN/final
-    python training/evaluate.py --checkpoint checkpoints/RUN/final --num_samples 300 --output eval.json --plot cm.png
-    python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --label_column stars
+    python training/evaluate.py --checkpoint checkpoints/RUN/final      # the run's own validation split
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --output eval.json --plot cm.png
     python training/evaluate.py --checkpoint checkpoints/RUN/final --validation_file test.csv    # or --data test.csv
+    python training/evaluate.py --checkpoint checkpoints/RUN/final --train_file train.csv --label_column stars
 
-The data flags are training's, with the same defaults, and the validation split is made
-the same way: the default dataset (or a --train_file without --validation_file) gives the
-same held-out examples for the same --validation_fraction, --split_seed and --num_samples.
-With --validation_file (alone, or --data FILE, or beside --train_file), every row of that
-file is evaluated. Label names of the data are matched to the checkpoint's; labels it does
+With no data flag, the data flags the checkpoint's run recorded are used (its config.json), so the
+split is the one that run validated on; a flag given here replaces the recorded one. A checkpoint
+with no run beside it is evaluated on the default dataset. The data flags are training's, and the
+validation split is made the same way: the same source, --validation_fraction, --split_seed and
+--num_samples hold out the same examples. With --validation_file (alone, or --data FILE, or
+beside --train_file), every row of that file is evaluated. Label names of the data are matched to the checkpoint's; labels it does
 not know are an error. Prints accuracy, macro-F1, a per-class table (precision, recall,
 F1, support) and the confusion matrix; --output writes them as JSON, --plot draws the
 confusion matrix as a PNG. --max_length defaults to the one the checkpoint was trained with.
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import argparse
 import dataclasses
-import json
 from typing import Optional
 
 # numpy, torch, datasets and the model load inside the functions: --help and bad flags answer at once
@@ -48,7 +48,10 @@ def build_parser() -> inference.ToolParser:
         if name == "validation_file":
             help_text = ("Labelled file to evaluate, every row of it: alone, or with the --train_file of the "
                          "run (same formats as training).")
-        parser.add_argument(f"--{name}", type=typ, default=default, help=help_text,
+        elif default is not None:
+            help_text += f" Default: the checkpoint's run's, else {default}."
+        # None: not given, so the run's recorded value (or training's default) applies (fill_data_defaults)
+        parser.add_argument(f"--{name}", type=typ, default=None, help=help_text,
                             **({"choices": choices} if choices else {}))
     parser.add_argument("--data", metavar="FILE", help="Another name for --validation_file.")
     inference.add_inference_flags(
@@ -59,13 +62,52 @@ def build_parser() -> inference.ToolParser:
     return parser
 
 
+SOURCE_FLAGS = ("train_file", "validation_file", "dataset", "data")
+
+
+def fill_data_defaults(args) -> None:
+    """Training's default for each data flag not given (None); those given, or taken from a run, stay."""
+    for name, _, default, _, _ in _data_fields():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+
+
+def follow_run(args, ckpt: Path) -> Optional[list]:
+    """With no source flag given (--train_file, --validation_file or --data, --dataset), take the data flags
+    the checkpoint's run recorded (each flag given here stays), so the data is the run's own validation split;
+    returns the flags given here that differ from the run's (empty: the run's split exactly), or None where no
+    run is recorded beside the checkpoint (or a source was given).
+    A run that trained on data handed to fit() in memory, or on a file no longer there, is refused by name."""
+    if any(getattr(args, name, None) for name in SOURCE_FLAGS):
+        return None
+    recorded = (inference.run_record(ckpt) or {}).get("config")
+    if not isinstance(recorded, dict):
+        return None
+    run = inference.run_directory(ckpt)
+    if (inference.run_record(ckpt, "data.json") or {}).get("source") == "the training data given to fit()":
+        raise UserError(f"the run {run} trained on data handed to fit() in memory, which it cannot read again: "
+                        f"pass the data to evaluate (--validation_file FILE, or evaluate(checkpoint, dataframe))")
+    for name in ("train_file", "validation_file"):
+        value = recorded.get(name)
+        if value and not Path(value).is_file():
+            raise UserError(f"the run {run} trained with --{name} {value}, which is not there now (run from another "
+                            f"directory, or moved?): give the data with --train_file or --validation_file")
+    changed = []
+    for name, _, _, _, _ in _data_fields():
+        if getattr(args, name, None) is None:
+            setattr(args, name, recorded.get(name))
+        elif getattr(args, name) != recorded.get(name):
+            changed.append(f"--{name}")
+    return changed
+
+
 def _check(args) -> None:
     inference.check_positive(args, "batch_size", "max_length", "num_samples")
-    if not 0 < args.validation_fraction < 1:
+    if args.validation_fraction is not None and not 0 < args.validation_fraction < 1:
         raise UserError(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
     from encoderfit.config import SEED_RANGE
 
-    if not SEED_RANGE[0] <= args.split_seed <= SEED_RANGE[1]:  # numpy's seeding would fail with a traceback
+    if args.split_seed is not None and not SEED_RANGE[0] <= args.split_seed <= SEED_RANGE[1]:  # numpy's seeding would fail with a traceback
         raise UserError(f"--split_seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got "
                         f"{args.split_seed}")
     if args.data:
@@ -98,6 +140,7 @@ def load_validation(args, shape=None, text_columns: Optional[list] = None):
 
     shape = shape or SingleLabelClassification
 
+    fill_data_defaults(args)
     datasets.disable_progress_bars()
     if getattr(args, "data", None) and not args.validation_file:
         args.validation_file = args.data
@@ -129,10 +172,7 @@ def validation_sha256(texts: list, pairs: Optional[list] = None) -> str:
 
 
 def _training_split_sha(ckpt: Path):
-    try:
-        return json.loads((ckpt.parent / "data.json").read_text()).get("validation_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (inference.run_record(ckpt, "data.json") or {}).get("validation_sha256")
 
 
 def run(args) -> int:
@@ -162,6 +202,7 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
     from encoderfit.tasks.registry import task_class_for_problem_type
 
+    followed = follow_run(args, ckpt)
     shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
     if args.plot and not shape.draws_confusion:
         raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
@@ -218,9 +259,11 @@ def evaluate_checkpoint(args, say=print) -> tuple:
         split_line += " (text pairs)"
     if same_split is True:
         split_line += " | the same examples the checkpoint's training run validated on"
+    elif same_split is False and followed == []:  # the run's own flags, and yet other examples: the data changed
+        split_line += (" | note: not the examples the run validated on, though read with its data flags (has the "
+                       "data changed since?)")
     elif same_split is False:
-        split_line += (" | note: not the examples the checkpoint's training run validated on"
-                       " (other data flags than training's?)")
+        split_line += " | other examples than the run validated on (a test set, or other split flags)"
     say(split_line)
 
     logits, elapsed = inference.logits_with_progress(clf, got.texts, desc="evaluating", batch_size=args.batch_size,

@@ -210,14 +210,32 @@ def load_classifier(path, device: torch.device) -> Classifier:
                       checkpoint_text_columns(ckpt), LongTexts.from_record(getattr(model.config, "long_texts", None)))
 
 
+def run_directory(ckpt: Path) -> Optional[Path]:
+    """The training run a checkpoint belongs to (RUN/final, RUN/best or RUN/checkpoints/step-N), found by the
+    run's own config.json (a ``config`` record, not a model's settings); None for a checkpoint on its own."""
+    for run in (ckpt.parent, ckpt.parent.parent):
+        with contextlib.suppress(Exception):
+            if isinstance(json.loads((run / "config.json").read_text(encoding="utf-8"))["config"], dict):
+                return run
+    return None
+
+
+def run_record(ckpt: Path, name: str = "config.json") -> Optional[dict]:
+    """A JSON record of the checkpoint's run (config.json: the resolved config; data.json: the data), or None."""
+    run = run_directory(ckpt)
+    if run is None:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        value = json.loads((run / name).read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else None
+    return None
+
+
 def trained_max_length(ckpt: Path) -> Optional[int]:
     """The --max_length the checkpoint was trained with, if its run recorded it (else None)."""
-    # the run directory's record, written by training: RUN/final, RUN/best or RUN/checkpoints/step-N
-    for run_config in (ckpt.parent / "config.json", ckpt.parent.parent / "config.json"):
-        with contextlib.suppress(Exception):
-            value = json.loads(run_config.read_text())["config"]["max_length"]
-            if isinstance(value, int) and value > 0:
-                return value
+    value = ((run_record(ckpt) or {}).get("config") or {}).get("max_length")
+    if isinstance(value, int) and value > 0:
+        return value
     state = ckpt / "training_state.pt"
     if state.is_file():
         with contextlib.suppress(Exception):
