@@ -7,7 +7,7 @@
     clf.predict(["a warm, funny film"])                    # [Prediction(label='pos', score=0.97, scores={...})]
     evaluate(result.best_checkpoint, "test.csv")           # {"accuracy": ..., "macro_f1": ..., ...}
 
-The command line is the same engine: ``encoderfit train|predict|evaluate|sweep|plot|push|launch``. Names load on first use,
+The command line is the same engine: ``encoderfit train|predict|evaluate|sweep|plot|export|push|launch``. Names load on first use,
 so ``import encoderfit`` is quick and a command's ``--help`` does not wait for torch.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ _EXPORTS = {
     "TrainConfig": ("encoderfit.config", "TrainConfig"),
     "UserError": ("encoderfit.utils", "UserError"),
     "push_to_hub": ("encoderfit.api", "push_to_hub"),
+    "export_onnx": ("encoderfit.api", "export_onnx"),
     "write_model_card": ("encoderfit.serve.card", "write_model_card"),
 }
 __all__ = list(_EXPORTS)

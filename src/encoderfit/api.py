@@ -113,3 +113,14 @@ def push_to_hub(checkpoint, repo_id: str, *, private: bool = False, commit_messa
     path = resolve(os.fspath(checkpoint))
     hub.check_hub_access(repo_id, "push_to_hub()")
     return hub.push_checkpoint(path, repo_id, private=private, commit_message=commit_message)
+
+
+def export_onnx(checkpoint, *, int8: bool = False, data=None, check: bool = True, verbose: bool = False) -> dict:
+    """Write the checkpoint (a run directory means its ``final/``) as ONNX into ``CKPT/onnx/`` (``model.onnx``;
+    with ``int8`` also ``model_qint8.onnx``, weights quantized for CPUs) and check it against the PyTorch model on
+    the run's own validation split (or the labelled file ``data``); returns the record written to
+    ``onnx/export.json``. As ``encoderfit export``. Serve it with ``Classifier.load(ckpt, runtime="onnx")``."""
+    from encoderfit.serve.onnx import export_onnx as export
+
+    return export(os.fspath(checkpoint), int8=int8, data=None if data is None else os.fspath(data), check=check,
+                  say=print if verbose else (lambda line: None))

@@ -160,7 +160,11 @@ class TrainConfig:
                                                  "pearson", "spearman", "mse", "mae"), must_match=True)
     early_stopping_patience: int = _f(0, "Stop after this many epochs without a better --metric_for_best "
                                       "(0: never stop early).")
-    tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard.")
+    report_to: Optional[str] = _f(None, "Send the step and epoch metrics, the config and the final metrics to "
+                                  "trackers: tensorboard, mlflow, wandb, several comma-separated (or none). The "
+                                  "main process alone reports; MLflow and W&B take their usual environment "
+                                  "variables (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE=offline).")
+    tensorboard: bool = _f(False, "Write TensorBoard event files to RUN/tensorboard (as --report_to tensorboard).")
     push_to_hub: Optional[str] = _f(None, "Upload RUN/final with its model card to this Hugging Face Hub repository "
                                     "(user/name) when the run ends (the main process alone). The login is checked "
                                     "before training starts (hf auth login, or HF_TOKEN).")
@@ -168,6 +172,13 @@ class TrainConfig:
     log_every: int = _f(50, "Update the progress bar and step metrics every N optimizer steps.")
     no_progress: bool = _f(False, "Turn off the progress bar (on a terminal) and the plain progress lines that "
                                   "replace it in a log file.")
+
+    @property
+    def trackers(self) -> tuple:
+        """The trackers to report to: --report_to's, and TensorBoard with --tensorboard."""
+        from encoderfit.run.tracking import parse_report_to
+
+        return parse_report_to(self.report_to, self.tensorboard)
 
     def __post_init__(self) -> None:
         """Each value checked (and a whole number given for a decimal one made a float) when the config is
@@ -242,6 +253,10 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name} must be a finite number, got {value}")
+    if cfg.report_to is not None:
+        from encoderfit.run.tracking import parse_report_to
+
+        parse_report_to(cfg.report_to)
     if cfg.push_to_hub is not None:
         from encoderfit.serve.hub import check_repo_id
 

@@ -7,6 +7,7 @@
     encoderfit evaluate --checkpoint checkpoints/RUN/best --validation_file test.csv
     encoderfit sweep --learning_rate 2e-5,5e-5 --epochs 3,5
     encoderfit plot checkpoints/RUN
+    encoderfit export checkpoints/RUN --int8
 
 Each command's flags are read before torch, transformers or datasets load, so ``--help`` and flag errors
 answer at once; a command's module is imported only once it is named.
@@ -22,6 +23,7 @@ COMMANDS = {
     "evaluate": ("encoderfit.cli.evaluate", "score a checkpoint on labelled data"),
     "sweep": ("encoderfit.cli.sweep", "train a grid or a sampled search of settings and rank them"),
     "plot": ("encoderfit.cli.plot", "draw runs' metrics per epoch"),
+    "export": ("encoderfit.cli.export", "write a checkpoint as ONNX (and int8) for serving, checked against PyTorch"),
     "push": ("encoderfit.cli.push", "upload a run's checkpoint and its model card to the Hugging Face Hub"),
     "launch": ("encoderfit.cli.launch", "start train or sweep under torchrun's launcher, one process per GPU"),
 }

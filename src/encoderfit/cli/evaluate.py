@@ -195,16 +195,16 @@ def run(args) -> int:
     return 0
 
 
-def evaluate_checkpoint(args, say=print) -> tuple:
-    """(the report: metrics, the data's description and the checkpoint's settings, as --output writes it; the
-    confusion matrix or None). ``say`` receives what the command prints."""
-    device, amp_dtype = inference.setup_device(args)
+def evaluation_data(args, say=print) -> tuple:
+    """(the checkpoint directory, the labelled data to score it on, what ``follow_run`` returned): the data the
+    flags name, or with no source flag the checkpoint's run's own validation split; the labels read as the
+    checkpoint's training read them where the data allows."""
     ckpt = inference.resolve_checkpoint(args.checkpoint)  # fail fast, before the data is read
     from encoderfit.tasks.registry import task_class_for_problem_type
 
     followed = follow_run(args, ckpt)
     shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
-    if args.plot and not shape.draws_confusion:
+    if getattr(args, "plot", None) and not shape.draws_confusion:
         raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
     recorded = inference.checkpoint_label_format(ckpt)
     taken = {}
@@ -236,8 +236,16 @@ def evaluate_checkpoint(args, say=print) -> tuple:
             args.__dict__.update(vars(plain))
     else:
         got = load_validation(args, shape, text_columns)
+    return ckpt, got, followed
+
+
+def evaluate_checkpoint(args, say=print) -> tuple:
+    """(the report: metrics, the data's description and the checkpoint's settings, as --output writes it; the
+    confusion matrix or None). ``say`` receives what the command prints."""
+    device, amp_dtype = inference.setup_device(args)
+    ckpt, got, followed = evaluation_data(args, say)
     info = got.info
-    clf = inference.load_classifier(ckpt, device)
+    clf = inference.load_classifier(ckpt, device, args.runtime)
     if clf.takes_pairs != (got.pairs is not None):
         raise UserError(f"this checkpoint was trained on {'pairs of texts' if clf.takes_pairs else 'single texts'} "
                         f"and the data has {'pairs' if got.pairs is not None else 'one text per row'}: name the "
@@ -252,7 +260,7 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     for note in info.get("notes", []):
         say(f"note: {note}")
     say(f"checkpoint {clf.path} | {clf.task.describe_task()} | device {device} | "
-        f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
+        f"{inference.describe_runtime(args.runtime, amp_dtype)} | max_length {max_length} | long texts: "
         f"{long_texts.describe(max_length)}")
     split_line = f"data: {info.get('validation', info.get('source'))} | {len(got.texts)} examples"
     if got.pairs is not None:
@@ -272,7 +280,7 @@ def evaluate_checkpoint(args, say=print) -> tuple:
     metrics, cm = clf.task.evaluation_report(logits, got.labels, where=info.get("source", "the data"),
                                              elapsed=elapsed, say=say)
     record = {"checkpoint": str(clf.path), "task": clf.task.name, "label_names": list(clf.label_names),
-              "max_length": max_length, "long_texts": long_texts.record(), **metrics,
+              "runtime": args.runtime, "max_length": max_length, "long_texts": long_texts.record(), **metrics,
               "data": {key: info.get(key) for key in ("source", "validation", "split_seed",
                                                       "validation_fraction", "num_samples", "rows_read")}
               | {"examples": len(got.texts), "validation_sha256": sha, "same_split_as_training": same_split}}

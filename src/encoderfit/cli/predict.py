@@ -120,7 +120,7 @@ def run(args) -> int:
     got = _gather_texts(args)
     texts = got.texts
     device, amp_dtype = inference.setup_device(args)
-    clf = inference.load_classifier(args.checkpoint, device)
+    clf = inference.load_classifier(args.checkpoint, device, args.runtime)
     truth, label_notes = clf.task.predict_truth(got, args.input)
     max_length = inference.resolve_max_length(args.max_length, clf, fallback=inference.trained_max_length(clf.path))
     long_texts = inference.resolve_long_texts(args, clf, max_length)
@@ -129,7 +129,7 @@ def run(args) -> int:
     for note in got.notes + label_notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"checkpoint {clf.path} | {shape} | device {device} | "
-          f"{'bf16 autocast' if amp_dtype else 'fp32'} | max_length {max_length} | long texts: "
+          f"{inference.describe_runtime(args.runtime, amp_dtype)} | max_length {max_length} | long texts: "
           f"{long_texts.describe(max_length)} | {len(texts)} {what}",
           file=sys.stderr, flush=True)
 

@@ -15,7 +15,8 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from encoderfit.engine.distributed import ProcessContext
-from encoderfit.utils import UserError, append_jsonl, atomic_write_bytes, atomic_write_json
+from encoderfit.run.tracking import Trackers
+from encoderfit.utils import append_jsonl, atomic_write_bytes, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -61,38 +62,30 @@ def _duration(seconds: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: Optional[Path], ctx: ProcessContext, show_progress: bool):
         self.enabled = ctx.is_main
         self.run_dir = Path(run_dir) if run_dir else None
         # A bar for a person at a terminal; without one (a log file), a plain line each log interval instead
         self.show_progress = self.enabled and show_progress and sys.stderr.isatty()
         self.plain_progress = self.enabled and show_progress and not self.show_progress
         self.start = time.perf_counter()
-        self.tb = None
-        if tensorboard:
-            self.open_tensorboard()
+        self.trackers = Trackers()
 
-    def open_tensorboard(self) -> None:
-        """TensorBoard event files in RUN/tensorboard (main process only)."""
-        if not self.enabled or self.run_dir is None:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise UserError(f"--tensorboard needs the tensorboard package ({exc}): pip install tensorboard") from None
-        self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+    def open_trackers(self, names, params: dict) -> None:
+        """The --report_to trackers (TensorBoard, MLflow, Weights & Biases), on the main process alone."""
+        if self.enabled and self.run_dir is not None and names:
+            self.trackers.start(names, self.run_dir, params)
 
     def scalars(self, group: str, values: dict, step: int) -> None:
-        """TensorBoard scalars (``group/name``), when --tensorboard is on."""
-        if self.tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and name not in ("epoch",):
-                    self.tb.add_scalar(f"{group}/{name}", value, step)
+        """Step or epoch metrics to the trackers, as ``group/name`` at the optimizer step."""
+        self.trackers.scalars(group, values, step)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def finish_tracking(self, summary: dict, card: Optional[Path]) -> None:
+        """The run's final and best metrics and its model card, to the trackers."""
+        self.trackers.finish(summary, card)
+
+    def close(self, failed: bool = False) -> None:
+        self.trackers.close(failed)
 
     def print(self, message: str = "") -> None:
         if self.enabled:

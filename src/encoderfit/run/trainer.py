@@ -332,15 +332,17 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
     for note in point.notes if point else []:
         log.print(f"resume: {note}")
     try:
-        if cfg.tensorboard:
-            log.open_tensorboard()
+        if cfg.trackers:
+            from encoderfit.run.tracking import check_installed
+
+            ctx.run_on_main(lambda: check_installed(cfg.trackers))
         with StopSignal(log) as stop:
             return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge, given)
     except BaseException:
+        log.close(failed=True)
         if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
             # a failed start (bad data or model, interrupted preparation): leave no empty run directory,
             # so the corrected command with the same --run_name runs
-            log.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
@@ -492,6 +494,10 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         result = ctx.run_on_main(lambda: RunResult.read(log.run_dir))
         _push(cfg, ctx, log.run_dir / "final", log)
         return result
+    if cfg.trackers:  # the resolved config as the trackers' parameters; a tracker that cannot start stops every rank
+        params = {**cfg.to_dict(), "task": task.name, "world_size": ctx.world_size, "global_batch_size": global_batch,
+                  "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32"}
+        ctx.run_on_main(lambda: log.open_trackers(cfg.trackers, params))
     try:
         return _fit_and_finish(runner, loaders, loop, state, hooks, log, stop, resumed=bool(saved))
     except BaseException as exc:
@@ -578,6 +584,7 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
 
         for checkpoint_dir in (final, log.run_dir / "best"):
             write_model_card(checkpoint_dir)
+    log.finish_tracking(summary, final / "README.md")
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))

@@ -47,11 +47,17 @@ def check_hub_access(repo_id: str, flag: str = "--push_to_hub") -> str:
 
 
 def files_to_upload(checkpoint: Path) -> list:
-    """The checkpoint's files that go to the repository (everything but temporaries and training state)."""
+    """The checkpoint's files that go to the repository (everything but temporaries and training state), with its
+    ONNX export where there is one (onnx/: the layout the Hub's model repositories use)."""
     from encoderfit.run.checkpoint import TRAINING_STATE
+    from encoderfit.serve.onnx import ONNX_DIR
 
-    return sorted(p.name for p in Path(checkpoint).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name != TRAINING_STATE)
+    def kept(p: Path) -> bool:
+        return p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp") and p.name != TRAINING_STATE
+
+    root = Path(checkpoint)
+    onnx = [f"{ONNX_DIR}/{p.name}" for p in (root / ONNX_DIR).iterdir() if kept(p)] if (root / ONNX_DIR).is_dir() else []
+    return sorted(p.name for p in root.iterdir() if kept(p)) + sorted(onnx)
 
 
 def push_checkpoint(checkpoint: Path, repo_id: str, *, private: bool = False,

@@ -150,15 +150,17 @@ def model_max_positions(config, tokenizer) -> int:
     return min(limits) if limits else DEFAULT_MAX_LENGTH
 
 
-def load_classifier(path, device: torch.device) -> Classifier:
-    """A fine-tuned sequence classifier and its tokenizer, in eval mode on ``device``."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-    from transformers.utils import logging as hf_logging
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 
+
+def load_classifier(path, device: torch.device, runtime: str = "torch") -> Classifier:
+    """A fine-tuned sequence classifier and its tokenizer, in eval mode on ``device``. ``runtime``: the PyTorch
+    model, or its ONNX export (``encoderfit export``: onnx/model.onnx, or the int8 copy) run by ONNX Runtime on
+    the CPU, with the checkpoint's own config and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     ckpt = resolve_checkpoint(path)
     try:
         config = AutoConfig.from_pretrained(ckpt)
@@ -168,24 +170,15 @@ def load_classifier(path, device: torch.device) -> Classifier:
         arch = ", ".join(config.architectures or []) or "unknown"
         raise UserError(f"{ckpt} is not a text-classification checkpoint (architecture: {arch}): "
                         f"fine-tune it first with train_single.py")
-    if not any((ckpt / name).is_file() for name in WEIGHT_FILES):
-        raise UserError(f"{ckpt} has no model weights ({' or '.join(WEIGHT_FILES[::2])})")
+    if runtime != "torch":
+        from encoderfit.serve.onnx import OnnxModel
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no load report or weight-loading bar: problems are checked below
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
-    except Exception as exc:
-        raise UserError(f"cannot load the model in {ckpt}: {_one_line(exc)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # e.g. a base model's weights under a classifier config: the head would be random
-        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise UserError(f"{ckpt} is not a trained classifier: weights missing for {shown}")
+        model = OnnxModel.load(ckpt, config, int8=runtime == "onnx-int8")
+    elif not any((ckpt / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{ckpt} has no model weights ({' or '.join(WEIGHT_FILES[::2])})")
+    else:
+        model = _load_torch_model(ckpt)
+
     from encoderfit.modeling.model import check_tokenizer_files, tokenizer_is_empty
 
     check_tokenizer_files(ckpt, f"the checkpoint {ckpt}")
@@ -229,6 +222,28 @@ def run_record(ckpt: Path, name: str = "config.json") -> Optional[dict]:
         value = json.loads((run / name).read_text(encoding="utf-8"))
         return value if isinstance(value, dict) else None
     return None
+
+
+def _load_torch_model(ckpt: Path):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no load report or weight-loading bar: problems are checked below
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
+    except Exception as exc:
+        raise UserError(f"cannot load the model in {ckpt}: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # e.g. a base model's weights under a classifier config: the head would be random
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise UserError(f"{ckpt} is not a trained classifier: weights missing for {shown}")
+    return model
 
 
 def trained_max_length(ckpt: Path) -> Optional[int]:
@@ -547,6 +562,9 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str
                         help="auto: CUDA, then Apple MPS, then CPU.")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="auto: bf16 autocast on GPUs that support it, else fp32.")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                        help="torch: the PyTorch checkpoint; onnx / onnx-int8: its ONNX export (encoderfit export "
+                             "--int8) in ONNX Runtime on the CPU.")
 
 
 def check_positive(args, *names) -> None:
@@ -557,12 +575,32 @@ def check_positive(args, *names) -> None:
 
 
 def setup_device(args) -> tuple:
-    """(device, autocast dtype or None) from --device and --precision."""
+    """(device, autocast dtype or None) from --device, --precision and --runtime (ONNX: the CPU, in fp32)."""
     dev = args.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    runtime = getattr(args, "runtime", "torch")
+    if runtime != "torch":
+        return onnx_device(runtime, dev, args.precision)
     device = detect_device(dev)
     return device, autocast_dtype(device, args.precision)
+
+
+def describe_runtime(runtime: str, amp_dtype) -> str:
+    return {"onnx": "ONNX Runtime, fp32", "onnx-int8": "ONNX Runtime, int8 weights"}.get(
+        runtime, "bf16 autocast" if amp_dtype else "fp32")
+
+
+def onnx_device(runtime: str, device: str, precision: str) -> tuple:
+    """ONNX Runtime runs the export on the CPU as it was exported: a GPU or bf16 asked for is refused."""
+    import torch
+
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--runtime {runtime} runs on the CPU: leave --device out (or give --device cpu)")
+    if precision == "bf16":
+        raise UserError(f"--runtime {runtime} runs the export as written (fp32, or int8 weights): leave --precision "
+                        f"out")
+    return torch.device("cpu"), None
 
 
 def resolve_max_length(requested: Optional[int], clf: Classifier, fallback: Optional[int] = None) -> int:

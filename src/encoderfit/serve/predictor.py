@@ -53,9 +53,10 @@ class Classifier:
 
     @classmethod
     def load(cls, path, *, device: str = "auto", precision: str = "auto", max_length: Optional[int] = None,
-             batch_size: int = 64) -> "Classifier":
+             batch_size: int = 64, runtime: str = "torch") -> "Classifier":
         """Load a checkpoint on ``device`` (auto: CUDA, then MPS, then CPU). ``max_length``: tokens per input
-        (default: the one the checkpoint was trained with, else 512 or the model's limit)."""
+        (default: the one the checkpoint was trained with, else 512 or the model's limit). ``runtime``: "torch",
+        or "onnx" / "onnx-int8" for its ONNX export (``export_onnx``) in ONNX Runtime on the CPU."""
         if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
         if precision not in ("auto", "bf16", "fp32"):
@@ -67,11 +68,17 @@ class Classifier:
                 raise UserError(f"{name} must be an integer, got {value!r}")
         if batch_size <= 0 or (max_length is not None and max_length <= 0):
             raise UserError("--batch_size and --max_length must be positive")
-        dev = detect_device(device)
-        loaded = inference.load_classifier(path, dev)
+        if runtime not in inference.RUNTIMES:
+            raise UserError(f"runtime must be one of {', '.join(inference.RUNTIMES)}, got {runtime!r}")
+        if runtime == "torch":
+            dev = detect_device(device)
+            amp = autocast_dtype(dev, precision)
+        else:
+            dev, amp = inference.onnx_device(runtime, device, precision)
+        loaded = inference.load_classifier(path, dev, runtime)
         length = inference.resolve_max_length(max_length, loaded, fallback=inference.trained_max_length(loaded.path))
         loaded.long_texts.check(length)
-        return cls(loaded, max_length=length, amp_dtype=autocast_dtype(dev, precision), batch_size=batch_size)
+        return cls(loaded, max_length=length, amp_dtype=amp, batch_size=batch_size)
 
     @property
     def label_names(self) -> list:
