@@ -48,7 +48,7 @@ def test_the_dispatcher_names_its_commands_and_refuses_others():
     listed = run("--help")
     assert listed.returncode == 0
     assert [ln.split()[0] for ln in listed.stdout.splitlines() if ln.startswith("  ")] == \
-        ["train", "predict", "evaluate", "sweep", "plot", "push", "launch"]
+        ["train", "predict", "evaluate", "sweep", "plot", "export", "push", "launch"]
     unknown = run("fine-tune")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "'fine-tune'" in unknown.stderr
     assert run().returncode == 2  # no command: the usage, and the exit code of a usage error
