@@ -53,6 +53,7 @@ def test_the_dispatcher_names_its_commands_and_refuses_others():
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "'fine-tune'" in unknown.stderr
     assert run().returncode == 2  # no command: the usage, and the exit code of a usage error
     for command, flag in (("predict", "--checkpoint"), ("evaluate", "--checkpoint"), ("sweep", "--sweep_dir"),
-                          ("plot", "--output"), ("push", "--repo_id"), ("launch", "--nproc_per_node")):
+                          ("plot", "--output"), ("push", "--repo_id"), ("export", "--int8"),
+                          ("launch", "--nproc_per_node")):
         shown = run(command, "--help")
         assert shown.returncode == 0 and flag in shown.stdout, (command, shown.stderr)
