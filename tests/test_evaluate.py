@@ -289,3 +289,44 @@ def test_bad_input_through_the_script_has_no_traceback(tmp_path, tiny_model_dir)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("error: the data has labels the checkpoint does not know")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_test_file_scores_best_once_when_the_run_ends(tiny_model_dir, tmp_path, run_main):
+    """--test_file / fit(test_data=...): best/ scored once, apart from model selection, as transformers computes it."""
+    import pandas as pd
+
+    from encoderfit import fit
+
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(150, seed=3, labels=LABELS))
+    texts, labels = noisy_validation(tmp_path / "test.csv", n=45)
+    common = dict(model=str(tiny_model_dir), epochs=2, batch_size=16, learning_rate=2e-3, max_length=32,
+                  device="cpu", no_progress=True, checkpoint_dir=tmp_path / "ck")
+    result = fit(train, run_name="file", test_file=str(tmp_path / "test.csv"), **common)
+    summary = result.summary
+    want = direct_metrics(labels, direct_predictions(result.best_checkpoint, texts, max_length=32), list(LABELS))
+    assert result.test_metrics == summary["test_metrics"]
+    assert set(summary["test_metrics"]) == {"accuracy", "macro_f1", "loss"}
+    assert summary["test_metrics"]["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+    assert summary["test_metrics"]["macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-12)
+    assert summary["test"] == {"data": str(tmp_path / "test.csv"), "examples": 45, "checkpoint": "best",
+                               "epoch": summary["best_epoch"]}
+    # selection stays on the validation split: no epoch record holds a test number
+    rows = [json.loads(x) for x in (tmp_path / "ck" / "file" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("test") for r in rows for k in r)
+    # the same rows in memory: the same numbers
+    frame = pd.read_csv(tmp_path / "test.csv")
+    again = fit(train, run_name="frame", test_data=frame, **common)
+    assert again.test_metrics == pytest.approx(result.test_metrics, abs=1e-12)
+    assert again.summary["test"]["data"] == "the test data given to fit()"
+
+
+def test_a_bad_test_file_is_refused_before_training(tiny_model_dir, tmp_path, run_main):
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(60, seed=3, labels=LABELS))
+    write_rows(tmp_path / "odd.csv", [dict(r, label="delta") for r in synthetic_rows(10, seed=4, labels=LABELS)])
+    for test, message in ((tmp_path / "missing.csv", f"error: --test_file {tmp_path / 'missing.csv'}: no such file"),
+                          (tmp_path / "odd.csv", "error: the data has labels the checkpoint does not know: delta")):
+        proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--test_file", test,
+                        "--max_length", 32, "--checkpoint_dir", tmp_path / "ck", "--epochs", 1)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+        assert "epoch 1/1" not in proc.stdout
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) in ([], ["cache"])  # no run directory left

@@ -25,7 +25,8 @@ def _is_path(obj) -> bool:
     return isinstance(obj, (str, os.PathLike))
 
 
-def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] = None, **settings):
+def fit(train_data=None, validation_data=None, *, test_data=None, config: Optional[TrainConfig] = None,
+        **settings):
     """Fine-tune a model; returns a ``RunResult`` (per-epoch metrics, best and final metrics and checkpoints,
     the time breakdown).
 
@@ -33,7 +34,9 @@ def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] 
     ``datasets.Dataset``, with a text column (and a second one for pairs) and a label column, found by name as
     for files; None: the data settings of ``config``/``settings`` (``dataset=...``, ``train_file=...``) or the
     bundled default. ``validation_data``: the same kinds (a path with a path); without it a seeded split of the
-    training data is held out. ``config``: a ``TrainConfig``; ``settings``: training flags by name, over it.
+    training data is held out. ``test_data``: a labelled test set (a path, a DataFrame or a Dataset), scored once
+    with best/ when the run ends, apart from model selection (``result.test_metrics``). ``config``: a
+    ``TrainConfig``; ``settings``: training flags by name, over it.
     """
     started = time.perf_counter()
     if config is not None and not isinstance(config, TrainConfig):
@@ -62,10 +65,20 @@ def fit(train_data=None, validation_data=None, *, config: Optional[TrainConfig] 
         if settings.get("validation_file"):
             raise UserError("give the validation data once: as validation_data, or as validation_file")
         files["validation_file"] = os.fspath(validation_data)
+    test = None
+    if test_data is not None:
+        if settings.get("test_file") or base.test_file:
+            raise UserError("give the test data once: as test_data, or as test_file")
+        if _is_path(test_data):
+            files["test_file"] = os.fspath(test_data)
+        else:
+            from encoderfit.data.sources import _as_dataset
+
+            test = _as_dataset(test_data, "the test data")
     cfg = base.replace(**settings, **files)  # checked once, with the data's files among the settings
     from encoderfit.run.trainer import train
 
-    return train(cfg, launched_by_torchrun(), started, given=given)
+    return train(cfg, launched_by_torchrun(), started, given=given, test=test)
 
 
 def evaluate(checkpoint, data=None, *, verbose: bool = False, **flags) -> dict:

@@ -36,6 +36,9 @@ class TrainConfig:
     train_file: Optional[str] = _f(None, "Local training file: .csv, .tsv, .jsonl/.json or .parquet.", data=True, must_match=True)
     validation_file: Optional[str] = _f(None, "Local validation file (same formats). Without it, a seeded "
                                         "stratified split of the training data is held out.", data=True, must_match=True)
+    test_file: Optional[str] = _f(None, "Labelled test file (same formats and columns as the training data): when "
+                                  "the run ends, best/ is scored on it once, apart from model selection, into "
+                                  "summary.json (test_metrics).")
     text_column: Optional[str] = _f(None, "Text column (auto-detected: text, sentence, review, content, ...).", data=True, must_match=True)
     text_pair_column: Optional[str] = _f(None, "Second text column of a pair task (entailment, paraphrase, "
                                          "relevance): the two texts are tokenized as a pair. Auto-detected from "

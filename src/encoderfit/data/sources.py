@@ -30,11 +30,13 @@ class GivenData:
     ``datasets.Dataset`` (a pandas DataFrame is converted once, by ``from_objects``)."""
     train: datasets.Dataset
     validation: Optional[datasets.Dataset] = None
+    test: Optional[datasets.Dataset] = None  # scored once with best/ when the run ends; not part of the cache key
 
     @classmethod
-    def from_objects(cls, train, validation=None) -> "GivenData":
+    def from_objects(cls, train, validation=None, test=None) -> "GivenData":
         return cls(_as_dataset(train, "the training data"),
-                   None if validation is None else _as_dataset(validation, "the validation data"))
+                   None if validation is None else _as_dataset(validation, "the validation data"),
+                   None if test is None else _as_dataset(test, "the test data"))
 
 
 def _as_dataset(obj, what: str) -> datasets.Dataset:

@@ -50,6 +50,12 @@ class RunResult:
         return self._metrics("final")
 
     @property
+    def test_metrics(self) -> dict:
+        """best/'s metrics on the test set (``test_file``, or ``fit(..., test_data=...)``), scored once when the
+        run ended; empty without one."""
+        return dict(self.summary.get("test_metrics") or {})
+
+    @property
     def best_checkpoint(self) -> Optional[Path]:
         return Path(self.summary["best_checkpoint"]) if "best_checkpoint" in self.summary else None
 

@@ -32,6 +32,7 @@ from encoderfit.metrics import shown_metric
 from encoderfit.engine.distributed import ProcessContext, StopSignal, process_context
 from encoderfit.modeling.long_texts import LongTexts
 from encoderfit.run.result import RunResult
+from encoderfit.run.testset import TestSet
 from encoderfit.run.runlog import RunClock, RunLogger, format_breakdown
 from encoderfit.engine.build import Optimization, Speed, build_steps
 from encoderfit.utils import UserError, autocast_dtype, set_seed
@@ -229,6 +230,7 @@ class RunState:
     run_record: dict  # what the checkpoint says about the run: config, world size, labels, tokenizer, task
     task: tasks.Task  # its record is taken at each save: a tuned threshold changes during the run
     clock: RunClock   # where the wall time went, this process's and (restored) the earlier ones'
+    test_set: TestSet | None = None  # scored once with best/ when the run ends (the main process)
 
     def payload(self, ctx: ProcessContext) -> dict:
         """The training state of a checkpoint. A collective: every rank is here."""
@@ -316,7 +318,7 @@ class CheckpointHooks(engine.Hooks):
 
 
 def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, judge=None,
-        given=None) -> RunResult:
+        given=None, test=None) -> RunResult:
     """One run in a process context that exists; ``judge``: a sweep's say at each epoch's end
     (``CheckpointHooks.judge``)."""
     clock = RunClock(started if started is not None else time.perf_counter())
@@ -337,7 +339,7 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
 
             ctx.run_on_main(lambda: check_installed(cfg.trackers))
         with StopSignal(log) as stop:
-            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge, given)
+            return _train(cfg, ctx, log, point.checkpoint if point else None, stop, clock, judge, given, test)
     except BaseException:
         log.close(failed=True)
         if existing is None and ctx.is_main and not (run_dir / "config.json").exists():
@@ -386,7 +388,7 @@ def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger,
 
 
 def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: Path | None, stop: StopSignal,
-           clock: RunClock, judge=None, given=None) -> RunResult:
+           clock: RunClock, judge=None, given=None, test=None) -> RunResult:
     clock.lap("start-up")
     amp_dtype = autocast_dtype(ctx.device, cfg.precision)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum_steps
@@ -405,6 +407,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
     tracker = BestTracker(cfg.metric_for_best or task.default_metric, cfg.early_stopping_patience, task, log)
     for line in task.setup_lines():
         log.print(line)
+    test_set = TestSet.of(cfg, test, prepared.info["text_columns"])
+    if test_set is not None:  # read and its labels checked before any training: a bad file wastes no run
+        ctx.run_on_main(lambda: test_set.check(shape, task))
     run_record = {"config": cfg.to_dict(), "world_size": ctx.world_size, "label_names": list(task.label_names),
                   "tokenizer": data.tokenizer_identity(tokenizer), "task": task.record(),
                   "text_columns": prepared.info["text_columns"],
@@ -467,7 +472,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
                                                        cfg.skip_nonfinite),
                         Speed(compile_model, use_graphs, amp_dtype))
     state = RunState(steps.optimizer, steps.scheduler, engine.LoopState(),
-                     tracker, run_record, task, clock)
+                     tracker, run_record, task, clock, test_set)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)
@@ -531,7 +536,7 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
         return RunResult(log.run_dir, False, list(state.loop.results), config=hooks.cfg.to_dict(),
                          exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
-    summary = _finish(state, log, final, state.task)
+    summary = _finish(state, log, final, state.task, hooks.cfg, hooks.ctx)
     _push(hooks.cfg, hooks.ctx, final, log)
     # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
     # returns before the main process has finished the run's files
@@ -557,7 +562,7 @@ class Diverged(UserError):
 _COLUMN_NAMES = {"macro_f1": "macro-F1"}
 
 
-def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
+def _finish(state: RunState, log: RunLogger, final: Path, task, cfg: TrainConfig, ctx: ProcessContext) -> dict:
     """summary.json (written by the main process) and the end-of-run table; the summary, on every rank."""
     results, tracker = state.loop.results, state.tracker
     breakdown = state.clock.breakdown(results)
@@ -578,6 +583,12 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
                "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
                "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
     summary["time_breakdown_s"] = breakdown
+    if state.test_set is not None and log.enabled:  # once, on the main process: the others get the summary
+        report = state.test_set.score(log.run_dir / "best", device=ctx.device, precision=cfg.precision,
+                                      batch_size=cfg.effective_eval_batch_size)
+        summary["test_metrics"] = {m: report[m] for m in shown if m in report}
+        summary["test"] = {"data": state.test_set.name, "examples": report["examples"], "checkpoint": "best",
+                           "epoch": best["epoch"]}
     log.write_json("summary.json", summary)
     if log.enabled:  # the main process: a model card in each of final/ and best/, from the run's records
         from encoderfit.serve.card import write_model_card
@@ -588,6 +599,10 @@ def _finish(state: RunState, log: RunLogger, final: Path, task) -> dict:
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
+    if summary.get("test_metrics"):
+        log.print(f"test (best/, epoch {best['epoch']}): " + " | ".join(
+            f"{_COLUMN_NAMES.get(m, m)} {shown_metric(v)}" for m, v in summary["test_metrics"].items())
+            + f" | {summary['test']['examples']} examples of {summary['test']['data']}")
     log.print(format_breakdown(summary["time_breakdown_s"]))
     return summary
 
@@ -606,10 +621,12 @@ def _summary_table(s: dict) -> str:
             f"training throughput {s['train_samples_per_s']:.1f} samples/s")
 
 
-def train(cfg: TrainConfig, use_torchrun: bool, started: float | None = None, *, given=None) -> RunResult:
+def train(cfg: TrainConfig, use_torchrun: bool, started: float | None = None, *, given=None,
+          test=None) -> RunResult:
     """The whole run in its process context (the process group is always torn down); ``started``: when
     the command began (its imports count as start-up); ``given``: in-memory training and validation
-    data (``data.sources.GivenData``) in place of the config's data flags."""
+    data (``data.sources.GivenData``) in place of the config's data flags; ``test``: an in-memory test set
+    (a ``datasets.Dataset``) in place of ``--test_file``."""
     started = time.perf_counter() if started is None else started
     with process_context(cfg.device, use_torchrun) as ctx:
-        return run(cfg, ctx, started, given=given)
+        return run(cfg, ctx, started, given=given, test=test)
