@@ -480,7 +480,7 @@ def labels_order(config: dict):
     (["--label_columns", "sports,chess"], "column(s) chess not found"),
     (["--threshold", "1.5"], "--threshold must be in (0, 1)"),
     (["--task", "multi_label", "--label_column", "label"], "--task multi_label needs several labels per row"),
-    (["--threshold", "high"], "argument --threshold: a number in (0, 1) or 'tune', got 'high'"),
+    (["--threshold", "high"], "argument --threshold: a number in (0, 1), 'tune' or 'per_label', got 'high'"),
     (["--class_weights", "1,2"], "--class_weights gives 2 weight(s) for 3 labels"),
     (["--threshold", "tune", "--task", "single_label", "--label_column", "label"],
      "--threshold applies to multi-label classification; this data is a single-label task"),
@@ -725,3 +725,91 @@ def test_a_probability_at_the_threshold_is_chosen_in_metrics_and_in_predictions(
     # a: tp (row 1, at the threshold); b: fn (row 1, just under), tp (row 2, at it); c: fp (row 1), tp (row 2)
     assert counts.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 0]]
     assert [p["label"] for p in task.predictions(logits)] == [["a", "c"], ["b", "c"]]
+
+
+def _grid_best(score, nearest: float) -> float:
+    """The grid threshold with the best ``score(t)``, ties to the one nearest ``nearest`` (then the higher)."""
+    best = max(score(t) for t in tasks.TUNE_GRID)
+    tied = [t for t in tasks.TUNE_GRID if score(t) == best]
+    return max(tied, key=lambda t: (-abs(t - nearest), t))
+
+
+def test_per_label_thresholds_are_each_labels_best_f1_and_rare_labels_keep_the_common_one():
+    """--threshold per_label against a direct count: the common threshold maximizes micro-F1; each label with
+    20+ validation positives gets the threshold that maximizes its own F1; a rarer label keeps the common one."""
+    import math
+
+    gen = torch.Generator().manual_seed(5)
+    n, names = 200, ["often", "low", "rare"]
+    truth = torch.zeros(n, 3)
+    truth[:90, 0], truth[100:140, 1], truth[150:162, 2] = 1, 1, 1   # 90, 40 and 12 positives
+    # "low" is scored on a lower scale: its positives near 0.2, its negatives near 0.05; "often" near 0.7 / 0.3
+    centre = torch.tensor([[0.3, 0.05, 0.2]]) + truth * torch.tensor([[0.4, 0.15, 0.5]])
+    probs = (centre + 0.05 * torch.randn(n, 3, generator=gen)).clamp(0.01, 0.99)
+    logits = torch.log(probs / (1 - probs))
+    task = tasks.MultiLabelClassification(names, threshold="per_label")
+    task.tune_on(torch.cat([logits, truth], dim=1))
+
+    p, y = probs.tolist(), truth.bool().tolist()
+
+    def counts(j, t):
+        tp = sum(1 for r, q in zip(p, y) if r[j] >= t and q[j])
+        fp = sum(1 for r, q in zip(p, y) if r[j] >= t and not q[j])
+        return tp, fp, sum(q[j] for q in y) - tp
+
+    def f1(j, t):
+        tp, fp, fn = counts(j, t)
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+    def micro(t):
+        tp, fp, fn = (sum(c) for c in zip(*(counts(j, t) for j in range(3))))
+        return 2 * tp / (2 * tp + fp + fn)
+
+    common = _grid_best(micro, 0.5)
+    want = [_grid_best(lambda t: f1(0, t), common), _grid_best(lambda t: f1(1, t), common), common]
+    assert task.threshold == common and task.thresholds == pytest.approx(want)
+    assert task.thresholds[1] < 0.3 < common  # the low-scale label gets its own, lower threshold
+    # the metrics count the decisions at each label's threshold; with the common one "low" is never predicted
+    sums = task.new_sums(torch.device("cpu"))
+    task.add_sums(sums, task.loss_sum(logits, truth), logits, truth)
+    got = task.metrics(sums)
+    f1s = [f1(j, want[j]) for j in range(3)]
+    assert got["macro_f1"] == pytest.approx(sum(f1s) / 3, abs=1e-9) and got["never_predicted"] == 0
+    tp, fp, fn = (sum(c) for c in zip(*(counts(j, want[j]) for j in range(3))))
+    assert got["micro_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
+    one = tasks.MultiLabelClassification(names, threshold="tune")
+    one.tune_on(torch.cat([logits, truth], dim=1))
+    one_sums = one.new_sums(torch.device("cpu"))
+    one.add_sums(one_sums, one.loss_sum(logits, truth), logits, truth)
+    assert one.threshold == common and one.metrics(one_sums)["never_predicted"] == 1
+    assert got["macro_f1"] > one.metrics(one_sums)["macro_f1"] + 0.2
+    # what the checkpoint records, read back: the same decisions
+    back = tasks.MultiLabelClassification(names, threshold=task.config_extras()["multi_label_threshold"])
+    assert back.per_label and back.thresholds == task.thresholds
+    assert torch.equal(back.decode(logits)[1], task.decode(logits)[1])
+    assert all(math.isclose(a, b) for a, b in zip(back.thresholds, want))
+
+
+def test_a_per_label_run_records_its_thresholds_and_every_tool_decides_by_them(tiny_model_dir, tmp_path, run_main):
+    from encoderfit import Classifier, evaluate, fit
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    for path, rows in ((train, noisy_topic_rows(240, seed=21)), (val, noisy_topic_rows(90, seed=22))):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = fit(train, val, model=str(tiny_model_dir), threshold="per_label", epochs=2, batch_size=16,
+                 learning_rate=5e-3, max_length=24, device="cpu", no_progress=True, checkpoint_dir=tmp_path / "ck",
+                 run_name="pl")
+    config = json.loads((result.best_checkpoint / "config.json").read_text())
+    thresholds = config["multi_label_threshold"]
+    assert isinstance(thresholds, list) and len(thresholds) == 3
+    names = [config["id2label"][str(i)] for i in range(3)]
+    clf = Classifier.load(result.best_checkpoint, device="cpu")
+    texts = [json.loads(x)["text"] for x in val.read_text().splitlines()]
+    for p in clf.predict(texts):
+        assert p.label == [n for n, t in zip(names, thresholds) if p.scores[n] >= t]
+    report = evaluate(result.best_checkpoint, device="cpu")  # the run's own val.jsonl
+    assert report["threshold"] == thresholds and report["examples"] == 90
+    assert report["micro_f1"] == pytest.approx(result.best_metrics["micro_f1"], abs=1e-9)
+    assert isinstance(report["never_predicted"], list)
+    card = (result.best_checkpoint / "README.md").read_text()
+    assert "its own threshold (" + ", ".join(f"{n} **{t:g}**" for n, t in zip(names, thresholds)) + ")" in card

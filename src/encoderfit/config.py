@@ -62,7 +62,9 @@ class TrainConfig:
                    cache=True, must_match=True, choices=("auto", "single_label", "multi_label", "regression"))
     threshold: Union[float, str] = _f(0.5, "Multi-label: a label is predicted where its probability reaches "
                                       "this, or 'tune': at each evaluation the one threshold (for every label) "
-                                      "of 0.01-0.99 that maximizes validation micro-F1. Recorded in the "
+                                      "of 0.01-0.99 that maximizes validation micro-F1, or 'per_label': then each "
+                                      "label with at least 20 validation positives gets the threshold that "
+                                      "maximizes its own F1 (the others keep the tuned one). Recorded in the "
                                       "checkpoint for encoderfit predict and evaluate.", must_match=True)
     quoting: str = _f("auto", "Quoting of .csv/.tsv files. 'minimal': standard CSV quoting (a quoted field may hold "
                       "delimiters and line breaks); 'none': quotes are ordinary characters, one row per line; "
@@ -231,10 +233,10 @@ def _check_types(cfg: TrainConfig) -> None:
             continue
         typ = flag_type(f.name)
         if f.name == "threshold":
-            if value == "tune" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-                object.__setattr__(cfg, f.name, value if value == "tune" else float(value))
+            if value in TUNED or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                object.__setattr__(cfg, f.name, value if value in TUNED else float(value))
                 continue
-            raise UserError(f"--threshold must be a number in (0, 1) or 'tune', got {value!r}")
+            raise UserError(f"--threshold must be a number in (0, 1), 'tune' or 'per_label', got {value!r}")
         if typ is str and isinstance(value, os.PathLike):
             object.__setattr__(cfg, f.name, os.fspath(value))
         elif typ is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -300,8 +302,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
     if cfg.class_weights is not None and cfg.task == "regression":
         raise UserError("--class_weights weigh classes: a regression (--task regression) has none")
-    if cfg.threshold != "tune" and not 0 < cfg.threshold < 1:
-        raise UserError(f"--threshold must be in (0, 1) or 'tune', got {cfg.threshold}")
+    if cfg.threshold not in TUNED and not 0 < cfg.threshold < 1:
+        raise UserError(f"--threshold must be in (0, 1), 'tune' or 'per_label', got {cfg.threshold}")
     if cfg.label_separator is not None and cfg.label_columns is not None:
         raise UserError("give --label_separator (labels in one column) or --label_columns (one 0/1 column per "
                         "label), not both")
@@ -324,13 +326,16 @@ def _validate(cfg: TrainConfig) -> None:
                         f"task, not --task {cfg.task}")
 
 
+TUNED = ("tune", "per_label")  # --threshold chosen on validation: one for every label, or one per label
+
+
 def _threshold(value: str):
-    if value == "tune":
+    if value in TUNED:
         return value
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a number in (0, 1) or 'tune', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"a number in (0, 1), 'tune' or 'per_label', got {value!r}") from None
 
 
 def flag_type(name: str) -> type:
@@ -367,7 +372,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if f.name == "threshold":
-            kwargs["type"], kwargs["metavar"] = _threshold, "{0..1,tune}"
+            kwargs["type"], kwargs["metavar"] = _threshold, "{0..1,tune,per_label}"
         if f.name == "metric_for_best":  # "f1", its earlier name, still accepted
             kwargs["type"] = lambda value: "macro_f1" if value == "f1" else value
         parser.add_argument(f"--{f.name}", **kwargs)

@@ -72,9 +72,14 @@ def _usage(facts: dict, model_ref: str) -> str:
     lines = ["```python", "from transformers import pipeline", "",
              f'clf = pipeline("text-classification", model="{model_ref}")']
     if facts["task"] == "multi_label":
-        lines += [f"scores = clf({call}, top_k=None, {cut})  # a sigmoid probability for every label",
-                  f'labels = [s["label"] for s in scores if s["score"] >= {facts["threshold"]}]  # the threshold'
-                  " training chose"]
+        lines += [f"scores = clf({call}, top_k=None, {cut})  # a sigmoid probability for every label"]
+        if isinstance(facts["threshold"], list):  # --threshold per_label: one per label
+            per = dict(zip(facts["labels"], facts["threshold"]))
+            lines += [f"thresholds = {per!r}  # per label, as training chose them",
+                      'labels = [s["label"] for s in scores if s["score"] >= thresholds[s["label"]]]']
+        else:
+            lines += [f'labels = [s["label"] for s in scores if s["score"] >= {facts["threshold"]}]  # the threshold'
+                      " training chose"]
     elif facts["task"] == "regression":
         lines += [f'score = clf({call}, function_to_apply="none", {cut})[0]["score"]  # the raw output, no sigmoid']
     else:
@@ -88,6 +93,13 @@ def _usage(facts: dict, model_ref: str) -> str:
     else:
         lines += [f"predictions = clf.predict([{call}])  # [Prediction(label, score, scores)]"]
     return "\n".join(lines + ["```"])
+
+
+def _threshold_words(facts: dict) -> str:
+    t = facts["threshold"]
+    if isinstance(t, list):
+        return "its own threshold (" + ", ".join(f"{n} **{v:g}**" for n, v in zip(facts["labels"], t)) + ")"
+    return f"**{t}**"
 
 
 def render_model_card(checkpoint: Path, model_ref: Optional[str] = None):
@@ -119,7 +131,7 @@ def render_model_card(checkpoint: Path, model_ref: Optional[str] = None):
         "## Labels", "",
         (f"One output, the score of `{facts['labels'][0]}`." if facts["task"] == "regression" else
          f"{labels}." + (f" A label is predicted where its sigmoid probability is at least "
-                         f"**{facts['threshold']}** (the threshold training chose); `pipeline()` knows no "
+                         f"{_threshold_words(facts)} (training chose it); `pipeline()` knows no "
                          f"threshold: apply it as below." if facts["task"] == "multi_label" else "")),
         "",
         "## Usage", "", _usage(facts, ref), "",

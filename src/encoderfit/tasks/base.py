@@ -22,6 +22,7 @@ TASK_KINDS = ("auto", "single_label", "multi_label", "regression")
 
 
 TUNE = "tune"  # --threshold tune
+PER_LABEL = "per_label"  # --threshold per_label
 
 
 CONFIG_EXTRA_KEYS = ("class_weights", "pos_weight", "multi_label_threshold")  # every task's config_extras keys

@@ -5,9 +5,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from encoderfit.tasks.base import TUNE, Task, _logit
+from encoderfit.tasks.base import PER_LABEL, TUNE, Task, _logit
 
 TUNE_GRID = tuple(i / 100 for i in range(1, 100))  # the thresholds a tuned multi-label run chooses from
+MIN_POSITIVES = 20  # --threshold per_label: a label's own threshold needs this many validation positives
 
 
 class MultiLabelClassification(Task):
@@ -24,19 +25,30 @@ class MultiLabelClassification(Task):
     default_metric = "micro_f1"
     summary_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "loss")
     _shown = (("loss", "loss"), ("micro_f1", "micro-f1"), ("macro_f1", "macro-f1"), ("subset_accuracy", "exact"),
-              ("threshold", "threshold", ".2f"))
+              ("threshold", "threshold", ".2f"), ("never_predicted", "never-predicted", "d"))
     _LOSS, _COUNT, _EXACT = range(3)  # then tp, fp, fn per label
 
     def __init__(self, label_names, threshold=0.5, pos_weight: Optional[Sequence[float]] = None):
         super().__init__(label_names)
         self.num_labels = len(self.label_names)
         # "tune": one threshold for every label, chosen at each evaluation as the one that maximizes the
-        # validation micro-F1 (the evaluation then gathers every example's logits)
-        self.tune = threshold == TUNE
+        # validation micro-F1 (the evaluation then gathers every example's logits); "per_label": that one, then
+        # for each label with MIN_POSITIVES validation positives the one that maximizes its own F1. A checkpoint
+        # of a per-label run gives the list of its thresholds.
+        self.per_label = threshold == PER_LABEL or isinstance(threshold, (list, tuple))
+        self.tune = threshold in (TUNE, PER_LABEL)
         self.collects_outputs = self.tune
-        self.threshold = 0.5 if self.tune else float(threshold)
-        # a device tensor, not a Python number: a recorded CUDA graph reads the current threshold
-        self._logit_threshold = torch.tensor(_logit(self.threshold))
+        fixed = isinstance(threshold, (int, float))
+        self.threshold = float(threshold) if fixed else 0.5  # the one threshold (per_label: the labels' fallback)
+        self.thresholds = ([float(t) for t in threshold] if isinstance(threshold, (list, tuple))
+                           else [self.threshold] * self.num_labels)
+        if len(self.thresholds) != self.num_labels:
+            from encoderfit.utils import UserError
+
+            raise UserError(f"the checkpoint's multi_label_threshold has {len(self.thresholds)} values for "
+                            f"{self.num_labels} labels")
+        # a device tensor, not a Python number: a recorded CUDA graph reads the current thresholds
+        self._logit_threshold = torch.tensor([_logit(t) for t in self.thresholds])
         self.pos_weight = None if pos_weight is None else [float(w) for w in pos_weight]
         weight = None if pos_weight is None else torch.tensor(self.pos_weight, dtype=torch.float32)
         self._criterion = torch.nn.BCEWithLogitsLoss(reduction="sum", pos_weight=weight)  # a module: tests wrap it
@@ -46,21 +58,29 @@ class MultiLabelClassification(Task):
         self._logit_threshold = self._logit_threshold.to(device)
         return self
 
-    def set_threshold(self, threshold: float) -> None:
-        """Decide at ``threshold`` from now on (in place: recorded graphs see it)."""
+    def set_threshold(self, threshold: float, per_label: Optional[Sequence[float]] = None) -> None:
+        """Decide at ``threshold`` (or each label at its ``per_label`` one) from now on (in place: recorded
+        graphs see it)."""
         self.threshold = float(threshold)
-        self._logit_threshold.fill_(_logit(self.threshold))
+        self.thresholds = [float(t) for t in per_label] if per_label is not None else [self.threshold] * self.num_labels
+        self._logit_threshold.copy_(torch.tensor([_logit(t) for t in self.thresholds]))
+
+    @property
+    def decision(self):
+        """What the checkpoint records and the card shows: the one threshold, or the list of per-label ones."""
+        return list(self.thresholds) if self.per_label else self.threshold
 
     def config_extras(self) -> dict:
-        return {"multi_label_threshold": self.threshold,
+        return {"multi_label_threshold": self.decision,
                 **({"pos_weight": self.pos_weight} if self.pos_weight is not None else {})}
 
     def record(self) -> dict:
-        return {**super().record(), "threshold": self.threshold, "tuned": self.tune, "pos_weight": self.pos_weight}
+        return {**super().record(), "threshold": self.threshold, "tuned": self.tune, "pos_weight": self.pos_weight,
+                **({"thresholds": list(self.thresholds)} if self.per_label else {})}
 
     def restore(self, record: dict) -> None:
-        if self.tune and "threshold" in record:  # the threshold the last evaluation chose
-            self.set_threshold(record["threshold"])
+        if self.tune and "threshold" in record:  # the threshold(s) the last evaluation chose
+            self.set_threshold(record["threshold"], record.get("thresholds") if self.per_label else None)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed BCE; with ``pos_weight`` each label's positive term is multiplied by its weight (as
@@ -107,13 +127,29 @@ class MultiLabelClassification(Task):
         if not self.tune or outputs is None or not len(outputs):
             return
         logits, true = outputs[:, :self.num_labels], outputs[:, self.num_labels:] >= 0.5
-        scores = []
-        for t in TUNE_GRID:
-            pred = logits >= _logit(t)
-            tp = float((pred & true).sum())
-            den = 2 * tp + float((pred & ~true).sum()) + float((~pred & true).sum())
-            scores.append((2 * tp / den if den else 0.0, -abs(t - 0.5), t))
-        self.set_threshold(max(scores)[2])
+        positive = true.sum(dim=0).double()
+        # per threshold of the grid and per label: true and all positive decisions (one [examples, labels] at a time)
+        tp = torch.stack([((logits >= _logit(t)) & true).sum(dim=0) for t in TUNE_GRID]).double().cpu()
+        fp = torch.stack([(logits >= _logit(t)).sum(dim=0) for t in TUNE_GRID]).double().cpu() - tp
+        fn = positive.cpu() - tp
+        values = torch.tensor(TUNE_GRID, dtype=torch.float64)
+        # one for every label: the best micro-F1, ties to the threshold nearest 0.5
+        micro_den = 2 * tp.sum(1) + fp.sum(1) + fn.sum(1)
+        micro = torch.where(micro_den > 0, 2 * tp.sum(1) / micro_den.clamp(min=1), torch.zeros_like(micro_den))
+        best = max(zip(micro.tolist(), (-(values - 0.5).abs()).tolist(), TUNE_GRID))[2]
+        if not self.per_label:
+            self.set_threshold(best)
+            return
+        # each label with enough positives: its own best F1, ties to the threshold nearest the common one
+        f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
+        positives = positive.tolist()
+        own = []
+        for j in range(self.num_labels):
+            if positives[j] < MIN_POSITIVES:
+                own.append(best)
+                continue
+            own.append(max(zip(f1[:, j].tolist(), (-(values - best).abs()).tolist(), TUNE_GRID))[2])
+        self.set_threshold(best, own)
 
     def metrics(self, sums: torch.Tensor, outputs=None) -> dict:
         """From reduced sums; where the evaluation gathered every example's logits (a tuned threshold),
@@ -122,11 +158,13 @@ class MultiLabelClassification(Task):
         k = self.num_labels
         counts = sums[3:].reshape(3, k).cpu().double()
         if outputs is not None and len(outputs):
-            pred, true = outputs[:, :k] >= _logit(self.threshold), outputs[:, k:] >= 0.5
+            cut = torch.tensor([_logit(t) for t in self.thresholds], device=outputs.device)
+            pred, true = outputs[:, :k] >= cut, outputs[:, k:] >= 0.5
             counts = torch.stack([(pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)]).double()
             out["subset_accuracy"] = float((pred == true).all(dim=1).double().mean())
         out.update(multi_label_metrics(counts, self.label_names))
         out.pop("per_label")
+        out["never_predicted"] = int(((counts[0] + counts[1]) == 0).sum())  # labels no example was given
         if self.tune:
             out["threshold"] = self.threshold
         return out
@@ -154,11 +192,18 @@ class MultiLabelClassification(Task):
                          + ", ".join(f"{n} {w:.4g}" for n, w in zip(self.label_names, self.pos_weight)))
         if self.tune:
             lines.append("threshold: tuned at each evaluation, one for every label, the one of 0.01-0.99 that "
-                         "maximizes validation micro-F1")
+                         "maximizes validation micro-F1"
+                         + (f"; then each label with {MIN_POSITIVES}+ validation positives its own, the one that "
+                            f"maximizes its F1" if self.per_label else ""))
         return lines
 
     def describe_task(self) -> str:
-        return f"labels {', '.join(self.label_names)} (multi-label, threshold {self.threshold:g})"
+        return f"labels {', '.join(self.label_names)} (multi-label, {self.describe_threshold()})"
+
+    def describe_threshold(self) -> str:
+        if not self.per_label:
+            return f"threshold {self.threshold:g}"
+        return "thresholds " + ", ".join(f"{n} {t:g}" for n, t in zip(self.label_names, self.thresholds))
 
     def check_labels(self, labels: list, where: str) -> None:
         from encoderfit.serve.report import known_ids
@@ -180,12 +225,14 @@ class MultiLabelClassification(Task):
         self.add_sums(sums, self.loss_sum(logits, y), logits, y)
         m = self.metrics(sums)
         per = multi_label_metrics(sums[3:].reshape(3, self.num_labels), self.label_names)["per_label"]
-        metrics = {"examples": len(labels), "threshold": self.threshold, "loss": m["loss"],
+        never = [n for n in self.label_names if per[n]["predicted"] == 0]
+        metrics = {"examples": len(labels), "threshold": self.decision, "loss": m["loss"],
                    "micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"],
-                   "per_label": per}
+                   "never_predicted": never, "per_label": per}
         say(f"micro-F1 {m['micro_f1']:.4f} | macro-F1 {m['macro_f1']:.4f} | subset accuracy "
-            f"{m['subset_accuracy']:.4f} | loss {m['loss']:.4f} | threshold {self.threshold:g} | {len(labels)} "
+            f"{m['subset_accuracy']:.4f} | loss {m['loss']:.4f} | {self.describe_threshold()} | {len(labels)} "
             f"examples in {elapsed:.1f}s")
+        say(f"labels never predicted: {len(never)}" + (f" ({', '.join(never)})" if never else ""))
         say("")
         width = max(9, *(len(n) for n in self.label_names))
         say(f"{'label':<{width}}  precision  recall      f1  support  predicted")
