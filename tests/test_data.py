@@ -385,3 +385,34 @@ def test_pad_collator_needs_a_padding_token(tiny_model_dir):
     tokenizer.pad_token = None
     with pytest.raises(UserError, match="no padding token"):
         PadCollator(tokenizer)
+
+
+def test_dataset_split_flags_choose_the_splits_and_a_stand_in_is_said(tiny_model_dir, tmp_path, capsys):
+    """--train_split / --validation_split / --test_split on a dataset datasets.load_dataset reads (a local folder
+    of split files: the Hub's loader, offline)."""
+    from encoderfit import UserError, fit
+    from conftest import synthetic_rows, write_rows
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_rows(folder / "train.csv", synthetic_rows(120, seed=1))
+    write_rows(folder / "test.csv", synthetic_rows(40, seed=2))
+    common = dict(model=str(tiny_model_dir), epochs=1, batch_size=16, max_length=24, device="cpu", no_progress=True,
+                  checkpoint_dir=tmp_path / "ck", dataset=str(folder))
+    fit(run_name="stand-in", **common)
+    out = capsys.readouterr().out
+    info = json.loads((tmp_path / "ck" / "stand-in" / "data.json").read_text())
+    assert info["validation_examples"] == 40 and info["train_examples"] == 120
+    assert f"dataset {str(folder)!r} has no 'validation' split: its test split validates the run" in out
+    assert any("has no 'validation' split" in n for n in info["notes"])
+    # none: a split of the training data is held out; the test split scored once at the end
+    result = fit(run_name="held-out", validation_split="none", test_split="test", **common)
+    info = json.loads((tmp_path / "ck" / "held-out" / "data.json").read_text())
+    assert info["validation_examples"] == 12 and info["train_examples"] == 108
+    assert result.summary["test"]["examples"] == 40
+    assert result.summary["test"]["data"] == f"the 'test' split of dataset {folder}"
+    assert set(result.test_metrics) == {"accuracy", "macro_f1", "loss"}
+    with pytest.raises(UserError, match=r"has no 'dev' split \(it has: train, test\): give --validation_split one"):
+        fit(run_name="bad", validation_split="dev", **common)
+    with pytest.raises(UserError, match="--train_split names a split of --dataset: give --dataset"):
+        fit(train_split="train", device="cpu")

