@@ -12,7 +12,7 @@ from conftest import run_script
 
 from encoderfit.cli import plot
 
-FIGURES = ("loss.png", "accuracy.png", "throughput.png")
+FIGURES = ("loss.png", "accuracy.png", "macro_f1.png", "throughput.png")
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first and second run
 
 
@@ -26,7 +26,8 @@ def write_run(run_dir: Path, epochs: int = 4, steps_per_epoch: int = 10, log_eve
                 lines.append({"event": "step", "step": s, "epoch": e, "loss": 1.0 / s ** 0.5,
                               "accuracy": 1 - 0.5 / s ** 0.5, "lr": 1e-3, "elapsed_s": s * 0.1})
         lines.append({"event": "epoch", "epoch": e, "train_loss": 0.9 / e, "train_accuracy": 0.5 + 0.1 * e,
-                      "val_loss": 0.8 / e + 0.05, "val_accuracy": 0.55 + 0.08 * e, "epoch_time_s": 3.0 + e,
+                      "val_loss": 0.8 / e + 0.05, "val_accuracy": 0.55 + 0.08 * e, "val_macro_f1": 0.5 + 0.07 * e,
+                      "epoch_time_s": 3.0 + e,
                       "samples_per_s": 100.0 + 5 * e, "step": e * steps_per_epoch, "elapsed_s": e * 4.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run_dir
@@ -89,6 +90,46 @@ def test_plotted_numbers_are_the_records(trained, tmp_path, captured_figures):
     speed = captured_figures["throughput.png"].axes[0]
     assert list(speed.lines[0].get_ydata()) == [r["samples_per_s"] for r in epochs]
     assert speed.get_ylabel() == "training samples / s"
+
+
+def _task_run(run_dir: Path, task: str, epochs: int = 3) -> tuple:
+    """A hand-made multi-label or regression run: step losses and the task's epoch metrics."""
+    run_dir.mkdir(parents=True)
+    lines = [{"event": "step", "step": s, "epoch": 1 + (s - 1) // 4, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 13)]
+    for e in range(1, epochs + 1):
+        record = {"event": "epoch", "epoch": e, "step": 4 * e, "train_loss": 0.9 / e, "val_loss": 0.8 / e,
+                  "epoch_time_s": 2.0, "samples_per_s": 50.0}
+        if task == "multi_label":
+            record.update(val_micro_f1=0.4 + 0.1 * e, val_macro_f1=0.3 + 0.1 * e, val_subset_accuracy=0.1 * e,
+                          val_threshold=0.3 + 0.05 * e, val_never_predicted=3 - e, train_subset_accuracy=0.1 * e)
+        else:
+            record.update(val_pearson=0.5 + 0.1 * e, val_spearman=0.45 + 0.1 * e, val_mse=0.8 / e, val_mae=0.6 / e,
+                          train_mae=0.7 / e)
+        lines.append(record)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run_dir, [r for r in lines if r["event"] == "epoch"]
+
+
+@pytest.mark.parametrize("task, figures, curves", [
+    ("multi_label", ("loss.png", "f1.png", "threshold.png", "throughput.png"),
+     {"f1.png": ("val_micro_f1", "val_macro_f1", "val_subset_accuracy"), "threshold.png": ("val_threshold",)}),
+    ("regression", ("loss.png", "correlation.png", "mae.png", "throughput.png"),
+     {"correlation.png": ("val_pearson", "val_spearman")}),
+])
+def test_each_task_gets_its_own_metrics_and_no_empty_panel(task, figures, curves, tmp_path, captured_figures):
+    run, epochs = _task_run(tmp_path / task, task)
+    assert plot.main([str(run)]) == 0
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(figures)
+    for name in figures:
+        assert_real_png(run / "plots" / name)
+        texts = [t.get_text() for ax in captured_figures[name].axes for t in ax.texts]
+        assert "no records" not in texts, name
+    for name, keys in curves.items():
+        drawn = {tuple(line.get_ydata()) for ax in captured_figures[name].axes for line in ax.lines}
+        for key in keys:
+            assert tuple(r[key] for r in epochs) in drawn, (name, key)
+    mixed = write_run(tmp_path / "single")
+    assert plot.main([str(run), str(mixed), "--output", str(tmp_path / "both")]) == 2
 
 
 def test_one_run_goes_to_its_plots_directory_in_one_colour(tmp_path):

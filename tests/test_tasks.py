@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -813,3 +814,31 @@ def test_a_per_label_run_records_its_thresholds_and_every_tool_decides_by_them(t
     assert isinstance(report["never_predicted"], list)
     card = (result.best_checkpoint / "README.md").read_text()
     assert "its own threshold (" + ", ".join(f"{n} **{t:g}**" for n, t in zip(names, thresholds)) + ")" in card
+
+
+@pytest.mark.parametrize("shape", ["topic_run", "score_run"])
+def test_evaluate_plot_draws_each_labels_f1_or_predicted_against_true(request, shape, tmp_path, monkeypatch):
+    """evaluate --plot for multi-label (a bar of F1 per label) and regression (predicted against true): the
+    drawn numbers are the report's."""
+    from conftest import assert_real_png
+    from encoderfit.cli import evaluate, plot
+
+    run = request.getfixturevalue(shape)[0]
+    figures = {}
+    original = plot.Figure.savefig
+    monkeypatch.setattr(plot.Figure, "savefig", lambda fig, path, *a, **k: (figures.setdefault("f", fig),
+                                                                           original(fig, path, *a, **k))[1])
+    png, out = tmp_path / "e.png", tmp_path / "e.json"
+    assert evaluate.main(["--device", "cpu", "--checkpoint", str(run), "--plot", str(png), "--output", str(out)]) == 0
+    assert_real_png(png, width=(500, 4000), height=(300, 4000))
+    report = json.loads(out.read_text())
+    ax = figures["f"].axes[0]
+    if shape == "topic_run":
+        widths = [bar.get_width() for bar in ax.patches]
+        assert widths == pytest.approx([report["per_label"][n]["f1"] for n in report["per_label"]], abs=1e-12)
+        assert [t.get_text() for t in ax.get_yticklabels()] == list(report["per_label"])
+    else:
+        points = ax.collections[0].get_offsets()
+        assert len(points) == report["examples"]
+        assert float(np.mean(points[:, 1])) == pytest.approx(report["mean_prediction"], abs=1e-5)
+        assert float(np.mean(points[:, 0])) == pytest.approx(report["mean_target"], abs=1e-5)

@@ -13,7 +13,7 @@ validation split is made the same way: the same source, --validation_fraction, -
 beside --train_file), every row of that file is evaluated. Label names of the data are matched to the checkpoint's; labels it does
 not know are an error. Prints accuracy, macro-F1, a per-class table (precision, recall,
 F1, support) and the confusion matrix; --output writes them as JSON, --plot draws the
-confusion matrix as a PNG. --max_length defaults to the one the checkpoint was trained with.
+confusion matrix (each label's F1 for multi-label, predicted against true for a regression) as a PNG. --max_length defaults to the one the checkpoint was trained with.
 
 A checkpoint trained on text pairs reads the two text columns it was trained on (or those
 named with --text_column and --text_pair_column). A regression checkpoint is scored by
@@ -58,7 +58,9 @@ def build_parser() -> inference.ToolParser:
         parser, max_length_help="Tokens per model input, longer texts as --long_texts says (default: the --max_length the checkpoint "
                                 "was trained with if its run recorded it, else 512 or the model's limit).")
     parser.add_argument("--output", metavar="FILE.json", help="Write the metrics as JSON here.")
-    parser.add_argument("--plot", metavar="FILE.png", help="Draw the confusion matrix as a PNG here.")
+    parser.add_argument("--plot", metavar="FILE.png", help="Draw a PNG here: the confusion matrix (single-label), "
+                        "each label's F1 with its support (multi-label), or predicted against true scores "
+                        "(regression).")
     return parser
 
 
@@ -182,12 +184,10 @@ def run(args) -> int:
     if args.output:
         written.append(_write(args.output, lambda p: atomic_write_json(p, record)))
     if args.plot:
-        from encoderfit.cli.plot import plot_confusion_matrix
+        from encoderfit.cli.plot import plot_evaluation
 
-        ckpt = Path(record["checkpoint"])
-        title = (f"{_checkpoint_name(ckpt)}: accuracy {record['accuracy']:.3f}, "
-                 f"macro-F1 {record['macro_f1']:.3f} (n={record['examples']})")
-        written.append(_write(args.plot, lambda p: plot_confusion_matrix(cm, record["label_names"], p, title=title)))
+        name = _checkpoint_name(Path(record["checkpoint"]))
+        written.append(_write(args.plot, lambda p: plot_evaluation(record, cm, p, name)))
     if written:
         print()
         for path in written:
@@ -204,8 +204,6 @@ def evaluation_data(args, say=print) -> tuple:
 
     followed = follow_run(args, ckpt)
     shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
-    if getattr(args, "plot", None) and not shape.draws_confusion:
-        raise UserError(f"--plot draws a confusion matrix, and this is a {shape.title} checkpoint: leave --plot out")
     recorded = inference.checkpoint_label_format(ckpt)
     taken = {}
     if recorded and not (args.label_separator or args.label_columns):  # the labels as training read them,

@@ -1,11 +1,13 @@
-"""Plot training runs: loss, accuracy and throughput curves from runs' metrics.jsonl files, as PNGs.
+"""Plot training runs: loss, the task's own metrics and throughput from runs' metrics.jsonl files, as PNGs.
 
     python training/plot.py checkpoints/RUN                                  # writes into checkpoints/RUN/plots/
     python training/plot.py checkpoints/RUN_A checkpoints/RUN_B --output plots/    # runs overlaid
 
-Writes loss.png and accuracy.png (mae.png for regression runs) (per optimizer step, with validation at each epoch's end,
-and per epoch: training and validation) and throughput.png (training samples/s and time
-per epoch). Several runs are drawn over each other, one colour per run, named by their
+Writes loss.png (per optimizer step, with validation at each epoch's end, and per epoch: training and
+validation), the task's metrics per epoch (single-label: accuracy.png and macro_f1.png; multi-label:
+f1.png, micro- and macro-F1 with subset accuracy, and threshold.png where a threshold was tuned;
+regression: correlation.png, Pearson and Spearman, and mae.png) and throughput.png (training samples/s
+and time per epoch). Several runs are drawn over each other, one colour per run, named by their
 directory. A RUN may also be a metrics.jsonl file.
 """
 from __future__ import annotations
@@ -231,23 +233,73 @@ def _throughput_figure(runs: list, path: Path) -> Path:
     return path
 
 
+def run_task(run: Run) -> str:
+    """The run's task shape, from the metrics its epochs record."""
+    keys = {k for r in run.epochs + run.steps for k in r}
+    if "val_micro_f1" in keys:
+        return "multi_label"
+    if "val_pearson" in keys or "val_mae" in keys:
+        return "regression"
+    return "single_label"
+
+
+LOSS_NAME = {"single_label": "cross-entropy loss", "multi_label": "binary cross-entropy loss",
+             "regression": "MSE loss"}
+
+
+def _epoch_figure(runs: list, title: str, keys: list, ylabel: str, path: Path) -> Path:
+    """One panel per epoch: the validation metrics ``keys`` ((key, label) pairs), one line style each."""
+    styles = [VAL_STYLE, dict(VAL_STYLE, linestyle=":", marker="^"), dict(TRAIN_STYLE, marker="o", markersize=6)]
+    fig = _new_figure(1.3, title)
+    ax = fig.subplots()
+    drawn = []
+    for (key, label), style in zip(keys, styles):
+        for i, run in enumerate(runs):
+            xs, ys = _values(run.epochs, "epoch", key)
+            if xs:
+                ax.plot(xs, ys, color=_color(i), **style)
+                if (label, style) not in drawn:
+                    drawn.append((label, style))
+    _style_axes(ax, f"{title} per epoch (validation)", "epoch", ylabel, integer_x=True)
+    if len(keys) > 1 and drawn:
+        _style_key(ax, drawn)
+    if len(runs) > 1:
+        _run_key(fig, runs)
+    fig.savefig(path)
+    return path
+
+
 def plot_runs(run_args: list, output: Path) -> list:
-    """Read the runs and write loss.png, accuracy.png and throughput.png into ``output``."""
+    """Read the runs and write loss.png, the task's metric figures and throughput.png into ``output``."""
     runs = [load_run(a) for a in run_args]
     _unique_names(runs)
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output is a file, not a directory: {output}")
+    shapes = sorted({run_task(run) for run in runs})
+    if len(shapes) > 1:
+        raise UserError(f"these runs are of different task shapes ({', '.join(shapes)}): plot each shape's runs "
+                        f"together")
+    task = shapes[0]
     try:
         output.mkdir(parents=True, exist_ok=True)
-        # a regression's runs record MSE as their loss and MAE beside it, where classifiers record accuracy
-        regression = all(any("val_mae" in r for r in run.epochs) for run in runs)
-        second = ("mae", "Mean absolute error", "MAE", "mae.png") if regression else \
-            ("accuracy", "Accuracy", "accuracy", "accuracy.png")
-        return [_metric_figure(runs, "loss", "Loss", "MSE loss" if regression else "cross-entropy loss",
-                               output / "loss.png"),
-                _metric_figure(runs, *second[:3], output / second[3]),
-                _throughput_figure(runs, output / "throughput.png")]
+        written = [_metric_figure(runs, "loss", "Loss", LOSS_NAME[task], output / "loss.png")]
+        if task == "single_label":
+            written += [_metric_figure(runs, "accuracy", "Accuracy", "accuracy", output / "accuracy.png"),
+                        _epoch_figure(runs, "Macro-F1", [("val_macro_f1", "macro-F1")], "macro-F1",
+                                      output / "macro_f1.png")]
+        elif task == "multi_label":
+            written.append(_epoch_figure(runs, "F1", [("val_micro_f1", "micro-F1"), ("val_macro_f1", "macro-F1"),
+                                                      ("val_subset_accuracy", "subset accuracy")],
+                                         "F1 / subset accuracy", output / "f1.png"))
+            if any("val_threshold" in r for run in runs for r in run.epochs):
+                written.append(_epoch_figure(runs, "Threshold", [("val_threshold", "threshold")],
+                                             "threshold chosen on validation", output / "threshold.png"))
+        else:
+            written += [_epoch_figure(runs, "Correlation", [("val_pearson", "Pearson"), ("val_spearman", "Spearman")],
+                                      "correlation with the targets", output / "correlation.png"),
+                        _metric_figure(runs, "mae", "Mean absolute error", "MAE", output / "mae.png")]
+        return written + [_throughput_figure(runs, output / "throughput.png")]
     except OSError as exc:
         raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from None
 
@@ -302,6 +354,68 @@ def plot_confusion_matrix(cm, label_names, path, title: str = "") -> Path:
     ax.set_title(title or "Confusion matrix", fontsize=11)
     if title:
         fig.suptitle("Confusion matrix", fontsize=14, fontweight="bold")
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_evaluation(record: dict, drawn, path, name: str) -> Path:
+    """evaluate --plot: the task's picture of a report (``drawn``: the confusion matrix, or a regression's
+    true and predicted scores)."""
+    n = record["examples"]
+    if record["task"] == "multi_label":
+        title = f"{name}: micro-F1 {record['micro_f1']:.3f}, macro-F1 {record['macro_f1']:.3f} (n={n})"
+        return plot_per_label_f1(record["per_label"], path, title)
+    if record["task"] == "regression":
+        title = f"{name}: Pearson {record['pearson']:.3f}, MSE {record['mse']:.3f} (n={n})"
+        return plot_predicted_vs_true(*drawn, path, title)
+    title = f"{name}: accuracy {record['accuracy']:.3f}, macro-F1 {record['macro_f1']:.3f} (n={n})"
+    return plot_confusion_matrix(drawn, record["label_names"], path, title=title)
+
+
+def plot_per_label_f1(per_label: dict, path, title: str) -> Path:
+    """Each label's F1 as a bar, its support and predicted count beside it; a label never predicted in red."""
+    names = list(per_label)
+    k = len(names)
+    fig = Figure(figsize=(8.5, min(max(3.6, 0.32 * k + 1.8), 30)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle("F1 per label", fontsize=14, fontweight="bold")
+    ax = fig.subplots()
+    f1 = [per_label[n]["f1"] for n in names]
+    never = [per_label[n]["predicted"] == 0 for n in names]
+    ax.barh(range(k), f1, color=["C3" if x else "C0" for x in never])
+    for i, n in enumerate(names):
+        r = per_label[n]
+        ax.text(min(f1[i], 0.82) + 0.01, i, f"support {r['support']}, predicted {r['predicted']}", va="center",
+                fontsize=max(6, min(9, 240 // max(k, 1))))
+    ax.set_yticks(range(k), [n if len(n) <= 20 else n[:19] + "~" for n in names], fontsize=max(6, min(10, 300 // k)))
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1", fontsize=11)
+    ax.set_title(title + (f"; {sum(never)} label(s) never predicted (red)" if any(never) else ""), fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_predicted_vs_true(true: list, predicted: list, path, title: str) -> Path:
+    """A regression's predictions against the targets, with the diagonal where they would be equal."""
+    fig = Figure(figsize=(6.6, 6.2), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle("Predicted against true", fontsize=14, fontweight="bold")
+    ax = fig.subplots()
+    ax.scatter(true, predicted, s=12 if len(true) < 2000 else 4, alpha=0.5, color="C0", edgecolors="none")
+    lo, hi = min(min(true), min(predicted)), max(max(true), max(predicted))
+    pad = 0.03 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="C3", linewidth=1.2, linestyle="--",
+            label="predicted = true")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true score", fontsize=11)
+    ax.set_ylabel("predicted score", fontsize=11)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left")
     fig.savefig(path)
     return Path(path)
 

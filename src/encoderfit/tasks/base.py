@@ -46,7 +46,6 @@ class Task(abc.ABC):
     title = ""                  # how messages name the shape: "single-label", "multi-label", "regression"
     weighs_classes = True       # --class_weights applies
     decides_by_threshold = False  # --threshold applies (a sigmoid per label)
-    draws_confusion = False     # evaluate --plot draws a confusion matrix
     best_metrics: dict = {}     # validation metrics that can pick the best checkpoint, and which way is better
     default_metric = "loss"     # --metric_for_best when it is not given
     summary_metrics: tuple = ()  # the columns of the end-of-run table (each a key of ``metrics``)

@@ -98,7 +98,7 @@ class Regression(Task):
         if math.isnan(m["pearson"]):
             say(f"note: {undefined_correlation(y, logits.squeeze(-1))}")
         say(f"mean target {metrics['mean_target']:.4f} | mean prediction {metrics['mean_prediction']:.4f}")
-        return metrics, None
+        return metrics, (y.tolist(), logits.squeeze(-1).tolist())  # what evaluate --plot draws: true, predicted
 
     def predict_truth(self, got, where: str) -> tuple:
         """(each text's target, or None where it has none; notes)."""

@@ -17,7 +17,6 @@ class SingleLabelClassification(Task):
     name = "single_label"
     problem_type = "single_label_classification"
     title = "single-label"
-    draws_confusion = True
     best_metrics = {"accuracy": 1, "macro_f1": 1, "loss": -1}
     default_metric = "accuracy"
     summary_metrics = ("accuracy", "macro_f1", "loss")
