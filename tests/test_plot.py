@@ -219,3 +219,19 @@ def test_a_sweep_is_plotted_against_its_learning_rate_or_another_swept_flag(tmp_
     # the two drawings differ: the x axis is the flag asked for
     a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in ("weight_decay", "epochs"))
     assert a.shape != b.shape or (a != b).any()
+
+
+def test_a_sweeps_pruned_trials_are_drawn_apart_and_its_log_axis_names_the_rates(tmp_path, captured_figures):
+    trials = [{"value": v, "epochs": e, "learning_rate": lr, "status": st}
+              for v, e, lr, st in ((0.80, 3, 1e-5, "done"), (0.85, 3, 3e-5, "done"), (0.47, 3, 1e-4, "pruned"),
+                                   (0.83, 10, 1e-5, "done"), (0.90, 10, 1e-4, "done"))]
+    plot.plot_sweep(trials, "accuracy", tmp_path / "sweep.png")
+    ax = captured_figures["sweep.png"].axes[0]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle())
+             for line in ax.lines}
+    assert lines["3 epoch(s)"][:2] == ([1e-5, 3e-5], [0.80, 0.85])  # the pruned trial is not on the line
+    assert lines["3 epoch(s): pruned (value when stopped)"] == ([1e-4], [0.47], "None")
+    assert lines["10 epoch(s)"][:2] == ([1e-5, 1e-4], [0.83, 0.90])
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1e-05", "3e-05", "1e-04"]
+    assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]

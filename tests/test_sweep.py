@@ -2,6 +2,7 @@
 prunes, trials side by side (--parallel_trials), resumed, under DDP, and a trial re-run from its own
 config.json (--config)."""
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,9 +147,11 @@ def test_bad_sweep_flags_are_one_line_errors(tmp_path):
              ("--learning_rate", "1e-4,1e-3", "--trials", "3"): "--trials 3: the lists give 2 combination(s)",
              ("--seed", "1:3", "--trials", "6"): "--trials 6: the space holds 3 combination(s); ask for at most 3",
              ("--seed", "1:3", "--epochs", "1,2", "--trials", "7"): "--trials 7: the space holds 6 combination(s)",
-             ("--learning_rate", "1e-4,1e-3", "--max_length", "32,64"): "--max_length cannot be searched",
-             ("--learning_rate", "1e-4,1e-3", "--max_length=32:64"): "--max_length cannot be searched",
-             ("--learning_rate", "1e-4,1e-3", "--model", "a,b"): "--model cannot be searched: run one sweep per model",
+             ("--learning_rate", "1e-4,1e-3", "--max_length", "32,64:2"): "invalid int bound",
+             ("--learning_rate", "1e-4,1e-3", "--model", "default,./no-such-model"):
+                 "--model ./no-such-model: no such directory",
+             ("--learning_rate", "1e-4,1e-3", "--warmup_ratio", "0.1", "--threshold", "0.1,0.2"):
+                 "--threshold cannot be searched",
              ("--learning_rate", "1e-4,1e-3", "--parallel_trials", "99", "--device", "cuda"):
                  "at most one trial per GPU" if _has_cuda() else "--device cuda: CUDA is not available"}
     for args, expected in cases.items():
@@ -209,8 +212,10 @@ def test_a_sampled_search_prunes_the_poor_trials(tiny_model_dir, tmp_path):
         assert summary["stopped_early"] and summary["stop_reason"].startswith("pruned by the sweep")
         assert t["epochs_run"] == summary["epochs_run"] == len(_epochs(run)) < 3 and (run / "final").is_dir()
         epoch = t["epochs_run"]
-        earlier = [_epochs(sw / u["name"])[epoch - 1]["val_loss"]
+        # the finished trials' best by the same share of their (equal) schedules, as reported to the pruner
+        earlier = [min(e["val_loss"] for e in _epochs(sw / u["name"])[:epoch])
                    for u in record["trials"][:int(t["name"][-3:]) - 1] if u["status"] == "done"]
+        assert epoch >= 2  # never in the first half of its schedule
         assert len(earlier) >= 3 and min(e["val_loss"] for e in _epochs(run)) > statistics.median(earlier), \
             (t, earlier)
     best = next(t for t in record["trials"] if t["name"] == record["best"])
@@ -271,9 +276,10 @@ def test_an_interrupted_sampled_search_resumes_its_trial_and_the_pruner_sees_eve
     study = optuna.load_study(study_name="sweep", storage=JournalStorage(JournalFileBackend(str(sw / "study.log"))))
     first = [t for t in study.trials if t.user_attrs["run_name"] == "trial-001"]
     assert [t.state.name for t in first] == ["FAIL", "COMPLETE"]  # the interrupted trial, and its continuation
-    # the continuation reported epoch 1 too (from the run's records), so the pruner judges its whole run
-    assert sorted(first[1].intermediate_values) == [1, 2, 3]
-    assert first[1].intermediate_values[1] == _epochs(sw / "trial-001")[0]["val_accuracy"]
+    # the continuation reported epoch 1 too (from the run's records), so the pruner judges its whole run: each
+    # percent of the schedule, the best value by then
+    assert sorted(first[1].intermediate_values) == list(range(1, 101))
+    assert first[1].intermediate_values[33] == _epochs(sw / "trial-001")[0]["val_accuracy"]
 
 
 def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tiny_model_dir, tmp_path):
@@ -342,3 +348,62 @@ def test_a_trial_that_fell_back_to_the_loss_is_ranked_by_the_sweeps_metric():
     outcome = _outcome(SimpleNamespace(summary=summary, config=config, run_dir=Path("trial-001")))
     assert outcome["metric"] == "pearson" and outcome["higher_is_better"] is True
     assert outcome["value"] != outcome["value"] and _signed(outcome) != _signed(outcome)  # NaN: ranked last
+
+
+def test_schedule_steps_put_each_epoch_at_its_share_of_the_schedule():
+    from encoderfit.sweep.search import schedule_steps
+
+    short = dict(schedule_steps([(1, 0.5), (2, 0.4)], 2))
+    assert sorted(short) == list(range(1, 101)) and short[50] == 0.5 and short[51] == 0.5 and short[100] == 0.5
+    long = dict(schedule_steps([(1, 0.1), (2, 0.3), (3, 0.2)], 10))
+    assert sorted(long) == list(range(1, 31)) and long[10] == 0.1 and long[11] == 0.3 and long[30] == 0.3
+    assert dict(schedule_steps([(1, 0.2)], 3))[33] == 0.2 and 34 not in dict(schedule_steps([(1, 0.2)], 3))
+
+
+def test_a_long_schedule_is_not_pruned_for_warming_up_but_a_poor_one_is(tmp_path):
+    """The case a user met: short schedules (2 epochs) finished first; a long one (10 epochs) of the same learning
+    rate is worse than all of them after its first epoch, but is only judged from half its schedule on, against
+    their values at the same share (their first epoch), where it has caught up; a long trial still poor there is
+    pruned."""
+    from encoderfit.sweep.search import Dimension, Space, Study
+
+    dims = {"learning_rate": Dimension.parse("learning_rate", "1e-5,2e-5,3e-5,4e-5"),
+            "epochs": Dimension.parse("epochs", "2,10")}
+    study = Study(tmp_path, Space.from_flags(dims, None, "median"), [])
+    study.begin()
+    jobs = [study.next_trial() for _ in range(8)]
+    short = [j for j in jobs if j["flags"]["epochs"] == "2"]
+    long = [j for j in jobs if j["flags"]["epochs"] == "10"]
+    for j, start in zip(short, (0.80, 0.82, 0.84)):  # 0.80-0.84 after epoch 1, then a little better
+        assert not study.report(j["number"], [(1, start), (2, start + 0.02)], 2)
+        study.tell(j["number"], "done", start + 0.02)
+    warming = long[0]["number"]
+    climb = [0.40, 0.60, 0.75, 0.80, 0.86, 0.90]  # worse than every short trial's first epoch, at first
+    for epoch in range(1, 7):
+        assert not study.report(warming, [(e, climb[e - 1]) for e in range(1, epoch + 1)], 10), epoch
+    poor = long[1]["number"]
+    history = [(e, 0.40 + 0.05 * e) for e in range(1, 6)]  # 0.65 by half its schedule: under the median 0.82
+    assert not study.report(poor, history[:4], 10)  # 40%: not judged yet
+    assert study.report(poor, history, 10)  # 50%: judged, and pruned
+
+
+def test_models_and_max_lengths_are_searched_and_help_lists_the_options(tiny_model_dir, tmp_path):
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    data = [a for a in _data(tmp_path) if a not in ("--max_length", 32)]
+    proc = run_script("sweep.py", "--model", f"{tiny_model_dir},{other}", "--max_length", "16,24", *data,
+                      "--epochs", 1, "--learning_rate", "1e-3", "--sweep_dir", tmp_path / "sw")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    seen = {(json.loads((tmp_path / "sw" / t["name"] / "config.json").read_text())["config"]["model"],
+             json.loads((tmp_path / "sw" / t["name"] / "config.json").read_text())["config"]["max_length"])
+            for t in record["trials"]}
+    assert seen == {(str(m), n) for m in (tiny_model_dir, other) for n in (16, 24)}
+    assert {t["flags"]["max_length"] for t in record["trials"]} == {"16", "24"}
+    assert "resume:" not in proc.stdout  # a fresh trial has nothing to resume: nothing said
+    shown = run_script("sweep.py", "--help")
+    assert shown.returncode == 0
+    for flag in ("--sweep_dir", "--trials", "--pruner", "--parallel_trials", "--test_file"):
+        assert f"\n  {flag} " in shown.stdout, flag
+    assert "--learning_rate, --epochs, --batch_size, --warmup_ratio, --weight_decay, --seed, --max_length, --model" \
+        in shown.stdout

@@ -305,23 +305,42 @@ def plot_runs(run_args: list, output: Path) -> list:
 
 
 def plot_sweep(trials: list, metric: str, path: Path, x: str = "learning_rate") -> Path:
-    """A sweep's finished trials: the validation metric against one swept flag ``x`` (the learning rate
-    where it is swept), one colour per epochs value.
+    """A sweep's trials: the validation metric against one swept flag ``x`` (the learning rate where it is
+    swept), one colour per epochs value. Finished trials are joined by lines; pruned ones (``status``
+    "pruned": their value is their best before they were stopped) are hollow markers on their own, so a
+    stopped trial's early value does not read as what its learning rate gives.
 
-    ``trials``: dicts with ``value``, ``epochs`` and ``x``'s value."""
-    fig = _new_figure(1, "sweep")
+    ``trials``: dicts with ``value``, ``epochs``, ``x``'s value and ``status``."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    fig = _new_figure(1.3, "sweep")
     ax = fig.subplots()
     groups = sorted({t["epochs"] for t in trials}) if x != "epochs" else [None]
     for i, epochs in enumerate(groups):
-        points = sorted((t[x], t["value"]) for t in trials if epochs is None or t["epochs"] == epochs)
-        ax.plot([p[0] for p in points], [p[1] for p in points], color=_color(i), marker="o", markersize=7,
-                linewidth=1.5, label=f"{epochs} epoch(s)" if epochs is not None else None)
-    values = [t[x] for t in trials]
+        mine = [t for t in trials if epochs is None or t["epochs"] == epochs]
+        done = sorted((t[x], t["value"]) for t in mine if t.get("status", "done") != "pruned")
+        pruned = [(t[x], t["value"]) for t in mine if t.get("status") == "pruned"]
+        label = f"{epochs} epoch(s)" if epochs is not None else "finished"
+        if done:
+            ax.plot([p[0] for p in done], [p[1] for p in done], color=_color(i), marker="o", markersize=7,
+                    linewidth=1.5, label=label)
+        if pruned:
+            ax.plot([p[0] for p in pruned], [p[1] for p in pruned], linestyle="none", marker="o", markersize=8,
+                    markerfacecolor="none", markeredgewidth=1.5, color=_color(i),
+                    label=(f"{label}: pruned" if epochs is not None else "pruned") + " (value when stopped)")
+    values = sorted({t[x] for t in trials})
     if min(values) > 0 and max(values) >= 10 * min(values):
         ax.set_xscale("log")
+        # readable ticks: the trials' own values where they are few, else a few powers of ten; no crowded
+        # minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if len(values) <= 8:
+            ax.xaxis.set_major_locator(FixedLocator(values))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(values, [f"{v:.0e}" if v < 1e-2 else f"{v:g}" for v in values], rotation=30)
     _style_axes(ax, f"best validation {metric} of each trial", x.replace("_", " "), f"val {metric}")
-    if groups != [None]:
-        ax.legend(fontsize=10, framealpha=0.85)
+    if ax.lines:
+        ax.legend(fontsize=9, framealpha=0.85)
     fig.savefig(path)
     return path
 

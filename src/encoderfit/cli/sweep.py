@@ -10,7 +10,8 @@ Every training flag is taken as train_single.py takes it. --learning_rate, --epo
 (LOW:HIGH:log on a log scale). Lists alone make a grid of every combination; a range, or --trials N,
 makes Optuna's TPE sampler propose N trials. --pruner median (the default of a sampled search; a grid
 trains every combination to its end unless given it) stops a trial at an epoch's end when it is worse
-than the median of the finished trials at that epoch; --pruner none never does.
+than the median of the finished trials at the same share of their schedules (epoch / epochs), and
+never in the first half of its own; --pruner none never does.
 
 Each trial is an ordinary run directory, SWEEP_DIR/trial-NNN. The data is tokenized once (the cache
 under SWEEP_DIR/cache), and the imports and the process group are paid once: trials run one after
@@ -58,7 +59,28 @@ OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, 
 OWNED = ("checkpoint_dir", "run_name", "resume", "config")  # the sweep decides where each trial writes
 WORKER_ENV = "SWEEP_WORKER"  # set by --parallel_trials on the worker processes it starts: their number
 FORMAT = 2  # of sweep.json
-PRUNED = "pruned by the sweep: worse than the median of the finished trials at this epoch"
+PRUNED = "pruned by the sweep: worse than the median of the finished trials at the same share of their schedule"
+
+
+OWN_HELP = {
+    "sweep_dir": "DIR: where the trials, sweep.json, sweep.png and best/ go (default: sweep).",
+    "trials": "N: a sampled search of N trials (Optuna's TPE sampler); without it, lists make a grid.",
+    "pruner": "median or none: stop trials worse than the median of the finished ones at the same share of "
+              "their schedule, never in their first half (default: median for a sampled search, none for a grid).",
+    "parallel_trials": "N: N worker processes side by side, one trial each (one per GPU, or sharing the CPU).",
+    "test_file": "FILE: score the winning trial's best/ on this labelled test set, once (SWEEP_DIR/test.json).",
+}
+
+
+def help_text() -> str:
+    """--help: what the sweep does, its own options, what can be searched, and the training flags."""
+    width = max(len(n) for n in OWN_HELP) + 4
+    own = "\n".join(f"  --{n:<{width - 2}}{h}" for n, h in OWN_HELP.items())
+    searched = ", ".join("--" + n for n in SWEPT)
+    return (f"{__doc__.rstrip()}\n\nThe sweep's own options:\n{own}\n\nSearched (a comma list, or a range "
+            f"LOW:HIGH[:log] for numbers; --model takes a list): {searched}.\nEvery other flag of encoderfit train "
+            f"(encoderfit train --help) is given to every trial as it is; --checkpoint_dir, --run_name, --resume "
+            f"and --config are the sweep's to set.\n")
 
 
 def split_args(argv: list) -> tuple:
@@ -107,8 +129,6 @@ def _refuse_unsearchable(name: str, value) -> None:
     if not name or not isinstance(value, str) or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
         return
     searchable = ", ".join("--" + n for n in SWEPT)
-    if name == "model" and "," in value:
-        raise UserError(f"--model cannot be searched: run one sweep per model (the sweep searches {searchable})")
     if flag_type(name) in (int, float) and ("," in value or ":" in value):
         raise UserError(f"--{name} {value}: --{name} cannot be searched, give it one value (the sweep searches "
                         f"{searchable})")
@@ -137,6 +157,12 @@ def _check(sweep_dir: Path, space: Space, rest: list) -> TrainConfig:
     base = shared_config(sweep_dir, rest, plans[0])
     for plan in plans[1:]:
         trial_config(base, "trial-000", plan)
+    models = next((d.choices for d in space.dimensions if d.name == "model"), ())
+    if models and os.environ.get("RANK", "0") == "0":  # each model's tokenizer loads, before any trial trains
+        from encoderfit.modeling import model as model_lib
+
+        for name in models:
+            model_lib.load_tokenizer(name)
     return base
 
 
@@ -253,8 +279,9 @@ def table(record: dict) -> str:
 
 def plot_axis(swept: list) -> str:
     """The flag the plot puts on its x axis: the learning rate where it is swept, else the first other
-    flag swept apart from the epochs (which are the colours), else the epochs."""
-    return "learning_rate" if "learning_rate" in swept else next((n for n in swept if n != "epochs"), "epochs")
+    number swept apart from the epochs (which are the colours), else the epochs."""
+    return "learning_rate" if "learning_rate" in swept else next(
+        (n for n in swept if n not in ("epochs", "model")), "epochs")
 
 
 def _flags_text(flags: dict) -> str:
@@ -307,7 +334,7 @@ def run_trials(sweep: Sweep | None, ctx, base: TrainConfig) -> int:
                   f"{_flags_text(job['flags'])}", flush=True)
 
         def judge(history: list, last: int = cfg.epochs) -> str | None:
-            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], history))
+            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], history, last))
             return PRUNED if prune and history[-1][0] < last else None  # the last epoch has nothing left to save
 
         try:
@@ -337,7 +364,7 @@ def _sweep(argv=None) -> int:
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(__doc__)
+        print(help_text())
         return 0
     own, dims, rest = split_args(argv)
     sweep_dir, test_file, workers = Path(own["sweep_dir"]), own["test_file"], own["parallel_trials"]

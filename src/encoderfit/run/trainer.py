@@ -332,6 +332,8 @@ def run(cfg: TrainConfig, ctx: ProcessContext, started: float | None = None, *, 
     run_dir, lock = _make_run_dir(cfg, ctx, existing=existing)
     log = RunLogger(run_dir, ctx, show_progress=not cfg.no_progress)
     for note in point.notes if point else []:
+        if judge is not None and note.startswith("nothing to resume"):  # a sweep's fresh trial: nothing to say
+            continue
         log.print(f"resume: {note}")
     try:
         if cfg.trackers:

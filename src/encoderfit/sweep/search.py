@@ -18,12 +18,16 @@ from pathlib import Path
 
 from encoderfit.utils import UserError
 
-SWEPT = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
-INTEGER = ("epochs", "batch_size", "seed")
+SWEPT = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed", "max_length", "model")
+INTEGER = ("epochs", "batch_size", "seed", "max_length")
+CATEGORICAL = ("model",)  # lists only: a range of models means nothing
 PRUNERS = ("median", "none")
-# the median pruner stops a trial at an epoch's end once this many trials have finished, when its best
-# value so far is worse than the median of theirs at the same epoch
+# the median pruner stops a trial at an epoch's end once this many trials have finished, when its best value
+# so far is worse than the median of theirs at the same share of their schedule (epoch / epochs, in percent),
+# and never before WARMUP_PERCENT of its schedule: a long schedule is still warming up when a short one is
+# nearly done, and compared epoch for epoch it would lose to it
 PRUNE_AFTER_TRIALS = 3
+WARMUP_PERCENT = 50
 MAX_ASKS = 100  # proposals of recipes already tried before a sampled search is taken to be exhausted
 SAMPLER_SEED = 0  # a sampled search run from scratch by one process proposes the same trials each time
 
@@ -39,7 +43,7 @@ class Dimension:
     @classmethod
     def parse(cls, name: str, text: str) -> "Dimension | str":
         """The dimension ``--name text`` asks for, or ``text`` itself when it is one plain value."""
-        if ":" in text:
+        if ":" in text and name not in CATEGORICAL:
             parts = text.split(":")
             kind = int if name in INTEGER else float
             log = len(parts) == 3 and parts[2] == "log"
@@ -153,7 +157,7 @@ class Study:
             _cut_torn_tail(path)
         try:
             storage = JournalStorage(JournalFileBackend(str(path)))
-            pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS)
+            pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=WARMUP_PERCENT)
                       if space.pruner == "median" else optuna.pruners.NopPruner())
             # the sampler's seed differs by worker and by how far the study has gone, so that a continued
             # or parallel search does not propose again the points it started with
@@ -239,14 +243,16 @@ class Study:
         self.live[trial.number] = {"trial": trial, "reported": set()}
         return {"number": trial.number, "name": trial.user_attrs["run_name"], "flags": flags}
 
-    def report(self, number: int, history: list) -> bool:
+    def report(self, number: int, history: list, epochs: int) -> bool:
         """The trial's signed validation values so far, [(epoch, value)] (a resumed run's earlier epochs
-        too, which its continuation did not report yet); True when the pruner says it should stop."""
+        too, which its continuation did not report yet), of a schedule of ``epochs``; True when the pruner says
+        it should stop. Each value stands for the trial's share of its schedule up to that epoch
+        (``schedule_steps``), so trials of different lengths are compared at the same share."""
         live = self.live[number]
-        for epoch, value in history:
-            if epoch not in live["reported"]:
-                live["trial"].report(value, step=epoch)
-                live["reported"].add(epoch)
+        for step, value in schedule_steps(history, epochs):
+            if step not in live["reported"]:
+                live["trial"].report(value, step=step)
+                live["reported"].add(step)
         return live["trial"].should_prune()
 
     def tell(self, number: int, outcome: str, value: float | None = None, record: dict | None = None) -> None:
@@ -296,6 +302,19 @@ class Study:
         with open(self.dir / ".study.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
             yield
+
+
+def schedule_steps(history: list, epochs: int) -> list:
+    """[(percent of the schedule, the best signed value by then)] for every whole percent the epochs of
+    ``history`` cover: epoch e of E stands for the percents after (e-1)/E up to e/E, so a 3-epoch trial's
+    first epoch and a 10-epoch trial's third are both at 30 (the step function of the best value so far)."""
+    out, best, done = [], float("-inf"), 0
+    for epoch, value in sorted(history):
+        best = max(best, value) if value == value else best
+        reach = min(100, (100 * epoch) // epochs)
+        out += [(p, best) for p in range(done + 1, reach + 1)] if best != float("-inf") else []
+        done = max(done, reach)
+    return out
 
 
 def _flag_set(flags: list) -> list:
