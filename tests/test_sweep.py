@@ -2,6 +2,8 @@
 prunes, trials side by side (--parallel_trials), resumed, under DDP, and a trial re-run from its own
 config.json (--config)."""
 import json
+import os
+import time
 import shutil
 import statistics
 import subprocess
@@ -313,7 +315,7 @@ def test_a_second_launch_on_a_live_sweep_says_to_wait_not_to_resume(tmp_path):
     the sweep does not take)."""
     from types import SimpleNamespace
 
-    from encoderfit.sweep.search import Study
+    from encoderfit.search.study import Study
     from encoderfit.utils import UserError
 
     (tmp_path / "sw" / "trial-001").mkdir(parents=True)
@@ -351,7 +353,7 @@ def test_a_trial_that_fell_back_to_the_loss_is_ranked_by_the_sweeps_metric():
 
 
 def test_schedule_steps_put_each_epoch_at_its_share_of_the_schedule():
-    from encoderfit.sweep.search import schedule_steps
+    from encoderfit.search.study import schedule_steps
 
     short = dict(schedule_steps([(1, 0.5), (2, 0.4)], 2))
     assert sorted(short) == list(range(1, 101)) and short[50] == 0.5 and short[51] == 0.5 and short[100] == 0.5
@@ -365,7 +367,7 @@ def test_a_long_schedule_is_not_pruned_for_warming_up_but_a_poor_one_is(tmp_path
     rate is worse than all of them after its first epoch, but is only judged from half its schedule on, against
     their values at the same share (their first epoch), where it has caught up; a long trial still poor there is
     pruned."""
-    from encoderfit.sweep.search import Dimension, Space, Study
+    from encoderfit.search.study import Dimension, Space, Study
 
     dims = {"learning_rate": Dimension.parse("learning_rate", "1e-5,2e-5,3e-5,4e-5"),
             "epochs": Dimension.parse("epochs", "2,10")}
@@ -407,3 +409,26 @@ def test_models_and_max_lengths_are_searched_and_help_lists_the_options(tiny_mod
         assert f"\n  {flag} " in shown.stdout, flag
     assert "--learning_rate, --epochs, --batch_size, --warmup_ratio, --weight_decay, --seed, --max_length, --model" \
         in shown.stdout
+
+
+def test_a_time_budget_stops_the_trial_in_flight_at_an_epochs_end_and_starts_no_other(tiny_model_dir, tmp_path):
+    """sweep(time_budget=...): the Python API's sweep; the trial running when the budget is spent stops at its
+    next epoch's end with its best/, ranked as a finished trial, and no trial starts after it."""
+    from encoderfit import sweep
+    from encoderfit.cli.sweep import BUDGET_SPENT, DEADLINE_ENV
+
+    train, val = (str(a) for a in _data(tmp_path)[1:4:2])
+    started = time.time()
+    record = sweep(train, val, model=str(tiny_model_dir), max_length=32, batch_size=16, epochs=40, no_progress=True,
+                   device="cpu", learning_rate="1e-4:1e-3:log", time_budget="6s", sweep_dir=tmp_path / "sw")
+    wall = time.time() - started
+    trials = record["trials"]
+    assert record["search"].startswith("sampled") and record["space"] == {"learning_rate": "0.0001:0.001:log"}
+    last = _summary(tmp_path / "sw" / trials[-1]["name"])
+    assert last["stop_reason"] == BUDGET_SPENT and last["epochs_run"] < 40
+    assert trials[-1]["status"] == "done" and trials[-1]["value"] == trials[-1]["value"]  # ranked, not pruned
+    assert record["best_checkpoint"] == (tmp_path / "sw" / record["best"] / "best").resolve()
+    assert (record["best_checkpoint"] / "model.safetensors").is_file() and record["test"] is None
+    for t in trials:  # every trial but the last ran its 40 epochs (none would fit in 6 s)
+        assert t["epochs_run"] == 40 or t is trials[-1]
+    assert wall < 60 and DEADLINE_ENV not in os.environ

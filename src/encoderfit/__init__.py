@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fit": ("encoderfit.api", "fit"),
     "evaluate": ("encoderfit.api", "evaluate"),
+    "sweep": ("encoderfit.api", "sweep"),
     "Classifier": ("encoderfit.serve.predictor", "Classifier"),
     "Prediction": ("encoderfit.serve.predictor", "Prediction"),
     "RunResult": ("encoderfit.run.result", "RunResult"),

@@ -137,3 +137,47 @@ def export_onnx(checkpoint, *, int8: bool = False, data=None, check: bool = True
 
     return export(os.fspath(checkpoint), int8=int8, data=None if data is None else os.fspath(data), check=check,
                   say=print if verbose else (lambda line: None))
+
+
+def sweep(train_data=None, validation_data=None, *, test_data=None, sweep_dir="sweep", time_budget=None,
+          trials=None, pruner=None, parallel_trials=None, **flags) -> dict:
+    """Search recipes as ``encoderfit sweep`` does; returns sweep.json's record (every trial, ``best``) with
+    ``best_checkpoint`` (the winning trial's best/) and ``test`` (its report on ``test_data``, or None).
+
+    ``train_data``, ``validation_data``, ``test_data``: file paths (a sweep reads its data from files, so that
+    it can be continued). A searched flag takes a list (``learning_rate=[2e-5, 5e-5]``) or a range string
+    (``learning_rate="1e-5:2e-4:log"``); any other training flag one value. ``time_budget``: "10m", "90s" or
+    seconds: sampled trials until it is spent (over the learning rate and the epochs where nothing is searched).
+    """
+    from pathlib import Path
+
+    from encoderfit.cli.sweep import _sweep
+
+    data = {"train_file": train_data, "validation_file": validation_data, "test_file": test_data}
+    for name, value in data.items():
+        if value is not None and not _is_path(value):
+            raise UserError(f"sweep() reads its data from files (a sweep can be continued): save the "
+                            f"{name.split('_')[0]} data first (df.to_csv(...)) and pass the path")
+    own = {"sweep_dir": sweep_dir, "time_budget": time_budget, "trials": trials, "pruner": pruner,
+           "parallel_trials": parallel_trials}
+    argv = []
+    for name, value in {**own, **{k: v for k, v in data.items() if v is not None}, **flags}.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{name}", ",".join(str(v) for v in value)]
+        else:
+            argv += [f"--{name}", os.fspath(value) if _is_path(value) else str(value)]
+    code = _sweep(argv)
+    if code != 0:
+        raise UserError(f"the sweep stopped (exit code {code}): call sweep() again with the same settings to "
+                        f"continue it")
+    import json
+
+    root = Path(sweep_dir)
+    record = json.loads((root / "sweep.json").read_text(encoding="utf-8"))
+    test = root / "test.json"
+    return {**record, "best_checkpoint": (root / "best").resolve() if record.get("best") else None,
+            "test": json.loads(test.read_text(encoding="utf-8")) if test_data is not None and test.is_file() else None}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 
 from encoderfit.config import TrainConfig, flag_value, parse_config
-from encoderfit.sweep.search import SWEPT, Dimension, Space
+from encoderfit.search.study import SWEPT, Dimension, Space
 from encoderfit.utils import UserError, json_text, launched_by_torchrun
 
 # the folder that holds this package: a worker imports the same copy, installed or run from a checkout
@@ -55,7 +55,10 @@ def _worker_pythonpath() -> str:
     own = [] if PACKAGE_ROOT in sites else [PACKAGE_ROOT]
     return os.pathsep.join(filter(None, [*own, os.environ.get("PYTHONPATH")]))
 
-OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, "parallel_trials": None}
+OWN = {"sweep_dir": "sweep", "test_file": None, "trials": None, "pruner": None, "parallel_trials": None,
+       "time_budget": None}
+DEADLINE_ENV = "SWEEP_DEADLINE"  # --time_budget: when it is spent (time.time()), for this process and its workers
+BUDGET_SPENT = "stopped by the sweep's time budget"
 OWNED = ("checkpoint_dir", "run_name", "resume", "config")  # the sweep decides where each trial writes
 WORKER_ENV = "SWEEP_WORKER"  # set by --parallel_trials on the worker processes it starts: their number
 FORMAT = 2  # of sweep.json
@@ -69,7 +72,34 @@ OWN_HELP = {
               "their schedule, never in their first half (default: median for a sampled search, none for a grid).",
     "parallel_trials": "N: N worker processes side by side, one trial each (one per GPU, or sharing the CPU).",
     "test_file": "FILE: score the winning trial's best/ on this labelled test set, once (SWEEP_DIR/test.json).",
+    "time_budget": "DURATION (90s, 10m, 1.5h): sampled trials until it is spent, over the flags searched or, "
+                   "with none, --learning_rate 1e-5:2e-4:log --epochs 2:10; the trial in flight stops at its "
+                   "next epoch's end with its best/, and no new trial starts.",
 }
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration: 90, 90s, 10m, 1.5h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"--time_budget {text}: give a duration such as 90s, 10m or 1.5h")
+    return seconds
+
+
+def budget_left() -> float | None:
+    """Seconds left of --time_budget (this launch's), or None without one."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return None if deadline is None else float(deadline) - time.time()
+
+
+def _left_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def help_text() -> str:
@@ -206,7 +236,7 @@ class Sweep:
     record it writes after each trial."""
 
     def __init__(self, sweep_dir: Path, space: Space, rest: list, *, first: bool):
-        from encoderfit.sweep.search import Study
+        from encoderfit.search.study import Study
 
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise UserError(f"--sweep_dir {sweep_dir} is a file, not a directory")
@@ -325,17 +355,27 @@ def run_trials(sweep: Sweep | None, ctx, base: TrainConfig) -> int:
     while True:
         if worker is not None and os.getppid() != parent:  # the parent is gone (killed): no new trial alone
             return 128 + signal.SIGTERM
-        job = ctx.run_on_main(lambda: sweep.study.next_trial(worker))
+        left = budget_left()
+        job = ctx.run_on_main(lambda: None if left is not None and left <= 0 else sweep.study.next_trial(worker))
         if job is None:
+            if left is not None and left <= 0 and ctx.is_main:
+                print("\ntime budget spent: no new trial", flush=True)
             return 0
         cfg = trial_config(base, job["name"], job["flags"])
         if ctx.is_main:
-            print(f"\n== {job['name']}{'' if sweep.space.grid else f' of {sweep.space.trials}'}: "
-                  f"{_flags_text(job['flags'])}", flush=True)
+            count = (f" (time budget: {_left_text(left)} left)" if left is not None else
+                     "" if sweep.space.grid else f" of {sweep.space.trials}")
+            print(f"\n== {job['name']}{count}: {_flags_text(job['flags'])}", flush=True)
 
         def judge(history: list, last: int = cfg.epochs) -> str | None:
-            prune = ctx.run_on_main(lambda: sweep.study.report(job["number"], history, last))
-            return PRUNED if prune and history[-1][0] < last else None  # the last epoch has nothing left to save
+            def decide() -> str | None:  # on the main process: its study and its clock decide for every rank
+                prune = sweep.study.report(job["number"], history, last)
+                if history[-1][0] >= last:  # the last epoch has nothing left to save
+                    return None
+                left = budget_left()
+                return BUDGET_SPENT if left is not None and left <= 0 else PRUNED if prune else None
+
+            return ctx.run_on_main(decide)
 
         try:
             result = trainer.run(cfg, ctx, time.perf_counter(), judge=judge)  # what fit() runs, in this context
@@ -368,7 +408,20 @@ def _sweep(argv=None) -> int:
         return 0
     own, dims, rest = split_args(argv)
     sweep_dir, test_file, workers = Path(own["sweep_dir"]), own["test_file"], own["parallel_trials"]
-    space = Space.from_flags(dims, own["trials"], own["pruner"])
+    budget = parse_duration(own["time_budget"]) if own["time_budget"] is not None else None
+    fixed = tuple(a[2:].partition("=")[0] for a in rest if a.startswith("--"))
+    space = Space.from_flags(dims, own["trials"], own["pruner"], budget=budget is not None, fixed=fixed)
+    owned = budget is not None and DEADLINE_ENV not in os.environ  # a parallel worker has its parent's
+    if owned:
+        os.environ[DEADLINE_ENV] = str(time.time() - (time.perf_counter() - started) + budget)
+    try:
+        return _sweep_in(argv, started, own, space, rest, sweep_dir, test_file, workers)
+    finally:
+        if owned:  # this launch's budget, not the next one's (the Python API may sweep again in this process)
+            os.environ.pop(DEADLINE_ENV, None)
+
+
+def _sweep_in(argv, started, own, space, rest, sweep_dir, test_file, workers) -> int:
     if workers is not None:
         if not workers.isdigit() or int(workers) < 1:
             raise UserError(f"--parallel_trials {workers}: give a number of worker processes, 1 or more")
