@@ -412,6 +412,12 @@ def test_dataset_split_flags_choose_the_splits_and_a_stand_in_is_said(tiny_model
     assert result.summary["test"]["examples"] == 40
     assert result.summary["test"]["data"] == f"the 'test' split of dataset {folder}"
     assert set(result.test_metrics) == {"accuracy", "macro_f1", "loss"}
+    # the test split is never the validation's stand-in: with it named, a split of the training data validates
+    kept = fit(run_name="kept-apart", test_split="test", **common)
+    assert json.loads((tmp_path / "ck" / "kept-apart" / "data.json").read_text())["validation_examples"] == 12
+    assert kept.summary["test"]["examples"] == 40
+    with pytest.raises(UserError, match="--test_split train is the split the run trains or validates on"):
+        fit(run_name="bad", test_split="train", **common)
     with pytest.raises(UserError, match=r"has no 'dev' split \(it has: train, test\): give --validation_split one"):
         fit(run_name="bad", validation_split="dev", **common)
     with pytest.raises(UserError, match="--train_split names a split of --dataset: give --dataset"):

@@ -330,3 +330,17 @@ def test_a_bad_test_file_is_refused_before_training(tiny_model_dir, tmp_path, ru
         assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
         assert "epoch 1/1" not in proc.stdout
         assert sorted(p.name for p in (tmp_path / "ck").iterdir()) in ([], ["cache"])  # no run directory left
+
+
+def test_a_link_to_a_checkpoint_is_read_as_its_run(trained, tmp_path):
+    """A sweep's best/ is a link into its trial: evaluate follows the trial's run through it."""
+    link = tmp_path / "best"
+    link.symlink_to(trained / "final", target_is_directory=True)
+    assert inference.run_directory(link) == trained.resolve()
+    assert inference.trained_max_length(link) == 32
+    report, _ = evaluate.evaluate_checkpoint(_args(link))
+    assert report["data"]["same_split_as_training"] is True and report["examples"] == 30
+    args = _args(link)
+    args.validation_split = "test"
+    with pytest.raises(inference.UserError, match="--validation_split names a split of --dataset"):
+        evaluate.evaluate_checkpoint(args)

@@ -126,6 +126,9 @@ def test_an_export_that_does_not_match_is_an_error_with_its_numbers(trained, tmp
                                         r"\S+ \(limit 0e\+00\)"):
         export_onnx(run / "final")
     assert json.loads((run / "final" / "onnx" / "export.json").read_text())["check"]["failed"]
+    assert not (run / "final" / "onnx" / "model.onnx").exists()  # not left for the predictor to serve
+    with pytest.raises(UserError, match="has no ONNX export"):
+        Classifier.load(run / "final", runtime="onnx")
 
 
 def test_onnx_errors_name_the_fix(tmp_path, capfd):

@@ -124,3 +124,34 @@ def test_a_tracker_not_installed_is_refused_before_training(tmp_path, tiny_model
     with pytest.raises(UserError, match=r"--report_to wandb needs the wandb package: pip install wandb"):
         fit(train, model=str(tiny_model_dir), device="cpu", checkpoint_dir=tmp_path / "ck", report_to="wandb")
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning(capsys):
+    """A tracker's own library failing at a log step (a network error) costs the run nothing: said once, dropped."""
+    from encoderfit.run.tracking import Trackers
+
+    class Flaky:
+        calls = 0
+
+        def scalars(self, values, step):
+            Flaky.calls += 1
+            raise ConnectionError("the tracking server went away")
+
+    class Steady:
+        seen = []
+
+        def scalars(self, values, step):
+            Steady.seen.append((step, values))
+
+        def finish(self, final, card):
+            Steady.seen.append(("final", final))
+
+    trackers = Trackers()
+    trackers.open = [Flaky(), Steady()]
+    trackers.scalars("step", {"loss": 0.5, "epoch": 1}, 1)
+    trackers.scalars("step", {"loss": 0.4}, 2)
+    trackers.finish({"final_val_accuracy": 0.8, "test_metrics": {"accuracy": 0.7}, "task": "x"}, None)
+    err = capsys.readouterr().err
+    assert Flaky.calls == 1 and err.count("warning: Flaky failed to log metrics (the tracking server went away)") == 1
+    assert Steady.seen == [(1, {"step/loss": 0.5}), (2, {"step/loss": 0.4}),
+                           ("final", {"final_val_accuracy": 0.8, "test_accuracy": 0.7})]

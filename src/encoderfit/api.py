@@ -67,8 +67,8 @@ def fit(train_data=None, validation_data=None, *, test_data=None, config: Option
         files["validation_file"] = os.fspath(validation_data)
     test = None
     if test_data is not None:
-        if settings.get("test_file") or base.test_file:
-            raise UserError("give the test data once: as test_data, or as test_file")
+        if settings.get("test_file") or base.test_file or settings.get("test_split") or base.test_split:
+            raise UserError("give the test data once: as test_data, or as test_file or test_split")
         if _is_path(test_data):
             files["test_file"] = os.fspath(test_data)
         else:
@@ -171,9 +171,13 @@ def sweep(train_data=None, validation_data=None, *, test_data=None, sweep_dir="s
         else:
             argv += [f"--{name}", os.fspath(value) if _is_path(value) else str(value)]
     code = _sweep(argv)
+    if code not in (0, 130, 143):
+        raise UserError(f"the sweep failed (exit code {code}): see what it printed above")
     if code != 0:
         raise UserError(f"the sweep stopped (exit code {code}): call sweep() again with the same settings to "
                         f"continue it")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main process writes the sweep's record
+        return None
     import json
 
     root = Path(sweep_dir)

@@ -271,6 +271,9 @@ def _validate(cfg: TrainConfig) -> None:
                             f"--validation_file and --test_file)")
     if cfg.test_split is not None and cfg.test_file is not None:
         raise UserError("give --test_file or --test_split, not both")
+    if cfg.test_split is not None and cfg.test_split in (cfg.train_split or "train", cfg.validation_split):
+        raise UserError(f"--test_split {cfg.test_split} is the split the run trains or validates on: a test set is "
+                        f"held out from both")
     if cfg.report_to is not None:
         from encoderfit.run.tracking import parse_report_to
 

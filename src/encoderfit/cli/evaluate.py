@@ -203,6 +203,10 @@ def evaluation_data(args, say=print) -> tuple:
     from encoderfit.tasks.registry import task_class_for_problem_type
 
     followed = follow_run(args, ckpt)
+    for flag in ("train_split", "validation_split"):
+        if getattr(args, flag, None) and not args.dataset:
+            raise UserError(f"--{flag} names a split of --dataset, and this data is not a --dataset: give "
+                            f"--validation_file FILE to evaluate other data")
     shape = task_class_for_problem_type(inference.checkpoint_problem_type(ckpt))
     recorded = inference.checkpoint_label_format(ckpt)
     taken = {}

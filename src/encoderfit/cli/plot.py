@@ -236,9 +236,9 @@ def _throughput_figure(runs: list, path: Path) -> Path:
 def run_task(run: Run) -> str:
     """The run's task shape, from the metrics its epochs record."""
     keys = {k for r in run.epochs + run.steps for k in r}
-    if "val_micro_f1" in keys:
+    if keys & {"val_micro_f1", "subset_accuracy", "train_subset_accuracy"}:
         return "multi_label"
-    if "val_pearson" in keys or "val_mae" in keys:
+    if keys & {"val_pearson", "val_mae", "mae", "train_mae"}:
         return "regression"
     return "single_label"
 
@@ -315,12 +315,17 @@ def plot_sweep(trials: list, metric: str, path: Path, x: str = "learning_rate") 
 
     fig = _new_figure(1.3, "sweep")
     ax = fig.subplots()
-    groups = sorted({t["epochs"] for t in trials}) if x != "epochs" else [None]
-    for i, epochs in enumerate(groups):
-        mine = [t for t in trials if epochs is None or t["epochs"] == epochs]
+    models = sorted({str(t.get("model")) for t in trials})  # a searched model: a line per model too
+    key = (lambda t: (str(t.get("model")), t["epochs"])) if x != "epochs" else (lambda t: (str(t.get("model")), None))
+    groups = sorted({key(t) for t in trials}, key=str)
+    for i, group in enumerate(groups):
+        model, epochs = group
+        mine = [t for t in trials if key(t) == group]
         done = sorted((t[x], t["value"]) for t in mine if t.get("status", "done") != "pruned")
         pruned = [(t[x], t["value"]) for t in mine if t.get("status") == "pruned"]
         label = f"{epochs} epoch(s)" if epochs is not None else "finished"
+        if len(models) > 1:
+            label = f"{Path(model).name}, {label}"
         if done:
             ax.plot([p[0] for p in done], [p[1] for p in done], color=_color(i), marker="o", markersize=7,
                     linewidth=1.5, label=label)

@@ -141,6 +141,9 @@ def split_args(argv: list) -> tuple:
                 else:  # one value: an ordinary flag of every trial
                     rest += [f"--{name}", dim]
         else:
+            if name == "test_split":
+                raise UserError("--test_split is not taken by the sweep (every trial would score it): give the test "
+                                "set as --test_file FILE, which the sweep scores once, on the winning trial")
             if name in ("push_to_hub", "hub_private"):
                 raise UserError(f"--{name} is not taken by the sweep (every trial would upload): push the trial "
                                 f"you choose afterwards, encoderfit push SWEEP_DIR/trial-NNN --repo_id REPO")
@@ -188,11 +191,12 @@ def _check(sweep_dir: Path, space: Space, rest: list) -> TrainConfig:
     for plan in plans[1:]:
         trial_config(base, "trial-000", plan)
     models = next((d.choices for d in space.dimensions if d.name == "model"), ())
-    if models and os.environ.get("RANK", "0") == "0":  # each model's tokenizer loads, before any trial trains
-        from encoderfit.modeling import model as model_lib
+    if models and os.environ.get("RANK", "0") == "0":  # each model loads its tokenizer and takes the longest
+        from encoderfit.modeling import model as model_lib  # --max_length of the sweep, before any trial trains
 
+        lengths = next((d.extremes() for d in space.dimensions if d.name == "max_length"), (base.max_length,))
         for name in models:
-            model_lib.load_tokenizer(name)
+            model_lib.check_model(name, model_lib.load_tokenizer(name), max(int(n) for n in lengths))
     return base
 
 
@@ -207,7 +211,7 @@ def _outcome(result) -> dict:
     return {"metric": metric, "value": float("nan") if value is None else value, "higher_is_better": higher,
             "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"], "time_s": s["total_time_s"],
             "pruned": s.get("stop_reason") == PRUNED, "checkpoint": str(result.run_dir / "best"),
-            **{n: config[n] for n in SWEPT}}  # every searchable flag's value, swept or not
+            **{n: config.get(n) for n in SWEPT}}  # every searchable flag's value, swept or not
 
 
 def _signed(outcome: dict) -> float:

@@ -100,6 +100,7 @@ class DataSource:
     given: Optional[GivenData] = None       # kind "given": the examples themselves
     train_split: Optional[str] = None       # kind "hub": the splits to read (None: train; validation, valid, ...)
     validation_split: Optional[str] = None
+    test_split: Optional[str] = None        # kind "hub": kept out of validation (scored apart, at the end)
 
     @classmethod
     def from_settings(cls, settings=None, *, given: Optional[GivenData] = None, **values) -> "DataSource":
@@ -117,7 +118,8 @@ class DataSource:
                        quoting=quoting, **columns)
         if flags["dataset"]:
             return cls("hub", flags["dataset"], flags["dataset_config"], quoting=quoting,
-                       train_split=flags["train_split"], validation_split=flags["validation_split"], **columns)
+                       train_split=flags["train_split"], validation_split=flags["validation_split"],
+                       test_split=getattr(settings, "test_split", None), **columns)
         return cls("default", quoting=quoting, **columns)
 
     def load(self, notes: list) -> tuple:
@@ -125,7 +127,8 @@ class DataSource:
         if self.kind == "default":
             return _load_default(), None, "the default dataset", {}
         if self.kind == "hub":
-            train, validation = _load_hub(self.name, self.config, self.train_split, self.validation_split, notes)
+            train, validation = _load_hub(self.name, self.config, self.train_split, self.validation_split, notes,
+                                          self.test_split)
             return train, validation, f"dataset {self.name}", {}
         if self.kind == "given":
             return self.given.train, self.given.validation, "the training data given to fit()", {}
@@ -206,14 +209,15 @@ def hub_split(loaded, name: str, split: str, flag: str):
 
 
 def _load_hub(name: str, config: Optional[str], train_split: Optional[str] = None,
-              validation_split: Optional[str] = None, notes: Optional[list] = None) -> tuple:
+              validation_split: Optional[str] = None, notes: Optional[list] = None,
+              test_split: Optional[str] = None) -> tuple:
     loaded = load_hub_splits(name, config)
     train = hub_split(loaded, name, train_split or "train", "--train_split")
     if validation_split == "none":  # hold out a split of the training data, as for a file
         return train, None
     if validation_split:
         return train, hub_split(loaded, name, validation_split, "--validation_split")
-    found = next((s for s in VALIDATION_SPLITS if s in loaded and s != (train_split or "train")), None)
+    found = next((s for s in VALIDATION_SPLITS if s in loaded and s not in (train_split or "train", test_split)), None)
     if found is None:
         return train, None
     if found != "validation" and notes is not None:

@@ -139,18 +139,31 @@ class Trackers:
             except Exception as exc:  # a tracker's own failure to start (a bad URI, no login): one line
                 raise UserError(f"--report_to {name} cannot start: {' '.join(str(exc).split())[:300]}") from None
 
+    def _each(self, what: str, call) -> None:
+        """``call(tracker)`` for each open tracker; one that fails (a network error) is said once and dropped,
+        and the run goes on: tracking is not worth a run."""
+        import sys
+
+        for tracker in list(self.open):
+            try:
+                call(tracker)
+            except Exception as exc:  # noqa: BLE001 - the tracker's own library, any failure
+                self.open.remove(tracker)
+                print(f"warning: {type(tracker).__name__} failed to {what} ({' '.join(str(exc).split())[:200]}): "
+                      f"no longer reporting to it", file=sys.stderr, flush=True)
+
     def scalars(self, group: str, values: dict, step: int) -> None:
         if self.open:
             numbers = {f"{group}/{k}": v for k, v in _numbers(values).items() if k not in ("epoch", "step")}
-            for tracker in self.open:
-                tracker.scalars(numbers, step)
+            self._each("log metrics", lambda tracker: tracker.scalars(numbers, step))
 
     def finish(self, summary: dict, card: Optional[Path]) -> None:
-        """The summary's numbers (final_val_*, best_val_*, best_epoch, time) and the model card."""
+        """The summary's numbers (final_val_*, best_val_*, the test set's, best_epoch, time) and the model card."""
         final = _numbers({k: v for k, v in summary.items() if k.startswith(("final_val_", "best_val_"))
                           or k in ("best_epoch", "epochs_run", "total_time_s", "train_samples_per_s")})
-        for tracker in self.open:
-            tracker.finish(final, card if card is not None and card.is_file() else None)
+        final.update({f"test_{k}": v for k, v in _numbers(summary.get("test_metrics") or {}).items()})
+        card = card if card is not None and card.is_file() else None
+        self._each("take the final metrics", lambda tracker: tracker.finish(final, card))
 
     def close(self, failed: bool = False) -> None:
         while self.open:

@@ -543,7 +543,27 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
     # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
     # returns before the main process has finished the run's files
     summary = hooks.ctx.run_on_main(lambda: summary)
+    if log.enabled:  # after the run's last collective: no rank waits on the test set or the trackers
+        summary = _test_and_track(state, log, summary, hooks.cfg, hooks.ctx, final)
     return RunResult(log.run_dir, True, list(state.loop.results), summary, hooks.cfg.to_dict())
+
+
+def _test_and_track(state: RunState, log: RunLogger, summary: dict, cfg: TrainConfig, ctx: ProcessContext,
+                    final: Path) -> dict:
+    """The main process, once the run is done: best/ scored on the test set (into summary.json), then the
+    trackers get the final metrics and the model card."""
+    if state.test_set is not None:
+        report = state.test_set.score(log.run_dir / "best", device=ctx.device, precision=cfg.precision,
+                                      batch_size=cfg.effective_eval_batch_size)
+        summary = {**summary, "test_metrics": {m: report[m] for m in summary["metrics"] if m in report},
+                   "test": {"data": state.test_set.name, "examples": report["examples"], "checkpoint": "best",
+                            "epoch": summary["best_epoch"]}}
+        log.write_json("summary.json", summary)
+        log.print(f"test (best/, epoch {summary['best_epoch']}): " + " | ".join(
+            f"{_COLUMN_NAMES.get(m, m)} {shown_metric(v)}" for m, v in summary["test_metrics"].items())
+            + f" | {summary['test']['examples']} examples of {summary['test']['data']}")
+    log.finish_tracking(summary, final / "README.md")
+    return summary
 
 
 def _push(cfg: TrainConfig, ctx: ProcessContext, final: Path, log: RunLogger) -> None:
@@ -585,26 +605,15 @@ def _finish(state: RunState, log: RunLogger, final: Path, task, cfg: TrainConfig
                "train_samples_per_s": round(sum(r["train_examples"] for r in results) / train_time, 2),
                "checkpoint": str(final), "best_checkpoint": str(log.run_dir / "best")}
     summary["time_breakdown_s"] = breakdown
-    if state.test_set is not None and log.enabled:  # once, on the main process: the others get the summary
-        report = state.test_set.score(log.run_dir / "best", device=ctx.device, precision=cfg.precision,
-                                      batch_size=cfg.effective_eval_batch_size)
-        summary["test_metrics"] = {m: report[m] for m in shown if m in report}
-        summary["test"] = {"data": state.test_set.name, "examples": report["examples"], "checkpoint": "best",
-                           "epoch": best["epoch"]}
     log.write_json("summary.json", summary)
     if log.enabled:  # the main process: a model card in each of final/ and best/, from the run's records
         from encoderfit.serve.card import write_model_card
 
         for checkpoint_dir in (final, log.run_dir / "best"):
             write_model_card(checkpoint_dir)
-    log.finish_tracking(summary, final / "README.md")
     if state.loop.skipped_nonfinite:
         log.print(f"note: skipped {state.loop.skipped_nonfinite} optimizer step(s) with a non-finite loss")
     log.print(_summary_table(summary))
-    if summary.get("test_metrics"):
-        log.print(f"test (best/, epoch {best['epoch']}): " + " | ".join(
-            f"{_COLUMN_NAMES.get(m, m)} {shown_metric(v)}" for m, v in summary["test_metrics"].items())
-            + f" | {summary['test']['examples']} examples of {summary['test']['data']}")
     log.print(format_breakdown(summary["time_breakdown_s"]))
     return summary
 

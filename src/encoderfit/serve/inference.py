@@ -206,6 +206,7 @@ def load_classifier(path, device: torch.device, runtime: str = "torch") -> Class
 def run_directory(ckpt: Path) -> Optional[Path]:
     """The training run a checkpoint belongs to (RUN/final, RUN/best or RUN/checkpoints/step-N), found by the
     run's own config.json (a ``config`` record, not a model's settings); None for a checkpoint on its own."""
+    ckpt = Path(ckpt).resolve()  # a sweep's best/ is a link into its trial
     for run in (ckpt.parent, ckpt.parent.parent):
         with contextlib.suppress(Exception):
             if isinstance(json.loads((run / "config.json").read_text(encoding="utf-8"))["config"], dict):

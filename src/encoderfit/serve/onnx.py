@@ -100,7 +100,10 @@ def export_onnx(checkpoint, *, int8: bool = False, data=None, check: bool = True
     cpu = torch.device("cpu")
     clf = inference.load_classifier(ckpt, cpu)
     out = ckpt / ONNX_DIR
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     started = time.perf_counter()
     fp32 = _export(clf, out / FILES["fp32"])
     record = {"checkpoint": str(ckpt), "files": {"fp32": _file_info(fp32)}, "export_seconds": 0.0,
@@ -117,9 +120,11 @@ def export_onnx(checkpoint, *, int8: bool = False, data=None, check: bool = True
         record["check"] = _check(ckpt, clf, checked, int8, say)
     atomic_write_json(out / "export.json", record)
     failed = (record.get("check") or {}).get("failed")
-    if failed:
+    if failed:  # a file that failed its check is not left where the predictor would serve it
+        for name in FILES.values():
+            (out / name).unlink(missing_ok=True)
         raise UserError(f"the ONNX export does not match the PyTorch checkpoint: {failed} (numbers in "
-                        f"{out / 'export.json'})")
+                        f"{out / 'export.json'}; the files were removed)")
     return record
 
 
@@ -171,9 +176,14 @@ def _quantize(fp32: Path, path: Path) -> Path:
 
     tmp = path.with_name(path.name + ".tmp")
     with _quiet():
-        # per channel: one scale per output row of a weight, which kept the default checkpoint's accuracy (a
-        # scale per tensor lost 0.7 points of it, BENCHMARKS.md)
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        try:
+            # per channel: one scale per output row of a weight, which kept the default checkpoint's accuracy
+            # (a scale per tensor lost 0.7 points of it, BENCHMARKS.md)
+            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        except Exception as exc:  # onnxruntime's quantizer: an operator it cannot handle
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"ONNX Runtime cannot quantize {fp32}: {' '.join(str(exc).split())[:300]} (the fp32 "
+                            f"export is kept)") from None
     tmp.replace(path)
     return path
 
