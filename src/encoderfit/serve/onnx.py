@@ -174,16 +174,26 @@ def _sample_batch(clf) -> dict:
 def _quantize(fp32: Path, path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import onnx
+
     tmp = path.with_name(path.name + ".tmp")
+    plain = path.with_name(path.name + ".plain.tmp")
+    # the exporter's recorded intermediate shapes (value_info) go: some quantizer versions infer shapes again
+    # and refuse where the two disagree (onnxruntime 1.30 did), and the shapes are optional
+    model = onnx.load(str(fp32))
+    del model.graph.value_info[:]
+    onnx.save(model, str(plain))
     with _quiet():
         try:
             # per channel: one scale per output row of a weight, which kept the default checkpoint's accuracy
             # (a scale per tensor lost 0.7 points of it, BENCHMARKS.md)
-            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(str(plain), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
         except Exception as exc:  # onnxruntime's quantizer: an operator it cannot handle
             tmp.unlink(missing_ok=True)
+            plain.unlink(missing_ok=True)
             raise UserError(f"ONNX Runtime cannot quantize {fp32}: {' '.join(str(exc).split())[:300]} (the fp32 "
                             f"export is kept)") from None
+    plain.unlink(missing_ok=True)
     tmp.replace(path)
     return path
 
