@@ -29,7 +29,7 @@ def test_a_constant_validation_target_is_never_the_selector(tiny_model_dir, tmp_
     val = tmp_path / "val.csv"
     val.write_text("text,score\n" + "".join(f"{r['text']},2.5\n" for r in score_rows(20, seed=2)))
     proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", train, "--validation_file", val,
-                    *COMMON, "--checkpoint_dir", tmp_path, "--run_name", "r")
+                    *COMMON, "--metric_for_best", "pearson", "--checkpoint_dir", tmp_path, "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
     epoch_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ") and "| train " in ln]
     assert len(epoch_lines) == 2 and all("pearson n/a spearman n/a" in ln for ln in epoch_lines), proc.stdout

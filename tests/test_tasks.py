@@ -197,7 +197,7 @@ def test_regression_learns_a_score_and_reports_correct_metrics(score_run, tmp_pa
     run, out, train = score_run
     assert "task regression of 'score'" in out and "new head for 1 output" in out
     summary = _summary(run)
-    assert summary["task"] == "regression" and summary["metric_for_best"] == "pearson"
+    assert summary["task"] == "regression" and summary["metric_for_best"] == "mse"  # the default: never undefined
     assert summary["best_val_pearson"] >= 0.95, out
     config = json.loads((run / "final" / "config.json").read_text())
     assert config["problem_type"] == "regression" and config["id2label"] == {"0": "score"}

@@ -166,7 +166,7 @@ class TrainConfig:
                                       "Multi-label: pos_weight, the factor on each label's positive term "
                                       "('balanced': negatives / positives of the label).", must_match=True)
     metric_for_best: Optional[str] = _f(None, "Validation metric that picks the best checkpoint (saved as RUN/best). "
-                                        "Default: accuracy (single-label), micro_f1 (multi-label), pearson "
+                                        "Default: accuracy (single-label), micro_f1 (multi-label), mse "
                                         "(regression).",
                                         choices=("accuracy", "macro_f1", "loss", "micro_f1", "subset_accuracy",
                                                  "pearson", "spearman", "mse", "mae"), must_match=True)
