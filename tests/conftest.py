@@ -38,7 +38,8 @@ def cli_env(**extra) -> dict:
     # No network in tests: hub lookups fail at once instead of retrying.
     # MKL_DYNAMIC=FALSE: MKL would otherwise use fewer threads when the machine is busy (tests in parallel),
     # and a matmul split over another number of threads rounds differently: no bitwise resume to compare
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+    # PYTHONFAULTHANDLER: a process killed by SIGABRT (a C++ abort) prints every thread's Python stack first
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
                 "MKL_DYNAMIC": env.get("MKL_DYNAMIC", "FALSE")})
     if "PYTHONPATH" in extra and env.get("PYTHONPATH"):  # a test's hooks go first; what was there stays
