@@ -344,3 +344,20 @@ def test_a_link_to_a_checkpoint_is_read_as_its_run(trained, tmp_path):
     args.validation_split = "test"
     with pytest.raises(inference.UserError, match="--validation_split names a split of --dataset"):
         evaluate.evaluate_checkpoint(args)
+
+
+def test_a_finished_run_resumed_with_a_test_file_scores_its_best_on_it(trained, tmp_path, run_main):
+    import shutil
+
+    base = tmp_path / "ck"
+    shutil.copytree(trained, base / "r")
+    config = json.loads((base / "r" / "config.json").read_text())["config"]
+    texts, labels = noisy_validation(tmp_path / "test.csv", n=30)
+    proc = run_main("train_single.py", "--model", config["model"], "--train_file", config["train_file"],
+                    "--epochs", 4, "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--log_every", 5,
+                    "--checkpoint_dir", base, "--run_name", "r", "--resume", "auto", "--test_file", tmp_path / "test.csv")
+    assert proc.returncode == 0, proc.stderr
+    assert "has finished: nothing left to train" in proc.stdout and "test (best/, epoch" in proc.stdout
+    summary = json.loads((base / "r" / "summary.json").read_text())
+    want = direct_metrics(labels, direct_predictions(base / "r" / "best", texts, max_length=32), list(LABELS))
+    assert summary["test_metrics"]["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)

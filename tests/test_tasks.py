@@ -842,3 +842,19 @@ def test_evaluate_plot_draws_each_labels_f1_or_predicted_against_true(request, s
         assert len(points) == report["examples"]
         assert float(np.mean(points[:, 1])) == pytest.approx(report["mean_prediction"], abs=1e-5)
         assert float(np.mean(points[:, 0])) == pytest.approx(report["mean_target"], abs=1e-5)
+
+
+def test_a_run_begun_under_another_default_metric_goes_on_choosing_by_it():
+    """A regression checkpointed when Pearson was the default, resumed under MSE: best/ and early stopping keep
+    comparing Pearson with Pearson (an MSE against a saved Pearson would never, or always, improve)."""
+    from encoderfit.run.trainer import BestTracker
+
+    class Log:
+        def print(self, *a):
+            pass
+
+    tracker = BestTracker("mse", 2, tasks.Regression(["score"]), Log())
+    tracker.load_state_dict({"best": 0.93, "best_epoch": 2, "stale": 0, "metric": "pearson", "best_loss": 1.2})
+    assert (tracker.metric, tracker.sign, tracker.requested) == ("pearson", 1, "pearson")
+    assert tracker.improved({"pearson": 0.95, "mse": 1.5, "loss": 1.5}, 3) is True
+    assert tracker.improved({"pearson": 0.94, "mse": 0.1, "loss": 0.1}, 4) is False  # a lower MSE does not count

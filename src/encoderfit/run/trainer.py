@@ -5,6 +5,7 @@ The two entry points differ only in whether the process context comes from torch
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -173,6 +174,7 @@ class BestTracker:
             raise UserError(f"--metric_for_best {metric} is not a metric of this task "
                             f"(choose from: {', '.join(task.best_metrics)})")
         self.metric, self.sign, self.patience, self.log = metric, task.best_metrics[metric], patience, log
+        self._signs = dict(task.best_metrics)
         # what was asked for: a sweep ranks and prunes trials by it even where this run fell back to the loss
         self.requested, self.requested_sign = metric, task.best_metrics[metric]
         self.best, self.best_epoch, self.stale, self.stopped_early = None, None, 0, False
@@ -190,6 +192,11 @@ class BestTracker:
         self.stop_reason = saved.get("stop_reason", "patience" if self.stopped_early else None)
         if saved.get("metric") == "loss":  # the run had fallen back to the loss
             self.metric, self.sign = "loss", -1
+        elif saved.get("metric") in self._signs and saved["metric"] != self.metric:
+            # begun under another default (a regression chose by Pearson before MSE): it goes on choosing as
+            # it began, so best/ and early stopping compare like with like
+            self.metric = self.requested = saved["metric"]
+            self.sign = self.requested_sign = self._signs[saved["metric"]]
         self.best_loss = saved.get("best_loss")
 
     def stop(self, reason: str) -> None:
@@ -499,6 +506,9 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         # and nothing rewritten: a finished run resumed is left as it was; its result is what it wrote (read by
         # the main process, which alone has the run directory where nodes do not share a disk)
         result = ctx.run_on_main(lambda: RunResult.read(log.run_dir))
+        if test_set is not None and log.enabled:  # a test set given now: scored on the finished run's best/
+            result = dataclasses.replace(result, summary=_test_and_track(state, log, result.summary, cfg, ctx,
+                                                                         log.run_dir / "final"))
         _push(cfg, ctx, log.run_dir / "final", log)
         return result
     if cfg.trackers:  # the resolved config as the trackers' parameters; a tracker that cannot start stops every rank
@@ -539,12 +549,12 @@ def _fit_and_finish(runner, loaders, loop, state: RunState, hooks: CheckpointHoo
                          exit_code=128 + (stop.signum or 15))
     final = hooks.finish()
     summary = _finish(state, log, final, state.task, hooks.cfg, hooks.ctx)
-    _push(hooks.cfg, hooks.ctx, final, log)
     # rank 0's summary (its clock, the run's files) on every rank, once it is written: a broadcast, so no rank
     # returns before the main process has finished the run's files
     summary = hooks.ctx.run_on_main(lambda: summary)
-    if log.enabled:  # after the run's last collective: no rank waits on the test set or the trackers
+    if log.enabled:  # after the run's last collective: no rank waits on the test set, the trackers or the Hub
         summary = _test_and_track(state, log, summary, hooks.cfg, hooks.ctx, final)
+        _push(hooks.cfg, hooks.ctx, final, log)
     return RunResult(log.run_dir, True, list(state.loop.results), summary, hooks.cfg.to_dict())
 
 
