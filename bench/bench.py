@@ -59,7 +59,9 @@ MODELS = {
 LENGTHS = {"short": (20, 0.55, 4, 128), "long": (260, 0.6, 32, 512), "tiny": (12, 0.5, 3, 32)}
 TRAINERS = ("trainer", "trainer-fast")
 # levers a system name can turn on (+) or off (-): ours+graphs, ours-group, ...
-LEVERS = ("graphs", "compile", "group", "bf16", "ddp", "unpadded")
+# compile: the regional compile (each encoder layer, as --compile on); wholecompile: the whole model as one graph;
+# fp16: fp16 autocast with loss scaling instead of bf16
+LEVERS = ("graphs", "compile", "wholecompile", "group", "bf16", "fp16", "ddp", "unpadded")
 
 
 def make_config(name: str):
@@ -165,11 +167,13 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
                         group_by_length=variant.get("group", True),
                         pad_multiple=CUDAGRAPH_PAD_MULTIPLE if variant.get("graphs") else None)
     loader, _ = make_loaders(data, tokenizer, ctx, batching, train_collate=packed)
-    amp = torch.bfloat16 if device.type == "cuda" and variant.get("bf16", True) else None
+    amp = (torch.float16 if variant.get("fp16") else torch.bfloat16) if device.type == "cuda" and variant.get(
+        "bf16", True) else None
+    compile_mode = "regional" if variant.get("compile") else "whole" if variant.get("wholecompile") else "off"
     task = SingleLabelClassification(["0", "1"])
     # the trainer's own builder: under DDP, recorded steps average the gradients themselves (no wrapper)
     steps = build_steps(model, task, ctx, Optimization(2e-5, 0.01, 0.06, 1.0, len(loader) * (repeats + 2)),
-                        Speed(variant.get("compile", False), bool(variant.get("graphs")), amp))
+                        Speed(compile_mode, bool(variant.get("graphs")), amp))
     runner = steps.runner
     graphs = runner if variant.get("graphs") else None
     loop, quiet = engine.LoopConfig(epochs=repeats + 1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)

@@ -85,7 +85,9 @@ def main() -> None:
     p.add_argument("--lengths", default="short")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--compile", default="off", choices=("on", "off"), help="torch.compile the model (dynamic shapes)")
+    p.add_argument("--compile", default="off", choices=("on", "whole", "off"),
+                   help="torch.compile each encoder layer (on: as --compile on trains), the whole model, or nothing")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--graphs", default="off", choices=("on", "off"), help="CUDA graphs of whole steps")
     p.add_argument("--pad_multiple", type=int, default=None, help="training pads to 32 with graphs on")
     p.add_argument("--sdpa", default="default", choices=("default", "cudnn", "efficient", "math"),
@@ -125,7 +127,8 @@ def main() -> None:
     task = SingleLabelClassification(["0", "1"])
     # the trainer's own builder
     runner = build_steps(model, task, ctx, Optimization(2e-5, 0.01, 0.0, 1.0, 10 ** 6),
-                         Speed(args.compile == "on", args.graphs == "on", torch.bfloat16)).runner
+                         Speed({"on": "regional", "whole": "whole", "off": "off"}[args.compile], args.graphs == "on",
+                               torch.float16 if args.precision == "fp16" else torch.bfloat16)).runner
     loop, quiet = engine.LoopConfig(epochs=1, log_every=10 ** 9), RunLogger(None, ctx, show_progress=False)
 
     def timed(fn, reps=3):

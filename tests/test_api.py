@@ -111,7 +111,7 @@ def test_bad_settings_raise_the_message_the_command_prints(settings, flags, run_
 def test_settings_of_the_wrong_kind_are_refused_before_anything_runs():
     for settings, expected in [(dict(epochs="3"), "--epochs must be an integer, got '3'"),
                                (dict(epoch=3), "unknown setting(s) epoch"),
-                               (dict(precision="fp64"), "--precision must be one of auto, bf16, fp32"),
+                               (dict(precision="fp64"), "--precision must be one of auto, bf16, fp16, fp32"),
                                (dict(no_progress="yes"), "--no_progress must be True or False")]:
         with pytest.raises(UserError, match=re.escape(expected)):
             fit(pd.DataFrame(synthetic_rows(20)), **settings)

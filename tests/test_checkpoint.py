@@ -15,7 +15,7 @@ def _save(tmp_path, tiny_model_dir, name="ck"):
     torch.manual_seed(0)
     model = load_model(str(tiny_model_dir), SingleLabelClassification(["neg", "pos", "mixed"]))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.01, fused=False)
     sched = build_scheduler(opt, total_steps=10, warmup_ratio=0.1)
     loop = {"epoch": 1, "global_step": 3, "next_batch": 3}
     run = {"config": {"lr": 1e-3}, "world_size": 1, "label_names": ["neg", "pos", "mixed"], "tokenizer": {}}
@@ -148,7 +148,7 @@ def test_a_step_checkpoint_holds_the_state_it_was_asked_for_while_training_chang
     """Finished on the writer thread: what lands is the state at the call (model, optimizer moments, sums),
     not what the training thread has made of it since; and it is visible only once whole."""
     model, tok, _ = _save(tmp_path, tiny_model_dir)
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, fused=False)
     next(model.parameters()).sum().backward()
     opt.step()
     sums = torch.ones(3)
@@ -286,7 +286,7 @@ def test_weight_decay_spares_exactly_the_parameters_transformers_trainer_spares(
     model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
                                                      num_attention_heads=2, intermediate_size=32,
                                                      max_position_embeddings=32, num_labels=3))
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, device=torch.device("cpu"))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, fused=False)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
     spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}

@@ -179,7 +179,7 @@ def _bad_inputs(tmp_path: Path, tiny: Path, foreign: dict) -> dict:
         "graphs without CUDA": (["--cuda_graphs", "on", *m, "--train_file", good, "--device", "cpu"],
                                 "--cuda_graphs on needs a CUDA device"),
         "bad compile value": (["--compile", "cudagraphs"], "argument --compile: invalid choice: 'cudagraphs'"),
-        "bad precision": (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+        "bad precision": (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
         "unknown model dir": (["--model", tmp_path / "no-model"], f"--model {tmp_path / 'no-model'}: no such directory"),
         "unknown hub model": (["--model", "someone/no-such-model"], "cannot load model 'someone/no-such-model'"),
         "decoder model": (["--model", foreign["gpt2"], "--train_file", good], "is a decoder-only model (gpt2)"),
@@ -290,12 +290,12 @@ def test_help_explains_every_flag():
 
 
 @pytest.mark.parametrize("device, world, accum, skip, tokens, expected", [
-    ("cuda", 1, 1, False, 1.5e8, (True, True)),
-    ("cuda", 1, 1, False, 1.5e8 - 1, (False, True)),  # too short for the compile to pay back; graphs cost ~nothing
-    ("cuda", 1, 2, False, 1e12, (False, False)),  # a step of several micro-batches is not one replay
-    ("cuda", 1, 1, True, 1e12, (False, False)),   # knowing whether to skip a step is a host sync
+    ("cuda", 1, 1, False, 2e7, (True, True)),
+    ("cuda", 1, 1, False, 2e7 - 1, (False, True)),  # too short for the compile to pay back; graphs cost ~nothing
+    ("cuda", 1, 2, False, 1e12, (True, False)),   # a step of several micro-batches is not one replay
+    ("cuda", 1, 1, True, 1e12, (True, False)),    # knowing whether to skip a step is a host sync
     ("cuda", 2, 1, False, 1e12, (True, True)),    # under DDP too: the all-reduce is recorded with the step
-    ("cuda", 2, 2, False, 1e12, (False, False)),  # DDP with accumulation: no_sync micro-steps, eager
+    ("cuda", 2, 2, False, 1e12, (True, False)),   # DDP with accumulation: no_sync micro-steps, eager
     ("cpu", 1, 1, False, 1e12, (False, False)),
 ])
 def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum, skip, tokens, expected):
@@ -304,7 +304,8 @@ def test_auto_speed_uses_cuda_graphs_only_where_they_serve(device, world, accum,
     from encoderfit.engine.distributed import ProcessContext
     cfg = TrainConfig(grad_accum_steps=accum, skip_nonfinite=skip)
     ctx = ProcessContext(0, 0, world, torch.device(device))
-    assert choose_speed(cfg, ctx, planned_tokens=tokens) == expected
+    compiled, graphs = choose_speed(cfg, ctx, planned_tokens=tokens)
+    assert (compiled == "regional", graphs) == expected and compiled in ("regional", "off")
 
 
 @pytest.mark.parametrize("world, accum, skip, message", [
@@ -326,7 +327,14 @@ def test_explicit_settings_win_over_auto():
     from encoderfit.config import TrainConfig
     from encoderfit.engine.distributed import ProcessContext
     ctx = ProcessContext(0, 0, 1, torch.device("cuda"))
-    assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_tokens=10) == (True, False)
-    assert choose_speed(TrainConfig(compile="off"), ctx, planned_tokens=1e12) == (False, True)
-    assert choose_speed(TrainConfig(compile="on"), ProcessContext(0, 0, 1, torch.device("cpu")),
-                        planned_tokens=10) == (True, False)
+    cpu = ProcessContext(0, 0, 1, torch.device("cpu"))
+    assert choose_speed(TrainConfig(compile="on", cuda_graphs="off"), ctx, planned_tokens=10) == ("regional", False)
+    assert choose_speed(TrainConfig(compile="off"), ctx, planned_tokens=1e12) == ("off", True)
+    assert choose_speed(TrainConfig(compile="on"), cpu, planned_tokens=10) == ("regional", False)
+    assert choose_speed(TrainConfig(compile="whole"), ctx, planned_tokens=10) == ("whole", True)
+    # auto: on CUDA from COMPILE_MIN_TOKENS planned tokens on, with or without graphs; never on the CPU
+    from encoderfit.run.trainer import COMPILE_MIN_TOKENS as least
+    assert choose_speed(TrainConfig(), ctx, planned_tokens=least) == ("regional", True)
+    assert choose_speed(TrainConfig(), ctx, planned_tokens=least - 1) == ("off", True)
+    assert choose_speed(TrainConfig(grad_accum_steps=2), ctx, planned_tokens=least) == ("regional", False)
+    assert choose_speed(TrainConfig(), cpu, planned_tokens=1e12) == ("off", False)

@@ -222,9 +222,9 @@ def run(flat_steps):
         vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64, num_labels=3))
     task = tasks.choose_task("single_label", ["a", "b", "c"], weights, 0.5)
-    train_model = engine.prepare_for_training(model, ctx, compile_model=False, wrap_ddp=not flat_steps)
+    train_model = engine.prepare_for_training(model, ctx, wrap_ddp=not flat_steps)
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
-    optimizer = engine.build_optimizer(model, lr=1e-2, weight_decay=0.01, device=ctx.device)
+    optimizer = engine.build_optimizer(model, lr=1e-2, weight_decay=0.01, fused=ctx.device.type == "cuda")
     scheduler = engine.build_scheduler(optimizer, total_steps=10, warmup_ratio=0.1)
     flat = FlatGradients(model, world) if flat_steps else None
     sc = StepContext(train_model, optimizer, scheduler, task, None, 1.0, ctx, recording=flat_steps, grad_sync=flat)

@@ -155,7 +155,8 @@ def test_compile_on_with_graphs_on_a_small_model(tmp_path, tiny_model_dir, unpad
                       timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = "unpadded" if unpadded == "on" else "padded"  # on: the compile traces the packed path
-    assert f"compile: on | CUDA graphs: on | batches: {said}" in proc.stdout, proc.stdout
+    assert f"compile: on (each encoder layer) | CUDA graphs: on | batches: {said}" in proc.stdout, proc.stdout
+    assert list((tmp_path / "cache" / "compile").iterdir())  # the compiled code, kept for the next run
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["final_val_accuracy"] >= 0.8  # the sentiment word decides the label: learned
 
@@ -198,6 +199,40 @@ def test_torchrun_with_one_process_runs_nccl_ddp_checkpoints_and_resume(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at epoch 1, step 7" in resumed.stdout and "CUDA graphs: on" in resumed.stdout
     torch.testing.assert_close(losses("sig"), losses("ddp-auto"), rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_graphed_runs_in_one_process_and_under_torchrun_and_resume_exactly(tmp_path, hooks, tiny_model_dir):
+    """--precision fp16 on the GPU: graphed steps with loss scaling in one process and under torchrun (the NCCL
+    all-reduce recorded before the unscale), the same run both ways; stopped and resumed, the graphed run ends
+    with the uninterrupted run's weights and loss scale."""
+    from conftest import synthetic_rows, write_rows
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(160, seed=2))
+    args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 16, "--max_length", 32,
+            "--learning_rate", 1e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp16",
+            "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--no_progress"]
+    single = run_script("train_single.py", *args, "--run_name", "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "precision fp16 autocast with loss scaling" in single.stdout and "CUDA graphs: on" in single.stdout
+    ddp = _torchrun(1, *args, "--run_name", "ddp", "--save_every_steps", 3)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    said = re.search(r"fp16 loss scaling: scale (\S+) at the end; (\d+) of (\d+) optimizer steps skipped", ddp.stdout)
+    assert said and said.group(3) == "18", ddp.stdout
+    assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", ddp.stdout) and "given up" not in ddp.stdout
+
+    def losses(name):
+        return torch.tensor([r["loss"] for r in records(tmp_path / name, "step")])
+    torch.testing.assert_close(losses("ddp"), losses("single"), rtol=0, atol=2e-3)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["final_val_accuracy"] >= 0.8
+    stopped = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, env=env_with(hooks, STOP_AT_STEP=7))
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 7" in stopped.stdout, stopped.stdout
+    resumed = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, "--resume", "auto",
+                        env=env_with(hooks, RESUMED=1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert said.group(0) in resumed.stdout, resumed.stdout
+    # the tolerance of the bf16 resume test above: non-deterministic atomic adds in two backward kernels
+    torch.testing.assert_close(losses("sig"), losses("ddp"), rtol=0, atol=2e-3)
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("sig", "ddp"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in b) < 2e-3
 
 
 def test_graphed_ddp_steps_with_class_weights_match_eager_ddp(tmp_path, tiny_model_dir):

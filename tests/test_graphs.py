@@ -50,7 +50,7 @@ def _batches(n_steps: int, vocab: int):
 def _train(model, batches, *, graphs: bool, amp, fail_once=None):
     device = torch.device("cuda")
     ctx = ProcessContext(0, 0, 1, device)
-    optimizer = engine.build_optimizer(model, lr=1e-3, weight_decay=0.01, device=device)
+    optimizer = engine.build_optimizer(model, lr=1e-3, weight_decay=0.01, fused=device.type == "cuda")
     scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_ratio=0.3)
     task = SingleLabelClassification(["a", "b", "c"])
     sc = StepContext(model, optimizer, scheduler, task, amp, 0.5, ctx)
@@ -179,7 +179,7 @@ def test_graphed_steps_use_dropout_afresh_each_replay():
     """With dropout on, two replays of one graph on the same batch give different losses."""
     model = _tiny_bert(dropout=0.3)
     device = torch.device("cuda")
-    optimizer = engine.build_optimizer(model, lr=0.0, weight_decay=0.0, device=device)  # weights stay put
+    optimizer = engine.build_optimizer(model, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")  # weights stay put
     scheduler = engine.build_scheduler(optimizer, total_steps=10, warmup_ratio=0.0)
     task = SingleLabelClassification(["a", "b", "c"])
     steps = StepGraphs(StepContext(model, optimizer, scheduler, task, None, 1.0, ProcessContext(0, 0, 1, device)))
@@ -230,3 +230,42 @@ def test_graphs_are_given_up_after_running_out_of_memory_three_times():
     assert "out of memory" in steps.given_up
     assert state.global_step == 30
     assert "given up" in steps.summary()
+
+
+def test_fp16_graphed_steps_skip_a_planted_overflow_like_eager_steps():
+    """fp16 with loss scaling recorded in the graphs: the scale, its growth tracker and the found-inf flag are
+    device tensors the replays update. An overflow planted in a replayed step (and one in an eager first step)
+    is skipped there alone, in both runners, and both runs end with the same weights and scale."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base = _tiny_bert()
+    batches = _batches(15, base.config.vocab_size)
+    planted = {7, 9}  # step 9 (shape D's first batch) runs eagerly in the graphed run; step 7 replays A
+
+    def run(graphs: bool):
+        model = copy.deepcopy(base)
+        factor = torch.ones((), device="cuda")
+        model.classifier.weight.register_hook(lambda grad: grad * factor)
+        device = torch.device("cuda")
+        optimizer = engine.build_optimizer(model, lr=1e-3, weight_decay=0.01, fused=True)
+        scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_ratio=0.3)
+        sc = StepContext(model, optimizer, scheduler, SingleLabelClassification(["a", "b", "c"]), torch.float16,
+                         0.5, ProcessContext(0, 0, 1, device), scaler=torch.amp.GradScaler("cuda"))
+        steps = StepGraphs(sc) if graphs else EagerSteps(sc)
+        unchanged, scales = [], []
+        for i, batch in enumerate(batches):
+            factor.fill_(float("inf") if i in planted else 1.0)  # on the device: the replay reads it
+            before = [p.detach().clone() for p in model.parameters()]
+            steps([batch], batch.num_examples)
+            scheduler.step()
+            unchanged.append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+            scales.append(sc.scaler.get_scale())
+        return model, steps, unchanged, scales
+
+    eager_model, _, eager_unchanged, eager_scales = run(graphs=False)
+    graphed_model, graphed, graphed_unchanged, graphed_scales = run(graphs=True)
+    assert graphed.recorded == 4 and graphed.given_up is None
+    assert eager_unchanged == graphed_unchanged == [i in planted for i in range(15)]
+    assert eager_scales == graphed_scales and graphed_scales[-1] == 65536 / 4
+    assert "2 of 15 optimizer steps skipped" in graphed.summary()
+    for (name, p), q in zip(graphed_model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3, msg=name)

@@ -64,18 +64,39 @@ def detect_device(preference: str = "auto"):
     return torch.device(preference)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
 def autocast_dtype(device, precision: str = "auto"):
-    """The autocast dtype for this device (torch.bfloat16), or None for plain fp32."""
+    """The autocast dtype for this device (torch.bfloat16 or torch.float16), or None for plain fp32.
+
+    auto: bf16 on CUDA GPUs that run it natively (compute capability 8.0 on: A100, H100, RTX 30xx on), fp16 on
+    older CUDA GPUs (T4, V100: training then scales the loss), fp32 elsewhere. torch would emulate bf16 on the
+    older GPUs, slowly: auto does not take it, and bf16 asked for there is refused."""
     import torch
 
     if precision == "fp32":
         return None
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "fp16":
+        return torch.float16
+    bf16_native = False
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the device asked for, not the current one
+            bf16_native = torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "bf16":
-        if device.type == "cuda" and not bf16_ok:
-            raise UserError("--precision bf16: this GPU does not support bfloat16")
+        if device.type == "cuda" and not bf16_native:
+            raise UserError("--precision bf16: this GPU has no native bfloat16 (compute capability below 8.0): "
+                            "use --precision fp16 or fp32")
         return torch.bfloat16
-    return torch.bfloat16 if bf16_ok else None
+    if device.type == "cuda":
+        return torch.bfloat16 if bf16_native else torch.float16
+    return None
+
+
+def precision_name(amp_dtype) -> str:
+    """bf16, fp16 or fp32: how a run or a prediction names its autocast dtype (None: fp32)."""
+    return PRECISION_NAMES[str(amp_dtype).removeprefix("torch.")] if amp_dtype is not None else "fp32"
 
 
 def set_seed(seed: int) -> None:

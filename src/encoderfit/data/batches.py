@@ -115,7 +115,7 @@ def row_targets(rows: list) -> tuple:
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype], *, cache: bool = True):
-    """bf16 autocast on ``device``, or nothing for fp32 (``dtype`` None)."""
+    """bf16 or fp16 autocast on ``device``, or nothing for fp32 (``dtype`` None)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from encoderfit.data.batches import Batch
-from encoderfit.engine.step import StepContext, StepOutput, train_step
+from encoderfit.engine.step import StepContext, StepOutput, scaling_summary, train_step
 
 MAX_RELEASES = 3  # memory too tight for graphs beside eager first steps: stop recording after this
 
@@ -218,8 +218,11 @@ class StepGraphs:
     def summary(self) -> str:
         out = f"CUDA graphs: {len(self.seen)} batch shapes, {self.recorded} recorded at the end"
         if self.given_up:
-            return f"{out}; given up ({self.given_up}), the rest trained eagerly"
-        return out + (f"; all dropped {self.releases} time(s) to free memory" if self.releases else "")
+            out = f"{out}; given up ({self.given_up}), the rest trained eagerly"
+        elif self.releases:
+            out += f"; all dropped {self.releases} time(s) to free memory"
+        scaling = scaling_summary(self.sc)
+        return out + (f"\n{scaling}" if scaling else "")
 
     def __call__(self, micro_batches: list, normalizer: float) -> StepOutput:
         """One optimizer step on the one batch of ``micro_batches`` (host tensors). The outputs are

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -27,7 +29,7 @@ from encoderfit.run.runlog import RunLogger
 from encoderfit.utils import UserError
 
 
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, fused: bool):
     """AdamW; no weight decay on biases and normalization weights (as BERT fine-tuning does)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -35,18 +37,57 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, d
             continue
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused CUDA kernel does the whole update in a few launches.
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    # The fused kernel does the whole update in a few launches (on CUDA), and skips it on a found-inf flag (fp16).
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
-def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_model: bool,
+COMPILE_MODES = ("off", "regional", "whole")
+
+
+def repeated_layers(model: torch.nn.Module) -> Optional[torch.nn.ModuleList]:
+    """The encoder's stack of identical layers (BERT's ``encoder.layer``, DistilBERT's ``transformer.layer``, ...):
+    the longest ModuleList whose members are all of one class, or None."""
+    found = None
+    for module in model.modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1
+                and (found is None or len(module) > len(found))):
+            found = module
+    return found
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``regional``: each of the encoder's repeated layers compiled in place. They share one compiled graph, so
+    the compile takes the time of one layer, not of the model (and the compiled code is cached on disk:
+    ``compile_cache``). ``whole``: the model compiled as one graph. A model without a layer stack is compiled
+    whole. dynamic=True: one compile for every sequence length, instead of a recompile per padded shape."""
+    layers = repeated_layers(model) if mode == "regional" else None
+    if layers is None:
+        return torch.compile(model, dynamic=True)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return model
+
+
+def compile_cache(directory) -> str:
+    """Keeps the compiler's artifacts (Inductor's FX-graph and AOTAutograd caches, Triton's kernels) in
+    ``directory`` (the project's cache, on each node's own disk), so that a later run of the same model and
+    shapes loads them instead of compiling. TORCHINDUCTOR_CACHE_DIR set by the user wins. Returns the one used."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(directory).expanduser().resolve()))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_mode: str = "off",
                          wrap_ddp: bool = True) -> torch.nn.Module:
-    """Move to the device, compile if asked, wrap in DDP under torchrun. Returns the module to train with.
+    """Move to the device, compile if asked (``COMPILE_MODES``), wrap in DDP under torchrun. Returns the module
+    to train with.
 
-    ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper.
+    ``model`` itself stays the plain module: evaluation and checkpoints use it, never a wrapper (a regional
+    compile changes the model's layers in place: evaluation runs them compiled too).
     ``wrap_ddp=False`` (CUDA graphs under torchrun, which average the gradients themselves): no wrapper,
     but every rank starts from rank 0's weights and buffers, as DDP's wrapper would make them.
     """
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
     model.to(ctx.device)
     if ctx.distributed and not wrap_ddp:
         tensors = [*model.parameters(), *model.buffers()]
@@ -57,10 +98,7 @@ def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile
         with torch.no_grad():
             for tensor in tensors:
                 dist.broadcast(tensor, src=0)
-    train_model = model
-    if compile_model:
-        # dynamic=True: one compile for every sequence length, instead of a recompile per padded shape.
-        train_model = torch.compile(model, dynamic=True)
+    train_model = model if compile_mode == "off" else compile_model(model, compile_mode)
     if ctx.distributed and wrap_ddp:
         ddp_args = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
         train_model = DDP(train_model, **ddp_args)

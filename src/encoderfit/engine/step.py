@@ -2,6 +2,12 @@
 
     zero gradients -> for each micro-batch: forward, loss, metric sums, backward -> [all-reduce] -> clip -> AdamW
 
+Under fp16 autocast the loss is scaled before backward and the gradients unscaled before clipping
+(``torch.amp.GradScaler``, dynamic scale). The fused AdamW takes the scaler's found-inf flag on the
+device and skips an overflowing step itself, so there is no host sync: the scale, its growth tracker
+and the flag are device tensors that a recorded CUDA graph updates like any other. Under DDP the
+gradients are all-reduced before they are unscaled, so every rank finds the same overflow.
+
 The step's loss is the task's summed loss divided by the step's normalizer (for classification,
 its example count), so k accumulated micro-batches give exactly the gradient of one batch of all
 of them. What a step needs travels together in a ``StepContext``.
@@ -31,6 +37,7 @@ class StepContext:
     skip_nonfinite: bool = False    # check each micro-batch's loss on the host (a sync) and skip bad steps
     recording: bool = False         # inside a CUDA graph: gradients kept in place, no autocast cache
     grad_sync: Optional[object] = None  # graphs under DDP: averages the gradients over the ranks (one collective)
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16: loss scaling (needs the fused AdamW: no host sync)
 
 
 @dataclass
@@ -67,16 +74,36 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
             loss_total += loss_sum.detach()
             # A graph gets 1/normalizer in a device tensor and multiplies: what CUDA does for a Python divisor.
             scaled = loss_sum * normalizer if torch.is_tensor(normalizer) else loss_sum / normalizer
+            if sc.scaler is not None:
+                scaled = sc.scaler.scale(scaled)
             scaled.backward()                                         # 3. backward
     if sc.grad_sync is not None:  # once per step on every rank, whatever the step did: the collectives pair up
         sc.grad_sync()                                                # 3b. gradients averaged over the ranks
     if applied:
+        if sc.scaler is not None:
+            sc.scaler.unscale_(sc.optimizer)  # the clipping sees true gradients; an overflow sets found-inf
         if sc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
-        sc.optimizer.step()                                           # 4. optimizer step
+        if sc.scaler is not None:
+            sc.scaler.step(sc.optimizer)  # fused AdamW skips the update on the device when found-inf is set
+            sc.scaler.update()
+        else:
+            sc.optimizer.step()                                       # 4. optimizer step
     if not sc.recording:  # freed at once, so evaluation and checkpoints do not hold a copy of them
         sc.optimizer.zero_grad(set_to_none=True)                      # 5. zero gradients
     return StepOutput(loss_total, sums, applied)
+
+
+def scaling_summary(sc: StepContext) -> Optional[str]:
+    """fp16: the loss scale reached and the steps AdamW skipped for overflowing gradients (its own step count,
+    which the fused kernel does not advance on them, against the scheduler's, which counts every step). Reads
+    the device: called once, at the end of the run."""
+    if sc.scaler is None:
+        return None
+    counts = [s["step"] for s in sc.optimizer.state.values() if "step" in s]
+    taken, planned = (int(counts[0]) if counts else 0), sc.scheduler.last_epoch
+    return (f"fp16 loss scaling: scale {sc.scaler.get_scale():g} at the end; {planned - taken} of {planned} "
+            f"optimizer steps skipped for overflowing gradients")
 
 
 class EagerSteps:
@@ -89,7 +116,7 @@ class EagerSteps:
         return train_step(self.sc, [b.to(self.sc.ctx.device) for b in micro_batches], normalizer)
 
     def summary(self) -> Optional[str]:
-        return None
+        return scaling_summary(self.sc)
 
     def close(self) -> None:
         pass

@@ -131,7 +131,7 @@ def unfit(model, device: torch.device, amp_dtype) -> Optional[str]:
     if device.type != "cuda":
         return "a CUDA device"
     if amp_dtype is None:
-        return "bf16 (flash attention has no fp32 kernel)"
+        return "bf16 or fp16 (flash attention has no fp32 kernel)"
     if kind not in FAMILIES or _sequence_module(model) is None or getattr(model.config, "is_decoder", False):
         return f"an encoder of the families {', '.join(FAMILIES)} (this one is {kind}" + (
             ", configured as a decoder)" if getattr(model.config, "is_decoder", False) else ")")

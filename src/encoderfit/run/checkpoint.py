@@ -183,7 +183,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def training_state(optimizer, scheduler, *, loop: dict, rng: list, run: dict, tracker: dict | None = None) -> dict:
+def training_state(optimizer, scheduler, *, loop: dict, rng: list, run: dict, tracker: dict | None = None,
+                   scaler=None) -> dict:
     """Everything besides the weights that an exact resume needs (``rng`` holds one entry per rank).
 
     ``run`` says what the run was: its config, world size, label names, tokenizer and task.
@@ -191,6 +192,7 @@ def training_state(optimizer, scheduler, *, loop: dict, rng: list, run: dict, tr
     return {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        **({"scaler": scaler.state_dict()} if scaler is not None else {}),  # fp16: the loss scale and its tracker
         "loop": loop, "rng": rng, "tracker": tracker or {},
         "epochs_completed": len(loop.get("results", [])), "global_step": loop["global_step"],
         **run,
@@ -356,7 +358,7 @@ class CheckpointWriter:
         its model (shared with final/) and a training state without the optimizer's, which is what
         ``--resume auto`` needs to say the run is complete. Returns once everything is on disk."""
         if self.ctx.is_main and self.newest and self.newest[0] == state["global_step"]:
-            slim = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+            slim = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
             self._submit(self._trim, self.newest[1], to_host({**slim, "finished": True}))
         self.wait()
 

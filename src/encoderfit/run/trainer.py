@@ -36,17 +36,20 @@ from encoderfit.run.result import RunResult
 from encoderfit.run.testset import TestSet
 from encoderfit.run.runlog import RunClock, RunLogger, format_breakdown
 from encoderfit.engine.build import Optimization, Speed, build_steps
-from encoderfit.utils import UserError, autocast_dtype, set_seed
+from encoderfit.utils import UserError, autocast_dtype, precision_name, set_seed
 
 # Lengths padded to multiples of 32: at most max_length/32 shapes, so few graphs to record.
 CUDAGRAPH_PAD_MULTIPLE = 32
-# Measured on an H100 (BENCHMARKS.md): under CUDA graphs torch.compile saves 0.7-1.0 us a training token
-# and costs 88-143 s, so it pays back after ~90-200 million tokens; below this, --compile auto is off.
-COMPILE_MIN_TOKENS = 150_000_000
+# Measured on an H100 (BENCHMARKS.md): the regional compile of BERT-base costs 12.8 s cold (0.3 s from the cache)
+# and saves 0.60 us a real training token under CUDA graphs, so it pays back after ~21 million tokens; below
+# this, --compile auto is off.
+COMPILE_MIN_TOKENS = 20_000_000
+COMPILE_MODES = {"on": "regional", "whole": "whole", "off": "off"}
+COMPILE_SAID = {"regional": "on (each encoder layer)", "whole": "on (the whole model)", "off": "off"}
 
 
-def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float) -> tuple[bool, bool]:
-    """(compile, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
+def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float) -> tuple[str, bool]:
+    """(compile mode, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
 
     A graph replays one whole optimizer step: a step of several micro-batches (accumulation) or one
     that may be skipped (a non-finite loss, which needs a host sync to know) does not fit it. Under
@@ -59,8 +62,15 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
         raise UserError(f"--cuda_graphs on does not work with {unfit}" if unfit != "a CUDA device"
                         else "--cuda_graphs on needs a CUDA device")
     graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and unfit is None)
-    compile_model = cfg.compile == "on" or (cfg.compile == "auto" and graphs and planned_tokens >= COMPILE_MIN_TOKENS)
-    return compile_model, graphs
+    if cfg.compile == "auto":
+        pays = ctx.device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
+        return ("regional" if pays else "off"), graphs
+    return COMPILE_MODES[cfg.compile], graphs
+
+
+def project_cache(cfg: TrainConfig) -> Path:
+    """Where tokenized data and compiled code are cached: --cache_dir, else CHECKPOINT_DIR/cache (each node's own)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
 
 
 def choose_unpadded(cfg: TrainConfig, model, ctx: ProcessContext, amp_dtype) -> tuple[bool, str]:
@@ -238,6 +248,7 @@ class RunState:
     task: tasks.Task  # its record is taken at each save: a tuned threshold changes during the run
     clock: RunClock   # where the wall time went, this process's and (restored) the earlier ones'
     test_set: TestSet | None = None  # scored once with best/ when the run ends (the main process)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale, saved and restored for an exact resume
 
     def payload(self, ctx: ProcessContext) -> dict:
         """The training state of a checkpoint. A collective: every rank is here."""
@@ -246,12 +257,14 @@ class RunState:
         return checkpoint.training_state(self.optimizer, self.scheduler, loop=loop, rng=rng,
                                          run={**self.run_record, "task": self.task.record(),
                                               "clock": self.clock.state_dict()},
-                                         tracker=self.tracker.state_dict())
+                                         tracker=self.tracker.state_dict(), scaler=self.scaler)
 
     def restore(self, saved: dict, ctx: ProcessContext, task) -> None:
         if not saved.get("finished"):  # a finished run keeps no optimizer state: it has no step left to take
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
+            if self.scaler is not None and "scaler" in saved:  # (a run begun in bf16 or fp32 starts a new scale)
+                self.scaler.load_state_dict(saved["scaler"])
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
         task.restore(saved.get("task") or {})
@@ -375,7 +388,7 @@ def prepare(cfg: TrainConfig, given=None) -> None:
 def _load_data(cfg: TrainConfig, ctx: ProcessContext, tokenizer, log: RunLogger,
                given=None) -> data.TokenizedData:
     source = data.DataSource.from_settings(cfg, given=given)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.checkpoint_dir) / "cache"
+    cache_dir = project_cache(cfg)
     prepared = data.prepare_data(source, tokenizer, ctx, cache_dir=cache_dir, max_length=cfg.max_length,
                                  long_texts=LongTexts.from_config(cfg), cache_key=cfg.values_marked("cache"),
                                  validation_fraction=cfg.validation_fraction, split_seed=cfg.split_seed,
@@ -447,14 +460,15 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
               + (f"resumed from {resume_from}" if saved else
                  f"new head for {task.num_labels} {'output' if task.num_labels == 1 else 'labels'}"))
 
-    compile_model, use_graphs = choose_speed(
+    compile_mode, use_graphs = choose_speed(
         cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
     # printed once the data and the model have been read: a run that fails on its input says only why
     log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
-              f"{'bf16 autocast' if amp_dtype else 'fp32'} | global batch {global_batch} "
+              f"{precision_name(amp_dtype) + ' autocast' if amp_dtype else 'fp32'}"
+              f"{' with loss scaling' if amp_dtype == torch.float16 else ''} | global batch {global_batch} "
               f"({cfg.batch_size} per process x {ctx.world_size} x {cfg.grad_accum_steps} accumulation)")
     unpadded, batches_said = choose_unpadded(cfg, model, ctx, amp_dtype)
-    log.print(f"compile: {'on' if compile_model else 'off'} | CUDA graphs: {'on' if use_graphs else 'off'} | "
+    log.print(f"compile: {COMPILE_SAID[compile_mode]} | CUDA graphs: {'on' if use_graphs else 'off'} | "
               f"batches: {batches_said}")
     if unpadded:
         packing.prepare(model)
@@ -467,7 +481,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         log.write_json("config.json", {
             "config": cfg.to_dict(), "task": task.record(), "world_size": ctx.world_size, "backend": ctx.backend,
             "global_batch_size": global_batch, "device": str(ctx.device),
-            "precision": "bf16" if amp_dtype else "fp32", "compile": compile_model, "cuda_graphs": use_graphs,
+            "precision": precision_name(amp_dtype), "compile": compile_mode, "cuda_graphs": use_graphs,
             "unpadded": unpadded,
             "model_source": "bundled" if cfg.model == "default" else "local" if Path(cfg.model).expanduser().exists()
             else "hub",
@@ -476,12 +490,14 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         log.write_json("data.json", prepared.info)
 
     steps_per_epoch = math.ceil(len(loaders[0]) / cfg.grad_accum_steps)
+    if compile_mode != "off":  # a later run of this model and these shapes loads the compiled code from there
+        engine.compile_cache(project_cache(cfg) / "compile")
     steps = build_steps(model, task, ctx, Optimization(cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
                                                        cfg.max_grad_norm, cfg.epochs * steps_per_epoch,
                                                        cfg.skip_nonfinite),
-                        Speed(compile_model, use_graphs, amp_dtype))
+                        Speed(compile_mode, use_graphs, amp_dtype))
     state = RunState(steps.optimizer, steps.scheduler, engine.LoopState(),
-                     tracker, run_record, task, clock, test_set)
+                     tracker, run_record, task, clock, test_set, steps.scaler)
     writer = checkpoint.CheckpointWriter(log.run_dir, ctx, keep=cfg.keep_checkpoints)
     if saved:
         state.restore(saved, ctx, task)
@@ -513,7 +529,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
         return result
     if cfg.trackers:  # the resolved config as the trackers' parameters; a tracker that cannot start stops every rank
         params = {**cfg.to_dict(), "task": task.name, "world_size": ctx.world_size, "global_batch_size": global_batch,
-                  "device": str(ctx.device), "precision": "bf16" if amp_dtype else "fp32"}
+                  "device": str(ctx.device), "precision": precision_name(amp_dtype)}
         ctx.run_on_main(lambda: log.open_trackers(cfg.trackers, params))
     try:
         return _fit_and_finish(runner, loaders, loop, state, hooks, log, stop, resumed=bool(saved))

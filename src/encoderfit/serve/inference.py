@@ -31,7 +31,9 @@ from encoderfit.utils import (  # noqa: F401
     HelpFormatter,
     ToolParser,
     UserError,
+    PRECISIONS,
     autocast_dtype,
+    precision_name,
     detect_device,
 )
 
@@ -561,8 +563,8 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, max_length_help: str
                         help="windows: mean or max of the windows' logits (default: the checkpoint's, else mean).")
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
                         help="auto: CUDA, then Apple MPS, then CPU.")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                        help="auto: bf16 autocast on GPUs that support it, else fp32.")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast on GPUs that run it natively, fp16 on older CUDA GPUs, else fp32.")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES,
                         help="torch: the PyTorch checkpoint; onnx / onnx-int8: its ONNX export (encoderfit export "
                              "--int8) in ONNX Runtime on the CPU.")
@@ -589,7 +591,7 @@ def setup_device(args) -> tuple:
 
 def describe_runtime(runtime: str, amp_dtype) -> str:
     return {"onnx": "ONNX Runtime, fp32", "onnx-int8": "ONNX Runtime, int8 weights"}.get(
-        runtime, "bf16 autocast" if amp_dtype else "fp32")
+        runtime, f"{precision_name(amp_dtype)} autocast" if amp_dtype else "fp32")
 
 
 def onnx_device(runtime: str, device: str, precision: str) -> tuple:
@@ -598,7 +600,7 @@ def onnx_device(runtime: str, device: str, precision: str) -> tuple:
 
     if device not in ("auto", "cpu"):
         raise UserError(f"--runtime {runtime} runs on the CPU: leave --device out (or give --device cpu)")
-    if precision == "bf16":
+    if precision in ("bf16", "fp16"):
         raise UserError(f"--runtime {runtime} runs the export as written (fp32, or int8 weights): leave --precision "
                         f"out")
     return torch.device("cpu"), None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from encoderfit.serve import inference
-from encoderfit.utils import UserError, autocast_dtype, detect_device
+from encoderfit.utils import PRECISIONS, UserError, autocast_dtype, detect_device
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Classifier:
         or "onnx" / "onnx-int8" for its ONNX export (``export_onnx``) in ONNX Runtime on the CPU."""
         if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-        if precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"--precision must be one of auto, bf16, fp32, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if path is None or not isinstance(path, (str, os.PathLike)):
             raise UserError(f"Classifier.load needs a checkpoint directory (a path), got {type(path).__name__}")
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):

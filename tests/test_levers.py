@@ -1,0 +1,211 @@
+"""The speed levers' CPU semantics. fp16 with loss scaling: the engine's step against torch's own AMP recipe
+(GradScaler, as its docs write the loop), a planted overflow that skips exactly its step, and the scale kept
+across a resume; on a CUDA GPU, eager and recorded as graphs: tests/test_graphs.py and tests/test_gpu.py.
+The regional compile: what it compiles and where its cache goes (run on the GPU in tests/test_gpu.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_bert, run_script, synthetic_rows, write_rows
+from encoderfit.data.batches import Batch
+from encoderfit.engine import loop as engine
+from encoderfit.engine.build import Optimization, Speed, build_steps
+from encoderfit.engine.distributed import ProcessContext
+from encoderfit.tasks.single_label import SingleLabelClassification
+from encoderfit.utils import UserError, autocast_dtype
+from test_resume import SITECUSTOMIZE, env_with
+
+OVERFLOW_HOOK = '''
+import os
+import torch
+
+
+class _Overflow(torch.autograd.Function):
+    """Identity forward; a backward too large for fp16 (what an overflowing step looks like)."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e30
+
+
+if os.environ.get("OVERFLOW_AT_CALL"):
+    _forward = torch.nn.CrossEntropyLoss.forward
+    seen = [0]
+
+    def forward(self, input, target):
+        seen[0] += 1
+        at = {int(x) for x in os.environ["OVERFLOW_AT_CALL"].split(",")}
+        return _forward(self, _Overflow.apply(input) if seen[0] in at else input, target)
+    torch.nn.CrossEntropyLoss.forward = forward
+'''
+
+
+def batches(n: int, *, size=6, length=12, vocab=200, seed=0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (size, length), generator=g)
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length // 2:] = 0
+        inputs = {"input_ids": ids * mask, "attention_mask": mask}
+        out.append(Batch(inputs, torch.randint(0, 2, (size,), generator=g), size, int(mask.sum())))
+    return out
+
+
+def tiny(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0))
+
+
+class Plant:
+    """Multiplies the classifier weight's gradient by ``factor[0]`` (inf at the planted step, else 1)."""
+    def __init__(self, model):
+        self.factor = torch.ones(())
+        model.classifier.weight.register_hook(lambda grad: grad * self.factor)
+
+
+def ours(data, overflow_at: int, lr=1e-3, clip=0.5) -> tuple:
+    model = tiny()
+    plant = Plant(model)
+    ctx = ProcessContext(0, 0, 1, torch.device("cpu"))
+    steps = build_steps(model, SingleLabelClassification(["a", "b"]), ctx,
+                        Optimization(lr, 0.01, 0.25, clip, len(data)), Speed(amp_dtype=torch.float16))
+    before, scales = None, []
+    for i, batch in enumerate(data):
+        plant.factor.fill_(float("inf") if i == overflow_at else 1.0)
+        if i == overflow_at:
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+        steps.runner([batch], batch.num_examples)
+        steps.scheduler.step()
+        scales.append(steps.scaler.get_scale())
+        if i == overflow_at:
+            after = model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), "the overflowing step changed weights"
+    return model, scales, steps
+
+
+def reference(data, overflow_at: int, lr=1e-3, clip=0.5) -> torch.nn.Module:
+    """torch's AMP recipe, written as its docs write it, with the same AdamW groups and schedule."""
+    model = tiny()
+    plant = Plant(model)
+    optimizer = engine.build_optimizer(model, lr=lr, weight_decay=0.01, fused=True)
+    scheduler = engine.build_scheduler(optimizer, total_steps=len(data), warmup_ratio=0.25)
+    scaler = torch.amp.GradScaler("cpu")
+    for i, batch in enumerate(data):
+        plant.factor.fill_(float("inf") if i == overflow_at else 1.0)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(**batch.inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum") / batch.num_examples
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    return model
+
+
+def test_fp16_steps_are_torchs_amp_recipe_and_a_planted_overflow_skips_exactly_its_step():
+    data = batches(6)
+    model, scales, steps = ours(data, overflow_at=2)
+    ref = reference(data, overflow_at=2)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+    # the scale halves at the overflow and only there; AdamW took 5 of the 6 steps
+    assert scales == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0, 32768.0]
+    assert "scale 32768 at the end; 1 of 6 optimizer steps skipped" in steps.runner.summary()
+    # a different run is told apart: no overflow (one more step taken), half the learning rate, no clipping
+    for other in (ours(data, overflow_at=-1)[0], ours(data, overflow_at=2, lr=5e-4)[0],
+                  ours(data, overflow_at=2, clip=0.0)[0]):
+        assert max((a - b).abs().max().item() for a, b in zip(other.state_dict().values(),
+                                                                 ref.state_dict().values())) > 1e-4
+
+
+def test_precision_auto_and_the_refusals():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp16") is torch.float16
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16 and autocast_dtype(cpu, "fp32") is None
+    if torch.cuda.is_available():
+        native = torch.cuda.get_device_capability() >= (8, 0)
+        assert autocast_dtype(torch.device("cuda"), "auto") is (torch.bfloat16 if native else torch.float16)
+        if not native:
+            with pytest.raises(UserError, match="no native bfloat16"):
+                autocast_dtype(torch.device("cuda"), "bf16")
+
+
+def _steps(run: Path) -> list:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
+
+
+def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path):
+    """The CLI, fp16 on the CPU: the overflow at the third step is skipped; stopped after step 4 and resumed,
+    the run ends with the uninterrupted run's weights, losses and loss scale (a scale not restored would
+    start again at 65536)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE + OVERFLOW_HOOK)
+    model = make_tiny_bert(tmp_path / "model")
+    write_rows(tmp_path / "train.csv", synthetic_rows(48, seed=3))
+    write_rows(tmp_path / "val.csv", synthetic_rows(16, seed=4))
+    common = ["--model", model, "--train_file", tmp_path / "train.csv", "--validation_file", tmp_path / "val.csv",
+              "--epochs", 2, "--batch_size", 16, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1,
+              "--precision", "fp16", "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache"]
+    stopped = run_script("train_single.py", *common, "--run_name", "a",
+                         env=env_with(hooks, STOP_AT_STEP=4, OVERFLOW_AT_CALL=3))
+    assert stopped.returncode == 143, stopped.stderr
+    assert "precision fp16 autocast with loss scaling" in stopped.stdout
+    resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto",
+                         env=env_with(hooks))
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_script("train_single.py", *common, "--run_name", "b", env=env_with(hooks, OVERFLOW_AT_CALL=3))
+    assert straight.returncode == 0, straight.stderr
+    said = "fp16 loss scaling: scale 32768 at the end; 1 of 6 optimizer steps skipped for overflowing gradients"
+    assert said in straight.stdout and said in resumed.stdout, (straight.stdout, resumed.stdout)
+    a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert [r["loss"] for r in _steps(tmp_path / "a")] == [r["loss"] for r in _steps(tmp_path / "b")]
+    # the skipped step's update is missing: the weights after it equal those before it (the run's checkpoints
+    # are at steps 3 and 6 only, so this is checked in the engine test); the config records fp16
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "fp16"
+
+
+def test_the_regional_compile_finds_each_encoders_layer_stack_and_keeps_its_cache_where_asked(tmp_path, monkeypatch):
+    """What --compile on compiles: the repeated layer of BERT, DistilBERT and RoBERTa, each layer in place (the
+    state dict's names unchanged, so checkpoints load as before); the whole model where there is no stack. The
+    compiled code goes to the run's cache unless TORCHINDUCTOR_CACHE_DIR says otherwise. (Running it: the GPU
+    tests.)"""
+    import transformers
+    from encoderfit.engine.loop import compile_cache, compile_model, repeated_layers
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                 max_position_embeddings=40)
+    for config, where in ((transformers.BertConfig(num_hidden_layers=3, **small), "bert.encoder.layer"),
+                          (transformers.RobertaConfig(num_hidden_layers=3, **small), "roberta.encoder.layer"),
+                          (transformers.DistilBertConfig(n_layers=3, dim=32, n_heads=2, hidden_dim=64, vocab_size=100,
+                                                         max_position_embeddings=40), "distilbert.transformer.layer")):
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+        names = list(model.state_dict())
+        found = repeated_layers(model)
+        assert found is model.get_submodule(where) and len(found) == 3
+        assert compile_model(model, "regional") is model and list(model.state_dict()) == names
+        assert all(layer._compiled_call_impl is not None for layer in found)
+        assert all(m._compiled_call_impl is None for m in model.modules() if all(m is not x for x in found))
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())  # no layer stack: compiled whole
+    assert repeated_layers(flat) is None and compile_model(flat, "regional") is not flat
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # whatever was there comes back after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert compile_cache(tmp_path / "cache" / "compile") == str(tmp_path / "cache" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache(tmp_path / "other") == str(tmp_path / "mine")
