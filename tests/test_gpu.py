@@ -157,6 +157,7 @@ def test_compile_on_with_graphs_on_a_small_model(tmp_path, tiny_model_dir, unpad
     said = "unpadded" if unpadded == "on" else "padded"  # on: the compile traces the packed path
     assert f"compile: on (each encoder layer) | CUDA graphs: on | batches: {said}" in proc.stdout, proc.stdout
     assert list((tmp_path / "cache" / "compile").iterdir())  # the compiled code, kept for the next run
+    assert "given up" not in proc.stdout, proc.stdout  # the compiled layers are recorded in the graphs
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["final_val_accuracy"] >= 0.8  # the sentiment word decides the label: learned
 

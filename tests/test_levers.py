@@ -5,6 +5,7 @@ The regional compile: what it compiles and where its cache goes (run on the GPU 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,27 @@ def test_fp16_steps_are_torchs_amp_recipe_and_a_planted_overflow_skips_exactly_i
                                                                  ref.state_dict().values())) > 1e-4
 
 
+def test_an_fp16_step_that_failed_after_unscaling_runs_again(monkeypatch):
+    """Running out of memory in the clipping (after the gradients were unscaled): the graphs' runner runs such a
+    step again, which GradScaler would refuse ('unscale_() has already been called') had the step not been
+    forgotten. The step then runs as if nothing had happened before it."""
+    data = batches(2)
+    _, _, steps = ours(data[:1], overflow_at=-1)
+    real, failed = torch.nn.utils.clip_grad_norm_, []
+
+    def fail_once(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", fail_once)
+    with pytest.raises(torch.OutOfMemoryError):
+        steps.runner([data[1]], data[1].num_examples)
+    out = steps.runner([data[1]], data[1].num_examples)
+    assert failed and out.applied and steps.scaler.get_scale() == 65536.0
+    assert not hasattr(steps.optimizer, "found_inf") and int(steps.scaler.overflows) == 0
+
+
 def test_precision_auto_and_the_refusals():
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp16") is torch.float16
@@ -204,8 +226,13 @@ def test_the_regional_compile_finds_each_encoders_layer_stack_and_keeps_its_cach
         assert all(m._compiled_call_impl is None for m in model.modules() if all(m is not x for x in found))
     flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())  # no layer stack: compiled whole
     assert repeated_layers(flat) is None and compile_model(flat, "regional") is not flat
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # whatever was there comes back after the test
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")  # whatever was there comes back after the test
+    # torch's own default, which importing torch._dynamo writes into the environment, is not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert compile_cache(tmp_path / "cache" / "compile") == str(tmp_path / "cache" / "compile")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "compile" / "triton")
+    # a later run of this process (a sweep's next trial, a notebook's next fit) uses its own cache
+    assert compile_cache(tmp_path / "next") == str(tmp_path / "next")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache(tmp_path / "other") == str(tmp_path / "mine")

@@ -16,7 +16,7 @@ have their text column found by name (text, sentence, review, ...) or named with
 name as in training: label, category, class, ..., or named with --label_column) is also scored:
 the accuracy against the checkpoint's label names is printed, and each record gets its
 "true_label". Texts are batched (--batch_size) and sorted by length for speed; GPU when
-present, with bf16 autocast on GPUs that support it. --max_length defaults to the one the
+present, with bf16 autocast on GPUs that run it natively (fp16 on older CUDA GPUs). --max_length defaults to the one the
 checkpoint was trained with (as in encoderfit evaluate), else 512 or the model's limit.
 
 A checkpoint trained on text pairs classifies pairs: two texts per pair on the command line

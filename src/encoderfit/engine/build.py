@@ -9,7 +9,7 @@ import torch
 
 from encoderfit.engine import loop
 from encoderfit.engine.distributed import ProcessContext
-from encoderfit.engine.step import EagerSteps, StepContext
+from encoderfit.engine.step import EagerSteps, StepContext, new_scaler
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def build_steps(model: torch.nn.Module, task, ctx: ProcessContext, optimization:
     # fp16: the fused AdamW takes the scaler's found-inf flag on the device (no host sync), also on the CPU
     optimizer = loop.build_optimizer(model, lr=optimization.learning_rate, weight_decay=optimization.weight_decay,
                                      fused=ctx.device.type == "cuda" or fp16)
-    scaler = torch.amp.GradScaler(ctx.device.type) if fp16 else None
+    scaler = new_scaler(ctx.device) if fp16 else None
     scheduler = loop.build_scheduler(optimizer, total_steps=optimization.total_steps,
                                      warmup_ratio=optimization.warmup_ratio)
     sc = StepContext(train_model, optimizer, scheduler, task, speed.amp_dtype, optimization.max_grad_norm, ctx,

@@ -50,6 +50,7 @@ def repeated_layers(model: torch.nn.Module) -> Optional[torch.nn.ModuleList]:
     found = None
     for module in model.modules():
         if (isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1
+                and not isinstance(module[0], (torch.nn.ModuleList, torch.nn.ModuleDict))  # a list of lists
                 and (found is None or len(module) > len(found))):
             found = module
     return found
@@ -68,12 +69,24 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
+_CACHE_SET: set = set()  # the compiler cache directories this process set (a later run may set another)
+
+
 def compile_cache(directory) -> str:
     """Keeps the compiler's artifacts (Inductor's FX-graph and AOTAutograd caches, Triton's kernels) in
     ``directory`` (the project's cache, on each node's own disk), so that a later run of the same model and
-    shapes loads them instead of compiling. TORCHINDUCTOR_CACHE_DIR set by the user wins. Returns the one used."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(directory).expanduser().resolve()))
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    shapes loads them instead of compiling. A TORCHINDUCTOR_CACHE_DIR that the user set wins; torch's own
+    default (which importing torch._dynamo writes into the environment) and one set by an earlier run of this
+    process (a notebook, a sweep's trials) do not. Returns the directory used."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or current == default_cache_dir() or current in _CACHE_SET:
+        current = str(Path(directory).expanduser().resolve())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(current, "triton")  # Inductor reads it once, if unset
+        _CACHE_SET.add(current)
+    return current
 
 
 def prepare_for_training(model: torch.nn.Module, ctx: ProcessContext, *, compile_mode: str = "off",

@@ -47,10 +47,37 @@ class StepOutput:
     applied: bool = True            # False: skipped for a non-finite loss (only with skip_nonfinite)
 
 
+def new_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaler, with a device counter of the steps it skipped (``overflows``: saved in checkpoints)."""
+    scaler = torch.amp.GradScaler(device.type)
+    scaler.overflows = torch.zeros((), dtype=torch.float32, device=device)
+    return scaler
+
+
+def reset_scaler(sc: StepContext) -> None:
+    """After a step that failed part-way (out of memory, a failed recording): the scaler forgets that step,
+    so the step can run again (GradScaler refuses a second unscale_ before update())."""
+    if sc.scaler is not None:
+        from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+        sc.scaler._per_optimizer_states[id(sc.optimizer)] = _refresh_per_optimizer_state()
+        for name in ("grad_scale", "found_inf"):
+            if hasattr(sc.optimizer, name):
+                delattr(sc.optimizer, name)
+
+
 def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, torch.Tensor]) -> StepOutput:
     """One optimizer step over ``micro_batches`` (on the device). ``normalizer`` divides the summed loss:
     a Python number, or a device tensor holding its reciprocal: inside a CUDA graph (refilled before each
     replay), and under DDP with class weights (summed over ranks, engine._global_reciprocal)."""
+    try:
+        return _train_step(sc, micro_batches, normalizer)
+    except BaseException:
+        reset_scaler(sc)
+        raise
+
+
+def _train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, torch.Tensor]) -> StepOutput:
     device = sc.ctx.device
     if sc.recording:  # inside a graph the gradients stay the same tensors between replays: zeroed, not freed
         sc.optimizer.zero_grad(set_to_none=False)
@@ -82,6 +109,8 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
     if applied:
         if sc.scaler is not None:
             sc.scaler.unscale_(sc.optimizer)  # the clipping sees true gradients; an overflow sets found-inf
+            for found in sc.scaler._found_inf_per_device(sc.optimizer).values():
+                sc.scaler.overflows.add_(found)  # on the device: counted, not read
         if sc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
         if sc.scaler is not None:
@@ -95,15 +124,17 @@ def train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, to
 
 
 def scaling_summary(sc: StepContext) -> Optional[str]:
-    """fp16: the loss scale reached and the steps AdamW skipped for overflowing gradients (its own step count,
-    which the fused kernel does not advance on them, against the scheduler's, which counts every step). Reads
-    the device: called once, at the end of the run."""
+    """fp16: the loss scale reached and the steps skipped for overflowing gradients, of the steps taken (the
+    scheduler's count, resumed runs' earlier steps included). Reads the device: called once, at the end of the
+    run, and says nothing if the device cannot answer (the run's own error is the one to see)."""
     if sc.scaler is None:
         return None
-    counts = [s["step"] for s in sc.optimizer.state.values() if "step" in s]
-    taken, planned = (int(counts[0]) if counts else 0), sc.scheduler.last_epoch
-    return (f"fp16 loss scaling: scale {sc.scaler.get_scale():g} at the end; {planned - taken} of {planned} "
-            f"optimizer steps skipped for overflowing gradients")
+    try:
+        overflows, scale = int(sc.scaler.overflows.item()), sc.scaler.get_scale()
+    except Exception:
+        return None
+    return (f"fp16 loss scaling: scale {scale:g} at the end; {overflows} of {sc.scheduler.last_epoch} optimizer "
+            f"steps skipped for overflowing gradients")
 
 
 class EagerSteps:

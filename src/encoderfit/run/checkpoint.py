@@ -192,7 +192,9 @@ def training_state(optimizer, scheduler, *, loop: dict, rng: list, run: dict, tr
     return {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        **({"scaler": scaler.state_dict()} if scaler is not None else {}),  # fp16: the loss scale and its tracker
+        # fp16: the loss scale, its growth tracker and the count of skipped steps
+        **({"scaler": {**scaler.state_dict(), "overflows": int(scaler.overflows.item())}} if scaler is not None
+           else {}),
         "loop": loop, "rng": rng, "tracker": tracker or {},
         "epochs_completed": len(loop.get("results", [])), "global_step": loop["global_step"],
         **run,

@@ -48,6 +48,7 @@ COMPILE_MODES = {"on": "regional", "whole": "whole", "off": "off"}
 COMPILE_SAID = {"regional": "on (each encoder layer)", "whole": "on (the whole model)", "off": "off"}
 
 
+
 def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float) -> tuple[str, bool]:
     """(compile mode, cuda graphs) to train with: 'auto' resolved, and what CUDA graphs cannot serve refused.
 
@@ -66,6 +67,22 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
         pays = ctx.device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
         return ("regional" if pays else "off"), graphs
     return COMPILE_MODES[cfg.compile], graphs
+
+
+def fit_compile(mode: str, cfg: TrainConfig, model, ctx: ProcessContext) -> str:
+    """The compile mode that this model and GPU allow: Triton's kernels need compute capability 7.0 (auto: off;
+    asked for: refused), and the regional compile needs a stack of repeated layers (auto: off; on: the whole
+    model, as the run's header says)."""
+    if mode == "off":
+        return mode
+    if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) < (7, 0):
+        if cfg.compile == "auto":
+            return "off"
+        raise UserError(f"--compile {cfg.compile} needs a GPU of compute capability 7.0 or newer (Triton's kernels): "
+                        f"use --compile off")
+    if mode == "regional" and engine.repeated_layers(model) is None:
+        return "off" if cfg.compile == "auto" else "whole"
+    return mode
 
 
 def project_cache(cfg: TrainConfig) -> Path:
@@ -265,6 +282,7 @@ class RunState:
             self.scheduler.load_state_dict(saved["scheduler"])
             if self.scaler is not None and "scaler" in saved:  # (a run begun in bf16 or fp32 starts a new scale)
                 self.scaler.load_state_dict(saved["scaler"])
+                self.scaler.overflows.fill_(saved["scaler"].get("overflows", 0))
         self.tracker.load_state_dict(saved["tracker"])
         self.loop = engine.LoopState.restore(saved["loop"], ctx, task)
         task.restore(saved.get("task") or {})
@@ -462,6 +480,7 @@ def _train(cfg: TrainConfig, ctx: ProcessContext, log: RunLogger, resume_from: P
 
     compile_mode, use_graphs = choose_speed(
         cfg, ctx, planned_tokens=cfg.epochs * len(prepared.train) * prepared.info["train_tokens"]["mean"])
+    compile_mode = fit_compile(compile_mode, cfg, model, ctx)
     # printed once the data and the model have been read: a run that fails on its input says only why
     log.print(f"device {ctx.device} x {ctx.world_size} process(es) | precision "
               f"{precision_name(amp_dtype) + ' autocast' if amp_dtype else 'fp32'}"
