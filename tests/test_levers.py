@@ -172,10 +172,11 @@ def _steps(run: Path) -> list:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
 
 
-def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path):
-    """The CLI, fp16 on the CPU: the overflow at the third step is skipped; stopped after step 4 and resumed,
-    the run ends with the uninterrupted run's weights, losses and loss scale (a scale not restored would
-    start again at 65536)."""
+def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path, run_main, monkeypatch):
+    """The CLI, fp16 on the CPU: the overflow at the third step is skipped; stopped by SIGTERM after step 4 (a
+    process of its own) and resumed, the run ends with the uninterrupted run's weights, losses, loss scale and
+    skip count (a scale not restored would start again at 65536; a count not restored would say 0). The
+    resumed and uninterrupted runs run in this process, so they share its thread settings: compared to 1e-6."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE + OVERFLOW_HOOK)
@@ -189,18 +190,22 @@ def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path)
                          env=env_with(hooks, STOP_AT_STEP=4, OVERFLOW_AT_CALL=3))
     assert stopped.returncode == 143, stopped.stderr
     assert "precision fp16 autocast with loss scaling" in stopped.stdout
-    resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto",
-                         env=env_with(hooks))
+    resumed = run_main("train_single.py", *common, "--run_name", "a", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    straight = run_script("train_single.py", *common, "--run_name", "b", env=env_with(hooks, OVERFLOW_AT_CALL=3))
+    namespace = {}
+    exec(OVERFLOW_HOOK.replace('os.environ.get("OVERFLOW_AT_CALL")', "True").replace(
+        'os.environ["OVERFLOW_AT_CALL"]', '"3"').replace("torch.nn.CrossEntropyLoss.forward = forward", ""), namespace)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", namespace["forward"])  # the hook, in this process
+    straight = run_main("train_single.py", *common, "--run_name", "b")
     assert straight.returncode == 0, straight.stderr
     said = "fp16 loss scaling: scale 32768 at the end; 1 of 6 optimizer steps skipped for overflowing gradients"
     assert said in straight.stdout and said in resumed.stdout, (straight.stdout, resumed.stdout)
     a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in "ab")
-    assert all(torch.equal(a[k], b[k]) for k in b)
-    assert [r["loss"] for r in _steps(tmp_path / "a")] == [r["loss"] for r in _steps(tmp_path / "b")]
-    # the skipped step's update is missing: the weights after it equal those before it (the run's checkpoints
-    # are at steps 3 and 6 only, so this is checked in the engine test); the config records fp16
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    la, lb = ([r["loss"] for r in _steps(tmp_path / r)] for r in "ab")
+    assert len(la) == len(lb) == 6
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "fp16"
 
 
