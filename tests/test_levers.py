@@ -241,3 +241,16 @@ def test_the_regional_compile_finds_each_encoders_layer_stack_and_keeps_its_cach
     assert compile_cache(tmp_path / "next") == str(tmp_path / "next")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache(tmp_path / "other") == str(tmp_path / "mine")
+
+
+def test_a_model_without_a_layer_stack_is_not_compiled_by_auto_and_compiled_whole_when_asked():
+    from encoderfit.config import TrainConfig
+    from encoderfit.engine.distributed import ProcessContext
+    from encoderfit.run.trainer import fit_compile
+    cpu = ProcessContext(0, 0, 1, torch.device("cpu"))
+    flat, stacked = torch.nn.Sequential(torch.nn.Linear(4, 4)), tiny()
+    assert fit_compile("regional", TrainConfig(compile="auto"), flat, cpu) == "off"
+    assert fit_compile("regional", TrainConfig(compile="on"), flat, cpu) == "whole"
+    assert fit_compile("regional", TrainConfig(compile="on"), stacked, cpu) == "regional"
+    assert fit_compile("whole", TrainConfig(compile="whole"), flat, cpu) == "whole"
+    assert fit_compile("off", TrainConfig(compile="off"), stacked, cpu) == "off"
