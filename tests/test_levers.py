@@ -233,12 +233,17 @@ def test_the_regional_compile_finds_each_encoders_layer_stack_and_keeps_its_cach
     assert repeated_layers(flat) is None and compile_model(flat, "regional") is not flat
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     monkeypatch.setenv("TRITON_CACHE_DIR", "")  # whatever was there comes back after the test
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     # torch's own default, which importing torch._dynamo writes into the environment, is not the user's choice
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert compile_cache(tmp_path / "cache" / "compile") == str(tmp_path / "cache" / "compile")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "compile" / "triton")
     # a later run of this process (a sweep's next trial, a notebook's next fit) uses its own cache
     assert compile_cache(tmp_path / "next") == str(tmp_path / "next")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "next" / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "my-triton"))  # the user's own: kept
+    compile_cache(tmp_path / "third")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "my-triton")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache(tmp_path / "other") == str(tmp_path / "mine")
 

@@ -83,8 +83,11 @@ def compile_cache(directory) -> str:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or current == default_cache_dir() or current in _CACHE_SET:
         current = str(Path(directory).expanduser().resolve())
+        triton = os.environ.get("TRITON_CACHE_DIR")
+        if triton is None or triton in _CACHE_SET:  # Inductor reads it once, if unset: set here, per run
+            os.environ["TRITON_CACHE_DIR"] = triton = os.path.join(current, "triton")
+            _CACHE_SET.add(triton)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = current
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(current, "triton")  # Inductor reads it once, if unset
         _CACHE_SET.add(current)
     return current
 
