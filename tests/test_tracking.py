@@ -42,6 +42,7 @@ def test_report_to_sends_the_same_metrics_config_and_card_to_each_tracker(tmp_pa
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts go to ./mlruns beside a SQLite store: here, not in the checkout
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=5))
