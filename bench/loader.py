@@ -7,7 +7,9 @@ Builds each batch from the same synthetic rows ``bench.py`` trains on, with tran
 ``DataCollatorWithPadding`` (over rows in torch format, as the loader used to read them) and with
 this project's ``PadCollator`` (over plain rows, as it reads them now), on one core; then the share
 of pad tokens in three epochs of the length-grouped sampler's batches at the pad multiples the
-engine uses (8 eager on a GPU, 32 with CUDA graphs).
+engine uses (8 eager on a GPU, 32 with CUDA graphs). Last, what each batch costs the main process
+that receives it from the loader's worker processes (``--num_workers``), against collating in-process:
+the training loop's own loaders, two epochs, the second timed.
 """
 from __future__ import annotations
 
@@ -70,6 +72,28 @@ def main() -> None:
             ours = ms_per_batch(rows.with_format(None), PadCollator(tokenizer, 32), batch_size, args.batches)
             print(f"{profile:<8}{batch_size:>6}{theirs:>17.2f}{ours:>9.2f}{theirs / ours:>9.1f}x"
                   f"{100 * pad_fraction(lengths, batch_size, 8):>11.1f}%{100 * pad_fraction(lengths, batch_size, 32):>12.1f}%")
+    print(f"\n{'lengths':<8}{'batch':>6}{'main process ms, 2 workers':>28}{'in-process':>12}")
+    for profile, batch_size in (("short", 32), ("long", 256)):
+        lengths = B.make_lengths(profile, batch_size * args.steps, seed=0)
+        rows = B.make_dataset(lengths, config.vocab_size, seed=0)
+        print(f"{profile:<8}{batch_size:>6}{main_process_ms(rows, tokenizer, batch_size, 2):>28.2f}"
+              f"{main_process_ms(rows, tokenizer, batch_size, 0):>12.2f}")
+
+
+def main_process_ms(rows, tokenizer, batch_size: int, workers: int) -> float:
+    """Milliseconds a batch in the process that iterates the training loader (collation in ``workers``
+    processes, or in-process for 0), over the second of two epochs."""
+    import torch
+    from encoderfit.data.cache import TokenizedData
+    from encoderfit.data.loaders import Batching, make_loaders
+    from encoderfit.engine.distributed import ProcessContext
+    data = TokenizedData(rows.with_format("torch"), rows.select(range(8)).with_format("torch"), ["0", "1"], {})
+    loader, _ = make_loaders(data, tokenizer, ProcessContext(0, 0, 1, torch.device("cpu")),
+                             Batching(batch_size, batch_size, num_workers=workers, pad_multiple=32))
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        start, count = time.perf_counter(), sum(1 for _ in loader)
+    return 1e3 * (time.perf_counter() - start) / count
 
 
 if __name__ == "__main__":

@@ -259,3 +259,26 @@ def test_a_model_without_a_layer_stack_is_not_compiled_by_auto_and_compiled_whol
     assert fit_compile("regional", TrainConfig(compile="on"), stacked, cpu) == "regional"
     assert fit_compile("whole", TrainConfig(compile="whole"), flat, cpu) == "whole"
     assert fit_compile("off", TrainConfig(compile="off"), stacked, cpu) == "off"
+
+
+def test_a_batch_crosses_processes_by_value_and_arrives_the_same(tmp_path):
+    """Loader workers send batches pickled as numpy arrays (cheaper than torch's shared-memory handles for
+    small tensors): what arrives equals what was sent, dtypes, shapes, None fields and all, and a tensor that
+    needs gradients pickles as torch's own does."""
+    import pickle
+    sent = Batch({"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4, dtype=torch.long)},
+                 torch.tensor([0.5, 1.0, 2.0]), 3, 11, docs=torch.tensor([0, 0, 1]), max_length=7)
+    got = pickle.loads(pickle.dumps(sent))
+    assert got.key == sent.key and (got.num_examples, got.num_tokens, got.max_length) == (3, 11, 7)
+    assert all(torch.equal(a, b) for a, b in zip(got.tensors().values(), sent.tensors().values()))
+    assert torch.equal(got.docs, sent.docs)
+    assert b"numpy" in pickle.dumps(sent) and b"_batch_of_arrays" in pickle.dumps(sent)
+    bare = pickle.loads(pickle.dumps(Batch({"input_ids": torch.ones(2, 3, dtype=torch.long)}, None, 2, 6)))
+    assert bare.labels is None and bare.docs is None and bare.inputs["input_ids"].dtype == torch.long
+    grad = Batch({"x": torch.ones(2, requires_grad=True)}, None, 2, 2)
+    assert b"_batch_of_arrays" not in pickle.dumps(grad) and pickle.loads(pickle.dumps(grad)).inputs["x"].requires_grad
+    # through a DataLoader with worker processes: the same batches as in-process
+    from torch.utils.data import DataLoader
+    rows = [sent] * 4
+    through = list(DataLoader(rows, batch_size=None, num_workers=2))
+    assert all(b.key == sent.key and torch.equal(b.inputs["input_ids"], sent.inputs["input_ids"]) for b in through)
