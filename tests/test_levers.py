@@ -138,9 +138,10 @@ def test_fp16_steps_are_torchs_amp_recipe_and_a_planted_overflow_skips_exactly_i
 def test_an_fp16_step_that_failed_after_unscaling_runs_again(monkeypatch):
     """Running out of memory in the clipping (after the gradients were unscaled): the graphs' runner runs such a
     step again, which GradScaler would refuse ('unscale_() has already been called') had the step not been
-    forgotten. The step then runs as if nothing had happened before it."""
+    forgotten. The step, an overflowing one, then counts once and halves the scale once."""
     data = batches(2)
-    _, _, steps = ours(data[:1], overflow_at=-1)
+    model, _, steps = ours(data[:1], overflow_at=-1)
+    model.classifier.weight.register_hook(lambda grad: grad * float("inf"))  # the retried step overflows
     real, failed = torch.nn.utils.clip_grad_norm_, []
 
     def fail_once(*args, **kwargs):
@@ -149,11 +150,13 @@ def test_an_fp16_step_that_failed_after_unscaling_runs_again(monkeypatch):
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kwargs)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", fail_once)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(torch.OutOfMemoryError):
         steps.runner([data[1]], data[1].num_examples)
+    assert not hasattr(steps.optimizer, "found_inf")
     out = steps.runner([data[1]], data[1].num_examples)
-    assert failed and out.applied and steps.scaler.get_scale() == 65536.0
-    assert not hasattr(steps.optimizer, "found_inf") and int(steps.scaler.overflows) == 0
+    assert failed and out.applied and steps.scaler.get_scale() == 32768.0 and int(steps.scaler.overflows) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped: nothing moved
 
 
 def test_precision_auto_and_the_refusals():
@@ -176,7 +179,8 @@ def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path,
     """The CLI, fp16 on the CPU: the overflow at the third step is skipped; stopped by SIGTERM after step 4 (a
     process of its own) and resumed, the run ends with the uninterrupted run's weights, losses, loss scale and
     skip count (a scale not restored would start again at 65536; a count not restored would say 0). The
-    resumed and uninterrupted runs run in this process, so they share its thread settings: compared to 1e-6."""
+    resumed and uninterrupted runs run in this process, and the stopped one with its thread count: compared
+    to 1e-6."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE + OVERFLOW_HOOK)
@@ -187,7 +191,8 @@ def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path,
               "--epochs", 2, "--batch_size", 16, "--learning_rate", 1e-3, "--max_length", 32, "--log_every", 1,
               "--precision", "fp16", "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache"]
     stopped = run_script("train_single.py", *common, "--run_name", "a",
-                         env=env_with(hooks, STOP_AT_STEP=4, OVERFLOW_AT_CALL=3))
+                         env=env_with(hooks, STOP_AT_STEP=4, OVERFLOW_AT_CALL=3,
+                                      OMP_NUM_THREADS=torch.get_num_threads()))  # this process's threads
     assert stopped.returncode == 143, stopped.stderr
     assert "precision fp16 autocast with loss scaling" in stopped.stdout
     resumed = run_main("train_single.py", *common, "--run_name", "a", "--resume", "auto")
@@ -244,6 +249,13 @@ def test_the_regional_compile_finds_each_encoders_layer_stack_and_keeps_its_cach
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "my-triton"))  # the user's own: kept
     compile_cache(tmp_path / "third")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "my-triton")
+    # what Inductor itself wrote under its default directory is torch's choice, not the user's
+    monkeypatch.setenv("TRITON_CACHE_DIR", os.path.join(default_cache_dir(), "triton", "0"))
+    compile_cache(tmp_path / "fourth")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "fourth" / "triton")
+    # the user's own Inductor directory after a run of ours: Triton's follows it, not ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))
+    assert compile_cache(tmp_path / "fifth") == str(tmp_path / "users") and "TRITON_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache(tmp_path / "other") == str(tmp_path / "mine")
 
@@ -275,6 +287,8 @@ def test_a_batch_crosses_processes_by_value_and_arrives_the_same(tmp_path):
     assert b"numpy" in pickle.dumps(sent) and b"_batch_of_arrays" in pickle.dumps(sent)
     bare = pickle.loads(pickle.dumps(Batch({"input_ids": torch.ones(2, 3, dtype=torch.long)}, None, 2, 6)))
     assert bare.labels is None and bare.docs is None and bare.inputs["input_ids"].dtype == torch.long
+    half = Batch({"x": torch.ones(2, dtype=torch.bfloat16)}, None, 2, 2)  # numpy has no bf16: torch's pickling
+    assert pickle.loads(pickle.dumps(half)).inputs["x"].dtype == torch.bfloat16
     grad = Batch({"x": torch.ones(2, requires_grad=True)}, None, 2, 2)
     assert b"_batch_of_arrays" not in pickle.dumps(grad) and pickle.loads(pickle.dumps(grad)).inputs["x"].requires_grad
     # through a DataLoader with worker processes: the same batches as in-process

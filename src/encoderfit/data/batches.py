@@ -64,10 +64,12 @@ class Batch:
     def __reduce_ex__(self, protocol):
         """Pickled by value, as numpy arrays, when a DataLoader worker sends the batch to the main process: for
         a batch's few small tensors that costs the receiving process several times less than torch's own
-        sharing (a shared-memory file and a socket round trip per tensor): 0.3 against 2.4 ms a batch of 32
-        short texts on a 2-core CPU (docs/speed.md). Tensors elsewhere than on the CPU pickle as torch's."""
+        sharing (a shared-memory file and a socket round trip per tensor): 0.43 against 1.45 ms a batch of 32
+        short texts on a 2-core CPU (docs/speed.md). Tensors that numpy cannot hold (on a GPU, needing
+        gradients, bf16) pickle as torch's."""
         tensors = [*self.tensors().values(), *([self.docs] if self.docs is not None else [])]
-        if not all(t.device.type == "cpu" and not t.requires_grad for t in tensors):
+        if not all(t.device.type == "cpu" and not t.requires_grad and not t.is_conj() and t.dtype in _NUMPY_DTYPES
+                   for t in tensors):
             return object.__reduce_ex__(self, protocol)
         arrays = lambda t: None if t is None else t.numpy()  # noqa: E731
         return (_batch_of_arrays, ({k: v.numpy() for k, v in self.inputs.items()}, arrays(self.labels),
@@ -78,6 +80,10 @@ class Batch:
         """What a CUDA graph of a step on this batch depends on: each tensor's name, shape and dtype, and
         (packed batches) the attention's length bound, which the graph's kernels are recorded with."""
         return tuple((k, tuple(v.shape), v.dtype) for k, v in self.tensors().items()) + (self.max_length,)
+
+
+_NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                 torch.float32, torch.float64}
 
 
 def _batch_of_arrays(inputs: dict, labels, num_examples: int, num_tokens: int, docs, max_length) -> Batch:

@@ -80,15 +80,19 @@ def compile_cache(directory) -> str:
     process (a notebook, a sweep's trials) do not. Returns the directory used."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or current == default_cache_dir() or current in _CACHE_SET:
+    current, default = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), default_cache_dir()
+    triton = os.environ.get("TRITON_CACHE_DIR")
+    # Inductor writes TRITON_CACHE_DIR once, under its own directory, if it is unset: that value is torch's too
+    triton_ours = triton is None or triton in _CACHE_SET or triton.startswith(os.path.join(default, "triton"))
+    if current is None or current == default or current in _CACHE_SET:
         current = str(Path(directory).expanduser().resolve())
-        triton = os.environ.get("TRITON_CACHE_DIR")
-        if triton is None or triton in _CACHE_SET:  # Inductor reads it once, if unset: set here, per run
-            os.environ["TRITON_CACHE_DIR"] = triton = os.path.join(current, "triton")
-            _CACHE_SET.add(triton)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = current
         _CACHE_SET.add(current)
+        if triton_ours:
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(current, "triton")
+            _CACHE_SET.add(os.environ["TRITON_CACHE_DIR"])
+    elif triton is not None and triton in _CACHE_SET:  # the user's Inductor directory: Triton's goes with it
+        del os.environ["TRITON_CACHE_DIR"]
     return current
 
 

@@ -109,13 +109,14 @@ def _train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, t
     if applied:
         if sc.scaler is not None:
             sc.scaler.unscale_(sc.optimizer)  # the clipping sees true gradients; an overflow sets found-inf
-            for found in sc.scaler._found_inf_per_device(sc.optimizer).values():
-                sc.scaler.overflows.add_(found)  # on the device: counted, not read
+            found = list(sc.scaler._found_inf_per_device(sc.optimizer).values())
         if sc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
         if sc.scaler is not None:
             sc.scaler.step(sc.optimizer)  # fused AdamW skips the update on the device when found-inf is set
             sc.scaler.update()
+            for flag in found:  # counted on the device, not read; after update(), so a step run again counts once
+                sc.scaler.overflows.add_(flag)
         else:
             sc.optimizer.step()                                       # 4. optimizer step
     if not sc.recording:  # freed at once, so evaluation and checkpoints do not hold a copy of them

@@ -63,8 +63,8 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
         raise UserError(f"--cuda_graphs on does not work with {unfit}" if unfit != "a CUDA device"
                         else "--cuda_graphs on needs a CUDA device")
     graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and unfit is None)
-    if cfg.compile == "auto":
-        pays = ctx.device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
+    if cfg.compile == "auto":  # each rank compiles (in parallel) and saves time on its own share of the tokens
+        pays = ctx.device.type == "cuda" and planned_tokens / ctx.world_size >= COMPILE_MIN_TOKENS
         return ("regional" if pays else "off"), graphs
     return COMPILE_MODES[cfg.compile], graphs
 
