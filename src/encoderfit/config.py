@@ -135,7 +135,8 @@ class TrainConfig:
     compile: str = _f("auto", "torch.compile the encoder's repeated layer once and run every layer with it (regional: "
                       "13 s for BERT-base on an H100, under a second when the compiled code is cached in "
                       "--cache_dir/compile); 'whole' compiles the whole model as one graph (minutes). 'auto': on for "
-                      "CUDA runs of at least 20 million training tokens (epochs x examples x mean length), where "
+                      "CUDA runs of at least 20 million training tokens a process (epochs x examples x mean length, "
+                      "over the processes under torchrun), where "
                       "the compile pays back; else off.",
                       choices=("auto", "on", "whole", "off"))
     unpadded: str = _f("off", "Train on unpadded batches: each batch's real tokens end to end in one row, attention "
