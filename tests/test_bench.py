@@ -57,12 +57,17 @@ def test_loader_bench_reports_collate_times_and_padding():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--model", "tiny", "--batches", "2",
                            "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    collate, workers = proc.stdout.split("\n\n")
+    rows = [line.split() for line in collate.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [("short", "32"), ("short", "256"), ("long", "32"), ("long", "256")]
     for r in rows:
         pad8, pad32 = float(r[5].rstrip("%")), float(r[6].rstrip("%"))
         assert 0 <= pad8 <= pad32 < 100  # a coarser multiple can only add padding
         assert float(r[2]) > 0 and float(r[3]) > 0
+    # what a batch costs the training process from two workers and in-process
+    rows = [line.split() for line in workers.strip().splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("short", "32"), ("long", "256")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
 
 def test_job_bench_runs_both_whole_jobs_on_the_same_settings(tmp_path, tiny_model_dir):
