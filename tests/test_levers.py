@@ -195,6 +195,7 @@ def test_fp16_run_with_an_overflow_resumes_exactly_with_its_loss_scale(tmp_path,
                                       OMP_NUM_THREADS=torch.get_num_threads()))  # this process's threads
     assert stopped.returncode == 143, stopped.stderr
     assert "precision fp16 autocast with loss scaling" in stopped.stdout
+    assert "note: fp16 on the CPU runs far slower than fp32" in stopped.stdout
     resumed = run_main("train_single.py", *common, "--run_name", "a", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     namespace = {}
