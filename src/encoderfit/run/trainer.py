@@ -44,7 +44,7 @@ CUDAGRAPH_PAD_MULTIPLE = 32
 # and saves 0.60 us a real training token under CUDA graphs, so it pays back after ~21 million tokens; below
 # this, --compile auto is off.
 COMPILE_MIN_TOKENS = 20_000_000
-COMPILE_MODES = {"on": "regional", "whole": "whole", "off": "off"}
+COMPILE_OF_FLAG = {"on": "regional", "whole": "whole", "off": "off"}  # --compile -> engine.COMPILE_MODES
 COMPILE_SAID = {"regional": "on (each encoder layer)", "whole": "on (the whole model)", "off": "off"}
 
 
@@ -66,7 +66,7 @@ def choose_speed(cfg: TrainConfig, ctx: ProcessContext, *, planned_tokens: float
     if cfg.compile == "auto":  # each rank compiles (in parallel) and saves time on its own share of the tokens
         pays = ctx.device.type == "cuda" and planned_tokens / ctx.world_size >= COMPILE_MIN_TOKENS
         return ("regional" if pays else "off"), graphs
-    return COMPILE_MODES[cfg.compile], graphs
+    return COMPILE_OF_FLAG[cfg.compile], graphs
 
 
 def fit_compile(mode: str, cfg: TrainConfig, model, ctx: ProcessContext) -> str:
