@@ -17,6 +17,7 @@ from encoderfit.data.batches import Batch
 from encoderfit.engine import loop as engine
 from encoderfit.engine.build import Optimization, Speed, build_steps
 from encoderfit.engine.distributed import ProcessContext
+from encoderfit.engine.step import StepContext, folds_clipping, train_step
 from encoderfit.tasks.single_label import SingleLabelClassification
 from encoderfit.utils import UserError, autocast_dtype
 from test_resume import SITECUSTOMIZE, env_with
@@ -133,6 +134,50 @@ def test_fp16_steps_are_torchs_amp_recipe_and_a_planted_overflow_skips_exactly_i
                   ours(data, overflow_at=2, clip=0.0)[0]):
         assert max((a - b).abs().max().item() for a, b in zip(other.state_dict().values(),
                                                                  ref.state_dict().values())) > 1e-4
+
+
+def clipped_run(data, *, fold: bool, device="cpu", lr=1e-3, clip=0.05) -> tuple:
+    """Our step with the fused AdamW (``fold``: clipping folded into its pass), or torch's own recipe:
+    clip_grad_norm_, then the unfused AdamW. Returns the model and the norms torch's clipping saw."""
+    model = tiny().to(device)
+    optimizer = engine.build_optimizer(model, lr=lr, weight_decay=0.01, fused=fold)
+    scheduler = engine.build_scheduler(optimizer, total_steps=len(data), warmup_ratio=0.25)
+    sc = StepContext(model, optimizer, scheduler, SingleLabelClassification(["a", "b"]), None, clip,
+                     ProcessContext(0, 0, 1, torch.device(device)))
+    assert folds_clipping(sc) == fold
+    norms = []
+    for batch in data:
+        batch = batch.to(torch.device(device))
+        if fold:
+            train_step(sc, [batch], batch.num_examples)
+        else:
+            optimizer.zero_grad()
+            logits = model(**batch.inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum") / batch.num_examples
+            loss.backward()
+            if clip > 0:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            optimizer.step()
+        scheduler.step()
+    return model, norms
+
+
+def _max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_clipping_folded_into_the_fused_adamw_trains_as_clip_grad_norm_then_adamw(device):
+    data = batches(6)
+    ref, norms = clipped_run(data, fold=False, device=device)
+    assert min(norms) > 0.05  # the clipping acted at every step
+    ours, _ = clipped_run(data, fold=True, device=device)
+    assert _max_diff(ours, ref) < 1e-6
+    # told apart: no clipping, half the learning rate
+    for other in (clipped_run(data, fold=True, device=device, clip=0.0)[0],
+                  clipped_run(data, fold=True, device=device, lr=5e-4)[0]):
+        assert _max_diff(other, ref) > 1e-4
 
 
 def test_an_fp16_step_that_failed_after_unscaling_runs_again(monkeypatch):

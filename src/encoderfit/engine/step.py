@@ -2,6 +2,8 @@
 
     zero gradients -> for each micro-batch: forward, loss, metric sums, backward -> [all-reduce] -> clip -> AdamW
 
+With the fused AdamW (CUDA) the clipping is folded into AdamW's pass over the gradients (``folds_clipping``).
+
 Under fp16 autocast the loss is scaled before backward and the gradients unscaled before clipping
 (``torch.amp.GradScaler``, dynamic scale). The fused AdamW takes the scaler's found-inf flag on the
 device and skips an overflowing step itself, so there is no host sync: the scale, its growth tracker
@@ -110,18 +112,42 @@ def _train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, t
         if sc.scaler is not None:
             sc.scaler.unscale_(sc.optimizer)  # the clipping sees true gradients; an overflow sets found-inf
             found = list(sc.scaler._found_inf_per_device(sc.optimizer).values())
-        if sc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
-        if sc.scaler is not None:
+            if sc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
             sc.scaler.step(sc.optimizer)  # fused AdamW skips the update on the device when found-inf is set
             sc.scaler.update()
             for flag in found:  # counted on the device, not read; after update(), so a step run again counts once
                 sc.scaler.overflows.add_(flag)
+        elif sc.max_grad_norm > 0 and folds_clipping(sc):
+            _step_clipped(sc)                                         # 4. clip and AdamW in one pass
         else:
-            sc.optimizer.step()                                       # 4. optimizer step
+            if sc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(sc.model.parameters(), sc.max_grad_norm)
+            sc.optimizer.step()                                       # 4. clip, then AdamW
     if not sc.recording:  # freed at once, so evaluation and checkpoints do not hold a copy of them
         sc.optimizer.zero_grad(set_to_none=True)                      # 5. zero gradients
     return StepOutput(loss_total, sums, applied)
+
+
+def folds_clipping(sc: StepContext) -> bool:
+    """Whether the clipping rides in the fused AdamW's pass: its kernel divides each gradient by a device scalar
+    (``grad_scale``, the hook GradScaler uses) as it reads it, so the clipping's own read and write of every
+    gradient goes away. Only the fused AdamW (CUDA, or fp16 anywhere) has that hook, and fp16's scaler already
+    uses it for its own purpose: so this is the CUDA path in bf16 and fp32."""
+    return sc.scaler is None and bool(sc.optimizer.defaults.get("fused"))
+
+
+def _step_clipped(sc: StepContext) -> None:
+    """clip_grad_norm_ then AdamW, as one pass over the gradients: the fused AdamW divides them by
+    max(1, (norm + 1e-6) / max_norm), the reciprocal of clip_grad_norm_'s clamped coefficient. The norm is
+    torch's own (``get_total_norm``), on the device: no host sync."""
+    grads = [p.grad for group in sc.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    sc.optimizer.grad_scale = torch.clamp((norm + 1e-6) / sc.max_grad_norm, min=1.0)
+    try:
+        sc.optimizer.step()
+    finally:
+        del sc.optimizer.grad_scale
 
 
 def scaling_summary(sc: StepContext) -> Optional[str]:
