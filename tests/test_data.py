@@ -5,7 +5,7 @@ import pytest
 
 from conftest import synthetic_rows, write_rows
 from encoderfit import data
-from encoderfit.data.batches import PadCollator
+from encoderfit.data.batches import PadCollator, encode
 from encoderfit.engine.distributed import ProcessContext
 from encoderfit.utils import UserError
 
@@ -367,7 +367,12 @@ def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, s
     rows = [dict(enc, labels=i % 2) for i, enc in
             enumerate(tokenizer(t, return_token_type_ids=with_types) for t in texts)]
     rows = [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
-    batch = PadCollator(tokenizer, multiple)(rows)
+    # ours pads rows as the data pipeline tokenizes them: without the attention mask, which it rebuilds
+    enc = encode(tokenizer, texts, 512)
+    assert "attention_mask" not in enc
+    ours_rows = [{**{k: enc[k][i] for k in enc if with_types or k != "token_type_ids"}, "labels": i % 2}
+                 for i in range(len(texts))]
+    batch = PadCollator(tokenizer, multiple)(ours_rows)
     ours = batch.tensors()
     theirs = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(rows)
     assert batch.num_examples == len(texts)

@@ -19,7 +19,7 @@ from encoderfit.engine.distributed import ProcessContext
 from encoderfit.modeling.long_texts import DOC, LongTexts
 from encoderfit.utils import UserError
 
-CACHE_FORMAT = 4  # bump when the cached layout or what goes into it changes
+CACHE_FORMAT = 5  # bump when the cached layout or what goes into it changes
 
 
 # ---------------------------------------------------------------- tokenization and cache

@@ -103,7 +103,7 @@ class LongTexts:
         if setting.head_tokens is not None and setting.head_tokens >= room:
             raise UserError(f"--head_tokens {setting.head_tokens} leaves no tail: --max_length {max_length} holds "
                             f"{room} text tokens beside {specials} special tokens")
-        enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+        enc = tokenizer(texts, pairs, truncation=False, verbose=False, return_attention_mask=False)
         long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > max_length]
         if long and not getattr(tokenizer, "is_fast", False):
             raise UserError(f"--long_texts {setting.mode} needs a fast tokenizer (tokenizer.json) to cut texts longer "
