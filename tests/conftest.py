@@ -51,6 +51,14 @@ def cli_env(**extra) -> dict:
 DEVICE_SCRIPTS = ("train_single.py", "train_ddp.py", "predict.py", "evaluate.py", "sweep.py")
 
 
+def tail(stderr: str, n: int = 3000) -> str:
+    """A failed process's stderr for an assertion message: its last ``n`` characters, led by the line of a
+    gloo abort at exit if there is one (the one failure pyproject's rerun rule runs again: the interpreter's
+    fatal-error dump after it can push it out of the tail)."""
+    abort = [line for line in stderr.splitlines() if "terminate called without an active exception" in line]
+    return "\n".join(abort[:1] + [stderr[-n:]])
+
+
 def on_cpu(script: str, args) -> list:
     """The command's arguments, with ``--device cpu`` unless the test names a device.
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, made_once, make_tiny_bert, run_script, synthetic_rows, write_rows
+from conftest import ROOT, made_once, make_tiny_bert, run_script, synthetic_rows, write_rows, tail
 from test_tasks import pair_rows, score_rows, topic_rows
 from encoderfit import Classifier, Prediction, RunResult, TrainConfig, UserError, evaluate, fit
 
@@ -249,7 +249,7 @@ def test_every_rank_runs_fit_under_torchrun_and_gets_the_same_result(tiny_model_
                            tmp_path / "script.py", tmp_path / "rows.json", tiny_model_dir, tmp_path / "ck"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=cli_env(PYTHONPATH=str(ROOT / "src")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     results = {rank: json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in ("0", "1")}
     assert set(results) == {"0", "1"} and results["0"] == results["1"]
     assert results["0"]["completed"] and results["0"]["epochs"] == 2

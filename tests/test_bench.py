@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, tail
 
 
 def test_bench_tiny_runs_ours_and_trainer_and_reports_consistent_numbers(tmp_path):
@@ -15,7 +15,7 @@ def test_bench_tiny_runs_ours_and_trainer_and_reports_consistent_numbers(tmp_pat
                            "--systems", "ours,trainer",
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"ours", "trainer"}
     for r in rows.values():
@@ -56,7 +56,7 @@ def test_bench_refuses_unknown_systems_and_levers(systems, message, run_main):
 def test_loader_bench_reports_collate_times_and_padding():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--model", "tiny", "--batches", "2",
                            "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     collate, workers = proc.stdout.split("\n\n")
     rows = [line.split() for line in collate.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [("short", "32"), ("short", "256"), ("long", "32"), ("long", "256")]
@@ -82,7 +82,7 @@ def test_job_bench_runs_both_whole_jobs_on_the_same_settings(tmp_path, tiny_mode
                            "--text_pair_column", "sentence2", "--model", str(tiny_model_dir), "--epochs", "2",
                            "--learning_rate", "1e-3", "--max_length", "32", "--device", "cpu", "--work_dir", str(work),
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"ours", "trainer"}
     for r in rows.values():
@@ -128,7 +128,7 @@ def test_scaling_bench_runs_one_and_two_gloo_processes_and_reports_efficiency(tm
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), "--tiny", "--device", "cpu",
                            "--world_sizes", "1,2", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     one, two = map(json.loads, out.read_text().splitlines())
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["backend"] == two["backend"] == "gloo"
     assert two["examples"] == 2 * one["examples"] == 2 * 8 * 4  # weak scaling: the same share per rank
@@ -145,7 +145,7 @@ def test_bench_ddp_lever_runs_ours_at_world_size_one_through_the_ddp_path(tmp_pa
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "--device", "cpu",
                            "--systems", "ours,ours+ddp", "--output", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"ours", "ours+ddp"} and rows["ours+ddp"]["examples"] == rows["ours"]["examples"]
     assert all(t > 0 for t in rows["ours+ddp"]["window_s"])
@@ -156,7 +156,7 @@ def test_sst2_sized_set_resamples_training_rows_only_and_keeps_validation_apart(
 
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "public_data.py"), "--sets", "reviews_67k",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
 
     def read(split):
         with open(tmp_path / "reviews_67k" / f"{split}.csv", newline="", encoding="utf-8") as fh:

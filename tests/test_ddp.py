@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows, tail
 
 
 def torchrun(nproc: int, *args, extra=(), timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
@@ -195,7 +195,7 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_line(task, tmp_path,
     proc = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "ck", *args, timeout=180)
     assert proc.returncode != 0
     ours = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert ours == [expected], proc.stderr[-3000:]  # said by rank 0 alone: the others stop on the same input
+    assert ours == [expected], tail(proc.stderr)  # said by rank 0 alone: the others stop on the same input
     assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and ("/training/" in ln or "/encoderfit/" in ln)], proc.stderr
 
 
@@ -270,7 +270,7 @@ def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), weights, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=cli_env(PYTHONPATH=str(ROOT / "src")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     for line in lines:
         fields = line.split()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_script
+from conftest import ROOT, cli_env, run_script, tail
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA GPU")]
@@ -79,7 +79,7 @@ def straight(tmp_path_factory, hooks):
     d = tmp_path_factory.mktemp("gpu")
     proc = run_script("train_single.py", *COMMON, "--device", "cuda", "--checkpoint_dir", d, "--run_name", "straight",
                       "--cache_dir", d / "cache", env=env_with(hooks))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     assert "precision bf16 autocast" in proc.stdout and "CUDA graphs: on" in proc.stdout, proc.stdout
     return d
 
@@ -95,10 +95,10 @@ def test_graphs_on_the_real_model_sigterm_then_resume_match_the_uninterrupted_ru
     args = [*COMMON, "--device", "cuda", "--checkpoint_dir", d, "--cache_dir", d / "cache", "--run_name", "sig",
             "--save_every_steps", 7]
     stopped = run_script("train_single.py", *args, env=env_with(hooks, STOP_AT_STEP=23))
-    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.returncode == 143, tail(stopped.stderr)
     assert "stopped by SIGTERM after step 23" in stopped.stdout
     resumed = run_script("train_single.py", *args, "--resume", "auto", env=env_with(hooks, RESUMED=1))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, tail(resumed.stderr)
     assert "resuming at epoch 2, step 23" in resumed.stdout, resumed.stdout  # 20 steps an epoch
     la = torch.tensor([r["loss"] for r in records(d / "sig", "step")])
     lb = torch.tensor([r["loss"] for r in records(d / "straight", "step")])
@@ -130,7 +130,7 @@ def test_best_and_final_load_in_pipeline_on_the_gpu(straight):
 def test_a_nan_under_graphs_stops_naming_the_step_with_no_checkpoint_after_it(tmp_path, hooks):
     proc = run_script("train_single.py", *COMMON, "--device", "cuda", "--checkpoint_dir", tmp_path,
                       "--run_name", "nan", "--save_every_steps", 4, env=env_with(hooks, POISON_AT_STEP=9))
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 2, tail(proc.stderr)
     assert "non-finite loss at optimizer step 10 (epoch 1, batch 10 of the epoch)" in proc.stderr, proc.stderr
     kept = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert kept == ["step-00000004", "step-00000008"]  # nothing after the bad step
@@ -140,7 +140,7 @@ def test_a_nan_under_graphs_stops_naming_the_step_with_no_checkpoint_after_it(tm
 def test_out_of_memory_beside_the_graphs_drops_them_and_the_run_goes_on(tmp_path, hooks):
     proc = run_script("train_single.py", *COMMON, "--device", "cuda", "--checkpoint_dir", tmp_path, "--run_name", "oom",
                       env=env_with(hooks, OOM_ONCE=1))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     assert "all dropped 1 time(s) to free memory" in proc.stdout, proc.stdout
     assert len(records(tmp_path / "oom", "epoch")) == 2
 
@@ -153,7 +153,7 @@ def test_compile_on_with_graphs_on_a_small_model(tmp_path, tiny_model_dir, unpad
                       "--batch_size", 16, "--learning_rate", 2e-3, "--max_length", 32, "--device", "cuda",
                       "--compile", "on", "--unpadded", unpadded, "--checkpoint_dir", tmp_path, "--run_name", "c",
                       timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     said = "unpadded" if unpadded == "on" else "padded"  # on: the compile traces the packed path
     assert f"compile: on (each encoder layer) | CUDA graphs: on | batches: {said}" in proc.stdout, proc.stdout
     assert list((tmp_path / "cache" / "compile").iterdir())  # the compiled code, kept for the next run
@@ -182,9 +182,9 @@ def test_torchrun_with_one_process_runs_nccl_ddp_checkpoints_and_resume(tmp_path
         return torch.tensor([r["loss"] for r in records(tmp_path / name, "step")])
     for graphs in ("off", "auto"):
         single = run_script("train_single.py", *args, "--cuda_graphs", graphs, "--run_name", f"single-{graphs}")
-        assert single.returncode == 0, single.stderr[-3000:]
+        assert single.returncode == 0, tail(single.stderr)
         ddp = _torchrun(1, *args, "--cuda_graphs", graphs, "--run_name", f"ddp-{graphs}", "--save_every_steps", 3)
-        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        assert ddp.returncode == 0, tail(ddp.stderr)
         assert "device cuda:0 x 1 process(es)" in ddp.stdout
         assert f"CUDA graphs: {'on' if graphs == 'auto' else 'off'}" in ddp.stdout  # auto: on under torchrun
         config = json.loads((tmp_path / f"ddp-{graphs}" / "config.json").read_text())
@@ -197,7 +197,7 @@ def test_torchrun_with_one_process_runs_nccl_ddp_checkpoints_and_resume(tmp_path
     assert stopped.returncode != 0 and "stopped by SIGTERM after step 7" in stopped.stdout, stopped.stdout
     resumed = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, "--resume", "auto",
                         env=env_with(hooks, RESUMED=1))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, tail(resumed.stderr)
     assert "resuming at epoch 1, step 7" in resumed.stdout and "CUDA graphs: on" in resumed.stdout
     torch.testing.assert_close(losses("sig"), losses("ddp-auto"), rtol=1e-4, atol=1e-5)
 
@@ -212,10 +212,10 @@ def test_fp16_graphed_runs_in_one_process_and_under_torchrun_and_resume_exactly(
             "--learning_rate", 1e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp16",
             "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--no_progress"]
     single = run_script("train_single.py", *args, "--run_name", "single")
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, tail(single.stderr)
     assert "precision fp16 autocast with loss scaling" in single.stdout and "CUDA graphs: on" in single.stdout
     ddp = _torchrun(1, *args, "--run_name", "ddp", "--save_every_steps", 3)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, tail(ddp.stderr)
     said = re.search(r"fp16 loss scaling: scale (\S+) at the end; (\d+) of (\d+) optimizer steps skipped", ddp.stdout)
     assert said and said.group(3) == "18", ddp.stdout
     assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", ddp.stdout) and "given up" not in ddp.stdout
@@ -228,7 +228,7 @@ def test_fp16_graphed_runs_in_one_process_and_under_torchrun_and_resume_exactly(
     assert stopped.returncode != 0 and "stopped by SIGTERM after step 7" in stopped.stdout, stopped.stdout
     resumed = _torchrun(1, *args, "--run_name", "sig", "--save_every_steps", 3, "--resume", "auto",
                         env=env_with(hooks, RESUMED=1))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, tail(resumed.stderr)
     assert said.group(0) in resumed.stdout, resumed.stdout
     # the tolerance of the bf16 resume test above: non-deterministic atomic adds in two backward kernels
     torch.testing.assert_close(losses("sig"), losses("ddp"), rtol=0, atol=2e-3)
@@ -247,7 +247,7 @@ def test_graphed_ddp_steps_with_class_weights_match_eager_ddp(tmp_path, tiny_mod
             "--no_progress"]
     for graphs in ("off", "on"):
         proc = _torchrun(1, *args, "--cuda_graphs", graphs, "--run_name", graphs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, tail(proc.stderr)
     assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", proc.stdout), proc.stdout
     a, b = (torch.tensor([r["loss"] for r in records(tmp_path / n, "step")]) for n in ("on", "off"))
     assert len(a) == len(b) >= 8  # 144 training rows (the rest is the validation split) at 16 a step
@@ -264,7 +264,7 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(tmp_path, tiny_model
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     want = f"{n} processes on this node but {torch.cuda.device_count()} CUDA GPU(s)"
     # every rank that gets that far says it (torchrun may stop the slower ones first, so count at least one)
-    assert errors and all(want in ln for ln in errors), proc.stderr[-3000:]
+    assert errors and all(want in ln for ln in errors), tail(proc.stderr)
     # no traceback from our processes (torchrun prints its own when a worker fails)
     assert not [ln for ln in proc.stderr.splitlines() if 'File "' in ln and ("/training/" in ln or "/encoderfit/" in ln)], proc.stderr
     assert not list(tmp_path.glob("run-*"))  # nothing was started
@@ -300,7 +300,7 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
     runs = {}
     for graphs in ("on", "off"):
         proc = run_script("train_single.py", *args, "--cuda_graphs", graphs, "--run_name", graphs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, tail(proc.stderr)
         assert f"CUDA graphs: {graphs}" in proc.stdout
         if graphs == "on":  # really replayed: recorded, and never given up for eager steps
             assert "recorded at the end" in proc.stdout and "given up" not in proc.stdout, proc.stdout
@@ -328,7 +328,7 @@ def test_graphed_steps_of_each_task_shape_match_eager_steps(tmp_path, tiny_model
         assert ea["val_windows"] > 2 * ea["val_examples"], ea  # (learning is tested on the CPU: test_long_texts)
         proc = run_script("evaluate.py", "--checkpoint", tmp_path / "on" / "final", "--train_file", train,
                           "--device", "cuda", "--precision", "fp32", "--output", tmp_path / "eval.json")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, tail(proc.stderr)
         got = json.loads((tmp_path / "eval.json").read_text())
         assert got["examples"] == ea["val_examples"] and got["accuracy"] == ea["val_accuracy"]
         assert abs(got["loss"] - ea["val_loss"]) < 1e-4
@@ -343,7 +343,7 @@ def test_a_sweep_runs_graphed_trials_one_worker_per_gpu_and_each_trial_is_its_ru
     gpus = torch.cuda.device_count()
     proc = run_script("sweep.py", *common, "--learning_rate", "1e-3,3e-3", "--parallel_trials", gpus,
                       "--sweep_dir", tmp_path / "sw", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     assert "worker 0 on GPU 0" in proc.stdout
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [t["status"] for t in record["trials"]] == ["done", "done"]
@@ -352,7 +352,7 @@ def test_a_sweep_runs_graphed_trials_one_worker_per_gpu_and_each_trial_is_its_ru
         assert "device cuda" in log and "CUDA graphs: on" in log  # each worker sees its own GPU as cuda:0
     alone = run_script("train_single.py", *common, "--learning_rate", "3e-3", "--cache_dir", tmp_path / "sw" / "cache",
                        "--checkpoint_dir", tmp_path, "--run_name", "alone", timeout=900)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert alone.returncode == 0, tail(alone.stderr)
     a = json.loads((tmp_path / "sw" / "trial-002" / "summary.json").read_text())
     b = json.loads((tmp_path / "alone" / "summary.json").read_text())
     assert a["best_val_accuracy"] == b["best_val_accuracy"]
@@ -420,7 +420,7 @@ def test_unpadded_training_under_graphs_learns_as_padded_training_does(tmp_path,
     out = {}
     for mode in ("on", "off"):
         proc = run_script("train_single.py", *args, "--unpadded", mode, "--run_name", mode)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, tail(proc.stderr)
         assert f"batches: {'unpadded' if mode == 'on' else 'padded'}" in proc.stdout, proc.stdout
         assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", proc.stdout), proc.stdout
         assert "given up" not in proc.stdout

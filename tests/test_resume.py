@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows
+from conftest import ROOT, cli_env, made_once, on_cpu, run_script, synthetic_rows, write_rows, tail
 
 # Installed into the training processes through PYTHONPATH: after optimizer step STOP_AT_STEP, the chosen
 # rank sends itself STOP_SIGNAL (first launch only), or NAN_AT_CALL turns one loss into NaN.
@@ -204,9 +204,9 @@ def test_two_nodes_with_their_own_disks_train_stop_and_resume_like_one(ddp_task,
     run = [*common, "--run_name", "sep"]
     stopped = _two_nodes(run, disks, env_with(hooks, STOP_AT_STEP=6, STOP_RANK=0))
     assert all(code != 0 for code, _, _ in stopped)
-    assert "stopped by SIGTERM after step 6" in stopped[0][1], stopped[0][2][-3000:]
+    assert "stopped by SIGTERM after step 6" in stopped[0][1], tail(stopped[0][2])
     resumed = _two_nodes([*run, "--resume", "auto"], disks, env_with(hooks, STATE_ON_RANK0_ONLY=1))
-    assert [code for code, _, _ in resumed] == [0, 0], [err[-3000:] for _, _, err in resumed]
+    assert [code for code, _, _ in resumed] == [0, 0], [tail(err) for _, _, err in resumed]
     assert "resuming at epoch 1, step 6" in resumed[0][1]
     _close(disks[0] / "sep", ddp_reference)
     assert not (disks[1] / "sep").exists()  # the second node wrote no run files ...
@@ -218,7 +218,7 @@ def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_t
     proc = torchrun(2, *common, "--run_name", "killed", "--resume", "auto",
                     env=env_with(hooks, STOP_AT_STEP=10, STOP_RANK=1, STOP_SIGNAL="SIGKILL"),
                     extra=("--standalone", "--max-restarts=1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc.stderr)
     assert "resuming at epoch 1, step 8" in proc.stdout  # the last checkpoint before the kill at step 10
     final = records(d / "killed", "epoch")[-1]
     reference = records(ddp_reference, "epoch")[-1]
