@@ -207,9 +207,11 @@ def test_fp16_graphed_runs_in_one_process_and_under_torchrun_and_resume_exactly(
     all-reduce recorded before the unscale), the same run both ways; stopped and resumed, the graphed run ends
     with the uninterrupted run's weights and loss scale."""
     from conftest import synthetic_rows, write_rows
-    train = write_rows(tmp_path / "train.csv", synthetic_rows(160, seed=2))
+    # data and rate the tiny model learns from in 2 epochs, whatever the precision (on 160 rows at 1e-3 it stays at
+    # 0.5 accuracy, in fp32 too: measured on the CPU)
+    train = write_rows(tmp_path / "train.csv", synthetic_rows(300, seed=1))
     args = ["--model", tiny_model_dir, "--train_file", train, "--epochs", 2, "--batch_size", 16, "--max_length", 32,
-            "--learning_rate", 1e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp16",
+            "--learning_rate", 2e-3, "--log_every", 1, "--device", "cuda", "--precision", "fp16",
             "--checkpoint_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--no_progress"]
     single = run_script("train_single.py", *args, "--run_name", "single")
     assert single.returncode == 0, tail(single.stderr)
@@ -217,7 +219,7 @@ def test_fp16_graphed_runs_in_one_process_and_under_torchrun_and_resume_exactly(
     ddp = _torchrun(1, *args, "--run_name", "ddp", "--save_every_steps", 3)
     assert ddp.returncode == 0, tail(ddp.stderr)
     said = re.search(r"fp16 loss scaling: scale (\S+) at the end; (\d+) of (\d+) optimizer steps skipped", ddp.stdout)
-    assert said and said.group(3) == "18", ddp.stdout
+    assert said and said.group(3) == "34", ddp.stdout
     assert re.search(r"CUDA graphs: \d+ batch shapes, [1-9]\d* recorded", ddp.stdout) and "given up" not in ddp.stdout
 
     def losses(name):
