@@ -84,6 +84,12 @@ def make_dataset(lengths: np.ndarray, vocab: int, seed: int):
                                        "labels": rng.integers(0, 2, len(ids)).tolist()})
 
 
+def as_ours(dataset):
+    """The rows as this project's data pipeline tokenizes them: without the attention mask (an unpadded row's is
+    all ones; the padder builds the batch's). ``make_dataset`` gives them as a tokenizer does, for Trainer."""
+    return dataset.remove_columns(["attention_mask"])
+
+
 def make_tokenizer(vocab: int, tmp: Path):
     """A WordPiece tokenizer with the right special tokens, only used for padding."""
     from transformers import BertTokenizerFast
@@ -157,6 +163,7 @@ def run_ours(config, dataset, tokenizer, device, batch_size, repeats, variant: d
     model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
     ctx = ctx or (one_process_group(device) if variant.get("ddp") else ProcessContext(0, 0, 1, device))
     device = ctx.device
+    dataset = as_ours(dataset)
     data = TokenizedData(dataset.with_format("torch"), dataset.select(range(8)).with_format("torch"), ["0", "1"], {})
     packed = None
     if variant.get("unpadded"):  # packed batches, variable-length flash attention (training/packing.py)

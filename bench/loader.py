@@ -5,8 +5,8 @@
 
 Builds each batch from the same synthetic rows ``bench.py`` trains on, with transformers'
 ``DataCollatorWithPadding`` (over rows in torch format, as the loader used to read them) and with
-this project's ``PadCollator`` (over plain rows, as it reads them now), on one core; then the share
-of pad tokens in three epochs of the length-grouped sampler's batches at the pad multiples the
+this project's ``PadCollator`` (over plain rows without the attention mask, as it reads them now), on one
+core; then the share of pad tokens in three epochs of the length-grouped sampler's batches at the pad multiples the
 engine uses (8 eager on a GPU, 32 with CUDA graphs). Last, what each batch costs the main process
 that receives it from the loader's worker processes (``--num_workers``), against collating in-process:
 the training loop's own loaders, two epochs, the second timed.
@@ -69,13 +69,14 @@ def main() -> None:
             rows = B.make_dataset(lengths, config.vocab_size, seed=0)
             theirs = ms_per_batch(rows.with_format("torch"), DataCollatorWithPadding(tokenizer, pad_to_multiple_of=32),
                                   batch_size, args.batches)
-            ours = ms_per_batch(rows.with_format(None), PadCollator(tokenizer, 32), batch_size, args.batches)
+            ours = ms_per_batch(B.as_ours(rows).with_format(None), PadCollator(tokenizer, 32), batch_size,
+                                args.batches)
             print(f"{profile:<8}{batch_size:>6}{theirs:>17.2f}{ours:>9.2f}{theirs / ours:>9.1f}x"
                   f"{100 * pad_fraction(lengths, batch_size, 8):>11.1f}%{100 * pad_fraction(lengths, batch_size, 32):>12.1f}%")
     print(f"\n{'lengths':<8}{'batch':>6}{'main process ms, 2 workers':>28}{'in-process':>12}")
     for profile, batch_size in (("short", 32), ("long", 256)):
         lengths = B.make_lengths(profile, batch_size * args.steps, seed=0)
-        rows = B.make_dataset(lengths, config.vocab_size, seed=0)
+        rows = B.as_ours(B.make_dataset(lengths, config.vocab_size, seed=0))
         print(f"{profile:<8}{batch_size:>6}{main_process_ms(rows, tokenizer, batch_size, 2):>28.2f}"
               f"{main_process_ms(rows, tokenizer, batch_size, 0):>12.2f}")
 

@@ -111,7 +111,7 @@ def main() -> None:
     cfg = B.make_config(args.model)
     tok = B.make_tokenizer(cfg.vocab_size, Path(tempfile.mkdtemp()))
     lengths = B.make_lengths(args.lengths, args.batch_size * args.steps, 0)
-    ds = B.make_dataset(lengths, cfg.vocab_size, 0)
+    ds = B.as_ours(B.make_dataset(lengths, cfg.vocab_size, 0))
     ctx = ProcessContext(0, 0, 1, device)
     data = TokenizedData(ds.with_format("torch"), ds.select(range(8)).with_format("torch"), ["0", "1"], {})
     model = AutoModelForSequenceClassification.from_config(cfg)

@@ -355,7 +355,9 @@ def test_uneven_data_differs_from_one_process_only_in_the_padded_last_step(group
 @pytest.mark.parametrize("multiple", [None, 8, 32])
 @pytest.mark.parametrize("with_types", [True, False])
 @pytest.mark.parametrize("variant", ["bert", "type pad id 3", "no attention mask"])
-def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, side, multiple, with_types, variant):
+@pytest.mark.parametrize("rows_from", ["encode", "the tokenizer"])
+def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, side, multiple, with_types, variant,
+                                                               rows_from):
     from transformers import AutoTokenizer, DataCollatorWithPadding
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.padding_side = side
@@ -367,11 +369,12 @@ def test_pad_collator_builds_what_transformers_collator_builds(tiny_model_dir, s
     rows = [dict(enc, labels=i % 2) for i, enc in
             enumerate(tokenizer(t, return_token_type_ids=with_types) for t in texts)]
     rows = [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
-    # ours pads rows as the data pipeline tokenizes them: without the attention mask, which it rebuilds
+    # rows as the data pipeline tokenizes them (without the attention mask, which the padder rebuilds), or as the
+    # tokenizer gives them (a row's own mask is used)
     enc = encode(tokenizer, texts, 512)
     assert "attention_mask" not in enc
-    ours_rows = [{**{k: enc[k][i] for k in enc if with_types or k != "token_type_ids"}, "labels": i % 2}
-                 for i in range(len(texts))]
+    ours_rows = rows if rows_from == "the tokenizer" else [
+        {**{k: enc[k][i] for k in enc if with_types or k != "token_type_ids"}, "labels": i % 2} for i in range(len(texts))]
     batch = PadCollator(tokenizer, multiple)(ours_rows)
     ours = batch.tensors()
     theirs = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(rows)

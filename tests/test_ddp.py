@@ -153,7 +153,7 @@ def test_two_nodes_on_one_machine_agree(task, reference):
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=cli_env()))
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], [tail(o[1]) for o in outs]
     assert_same_run(reference, d / "nodes" / "r")
 
 

@@ -138,7 +138,8 @@ def test_fp16_steps_are_torchs_amp_recipe_and_a_planted_overflow_skips_exactly_i
 
 def clipped_run(data, *, fold: bool, device="cpu", lr=1e-3, clip=0.05) -> tuple:
     """Our step with the fused AdamW (``fold``: clipping folded into its pass), or torch's own recipe:
-    clip_grad_norm_, then the unfused AdamW. Returns the model and the norms torch's clipping saw."""
+    clip_grad_norm_, then the unfused AdamW. Returns the model, and the norms torch's clipping saw (ours: its
+    optimizer)."""
     model = tiny().to(device)
     optimizer = engine.build_optimizer(model, lr=lr, weight_decay=0.01, fused=fold)
     scheduler = engine.build_scheduler(optimizer, total_steps=len(data), warmup_ratio=0.25)
@@ -159,7 +160,7 @@ def clipped_run(data, *, fold: bool, device="cpu", lr=1e-3, clip=0.05) -> tuple:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
             optimizer.step()
         scheduler.step()
-    return model, norms
+    return model, optimizer if fold else norms
 
 
 def _max_diff(a, b) -> float:
@@ -169,15 +170,18 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_clipping_folded_into_the_fused_adamw_trains_as_clip_grad_norm_then_adamw(device):
-    data = batches(6)
-    ref, norms = clipped_run(data, fold=False, device=device)
-    assert min(norms) > 0.05  # the clipping acted at every step
-    ours, _ = clipped_run(data, fold=True, device=device)
-    assert _max_diff(ours, ref) < 1e-6
-    # told apart: no clipping, half the learning rate
-    for other in (clipped_run(data, fold=True, device=device, clip=0.0)[0],
-                  clipped_run(data, fold=True, device=device, lr=5e-4)[0]):
-        assert _max_diff(other, ref) > 1e-4
+    data = batches(10)
+    for clip in (0.05, 0.4):  # the clipping acts at every step; at some steps only (the clamp at 1 matters)
+        ref, norms = clipped_run(data, fold=False, device=device, clip=clip)
+        clipped = sum(n > clip for n in norms)
+        assert clipped == len(data) if clip == 0.05 else 0 < clipped < len(data), norms
+        ours, optimizer = clipped_run(data, fold=True, device=device, clip=clip)
+        assert _max_diff(ours, ref) < 1e-6
+        assert not hasattr(optimizer, "grad_scale")  # nothing left for a later step, or a checkpoint, to see
+        # told apart: no clipping, half the learning rate
+        for other in (clipped_run(data, fold=True, device=device, clip=0.0)[0],
+                      clipped_run(data, fold=True, device=device, lr=5e-4, clip=clip)[0]):
+            assert _max_diff(other, ref) > 1e-4
 
 
 def test_an_fp16_step_that_failed_after_unscaling_runs_again(monkeypatch):

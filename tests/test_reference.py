@@ -75,9 +75,17 @@ CASES = {  # shape, labels, class weights (pos_weight for multi-label), micro-ba
 }
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach AdamW", "fused AdamW, clipping folded"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_the_engine_trains_as_the_reference_loop(case):
+def test_the_engine_trains_as_the_reference_loop(case, fused, monkeypatch):
+    """The engine against a plain loop of torch and transformers parts. ``fused``: the engine's AdamW is the
+    fused one, as on CUDA, so the clipping rides in its pass (engine/step.py's folds_clipping)."""
     from transformers import Trainer, get_linear_schedule_with_warmup
+    from encoderfit.engine import build as engine_build
+
+    if fused:
+        real = engine_build.loop.build_optimizer
+        monkeypatch.setattr(engine_build.loop, "build_optimizer", lambda *a, **kw: real(*a, **{**kw, "fused": True}))
 
     shape, k, weights, accum, clip = CASES[case]
     names = ["score"] if shape == "regression" else [f"l{i}" for i in range(k)]
@@ -90,8 +98,10 @@ def test_the_engine_trains_as_the_reference_loop(case):
 
     # the engine, through the trainer's own builder
     steps = build_steps(model, task, ctx, Optimization(LR, DECAY, WARMUP, clip, STEPS), Speed())
-    ours_norms = []  # the gradient's norm as AdamW receives it (after clipping)
-    steps.optimizer.register_step_pre_hook(lambda opt, args, kwargs: ours_norms.append(float(
+    assert steps.optimizer.defaults["fused"] is fused
+    # the gradient's norm as AdamW used it (after clipping): the folded clipping writes the clipped gradients back
+    ours_norms = []
+    steps.optimizer.register_step_post_hook(lambda opt, args, kwargs: ours_norms.append(float(
         torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]
                                               if p.grad is not None])))))
     ours_loss, ours_lr = [], []

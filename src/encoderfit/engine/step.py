@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from encoderfit.data.batches import Batch, autocast
+from encoderfit.data.batches import autocast
 from encoderfit.engine.distributed import ProcessContext
 
 
@@ -131,23 +131,25 @@ def _train_step(sc: StepContext, micro_batches: list, normalizer: Union[float, t
 
 def folds_clipping(sc: StepContext) -> bool:
     """Whether the clipping rides in the fused AdamW's pass: its kernel divides each gradient by a device scalar
-    (``grad_scale``, the hook GradScaler uses) as it reads it, so the clipping's own read and write of every
-    gradient goes away. Only the fused AdamW (CUDA, or fp16 anywhere) has that hook, and fp16's scaler already
-    uses it for its own purpose: so this is the CUDA path in bf16 and fp32."""
+    (``grad_scale``, the hook GradScaler uses) as it reads it, and writes the clipped gradient back, so the
+    clipping's own multiply (a read and a write of every gradient) becomes that write: one read of every gradient
+    fewer. Only the fused AdamW (CUDA, or fp16 anywhere) has that hook, and fp16's scaler already uses it for its
+    own purpose: so this is the CUDA path in bf16 and fp32."""
     return sc.scaler is None and bool(sc.optimizer.defaults.get("fused"))
 
 
 def _step_clipped(sc: StepContext) -> None:
     """clip_grad_norm_ then AdamW, as one pass over the gradients: the fused AdamW divides them by
     max(1, (norm + 1e-6) / max_norm), the reciprocal of clip_grad_norm_'s clamped coefficient. The norm is
-    torch's own (``get_total_norm``), on the device: no host sync."""
+    torch's own (``get_total_norm``), on the device: no host sync. The kernel takes the divisor in fp32."""
     grads = [p.grad for group in sc.optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    sc.optimizer.grad_scale = torch.clamp((norm + 1e-6) / sc.max_grad_norm, min=1.0)
     try:
+        norm = torch.nn.utils.get_total_norm(grads).float()
+        sc.optimizer.grad_scale = torch.clamp((norm + 1e-6) / sc.max_grad_norm, min=1.0)
         sc.optimizer.step()
     finally:
-        del sc.optimizer.grad_scale
+        if hasattr(sc.optimizer, "grad_scale"):
+            del sc.optimizer.grad_scale
 
 
 def scaling_summary(sc: StepContext) -> Optional[str]:
