@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from encoderfit.modeling.long_texts import DOC, LongTexts
 from encoderfit.utils import (  # noqa: F401
@@ -36,6 +36,9 @@ from encoderfit.utils import (  # noqa: F401
     precision_name,
     detect_device,
 )
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 DEFAULT_MAX_LENGTH = 512
 # Models whose position table has (padding_idx + 1) extra rows in front of the usable positions.
