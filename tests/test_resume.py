@@ -92,10 +92,12 @@ def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
-    """The real default model (with dropout) on one CPU process, fp32."""
+def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks, run_main):
+    """The real default model (with dropout) on one CPU process, fp32. The stopped run is a process of its own,
+    with this process's thread count; the resumed and uninterrupted runs run in this process."""
     common = ["--num_samples", 96, "--epochs", 2, "--log_every", 1, "--checkpoint_dir", tmp_path]
-    stopped = run_script("train_single.py", *common, "--run_name", "a", env=env_with(hooks, STOP_AT_STEP=4))
+    stopped = run_script("train_single.py", *common, "--run_name", "a",
+                         env=env_with(hooks, STOP_AT_STEP=4, OMP_NUM_THREADS=torch.get_num_threads()))
     assert stopped.returncode == 143, stopped.stderr
     assert "stopped by SIGTERM after step 4" in stopped.stdout and "--resume auto --run_name a" in stopped.stdout
     assert "SIGTERM: stopping after the current step and saving a checkpoint..." in stopped.stderr  # said at once
@@ -103,10 +105,10 @@ def test_sigterm_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, hooks):
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
     before = torch.load(tmp_path / "a" / "checkpoints" / "step-00000004" / "training_state.pt",
                         weights_only=False)["clock"]  # the stopped process's time, as its checkpoint keeps it
-    resumed = run_script("train_single.py", *common, "--run_name", "a", "--resume", "auto")
+    resumed = run_main("train_single.py", *common, "--run_name", "a", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 2, step 4 (batch 1 of the epoch)" in resumed.stdout
-    straight = run_script("train_single.py", *common, "--run_name", "b")
+    straight = run_main("train_single.py", *common, "--run_name", "b")
     assert straight.returncode == 0, straight.stderr
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in b)
