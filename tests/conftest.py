@@ -76,6 +76,42 @@ def run_script(script: str, *args, timeout: int = 600, env: dict | None = None) 
                           capture_output=True, text=True, timeout=timeout, env=env or cli_env())
 
 
+_ONE_PROCESS = """
+import json, runpy, sys
+script, runs = sys.argv[1], json.loads(sys.argv[2])
+for args in runs:
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    print("\\n@@ exit", code, flush=True)
+    if code:
+        break
+"""
+
+
+def run_scripts_in_one_process(script: str, *runs, timeout: int = 600) -> list:
+    """``run_script(script, *args)`` for each ``args`` in ``runs``, one after another in one new interpreter:
+    for a module fixture's runs, which cannot use ``run_main``, without paying the imports once a run.
+    Each answer has its run's exit code and standard output; standard error is the process's, given to the
+    last answer. It stops after the first run that fails."""
+    proc = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(ROOT / "training" / script),
+                           json.dumps([on_cpu(script, args) for args in runs])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
+    parts = proc.stdout.split("\n@@ exit ")
+    answers = []
+    for out, rest in zip(parts, parts[1:]):
+        code = int(rest.split("\n", 1)[0])
+        answers.append(subprocess.CompletedProcess(runs[len(answers)], code, out, ""))
+    if not answers or answers[-1].returncode == 0 and len(answers) < len(runs):  # the interpreter itself died
+        answers.append(subprocess.CompletedProcess(runs[len(answers)], proc.returncode or 1, parts[-1], ""))
+    answers[-1].stderr = proc.stderr
+    return answers
+
+
 # Python's own warning filters (python -W default is not set): what a fresh `python script.py` shows.
 _PYTHON_DEFAULT_WARNING_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
                                    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),

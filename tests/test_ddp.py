@@ -98,10 +98,10 @@ def test_two_processes_at_half_batch_match_one_process(task, reference, two_proc
     assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2
 
 
-def test_gradient_accumulation_matches_one_large_batch(task, reference):
+def test_gradient_accumulation_matches_one_large_batch(task, reference, run_main):
     d, common = task
-    proc = run_script("train_single.py", *common, "--batch_size", 2, "--grad_accum_steps", 4,
-                      "--checkpoint_dir", d / "accum", "--run_name", "r")
+    proc = run_main("train_single.py", *common, "--batch_size", 2, "--grad_accum_steps", 4,
+                    "--checkpoint_dir", d / "accum", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
     assert_same_run(reference, d / "accum" / "r")
     proc = torchrun(2, *common, "--batch_size", 2, "--grad_accum_steps", 2, "--checkpoint_dir", d / "accum2",
@@ -111,15 +111,15 @@ def test_gradient_accumulation_matches_one_large_batch(task, reference):
 
 
 @pytest.mark.parametrize("nproc", [3])
-def test_evaluation_counts_every_example_once(task, reference, nproc):
+def test_evaluation_counts_every_example_once(task, reference, nproc, run_main):
     """41 validation examples over 3 ranks (14, 14, 13): the same accuracy as one process, exactly."""
     d, common = task
     # 96 = 3 x 32: the training batches line up too, so the weights match and so must the eval numbers
     proc = torchrun(nproc, *common, "--batch_size", 8, "--checkpoint_dir", d / f"eval{nproc}", "--run_name", "r",
                     "--learning_rate", 1e-9)
     assert proc.returncode == 0, proc.stderr
-    single = run_script("train_single.py", *common, "--batch_size", 24, "--checkpoint_dir", d / "eval1",
-                        "--run_name", "r", "--learning_rate", 1e-9)
+    single = run_main("train_single.py", *common, "--batch_size", 24, "--checkpoint_dir", d / "eval1",
+                      "--run_name", "r", "--learning_rate", 1e-9)
     assert single.returncode == 0, single.stderr
     a, b = epoch_record(d / f"eval{nproc}" / "r"), epoch_record(d / "eval1" / "r")
     assert a["val_examples"] == b["val_examples"] == 41
@@ -214,9 +214,8 @@ from encoderfit.engine.step import StepContext, train_step
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 ctx = ProcessContext(rank, rank, world, torch.device("cpu"), torchrun=True)
-weights = [1.0, 2.0, 0.5] if sys.argv[1] == "weights" else None
 
-def run(flat_steps):
+def run(flat_steps, weights):
     torch.manual_seed(100 + rank)  # another start on each rank: rank 0's weights must reach the others
     model = BertForSequenceClassification(BertConfig(
         vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -248,30 +247,30 @@ def run(flat_steps):
         assert flat.issued == 8
     return start, torch.cat([p.detach().flatten() for p in model.parameters()]), losses
 
-_, ddp, ddp_losses = run(False)
-start, flat, flat_losses = run(True)
-rank0 = flat.clone()
-dist.broadcast(rank0, 0)
-with open(f"{sys.argv[2]}/rank{rank}.txt", "w") as out:  # a file each: the ranks' stdout interleaves
-    out.write(f"rank {rank} ddp-vs-flat {(ddp - flat).abs().max().item():.3e} ranks "
-              f"{(flat - rank0).abs().max().item():.3e} moved {(flat - start).abs().max().item():.3e} "
-              f"losses {ddp_losses == flat_losses}")
+for name, weights in (("none", None), ("weights", [1.0, 2.0, 0.5])):
+    _, ddp, ddp_losses = run(False, weights)
+    start, flat, flat_losses = run(True, weights)
+    rank0 = flat.clone()
+    dist.broadcast(rank0, 0)
+    with open(f"{sys.argv[1]}/{name}-rank{rank}.txt", "w") as out:  # a file each: the ranks' stdout interleaves
+        out.write(f"rank {rank} ddp-vs-flat {(ddp - flat).abs().max().item():.3e} ranks "
+                  f"{(flat - rank0).abs().max().item():.3e} moved {(flat - start).abs().max().item():.3e} "
+                  f"losses {ddp_losses == flat_losses}")
 dist.destroy_process_group()
 '''
 
 
-@pytest.mark.parametrize("weights", ["none", "weights"])
-def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(tmp_path, weights):
+def test_graphs_flat_gradient_all_reduce_averages_as_ddp_does_on_two_gloo_ranks(tmp_path):
     """The all-reduce recorded with CUDA graphs under torchrun, run eagerly on the CPU (the same code):
     two ranks with their own examples and batch shapes, and different starting weights, train as DDP's
-    wrapper trains them, with class weights too (a normalizer summed over the ranks)."""
+    wrapper trains them, without and with class weights (a normalizer summed over the ranks)."""
     script = tmp_path / "flat_vs_ddp.py"
     script.write_text(FLAT_VS_DDP)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), weights, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=cli_env(PYTHONPATH=str(ROOT / "src")))
     assert proc.returncode == 0, tail(proc.stderr)
-    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    lines = [(tmp_path / f"{w}-rank{r}.txt").read_text() for w in ("none", "weights") for r in (0, 1)]
     for line in lines:
         fields = line.split()
         # the same weights as DDP's bit for bit, the same on both ranks, after steps that moved them

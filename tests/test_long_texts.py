@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FILLER, NEGATIVE, POSITIVE, made_once, run_script
+from conftest import FILLER, NEGATIVE, POSITIVE, made_once, run_script, run_scripts_in_one_process
 from test_resume import env_with, hooks, records, weights  # noqa: F401 (hooks: the STOP_AT_STEP fixture)
 from encoderfit.modeling.long_texts import DOC, LongTexts, pool
 from encoderfit.utils import UserError
@@ -73,9 +73,10 @@ def mode_runs(tiny_model_dir, tmp_path_factory):
     def make(base: Path) -> None:
         write_jsonl(base / "train.jsonl", long_rows(240, seed=1))
         write_jsonl(base / "val.jsonl", long_rows(40, seed=2))
-        for mode in ("truncate", "head_tail", "windows"):
-            proc = run_script("train_single.py", *_args(tiny_model_dir, base, mode))
-            assert proc.returncode == 0, proc.stderr
+        modes = ("truncate", "head_tail", "windows")
+        runs = run_scripts_in_one_process("train_single.py", *(_args(tiny_model_dir, base, m) for m in modes))
+        assert [r.returncode for r in runs] == [0, 0, 0], runs[-1].stderr
+        for mode, proc in zip(modes, runs):
             (base / f"{mode}.out").write_text(proc.stdout)
 
     base = made_once(tmp_path_factory, "long-text-modes", make)
@@ -239,7 +240,7 @@ def test_long_text_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, flags,
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, tmp_path):
+def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, tmp_path, run_main):
     """29 documents of 1 to 4 windows: 3 processes at batch 4 train as 1 at batch 12, and each rank pools
     whole documents, so the validation metrics are those of one process, over exactly 29 documents."""
     from test_ddp import assert_same_run, torchrun
@@ -259,7 +260,7 @@ def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, 
     common = [a for a in _args(tiny_model_dir, tmp_path, "windows") if a not in ("--batch_size", 16)]
     common = [*common[:common.index("--run_name")], "--epochs", 2, "--log_every", 1, "--precision", "fp32",
               "--learning_rate", 1e-3]  # AdamW turns the ranks' other summation order into lr-sized steps
-    one = run_script("train_single.py", *common, "--batch_size", 12, "--run_name", "one")
+    one = run_main("train_single.py", *common, "--batch_size", 12, "--run_name", "one")
     assert one.returncode == 0, one.stderr
     three = torchrun(3, *common, "--batch_size", 4, "--run_name", "three")
     assert three.returncode == 0, three.stderr

@@ -383,22 +383,23 @@ def test_dataset_smaller_than_the_world_size_is_refused(tmp_path, tiny_model_dir
     assert "2 training example(s) for 3 processes" in proc.stderr
 
 
-def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, tiny_model_dir, hooks):
+def test_resume_from_an_older_checkpoint_replaces_the_abandoned_ones(tmp_path, tiny_model_dir, hooks, run_main):
+    """The stopped run is a process of its own, with this process's thread count; the others run in this one."""
     train = write_rows(tmp_path / "train.csv", synthetic_rows(64, seed=4))
     common = ["--model", tiny_model_dir, "--train_file", train, "--validation_file", train, "--epochs", 1,
               "--batch_size", 4, "--max_length", 32, "--checkpoint_dir", tmp_path, "--save_every_steps", 4,
               "--keep_checkpoints", 3]
-    assert run_script("train_single.py", *common, "--run_name", "a",
-                      env=env_with(hooks, STOP_AT_STEP=14)).returncode == 143
+    assert run_script("train_single.py", *common, "--run_name", "a", env=env_with(
+        hooks, STOP_AT_STEP=14, OMP_NUM_THREADS=torch.get_num_threads())).returncode == 143
     steps = lambda run: sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir())  # noqa: E731
     assert steps("a") == ["step-00000008", "step-00000012", "step-00000014"]
-    proc = run_script("train_single.py", *common, "--run_name", "a", "--keep_checkpoints", 1,
-                      "--resume", tmp_path / "a" / "checkpoints" / "step-00000008")
+    proc = run_main("train_single.py", *common, "--run_name", "a", "--keep_checkpoints", 1,
+                    "--resume", tmp_path / "a" / "checkpoints" / "step-00000008")
     assert proc.returncode == 0, proc.stderr
     assert "resuming at epoch 1, step 8" in proc.stdout
     # step 12 and 14 were of the abandoned continuation; a finished run keeps only its last step checkpoint
     assert steps("a") == ["step-00000016"]
-    assert run_script("train_single.py", *common, "--run_name", "b").returncode == 0
+    assert run_main("train_single.py", *common, "--run_name", "b").returncode == 0
     first, again = weights(tmp_path / "b"), weights(tmp_path / "a")
     assert all(torch.equal(first[k], again[k]) for k in first)
 

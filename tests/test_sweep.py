@@ -70,12 +70,12 @@ def test_a_grid_finds_the_learning_rate_the_task_needs(grid):
     assert len([p for p in (sw / "cache").iterdir() if p.is_dir()]) == 1  # tokenized once for every trial
 
 
-def test_the_chosen_trial_is_tested_once_on_the_test_file(grid, tmp_path):
+def test_the_chosen_trial_is_tested_once_on_the_test_file(grid, tmp_path, run_main):
     out = (grid / "out.txt").read_text()
     record = json.loads((grid / "sw" / "sweep.json").read_text())
     assert f"test set {grid / 'test.csv'}: {record['best']}, chosen on the validation split alone" in out
     assert out.index("test set") > out.index("sweep of 4 trial(s)")  # after the choice
-    proc = run_script("evaluate.py", "--checkpoint", grid / "sw" / "best", "--data", grid / "test.csv",
+    proc = run_main("evaluate.py", "--checkpoint", grid / "sw" / "best", "--data", grid / "test.csv",
                       "--output", tmp_path / "direct.json")
     assert proc.returncode == 0, proc.stderr
     tested, direct = (json.loads(p.read_text()) for p in (grid / "sw" / "test.json", tmp_path / "direct.json"))
@@ -83,17 +83,17 @@ def test_the_chosen_trial_is_tested_once_on_the_test_file(grid, tmp_path):
     assert (tested["accuracy"], tested["loss"]) == (direct["accuracy"], direct["loss"])
 
 
-def test_config_of_a_trial_reproduces_its_metric_exactly(grid, tmp_path):
+def test_config_of_a_trial_reproduces_its_metric_exactly(grid, tmp_path, run_main):
     trial = grid / "sw" / "trial-004"
-    proc = run_script("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
-                      "--run_name", "again")
+    proc = run_main("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
+                    "--run_name", "again")
     assert proc.returncode == 0, proc.stderr
     a, b = _summary(trial), _summary(tmp_path / "again")
     assert (a["best_val_accuracy"], a["best_val_loss"], a["final_val_loss"]) == \
         (b["best_val_accuracy"], b["best_val_loss"], b["final_val_loss"])
     # a flag on the command line overrides the file's value
-    proc = run_script("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
-                      "--run_name", "lower", "--learning_rate", 1e-5, "--epochs", 1)
+    proc = run_main("train_single.py", "--config", trial / "config.json", "--checkpoint_dir", tmp_path,
+                    "--run_name", "lower", "--learning_rate", 1e-5, "--epochs", 1)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "lower" / "config.json").read_text())["config"]
     assert (config["learning_rate"], config["epochs"], config["seed"]) == (1e-5, 1, 1)
@@ -113,7 +113,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, run_main):
         assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_an_interrupted_sweep_continues_where_it_stopped(tiny_model_dir, tmp_path, hooks):
+def test_an_interrupted_sweep_continues_where_it_stopped(tiny_model_dir, tmp_path, hooks, run_main):
     args = ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 1, "--learning_rate", "1e-4,1e-3",
             "--sweep_dir", tmp_path / "sw"]
     # 240 training examples at 16: 15 steps a trial; SIGTERM after step 17, the second of trial 2
@@ -121,13 +121,13 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tiny_model_dir, tmp_pat
     assert stopped.returncode == 143, stopped.stderr
     assert "sweep stopped in trial-002: run the same command again to continue" in stopped.stdout
     first = (tmp_path / "sw" / "trial-001" / "summary.json").read_text()
-    again = run_script("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
+    again = run_main("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
     assert again.returncode == 0, again.stderr
     assert "== trial-001" not in again.stdout and "resuming at epoch 1, step 2" in again.stdout, again.stdout
     assert (tmp_path / "sw" / "trial-001" / "summary.json").read_text() == first
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [t["status"] for t in record["trials"]] == ["done", "done"]
-    other = run_script("sweep.py", *args[:-4], "--learning_rate", "1e-4,1e-2", *args[-2:])
+    other = run_main("sweep.py", *args[:-4], "--learning_rate", "1e-4,1e-2", *args[-2:])
     assert other.returncode == 2 and "holds another sweep" in other.stderr and other.stderr.count("\n") == 1
 
 
@@ -194,11 +194,11 @@ def test_under_two_gloo_processes_both_ranks_run_the_same_trials(tiny_model_dir,
             for t in record["trials"]] == rates
 
 
-def test_a_sampled_search_prunes_the_poor_trials(tiny_model_dir, tmp_path):
+def test_a_sampled_search_prunes_the_poor_trials(tiny_model_dir, tmp_path, run_main):
     # by the validation loss (lower is better: the study's values are signed), which has no ties
     args = ["--model", tiny_model_dir, *_data(tmp_path), "--epochs", 3, "--learning_rate", "1e-5:1e-2:log",
             "--seed", 1, "--metric_for_best", "loss", "--sweep_dir", tmp_path / "sw"]
-    proc = run_script("sweep.py", *args, "--trials", 7)
+    proc = run_main("sweep.py", *args, "--trials", 7)
     assert proc.returncode == 0, proc.stderr
     sw = tmp_path / "sw"
     record = json.loads((sw / "sweep.json").read_text())
@@ -227,7 +227,7 @@ def test_a_sampled_search_prunes_the_poor_trials(tiny_model_dir, tmp_path):
     assert "pruned" in proc.stdout[proc.stdout.index("sweep of 7 trial(s)"):]
     # a larger --trials goes on with the same study: the finished trials are kept as they are
     before = {t["name"]: (sw / t["name"] / "summary.json").read_text() for t in record["trials"]}
-    more = run_script("sweep.py", *args, "--trials", 8)
+    more = run_main("sweep.py", *args, "--trials", 8)
     assert more.returncode == 0, more.stderr
     assert more.stdout.count("\n== trial-") == 1 and "== trial-008 of 8" in more.stdout
     again = json.loads((sw / "sweep.json").read_text())
@@ -257,7 +257,7 @@ def test_parallel_trials_share_the_grid_and_match_trials_run_one_by_one(grid, ti
 
 
 def test_an_interrupted_sampled_search_resumes_its_trial_and_the_pruner_sees_every_epoch(tiny_model_dir, tmp_path,
-                                                                                      hooks):
+                                                                                      hooks, run_main):
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -268,7 +268,7 @@ def test_an_interrupted_sampled_search_resumes_its_trial_and_the_pruner_sees_eve
     stopped = run_script("sweep.py", *args, env=env_with(hooks, STOP_AT_STEP=20))
     assert stopped.returncode == 143 and "sweep stopped in trial-001" in stopped.stdout, stopped.stdout
     assert "resume with the same command again" in stopped.stdout  # the sweep's command, not the trial's flags
-    again = run_script("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
+    again = run_main("sweep.py", *args[2:], *args[:2])  # the same flags in another order: the same sweep
     assert again.returncode == 0, again.stderr
     assert "resuming at epoch 2, step 20" in again.stdout and again.stdout.count("\n== trial-") == 3
     sw = tmp_path / "sw"
@@ -290,7 +290,7 @@ def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tin
 
     rows = write_rows(tmp_path / "big.csv", synthetic_rows(600, seed=4))
     args = on_cpu("sweep.py", ["--model", tiny_model_dir, *_data(tmp_path)[2:], "--train_file", rows, "--epochs", 2,
-                               "--learning_rate", "1e-4,1e-3,3e-3", "--parallel_trials", 2,
+                               "--learning_rate", "1e-3,3e-3", "--parallel_trials", 2,
                                "--sweep_dir", tmp_path / "sw"])
     cmd = [sys.executable, str(ROOT / "training" / "sweep.py"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
@@ -304,8 +304,8 @@ def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tin
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert again.returncode == 0, again.stderr
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [t["status"] for t in record["trials"]] == ["done"] * 3
-    assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [2, 2, 2]
+    assert [t["status"] for t in record["trials"]] == ["done"] * 2
+    assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [2, 2]
     logs = "".join((tmp_path / "sw" / f"worker-{k}.log").read_text() for k in (0, 1))
     assert "resuming at epoch" in logs  # a stopped trial went on from its checkpoint, not from the start
 

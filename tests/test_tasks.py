@@ -328,23 +328,23 @@ def test_balanced_class_weights_train_on_the_weighted_loss(tiny_model_dir, tmp_p
 
 # ---------------------------------------------------------------- under torchrun
 
-def _one_process_and_two(model: Path, tmp_path: Path, train: Path, val: Path, *extra, lr=1e-3) -> tuple:
-    """The same run as 1 process at batch 8 and as 2 gloo processes at batch 4: their run directories and
-    the second's output."""
+def _one_process_and_two(run_main, model: Path, tmp_path: Path, train: Path, val: Path, *extra, lr=1e-3) -> tuple:
+    """The same run as 1 process at batch 8 (in this one) and as 2 gloo processes at batch 4: their run
+    directories and the second's output."""
     from test_ddp import torchrun
 
     common = ["--model", model, "--train_file", train, "--validation_file", val, "--epochs", 2,
               "--learning_rate", lr, "--max_length", 32, "--log_every", 1, "--precision", "fp32",
               "--device", "cpu", "--no_progress", "--cache_dir", tmp_path / "cache", *extra]
-    one = run_script("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
-                     "--run_name", "r")
+    one = run_main("train_single.py", *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / "one",
+                   "--run_name", "r")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *common, "--batch_size", 4, "--checkpoint_dir", tmp_path / "two", "--run_name", "r")
     assert two.returncode == 0, two.stderr
     return tmp_path / "one" / "r", tmp_path / "two" / "r", two.stdout
 
 
-def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path, run_main):
     """2 gloo processes x batch 4 train as 1 x 8, and evaluate each example once (Spearman from the
     gathered predictions, Pearson from the reduced sums): an STS-B-shaped task, pairs and scores."""
     from test_ddp import assert_same_run, epoch_record
@@ -352,7 +352,7 @@ def test_pair_regression_under_ddp_is_one_process_at_the_global_batch(tiny_model
     train = write_csv(tmp_path / "train.csv", score_rows(96, seed=7, pair=True))
     val = write_csv(tmp_path / "val.csv", score_rows(41, seed=8, pair=True))  # odd: no example twice
     # a learning rate at which the scores spread: Pearson of near-constant predictions amplifies rounding
-    a, b, out = _one_process_and_two(tiny_model_dir, tmp_path, train, val, lr=2e-3)
+    a, b, out = _one_process_and_two(run_main, tiny_model_dir, tmp_path, train, val, lr=2e-3)
     assert "text pairs sentence1 + sentence2" in out and "task regression" in out
     # the same steps and weights; attention key biases aside: their gradient is zero in exact arithmetic
     # (softmax ignores a shift shared by all keys), so AdamW turns rounding noise into lr-sized steps there
@@ -552,7 +552,7 @@ def test_class_weights_under_ddp_are_one_process_at_the_global_batch(tiny_model_
 
     train = write_rows(tmp_path / "train.csv", synthetic_rows(96, seed=13))
     val = write_rows(tmp_path / "val.csv", synthetic_rows(41, seed=14))
-    a, b, _ = _one_process_and_two(tiny_model_dir, tmp_path, train, val, "--class_weights", "1,9")
+    a, b, _ = _one_process_and_two(run_main, tiny_model_dir, tmp_path, train, val, "--class_weights", "1,9")
     assert_same_run(a, b, skip=".attention.self.key.bias")
     # evaluate.py reads the weights from config.json: the weighted mean training reported (with 1,9 on
     # these labels the plain mean differs by far more than the tolerance)
@@ -691,7 +691,7 @@ def test_each_task_shape_resumes_bitwise(request, tiny_model_dir, hooks, shape, 
         assert [r[key] for r in ea] == [r[key] for r in eb], key
 
 
-def test_tuned_weighted_multi_label_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path):
+def test_tuned_weighted_multi_label_under_ddp_is_one_process_at_the_global_batch(tiny_model_dir, tmp_path, run_main):
     """Balanced pos_weight from the whole training split on every rank; the threshold tuned on the logits
     gathered from both ranks: the same threshold, metrics and weights as one process."""
     from test_ddp import assert_same_run, epoch_record
@@ -699,7 +699,7 @@ def test_tuned_weighted_multi_label_under_ddp_is_one_process_at_the_global_batch
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     for path, rows in ((train, noisy_topic_rows(96, seed=23)), (val, noisy_topic_rows(41, seed=24))):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    a, b, out = _one_process_and_two(tiny_model_dir, tmp_path, train, val, "--threshold", "tune",
+    a, b, out = _one_process_and_two(run_main, tiny_model_dir, tmp_path, train, val, "--threshold", "tune",
                                      "--class_weights", "balanced", lr=3e-3)
     assert "pos_weight (positive term of each label's loss)" in out
     assert_same_run(a, b, skip=".attention.self.key.bias")
