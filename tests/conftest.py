@@ -23,6 +23,9 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's package, installed or n
 # threads the same way), only how a thread waits. Set before torch is loaded here; the commands the tests
 # start inherit it (cli_env copies the environment). An OMP_WAIT_POLICY already set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The commands the tests start use 2 threads (cli_env), and so do runs in this process (run_main): a run
+# compared bitwise with another process's must split its matmuls the same way, on any number of cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "delightful"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "tedious"]
