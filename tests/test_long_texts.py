@@ -275,8 +275,8 @@ def test_windows_over_three_gloo_ranks_count_each_document_once(tiny_model_dir, 
     assert ra["val_accuracy"] == rb["val_accuracy"] and abs(ra["val_loss"] - rb["val_loss"]) < 1e-5
 
 
-def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks):
-    """SIGTERM in epoch 2 of the windows run, then --resume auto: the uninterrupted run's weights, step
+def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks, run_main):
+    """SIGTERM in epoch 2 of the windows run, then --resume auto (in this process): the uninterrupted run's weights, step
     losses and per-document epoch metrics, bitwise."""
     base, runs = mode_runs
     run = runs["windows"][0]
@@ -284,7 +284,7 @@ def test_windows_resume_at_the_exact_next_batch(mode_runs, tiny_model_dir, hooks
     assert len(records(run, "step")) >= 2  # the uninterrupted run logged at steps 50, 100, ...
     stopped = run_script("train_single.py", *args, env=env_with(hooks, STOP_AT_STEP=55))
     assert stopped.returncode == 143, stopped.stderr
-    resumed = run_script("train_single.py", *args, "--resume", "auto")
+    resumed = run_main("train_single.py", *args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 2, step 55" in resumed.stdout
     a, b = weights(base / "ck" / "stopped-windows"), weights(run)

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import run_script
 from encoderfit.modeling import packing
 from encoderfit.data.batches import PadCollator
 from encoderfit.utils import UserError
@@ -157,14 +156,14 @@ def test_packed_batches_give_the_padded_batches_logits_and_gradients(kind, monke
 
 
 def test_unfit_says_why_and_the_cli_refuses_unpadded_on_where_it_cannot_run(tmp_path, tiny_model_dir,
-                                                                          synthetic_csv):
+                                                                          synthetic_csv, run_main):
     model = _model("bert")
     assert packing.unfit(model, torch.device("cpu"), torch.bfloat16) == "a CUDA device"
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", synthetic_csv, "--epochs", "1",
-                      "--unpadded", "on", "--checkpoint_dir", tmp_path / "runs")
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", synthetic_csv, "--epochs", "1",
+                    "--unpadded", "on", "--checkpoint_dir", tmp_path / "runs")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --unpadded on needs a CUDA device", proc.stderr
-    proc = run_script("train_single.py", "--model", tiny_model_dir, "--train_file", synthetic_csv, "--epochs", "1",
-                      "--num_samples", "40", "--unpadded", "auto", "--checkpoint_dir", tmp_path / "runs")
+    proc = run_main("train_single.py", "--model", tiny_model_dir, "--train_file", synthetic_csv, "--epochs", "1",
+                    "--num_samples", "40", "--unpadded", "auto", "--checkpoint_dir", tmp_path / "runs")
     assert proc.returncode == 0 and "batches: padded (unpadded needs a CUDA device)" in proc.stdout, proc.stdout
 
 

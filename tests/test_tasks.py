@@ -669,8 +669,9 @@ def test_pos_weight_is_torchs_and_balanced_is_negatives_per_positive():
     # after epoch 2's evaluation tuned the threshold that epoch 3's training sums decide at
     ("tuned_run", 75, "epoch 3, step 75 (batch 15 of the epoch)"),
 ])
-def test_each_task_shape_resumes_bitwise(request, tiny_model_dir, hooks, shape, stop_at, resumes_at):
-    """SIGTERM mid-epoch, then --resume auto: the uninterrupted run's steps, weights and epoch metrics."""
+def test_each_task_shape_resumes_bitwise(request, tiny_model_dir, hooks, shape, stop_at, resumes_at, run_main):
+    """SIGTERM mid-epoch, then --resume auto (in this process): the uninterrupted run's steps, weights and epoch
+    metrics."""
     from test_resume import env_with, records, weights
 
     run, _, train, *rest = request.getfixturevalue(shape)
@@ -678,7 +679,7 @@ def test_each_task_shape_resumes_bitwise(request, tiny_model_dir, hooks, shape, 
     args = _train_args(tiny_model_dir, run.parent, train, *extra, epochs=epochs, name="stopped")
     stopped = run_script("train_single.py", *args, env=env_with(hooks, STOP_AT_STEP=stop_at))
     assert stopped.returncode == 143, stopped.stderr
-    resumed = run_script("train_single.py", *args, "--resume", "auto")
+    resumed = run_main("train_single.py", *args, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at {resumes_at}" in resumed.stdout
     a, b = weights(run.parent / "stopped"), weights(run)
