@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's package, installed or n
 # threads the same way), only how a thread waits. Set before torch is loaded here; the commands the tests
 # start inherit it (cli_env copies the environment). An OMP_WAIT_POLICY already set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The commands the tests start use 2 threads (cli_env), and so do runs in this process (run_main): a run
-# compared bitwise with another process's must split its matmuls the same way, on any number of cores.
+# The commands the tests start use 2 threads without MKL's dynamic thread count (cli_env), and so do runs in
+# this process (run_main): a run compared bitwise with another process's must split its matmuls the same way,
+# on any number of cores and however busy they are.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "delightful"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dreadful", "tedious"]
@@ -89,6 +91,8 @@ for args in runs:
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)  # as the interpreter prints sys.exit("message")
     sys.stdout.flush()
     print("\\n@@ exit", code, flush=True)
     if code:
@@ -104,13 +108,14 @@ def run_scripts_in_one_process(script: str, *runs, timeout: int = 600) -> list:
     proc = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(ROOT / "training" / script),
                            json.dumps([on_cpu(script, args) for args in runs])],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=cli_env())
-    parts = proc.stdout.split("\n@@ exit ")
-    answers = []
-    for out, rest in zip(parts, parts[1:]):
-        code = int(rest.split("\n", 1)[0])
-        answers.append(subprocess.CompletedProcess(runs[len(answers)], code, out, ""))
+    parts = proc.stdout.split("\n@@ exit ")  # run 1's output, then "code\nrun 2's output", ...
+    outs = [parts[0], *(p.split("\n", 1)[1] if "\n" in p else "" for p in parts[1:])]
+    answers = [subprocess.CompletedProcess(runs[k], int(p.split("\n", 1)[0]), outs[k], "")
+               for k, p in enumerate(parts[1:])]
     if not answers or answers[-1].returncode == 0 and len(answers) < len(runs):  # the interpreter itself died
-        answers.append(subprocess.CompletedProcess(runs[len(answers)], proc.returncode or 1, parts[-1], ""))
+        answers.append(subprocess.CompletedProcess(runs[len(answers)], proc.returncode or 1, outs[-1], ""))
+    elif proc.returncode and answers[-1].returncode == 0:  # it died after the last run, at its exit
+        answers[-1].returncode = proc.returncode
     answers[-1].stderr = proc.stderr
     return answers
 
@@ -174,15 +179,16 @@ def _as_in_a_fresh_process(monkeypatch):
 def run_in_process(script: str, *args, capfd, monkeypatch, timeout=None) -> subprocess.CompletedProcess:
     """What ``run_script(script, *args)`` answers, from the script run as ``__main__`` in this process.
 
-    For commands whose test reads what they print, write and exit with (bad input, refusals, runs whose
-    numbers are not compared with another process's): without a new interpreter, they do not pay its
-    3-5 s of importing torch, transformers and datasets. The answer is the one a process would
+    For commands whose test reads what they print, write and exit with (bad input, refusals, runs compared
+    with another process's, bitwise too: both use the same threads, set at the top of this file): without a
+    new interpreter, they do not pay its 3-5 s of importing torch, transformers and datasets. The answer is
+    the one a process would
     give: the exit code (``sys.exit``'s, 1 with a traceback on standard error for an uncaught
     exception), everything written to file descriptors 1 and 2 (``capfd``), and the warnings a fresh
     interpreter would print. The RNGs, thread count, working directory, ``sys.argv`` and ``sys.path``
     are put back.
-    The true subprocess (``run_script``) stays where the test is about the process itself, or needs
-    hooks (PYTHONPATH) or thread settings (bitwise resume) that only a new interpreter takes.
+    The true subprocess (``run_script``) stays where the test is about the process itself (a signal, its
+    exit), or needs hooks (PYTHONPATH) that only a new interpreter takes.
     ``timeout`` is ``run_script``'s, unused: there is no process to wait for."""
     import random
     import runpy
@@ -197,6 +203,7 @@ def run_in_process(script: str, *args, capfd, monkeypatch, timeout=None) -> subp
     argv = [str(path), *on_cpu(script, args)]
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # also fixes MKL's thread count, as a started command's environment does
     saved_path = list(sys.path)
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", argv)

@@ -290,7 +290,7 @@ def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tin
 
     rows = write_rows(tmp_path / "big.csv", synthetic_rows(600, seed=4))
     args = on_cpu("sweep.py", ["--model", tiny_model_dir, *_data(tmp_path)[2:], "--train_file", rows, "--epochs", 2,
-                               "--learning_rate", "1e-3,3e-3", "--parallel_trials", 2,
+                               "--learning_rate", "1e-4,1e-3,3e-3", "--parallel_trials", 2,
                                "--sweep_dir", tmp_path / "sw"])
     cmd = [sys.executable, str(ROOT / "training" / "sweep.py"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
@@ -304,8 +304,8 @@ def test_a_parallel_sweep_stopped_by_sigterm_continues_with_the_same_command(tin
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=cli_env())
     assert again.returncode == 0, again.stderr
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [t["status"] for t in record["trials"]] == ["done"] * 2
-    assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [2, 2]
+    assert [t["status"] for t in record["trials"]] == ["done"] * 3  # the stopped ones and the one not started
+    assert [len(_epochs(tmp_path / "sw" / t["name"])) for t in record["trials"]] == [2, 2, 2]
     logs = "".join((tmp_path / "sw" / f"worker-{k}.log").read_text() for k in (0, 1))
     assert "resuming at epoch" in logs  # a stopped trial went on from its checkpoint, not from the start
 
