@@ -98,30 +98,30 @@ def test_two_processes_at_half_batch_match_one_process(task, reference, two_proc
     assert json.loads((d / "ddp2" / "r" / "config.json").read_text())["world_size"] == 2
 
 
-def test_gradient_accumulation_matches_one_large_batch(task, reference, run_main):
-    d, common = task
+def test_gradient_accumulation_matches_one_large_batch(task, reference, run_main, tmp_path):
+    _, common = task
     proc = run_main("train_single.py", *common, "--batch_size", 2, "--grad_accum_steps", 4,
-                    "--checkpoint_dir", d / "accum", "--run_name", "r")
+                    "--checkpoint_dir", tmp_path / "accum", "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
-    assert_same_run(reference, d / "accum" / "r")
-    proc = torchrun(2, *common, "--batch_size", 2, "--grad_accum_steps", 2, "--checkpoint_dir", d / "accum2",
+    assert_same_run(reference, tmp_path / "accum" / "r")
+    proc = torchrun(2, *common, "--batch_size", 2, "--grad_accum_steps", 2, "--checkpoint_dir", tmp_path / "accum2",
                     "--run_name", "r")
     assert proc.returncode == 0, proc.stderr
-    assert_same_run(reference, d / "accum2" / "r")
+    assert_same_run(reference, tmp_path / "accum2" / "r")
 
 
 @pytest.mark.parametrize("nproc", [3])
-def test_evaluation_counts_every_example_once(task, reference, nproc, run_main):
+def test_evaluation_counts_every_example_once(task, reference, nproc, run_main, tmp_path):
     """41 validation examples over 3 ranks (14, 14, 13): the same accuracy as one process, exactly."""
-    d, common = task
+    _, common = task
     # 96 = 3 x 32: the training batches line up too, so the weights match and so must the eval numbers
-    proc = torchrun(nproc, *common, "--batch_size", 8, "--checkpoint_dir", d / f"eval{nproc}", "--run_name", "r",
+    proc = torchrun(nproc, *common, "--batch_size", 8, "--checkpoint_dir", tmp_path / f"eval{nproc}", "--run_name", "r",
                     "--learning_rate", 1e-9)
     assert proc.returncode == 0, proc.stderr
-    single = run_main("train_single.py", *common, "--batch_size", 24, "--checkpoint_dir", d / "eval1",
+    single = run_main("train_single.py", *common, "--batch_size", 24, "--checkpoint_dir", tmp_path / "eval1",
                       "--run_name", "r", "--learning_rate", 1e-9)
     assert single.returncode == 0, single.stderr
-    a, b = epoch_record(d / f"eval{nproc}" / "r"), epoch_record(d / "eval1" / "r")
+    a, b = epoch_record(tmp_path / f"eval{nproc}" / "r"), epoch_record(tmp_path / "eval1" / "r")
     assert a["val_examples"] == b["val_examples"] == 41
     assert a["val_accuracy"] == b["val_accuracy"]
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
@@ -141,20 +141,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_one_machine_agree(task, reference):
-    d, common = task
+def test_two_nodes_on_one_machine_agree(task, reference, tmp_path):
+    _, common = task
     port = _free_port()
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                "--rdzv_id=twonodes", str(ROOT / "training" / "train_ddp.py"),
-               *map(str, common), "--batch_size", "4", "--checkpoint_dir", str(d / "nodes"), "--run_name", "r"]
+               *map(str, common), "--batch_size", "4", "--checkpoint_dir", str(tmp_path / "nodes"), "--run_name", "r"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=cli_env()))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [tail(o[1]) for o in outs]
-    assert_same_run(reference, d / "nodes" / "r")
+    assert_same_run(reference, tmp_path / "nodes" / "r")
 
 
 def test_one_rank_failing_ends_the_job_with_its_message(task, tmp_path):

@@ -160,8 +160,8 @@ def _close(a: Path, b: Path, tol=1e-6):
     assert la.shape == lb.shape and torch.allclose(la, lb, rtol=tol, atol=tol)
 
 
-def test_ddp_signal_on_one_rank_stops_both_and_resume_matches(ddp_task, ddp_reference, hooks):
-    d, common = ddp_task
+def test_ddp_signal_on_one_rank_stops_both_and_resume_matches(ddp_task, ddp_reference, hooks, tmp_path):
+    common = [*ddp_task[1], "--checkpoint_dir", tmp_path]  # the test's own runs (a rerun starts afresh)
     # only rank 1 gets the signal: the ranks must still agree on where to stop
     stopped = torchrun(2, *common, "--run_name", "sig", env=env_with(hooks, STOP_AT_STEP=6, STOP_RANK=1))
     assert stopped.returncode != 0
@@ -169,7 +169,7 @@ def test_ddp_signal_on_one_rank_stops_both_and_resume_matches(ddp_task, ddp_refe
     resumed = torchrun(2, *common, "--run_name", "sig", "--resume", "auto", env=env_with(hooks))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at epoch 1, step 6" in resumed.stdout
-    _close(d / "sig", ddp_reference)
+    _close(tmp_path / "sig", ddp_reference)
 
 
 def _two_nodes(common: list, node_dirs: list, env: dict) -> list:
@@ -215,17 +215,18 @@ def test_two_nodes_with_their_own_disks_train_stop_and_resume_like_one(ddp_task,
     assert list((disks[1] / "cache").glob("data-*/meta.json"))  # ... but has its own tokenized cache
 
 
-def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_task, ddp_reference, hooks):
-    d, common = ddp_task
+def test_worker_killed_under_max_restarts_completes_with_the_same_accuracy(ddp_task, ddp_reference, hooks,
+                                                                          tmp_path):
+    common = [*ddp_task[1], "--checkpoint_dir", tmp_path]  # the test's own run (a rerun starts afresh)
     proc = torchrun(2, *common, "--run_name", "killed", "--resume", "auto",
                     env=env_with(hooks, STOP_AT_STEP=10, STOP_RANK=1, STOP_SIGNAL="SIGKILL"),
                     extra=("--standalone", "--max-restarts=1"))
     assert proc.returncode == 0, tail(proc.stderr)
     assert "resuming at epoch 1, step 8" in proc.stdout  # the last checkpoint before the kill at step 10
-    final = records(d / "killed", "epoch")[-1]
+    final = records(tmp_path / "killed", "epoch")[-1]
     reference = records(ddp_reference, "epoch")[-1]
     assert final["val_accuracy"] == reference["val_accuracy"]
-    _close(d / "killed", ddp_reference)
+    _close(tmp_path / "killed", ddp_reference)
 
 
 def test_truncated_checkpoint_is_refused_and_auto_falls_back(tmp_path, tiny_model_dir, hooks, run_main):
